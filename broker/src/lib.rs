@@ -1,1 +1,4 @@
-//! placeholder
+//! The contract both sluice binaries share: configuration, JetStream topology
+//! (stream, subjects, dedup IDs) and publishing with bounded in-flight acks.
+
+pub mod config;
