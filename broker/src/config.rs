@@ -1,1 +1,568 @@
-//! (being written)
+//! Configuration shared by `sluice-replicator` and `sluice-loader`.
+//!
+//! One TOML file (see `sluice.example.toml` at the repository root) read by both
+//! binaries; every key can be overridden by an environment variable
+//! `SLUICE_<SECTION>__<KEY>` (`SLUICE_POSTGRES__URL`, `SLUICE_NATS__REPLICAS`),
+//! top-level keys by `SLUICE_<KEY>` (`SLUICE_SOURCE`). Unknown keys are errors,
+//! so a typo never silently falls back to a default. Every field has a default
+//! that works against the local stack of `scripts/stack`.
+//!
+//! Secrets (`password`, `token`, `nkey_seed`) are [`SecretString`]s: they are
+//! never printed by `Debug` and never logged. Each can also be read from a file
+//! (`password_file`, ...), which is how container secrets are usually mounted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Top-level sections; environment variables outside them (`SLUICE_TEST_*`,
+/// `SLUICE_VENV`, ...) belong to scripts and are not configuration.
+const SECTIONS: [&str; 6] = [
+    "source",
+    "postgres",
+    "nats",
+    "clickhouse",
+    "replicator",
+    "loader",
+];
+
+/// A configuration that could not be loaded; the message names the key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    #[error("config file {path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Name of the source database: used in subjects (`sluice.<source>.…`), the
+    /// default stream name and the default ClickHouse database. Letters, digits,
+    /// `_` and `-` only.
+    pub source: String,
+    pub postgres: PostgresConfig,
+    pub nats: NatsConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub replicator: ReplicatorConfig,
+    pub loader: LoaderConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            source: "app".into(),
+            postgres: PostgresConfig::default(),
+            nats: NatsConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+            replicator: ReplicatorConfig::default(),
+            loader: LoaderConfig::default(),
+        }
+    }
+}
+
+/// `[postgres]`: the source database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL, `postgres://user@host:port/dbname?sslmode=…`. A password
+    /// in the URL works but prefer `password` / `password_file` /
+    /// `SLUICE_POSTGRES__PASSWORD`, which are never logged.
+    pub url: String,
+    /// Password for the user in `url` (overrides one embedded in the URL).
+    pub password: Option<SecretString>,
+    /// File whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// Publication to replicate. Must exist unless `tables` is set.
+    pub publication: String,
+    /// Logical replication slot (created on first start).
+    pub slot: String,
+    /// If non-empty, sluice creates `publication` for these tables
+    /// (`schema.table`) when it does not exist yet.
+    pub tables: Vec<String>,
+    /// CA certificate (PEM) used to verify the server with `sslmode=verify-ca`
+    /// or `verify-full`.
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            password: None,
+            password_file: None,
+            publication: "sluice".into(),
+            slot: "sluice".into(),
+            tables: Vec::new(),
+            ssl_root_cert: None,
+        }
+    }
+}
+
+/// `[nats]`: the JetStream buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated: `nats://127.0.0.1:4222` (`tls://` for TLS).
+    pub url: String,
+    /// Stream name; default `SLUICE_<SOURCE>` (upper-cased source).
+    pub stream: Option<String>,
+    /// Stream replicas: 1 for a single node, 3 for a cluster.
+    pub replicas: usize,
+    /// Window in which JetStream drops a message whose `Nats-Msg-Id` it has seen.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Messages older than this are discarded (the loader then resyncs).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Stream size limit in bytes; the oldest messages are discarded beyond it.
+    pub max_bytes: i64,
+    /// User name for user/password authentication.
+    pub user: Option<String>,
+    /// Password for `user`.
+    pub password: Option<SecretString>,
+    /// File whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// Token authentication.
+    pub token: Option<SecretString>,
+    /// NKey seed (`SU…`) for nkey authentication.
+    pub nkey_seed: Option<SecretString>,
+    /// `.creds` file (JWT + seed) for decentralised authentication.
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server; implies TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS even without a CA file (system roots).
+    pub tls_required: bool,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: None,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(10 * 60),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            user: None,
+            password: None,
+            password_file: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+        }
+    }
+}
+
+/// `[clickhouse]`: the destination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP(S) endpoint, `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database holding the target tables; default: the source name.
+    pub database: Option<String>,
+    /// User name.
+    pub user: String,
+    /// Password for `user`.
+    pub password: Option<SecretString>,
+    /// File whose first line is the password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".into(),
+            database: None,
+            user: "default".into(),
+            password: None,
+            password_file: None,
+        }
+    }
+}
+
+/// `[replicator]`: packaging, publishing and feedback.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicatorConfig {
+    /// `host:port` of the `/metrics`, `/healthz` and `/readyz` endpoint.
+    pub metrics_listen: SocketAddr,
+    /// A package is flushed when it holds this many rows.
+    pub package_max_rows: usize,
+    /// A package is flushed when its encoded rows reach this many bytes
+    /// (before compression; keep well under the NATS `max_payload`).
+    pub package_max_bytes: usize,
+    /// Publish acks awaited at once; bounds memory and applies back-pressure
+    /// to the replication socket.
+    pub max_in_flight: usize,
+    /// Interval of standby status updates sent to Postgres (proactively, not
+    /// only when asked).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Interval of heartbeat packages on the control subject.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Tables snapshotted in parallel.
+    pub snapshot_parallelism: usize,
+}
+
+impl Default for ReplicatorConfig {
+    fn default() -> Self {
+        ReplicatorConfig {
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            package_max_rows: 5000,
+            package_max_bytes: 512 * 1024,
+            max_in_flight: 256,
+            status_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(5),
+            snapshot_parallelism: 2,
+        }
+    }
+}
+
+/// `[loader]`: consuming and inserting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// `host:port` of the `/metrics`, `/healthz` and `/readyz` endpoint.
+    pub metrics_listen: SocketAddr,
+    /// Durable consumer name (one per loader).
+    pub consumer: String,
+    /// Messages fetched per batch at most.
+    pub batch_max_messages: usize,
+    /// Bytes fetched per batch at most.
+    pub batch_max_bytes: usize,
+    /// Longest wait for a batch to fill; an idle stream still lands within it.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    /// How long JetStream waits for an ack before redelivering; must exceed the
+    /// slowest INSERT including retries.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9188)),
+            consumer: "sluice_loader".into(),
+            batch_max_messages: 1000,
+            batch_max_bytes: 32 * 1024 * 1024,
+            batch_max_wait: Duration::from_millis(500),
+            ack_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, then applies `SLUICE_…` environment overrides, then checks values.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, Env::prefixed("SLUICE_"))
+    }
+
+    fn load_with_env(path: &Path, env: Env) -> Result<Config, ConfigError> {
+        // Figment treats a missing file as empty; a missing config file is an error here.
+        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let env = env.split("__").filter(|key| {
+            let section = key.as_str().split('.').next().unwrap_or_default();
+            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
+        });
+        let config: Config = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env)
+            .extract()
+            .map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        if self.source.is_empty() || !self.source.chars().all(is_token_char) {
+            return Err(invalid(
+                "source",
+                format!(
+                    "{:?} must be non-empty letters, digits, `_` or `-`",
+                    self.source
+                ),
+            ));
+        }
+        check_url(&self.postgres.url, &["postgres", "postgresql"])
+            .map_err(|reason| invalid("postgres.url", reason))?;
+        for (key, value) in [
+            ("postgres.publication", &self.postgres.publication),
+            ("postgres.slot", &self.postgres.slot),
+        ] {
+            if value.is_empty() {
+                return Err(invalid(key, "must not be empty".into()));
+            }
+        }
+        if !self
+            .postgres
+            .slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(invalid(
+                "postgres.slot",
+                format!(
+                    "{:?}: slot names are lower-case letters, digits and `_`",
+                    self.postgres.slot
+                ),
+            ));
+        }
+        for server in self.nats.url.split(',') {
+            check_url(server.trim(), &["nats", "tls", "ws", "wss"])
+                .map_err(|reason| invalid("nats.url", reason))?;
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return Err(invalid(
+                "nats.replicas",
+                format!("{} must be between 1 and 5", self.nats.replicas),
+            ));
+        }
+        if self.nats.duplicate_window.is_zero() {
+            return Err(invalid("nats.duplicate_window", "must be positive".into()));
+        }
+        check_url(&self.clickhouse.url, &["http", "https"])
+            .map_err(|reason| invalid("clickhouse.url", reason))?;
+        if let Some(db) = &self.clickhouse.database
+            && (db.is_empty() || !db.chars().all(is_token_char))
+        {
+            return Err(invalid(
+                "clickhouse.database",
+                format!("{db:?} must be letters, digits, `_` or `-`"),
+            ));
+        }
+        let r = &self.replicator;
+        for (key, value) in [
+            ("replicator.package_max_rows", r.package_max_rows),
+            ("replicator.package_max_bytes", r.package_max_bytes),
+            ("replicator.max_in_flight", r.max_in_flight),
+            ("replicator.snapshot_parallelism", r.snapshot_parallelism),
+            ("loader.batch_max_messages", self.loader.batch_max_messages),
+            ("loader.batch_max_bytes", self.loader.batch_max_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if self.loader.consumer.is_empty() || !self.loader.consumer.chars().all(is_token_char) {
+            return Err(invalid(
+                "loader.consumer",
+                format!(
+                    "{:?} must be letters, digits, `_` or `-`",
+                    self.loader.consumer
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The JetStream stream of this source.
+    pub fn stream_name(&self) -> String {
+        self.nats
+            .stream
+            .clone()
+            .unwrap_or_else(|| format!("SLUICE_{}", self.source.to_uppercase().replace('-', "_")))
+    }
+
+    /// The ClickHouse database of this source.
+    pub fn clickhouse_database(&self) -> String {
+        self.clickhouse
+            .database
+            .clone()
+            .unwrap_or_else(|| self.source.replace('-', "_"))
+    }
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+fn check_url(value: &str, schemes: &[&str]) -> Result<(), String> {
+    let url = url::Url::parse(value)
+        .map_err(|e| format!("{:?} is not a valid URL: {e}", redact_url(value)))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!(
+            "{:?} has scheme `{}`, expected one of {}",
+            redact_url(value),
+            url.scheme(),
+            schemes.join(", ")
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{:?} has no host", redact_url(value)));
+    }
+    Ok(())
+}
+
+/// The URL with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(value: &str) -> String {
+    match url::Url::parse(value) {
+        Ok(mut url) if url.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => value.to_owned(),
+    }
+}
+
+/// Resolves a secret given inline or as a file (first line, trailing newline removed).
+pub fn read_secret(
+    inline: &Option<SecretString>,
+    file: &Option<PathBuf>,
+) -> std::io::Result<Option<SecretString>> {
+    if let Some(secret) = inline {
+        return Ok(Some(secret.clone()));
+    }
+    match file {
+        None => Ok(None),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            let line = text.lines().next().unwrap_or_default();
+            Ok(Some(SecretString::from(line.to_owned())))
+        }
+    }
+}
+
+/// Whether a secret is set, for `status` output (never the value itself).
+pub fn secret_is_set(secret: &Option<SecretString>) -> bool {
+    secret
+        .as_ref()
+        .is_some_and(|s| !s.expose_secret().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(contents: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(contents.as_bytes()).expect("write");
+        file
+    }
+
+    fn no_env() -> Env {
+        Env::prefixed("SLUICE_UNIT_TEST_NOTHING_")
+    }
+
+    #[test]
+    fn example_config_in_the_repository_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml");
+        let config = Config::load_with_env(&path, no_env()).expect("example config loads");
+        assert_eq!(config.source, "app");
+        assert_eq!(config.stream_name(), "SLUICE_APP");
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let file = write("source = \"shop\"\n[nats]\nreplicas = 3\nduplicate_window = \"2m\"\n");
+        let config = Config::load_with_env(file.path(), no_env()).expect("loads");
+        assert_eq!(config.nats.replicas, 3);
+        assert_eq!(config.nats.duplicate_window, Duration::from_secs(120));
+        assert_eq!(config.postgres.slot, "sluice");
+        assert_eq!(config.clickhouse_database(), "shop");
+    }
+
+    #[test]
+    fn typo_in_a_key_names_the_key_and_the_file() {
+        let file = write("[postgres]\npublicaton = \"x\"\n");
+        let err = Config::load_with_env(file.path(), no_env())
+            .expect_err("typo rejected")
+            .to_string();
+        assert!(err.contains("publicaton"), "{err}");
+        assert!(err.contains(&file.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn bad_url_names_the_key() {
+        let file = write("[postgres]\nurl = \"mysql://h/db\"\n");
+        let err = Config::load_with_env(file.path(), no_env())
+            .expect_err("bad url")
+            .to_string();
+        assert!(err.contains("postgres.url"), "{err}");
+        let file = write("[clickhouse]\nurl = \"not a url\"\n");
+        let err = Config::load_with_env(file.path(), no_env())
+            .expect_err("bad url")
+            .to_string();
+        assert!(err.contains("clickhouse.url"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_with_env(Path::new("/nonexistent/sluice.toml"), no_env())
+            .expect_err("missing");
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn environment_overrides_file_and_ignores_foreign_variables() {
+        let file = write("[postgres]\nslot = \"from_file\"\n");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_X_POSTGRES__SLOT", "from_env");
+            jail.set_env("SLUICE_X_NATS__REPLICAS", "3");
+            jail.set_env("SLUICE_X_SOURCE", "inventory");
+            jail.set_env("SLUICE_X_TEST_PG_URL", "not configuration");
+            let config =
+                Config::load_with_env(file.path(), Env::prefixed("SLUICE_X_")).expect("loads");
+            assert_eq!(config.postgres.slot, "from_env");
+            assert_eq!(config.nats.replicas, 3);
+            assert_eq!(config.source, "inventory");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output_and_urls_are_redacted() {
+        let file = write("[clickhouse]\npassword = \"hunter2\"\n");
+        let config = Config::load_with_env(file.path(), no_env()).expect("loads");
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+    }
+}
