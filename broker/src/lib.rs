@@ -2,3 +2,6 @@
 //! (stream, subjects, dedup IDs) and publishing with bounded in-flight acks.
 
 pub mod config;
+pub mod connect;
+pub mod publish;
+pub mod topology;

@@ -1,0 +1,234 @@
+//! JetStream topology of a source: the stream, its subjects and dedup IDs.
+//!
+//! - Data: `sluice.<source>.<schema>.<table>` (one subject per table, so the
+//!   last package of a table can be read back by subject after a crash).
+//! - Heartbeats: `sluice.<source>._control.heartbeat` (in the stream, so the
+//!   loader measures lag when no table changes).
+//! - Resync requests: `sluice.<source>._control.resync.request`, plain NATS
+//!   request/reply; five tokens, so the stream (`sluice.<source>.*.*`) never
+//!   captures them.
+//!
+//! Names are escaped into subject tokens: bytes outside `[A-Za-z0-9_-]` become
+//! `%HH`, so `public."Order Items"` cannot break or widen a subject.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::Config;
+
+/// Schema name reserved for control subjects.
+pub const CONTROL_TOKEN: &str = "_control";
+
+/// Escapes a Postgres identifier into one subject token.
+pub fn subject_token(name: &str) -> String {
+    let mut token = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    token
+}
+
+/// Subject of a table's packages.
+pub fn table_subject(source: &str, schema: &str, table: &str) -> String {
+    format!(
+        "sluice.{source}.{}.{}",
+        subject_token(schema),
+        subject_token(table)
+    )
+}
+
+/// Subject of heartbeat packages.
+pub fn heartbeat_subject(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.heartbeat")
+}
+
+/// Subject the replicator answers resync requests on.
+pub fn resync_request_subject(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.resync.request")
+}
+
+/// Subject filter of everything the stream holds for a source.
+pub fn stream_subjects(source: &str) -> String {
+    format!("sluice.{source}.*.*")
+}
+
+/// Subject for packages a loader could not decode (dead letters), outside the stream.
+pub fn dead_letter_subject(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.dead.letter")
+}
+
+/// The deterministic `Nats-Msg-Id` of a change package: the same transaction
+/// re-read after a restart yields the same IDs, so JetStream drops the resend.
+pub fn change_msg_id(
+    slot: &str,
+    commit_lsn: u64,
+    schema: &str,
+    table: &str,
+    package_index: u32,
+) -> String {
+    format!(
+        "{slot}:{commit_lsn:X}:{}.{}:{package_index}",
+        subject_token(schema),
+        subject_token(table)
+    )
+}
+
+/// The `Nats-Msg-Id` of a snapshot or resync package of a generation.
+pub fn snapshot_msg_id(
+    slot: &str,
+    generation: u64,
+    schema: &str,
+    table: &str,
+    sequence: u64,
+) -> String {
+    format!(
+        "{slot}:g{generation:X}:{}.{}:{sequence}",
+        subject_token(schema),
+        subject_token(table)
+    )
+}
+
+/// The stream configuration sluice wants for a source.
+pub fn stream_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: config.stream_name(),
+        subjects: vec![stream_subjects(&config.source)],
+        storage: stream::StorageType::File,
+        num_replicas: config.nats.replicas,
+        duplicate_window: config.nats.duplicate_window,
+        max_age: config.nats.max_age,
+        max_bytes: config.nats.max_bytes,
+        // Old data goes first: the loader sees the gap and resyncs, so a slow
+        // consumer never backs WAL up into the primary.
+        discard: stream::DiscardPolicy::Old,
+        retention: stream::RetentionPolicy::Limits,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Errors while creating or checking the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot create stream {stream}")]
+    Create {
+        stream: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot update stream {stream} to the configured settings")]
+    Update {
+        stream: String,
+        #[source]
+        source: jetstream::context::UpdateStreamError,
+    },
+    #[error("cannot read stream {stream}")]
+    Info {
+        stream: String,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+}
+
+/// Creates the stream, or brings an existing one to the configured limits,
+/// replicas and duplicate window.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<stream::Stream, TopologyError> {
+    let wanted = stream_config(config);
+    let name = wanted.name.clone();
+    let mut stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|source| TopologyError::Create {
+            stream: name.clone(),
+            source,
+        })?;
+    let current = stream
+        .info()
+        .await
+        .map(|info| info.config.clone())
+        .map_err(|e| TopologyError::Info {
+            stream: name.clone(),
+            source: jetstream::context::GetStreamError::with_source(
+                jetstream::context::GetStreamErrorKind::Request,
+                e,
+            ),
+        })?;
+    if differs(&current, &wanted) {
+        tracing::info!(stream = %name, "updating stream settings to the configuration");
+        js.update_stream(wanted)
+            .await
+            .map_err(|source| TopologyError::Update {
+                stream: name.clone(),
+                source,
+            })?;
+        stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|source| TopologyError::Info {
+                stream: name.clone(),
+                source,
+            })?;
+    }
+    Ok(stream)
+}
+
+fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
+    current.subjects != wanted.subjects
+        || current.num_replicas != wanted.num_replicas
+        || current.duplicate_window != wanted.duplicate_window
+        || current.max_age != wanted.max_age
+        || current.max_bytes != wanted.max_bytes
+        || current.discard != wanted.discard
+}
+
+/// Default ack timeout for a publish: long enough for an R3 stream to elect a
+/// new leader after a node dies.
+pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_escape_subject_syntax() {
+        assert_eq!(subject_token("orders"), "orders");
+        assert_eq!(subject_token("Order Items"), "Order%20Items");
+        assert_eq!(subject_token("a.b*>"), "a%2Eb%2A%3E");
+        assert_eq!(subject_token("zürich"), "z%C3%BCrich");
+        assert_eq!(
+            table_subject("app", "public", "a.b"),
+            "sluice.app.public.a%2Eb"
+        );
+    }
+
+    #[test]
+    fn control_subjects_are_outside_or_inside_the_stream_as_intended() {
+        let matches =
+            |subject: &str| subject.split('.').count() == 4 && subject.starts_with("sluice.app.");
+        assert!(matches(&heartbeat_subject("app")));
+        assert!(matches(&table_subject("app", "s", "t")));
+        assert!(!matches(&resync_request_subject("app")));
+        assert!(!matches(&dead_letter_subject("app")));
+    }
+
+    #[test]
+    fn dedup_ids_are_deterministic_and_distinct() {
+        let a = change_msg_id("slot", 0x16B374D48, "public", "t", 0);
+        assert_eq!(a, change_msg_id("slot", 0x16B374D48, "public", "t", 0));
+        assert_ne!(a, change_msg_id("slot", 0x16B374D48, "public", "t", 1));
+        assert_ne!(a, change_msg_id("slot", 0x16B374D48, "public", "u", 0));
+        assert_ne!(a, change_msg_id("slot", 0x16B374D49, "public", "t", 0));
+        assert_ne!(
+            snapshot_msg_id("slot", 1, "p", "t", 1),
+            snapshot_msg_id("slot", 2, "p", "t", 1)
+        );
+    }
+}
