@@ -539,6 +539,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure signature
     fn environment_overrides_file_and_ignores_foreign_variables() {
         let file = write("[postgres]\nslot = \"from_file\"\n");
         figment::Jail::expect_with(|jail| {
