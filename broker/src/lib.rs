@@ -4,4 +4,5 @@
 pub mod config;
 pub mod connect;
 pub mod publish;
+pub mod telemetry;
 pub mod topology;
