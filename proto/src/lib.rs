@@ -112,9 +112,21 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
 }
 
 /// The version of row `index` of a package: orders every change of a row.
-/// Commit LSN first, then the row's ordinal within its transaction.
+///
+/// Change rows: `commit_lsn << 64 | ordinal`, the ordinal being the row's
+/// position within its transaction. Snapshot rows: `(commit_lsn - 1) << 64 |
+/// ordinal`, where `commit_lsn` is the snapshot's consistent point. Every
+/// transaction missing from a snapshot commits at or after its consistent
+/// point, so any streamed change of a row beats the snapshot's copy of it,
+/// even a change committed at exactly the consistent point; every transaction
+/// the snapshot saw committed before it, so the snapshot beats those.
 pub fn row_version(package: &v1::Package, index: usize) -> u128 {
-    (u128::from(package.commit_lsn) << 64) | u128::from(package.first_row_ordinal + index as u64)
+    let base = if package.kind == v1::Kind::Snapshot as i32 {
+        package.commit_lsn.saturating_sub(1)
+    } else {
+        package.commit_lsn
+    };
+    (u128::from(base) << 64) | u128::from(package.first_row_ordinal + index as u64)
 }
 
 #[cfg(test)]
