@@ -293,4 +293,21 @@ mod tests {
             "a later commit wins over any ordinal"
         );
     }
+
+    #[test]
+    fn a_change_at_the_consistent_point_beats_the_snapshot_row() {
+        let mut snapshot = sample(1);
+        snapshot.kind = v1::Kind::Snapshot as i32;
+        snapshot.commit_lsn = 1000;
+        snapshot.first_row_ordinal = 5_000_000;
+        let mut change = sample(1);
+        change.commit_lsn = 1000;
+        change.first_row_ordinal = 0;
+        assert!(row_version(&change, 0) > row_version(&snapshot, 0));
+        change.commit_lsn = 999;
+        assert!(
+            row_version(&change, 0) < row_version(&snapshot, 0),
+            "the snapshot saw commits before its consistent point"
+        );
+    }
 }
