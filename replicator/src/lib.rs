@@ -7,8 +7,10 @@
 //! - [`pgoutput`]: decoder of pgoutput messages (untrusted bytes, never panics).
 //! - [`catalog`]: table and type metadata from the Postgres catalog.
 //! - [`values`]: typed conversion of pgoutput's text values into wire values.
+//! - [`packager`]: rows into packages, chain positions, dedup IDs.
 
 pub mod catalog;
+pub mod packager;
 pub mod pgoutput;
 pub mod replication;
 pub mod values;
