@@ -47,7 +47,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
-        .map_err(|e| metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(e))?;
+        .map_err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder)?;
     Ok(handle)
 }
 
