@@ -247,6 +247,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
         .await
         .context("importing the exported snapshot")?;
     snapshot_reader.batch_execute("SELECT 1; COMMIT").await?;
+    drop(snapshot_reader);
 
     // Changes after the consistent point.
     sql.batch_execute(&format!(
@@ -336,6 +337,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
     } else {
         eprintln!("SLUICE_TEST_PG_URL set: skipping the password methods (needs our pg_hba.conf)");
     }
+    drop(sql);
     drop(temp);
     Ok(())
 }

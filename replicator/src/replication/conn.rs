@@ -46,7 +46,7 @@ pub(crate) struct Connection {
 const READ_CHUNK: usize = 64 * 1024;
 
 impl Connection {
-    fn new(io: Box<dyn AsyncIo>) -> Self {
+    pub(crate) fn new(io: Box<dyn AsyncIo>) -> Self {
         Connection {
             io,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
@@ -456,6 +456,14 @@ impl ReplicationClient {
                     return Err(unexpected(&other, "starting replication"));
                 }
             }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(io: Box<dyn AsyncIo>) -> Self {
+        ReplicationClient {
+            conn: Connection::new(io),
+            backend_pid: 0,
         }
     }
 

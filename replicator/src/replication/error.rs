@@ -78,7 +78,13 @@ impl ReplicationError {
             | ReplicationError::Closed
             | ReplicationError::ConnectTimeout { .. } => true,
             ReplicationError::Server(e) => e.is_transient(),
-            ReplicationError::Tls { reason, .. } => matches!(reason, TlsError::Io(_)),
+            // A handshake cut off by the network is worth retrying; a certificate
+            // that does not verify (InvalidData from rustls) is not.
+            ReplicationError::Tls {
+                reason: TlsError::Io(e),
+                ..
+            } => e.kind() != io::ErrorKind::InvalidData,
+            ReplicationError::Tls { .. } => false,
             ReplicationError::Auth { .. }
             | ReplicationError::Config(_)
             | ReplicationError::Protocol(_) => false,

@@ -294,6 +294,51 @@ mod tests {
         }
     }
 
+    /// Bytes trickle in one at a time while `next()` is cancelled by a timeout
+    /// over and over: every event still arrives whole and in order.
+    #[tokio::test]
+    async fn next_is_cancel_safe() {
+        use tokio::io::AsyncWriteExt;
+
+        let (client_io, mut server_io) = tokio::io::duplex(64);
+        let mut stream = ReplicationStream::new(ReplicationClient::for_test(Box::new(client_io)));
+        let mut wire = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..3u64 {
+            let mut payload = vec![b'w'];
+            payload.extend_from_slice(&(i * 100).to_be_bytes());
+            payload.extend_from_slice(&(i * 100 + 50).to_be_bytes());
+            payload.extend_from_slice(&7i64.to_be_bytes());
+            payload.extend_from_slice(format!("I-row-{i}").as_bytes());
+            wire.push(b'd');
+            wire.extend_from_slice(&(u32::try_from(payload.len()).unwrap() + 4).to_be_bytes());
+            wire.extend_from_slice(&payload);
+            expected.push(parse_copy_data(Bytes::from(payload)).unwrap());
+        }
+        wire.extend_from_slice(b"c\0\0\0\x04");
+        let writer = tokio::spawn(async move {
+            for byte in wire {
+                server_io.write_all(&[byte]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            server_io
+        });
+        let mut events = Vec::new();
+        let mut cancelled = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_micros(300), stream.next()).await {
+                Err(_elapsed) => cancelled += 1,
+                Ok(Ok(Some(event))) => events.push(event),
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => panic!("{e:?}"),
+            }
+        }
+        drop(writer.await.unwrap());
+        assert_eq!(events, expected);
+        assert!(cancelled > 10, "only {cancelled} cancellations");
+        assert!(matches!(stream.next().await, Ok(None)));
+    }
+
     #[test]
     fn converts_postgres_epoch() {
         assert_eq!(
