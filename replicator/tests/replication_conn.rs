@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use sluice_replicator::replication::{
     AuthError, Lsn, ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream,
-    publication_names,
+    SslMode, TlsError, TlsOptions, publication_names,
 };
 use tokio_postgres::{Config, NoTls};
 
@@ -27,7 +27,9 @@ struct TempPostgres {
 }
 
 impl TempPostgres {
-    fn start() -> Result<Self> {
+    /// Starts a cluster; with `tls`, also a CA (`ca.crt` in the temp dir) and a
+    /// server certificate for `localhost` and `127.0.0.1`, and `ssl=on`.
+    fn start(tls: bool) -> Result<Self> {
         let bin = PathBuf::from(
             std::env::var("SLUICE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
@@ -72,11 +74,15 @@ impl TempPostgres {
                  host all clear_user 127.0.0.1/32 password\n{rest}"
             ),
         )?;
-        let opts = format!(
+        let mut opts = format!(
             "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10 -c fsync=off",
             pg.dir.path().display()
         );
+        if tls {
+            pg.make_certificates()?;
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         run(pg
             .command("pg_ctl")
             .args(["start", "-w", "-t", "60", "-D"])
@@ -86,6 +92,68 @@ impl TempPostgres {
             .arg("-o")
             .arg(opts))?;
         Ok(pg)
+    }
+
+    fn make_certificates(&self) -> Result<()> {
+        let dir = self.dir.path();
+        let data = self.data_dir();
+        let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(dir).args(args));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=sluice test CA",
+            "-days",
+            "2",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ])?;
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        for file in ["server.crt", "server.key"] {
+            std::fs::copy(dir.join(file), data.join(file))?;
+            run(Command::new("chmod").arg("600").arg(data.join(file)))?;
+            if self.as_postgres {
+                run(Command::new("chown").arg("postgres:").arg(data.join(file)))?;
+            }
+        }
+        Ok(())
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -207,7 +275,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
     let (url, temp) = match std::env::var("SLUICE_TEST_PG_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let pg = TempPostgres::start()?;
+            let pg = TempPostgres::start(false)?;
             (pg.url("postgres", None), Some(pg))
         }
     };
@@ -228,6 +296,26 @@ async fn replication_connection_against_postgres() -> Result<()> {
     let mut repl = ReplicationClient::connect(&config).await?;
     let identity = repl.identify_system().await?;
     assert!(identity.timeline >= 1);
+    if temp.is_some() {
+        // This cluster has no TLS: prefer (the default) fell back to plain
+        // TCP above, require refuses.
+        let mut require = config.clone();
+        require.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let err = ReplicationClient::connect(&require)
+            .await
+            .expect_err("sslmode=require without server TLS");
+        assert!(
+            matches!(
+                &err,
+                ReplicationError::Tls {
+                    reason: TlsError::NotSupported,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!err.is_transient());
+    }
     assert!(identity.xlogpos > Lsn(0));
     assert_eq!(
         identity.dbname.as_deref(),
@@ -396,5 +484,69 @@ async fn check_password_auth(pg: &TempPostgres, sql: &tokio_postgres::Client) ->
             "{user}: {err:?}"
         );
     }
+    Ok(())
+}
+
+/// Whether the replication connection `client` runs over TLS, per the server.
+async fn uses_tls(client: &mut ReplicationClient) -> Result<bool> {
+    let rows = client
+        .simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await?;
+    Ok(rows == vec![vec![Some("t".to_owned())]])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes() -> Result<()> {
+    if std::env::var("SLUICE_TEST_PG_URL").is_ok() {
+        eprintln!("SLUICE_TEST_PG_URL set: skipping TLS (needs our own certificates)");
+        return Ok(());
+    }
+    let pg = TempPostgres::start(true)?;
+    let base = pg.url("postgres", None);
+    for (mode, tls) in [("disable", false), ("prefer", true), ("require", true)] {
+        let config: Config = format!("{base}?sslmode={mode}").parse()?;
+        let mut client = ReplicationClient::connect(&config).await?;
+        assert_eq!(uses_tls(&mut client).await?, tls, "sslmode={mode}");
+        client.identify_system().await?;
+        client.close().await?;
+    }
+
+    // verify-full against our CA, by IP and by name.
+    let ca = TlsOptions {
+        mode: SslMode::VerifyFull,
+        root_cert: Some(pg.dir.path().join("ca.crt")),
+    };
+    for host in ["127.0.0.1", "localhost"] {
+        let config: Config = format!("postgres://postgres@{host}:{}/postgres", pg.port).parse()?;
+        let mut client = ReplicationClient::connect_with_tls(&config, &ca).await?;
+        assert!(uses_tls(&mut client).await?, "verify-full to {host}");
+        client.close().await?;
+    }
+
+    // verify-full with the system roots rejects our private CA, for good.
+    let system = TlsOptions {
+        mode: SslMode::VerifyFull,
+        root_cert: None,
+    };
+    let config: Config = base.parse()?;
+    match ReplicationClient::connect_with_tls(&config, &system).await {
+        Err(err @ ReplicationError::Tls { .. }) => assert!(!err.is_transient(), "{err:?}"),
+        other => panic!("verify-full with system roots: {other:?}"),
+    }
+
+    // SCRAM over TLS: the server also offers SCRAM-SHA-256-PLUS; plain SCRAM
+    // without channel binding must still be accepted.
+    let sql = sql_client(&config).await?;
+    sql.batch_execute("CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-secret'")
+        .await?;
+    drop(sql);
+    let config: Config = format!(
+        "{}?sslmode=require",
+        pg.url("scram_user", Some("scram-secret"))
+    )
+    .parse()?;
+    let mut client = ReplicationClient::connect(&config).await?;
+    assert!(uses_tls(&mut client).await?);
+    client.close().await?;
     Ok(())
 }
