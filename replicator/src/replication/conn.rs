@@ -162,7 +162,7 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
     }
 }
 
-fn unexpected(message: &Message, state: &'static str) -> ReplicationError {
+pub(crate) fn unexpected(message: &Message, state: &'static str) -> ReplicationError {
     let tag = match message {
         Message::AuthenticationOk
         | Message::AuthenticationCleartextPassword

@@ -6,7 +6,7 @@ use bytes::{Buf, BufMut, Bytes};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
-use super::conn::{Backend, ReplicationClient};
+use super::conn::{Backend, ReplicationClient, unexpected};
 use super::error::{ProtocolError, ReplicationError, ServerError};
 use super::lsn::Lsn;
 
@@ -133,13 +133,7 @@ impl ReplicationStream {
                     }
                     .into());
                 }
-                Backend::Message(_) => {
-                    return Err(ProtocolError::Unexpected {
-                        tag: '?',
-                        state: "streaming",
-                    }
-                    .into());
-                }
+                Backend::Message(other) => return Err(unexpected(&other, "streaming")),
             }
         }
     }
@@ -193,13 +187,7 @@ impl ReplicationStream {
                     let e = ServerError::from_fields(body.fields())?;
                     return Err(ReplicationError::Server(Box::new(e)));
                 }
-                _ => {
-                    return Err(ProtocolError::Unexpected {
-                        tag: '?',
-                        state: "finishing replication",
-                    }
-                    .into());
-                }
+                other => return Err(unexpected(&other, "finishing replication")),
             }
         }
     }
