@@ -91,7 +91,12 @@ fn array(name: &str, array_oid: u32, elem_oid: u32, type_name: &str) -> v1::Colu
 fn numeric(name: &str, precision: i32, scale: i32) -> v1::Column {
     v1::Column {
         type_modifier: ((precision << 16) | scale) + 4,
-        ..column(name, NUMERIC, &format!("numeric({precision},{scale})"), true)
+        ..column(
+            name,
+            NUMERIC,
+            &format!("numeric({precision},{scale})"),
+            true,
+        )
     }
 }
 
@@ -142,7 +147,11 @@ fn package(relation: &v1::Relation, commit_lsn: u64, rows: Vec<v1::Row>) -> v1::
     }
 }
 
-async fn insert(client: &Client, target: &TargetTable, package: &v1::Package) -> sluice_loader::clickhouse::InsertReport {
+async fn insert(
+    client: &Client,
+    target: &TargetTable,
+    package: &v1::Package,
+) -> sluice_loader::clickhouse::InsertReport {
     let mut request = ToastRequest::default();
     request.add_package(target, package).unwrap();
     let current = fetch_current(client, target, &request).await.unwrap();
@@ -244,13 +253,7 @@ async fn all_types_round_trip_with_update_and_delete() {
         ]
     };
     let mut nulls = vec![int(3), int(7)];
-    nulls.extend((2..relation.columns.len()).map(|i| {
-        if i == 11 {
-            txt("")
-        } else {
-            null()
-        }
-    }));
+    nulls.extend((2..relation.columns.len()).map(|i| if i == 11 { txt("") } else { null() }));
 
     // Rows 1, 2, 3 in one transaction; later: an update of 1 and a delete of 2.
     let first = package(
@@ -325,7 +328,7 @@ async fn all_types_round_trip_with_update_and_delete() {
     assert_eq!(
         types,
         "id\tInt32\nn\tNullable(Decimal(10, 2))\nnu\tNullable(String)\ntm\tNullable(Time64(6))\n\
-         tstz\tNullable(DateTime64(6, 'UTC'))\nmood\tLowCardinality(Nullable(String))\n\
+         tstz\tNullable(DateTime64(6, \\'UTC\\'))\nmood\tLowCardinality(Nullable(String))\n\
          a2\tArray(Array(Nullable(Int32)))\n"
     );
     client
@@ -376,7 +379,13 @@ async fn unchanged_toast_is_filled_from_the_current_row() {
             10,
             vec![row(
                 v1::Op::Insert,
-                vec![txt("a`'b"), int(1), txt(&big), arr(&[1], vec![txt("q")]), int(1)],
+                vec![
+                    txt("a`'b"),
+                    int(1),
+                    txt(&big),
+                    arr(&[1], vec![txt("q")]),
+                    int(1),
+                ],
             )],
         ),
     )
@@ -387,8 +396,14 @@ async fn unchanged_toast_is_filled_from_the_current_row() {
         &relation,
         20,
         vec![
-            row(v1::Op::Update, vec![txt("a`'b"), int(1), toast(), toast(), int(2)]),
-            row(v1::Op::Update, vec![txt("a`'b"), int(1), toast(), toast(), int(3)]),
+            row(
+                v1::Op::Update,
+                vec![txt("a`'b"), int(1), toast(), toast(), int(2)],
+            ),
+            row(
+                v1::Op::Update,
+                vec![txt("a`'b"), int(1), toast(), toast(), int(3)],
+            ),
         ],
     );
     insert(&client, &target, &update).await;
@@ -406,7 +421,10 @@ async fn unchanged_toast_is_filled_from_the_current_row() {
     let orphan = package(
         &relation,
         30,
-        vec![row(v1::Op::Update, vec![txt("zz"), int(9), toast(), null(), int(1)])],
+        vec![row(
+            v1::Op::Update,
+            vec![txt("zz"), int(9), toast(), null(), int(1)],
+        )],
     );
     let mut builder = InsertBuilder::new(&target);
     let err = builder
@@ -428,14 +446,21 @@ async fn add_column_evolution_and_drift() {
     let mut relation = v1::Relation {
         oid: 1,
         replica_identity: "d".into(),
-        columns: vec![key("id", INT8, "bigint"), column("a", INT4, "integer", true)],
+        columns: vec![
+            key("id", INT8, "bigint"),
+            column("a", INT4, "integer", true),
+        ],
     };
     let target = TargetTable::from_relation(&db, "public", "t", &relation).unwrap();
     ensure_table(&client, &target).await.unwrap();
     insert(
         &client,
         &target,
-        &package(&relation, 1, vec![row(v1::Op::Insert, vec![int(1), int(10)])]),
+        &package(
+            &relation,
+            1,
+            vec![row(v1::Op::Insert, vec![int(1), int(10)])],
+        ),
     )
     .await;
 
@@ -446,12 +471,19 @@ async fn add_column_evolution_and_drift() {
     insert(
         &client,
         &target,
-        &package(&relation, 2, vec![row(v1::Op::Insert, vec![int(2), int(20), txt("new")])]),
+        &package(
+            &relation,
+            2,
+            vec![row(v1::Op::Insert, vec![int(2), int(20), txt("new")])],
+        ),
     )
     .await;
     let got = text(
         &client,
-        &format!("SELECT id, a, b FROM {} FINAL ORDER BY id", target.qualified()),
+        &format!(
+            "SELECT id, a, b FROM {} FINAL ORDER BY id",
+            target.qualified()
+        ),
     )
     .await;
     assert_eq!(got, "1\t10\t\\N\n2\t20\tnew\n");
@@ -484,7 +516,14 @@ async fn add_column_evolution_and_drift() {
         .collect();
     assert_eq!(
         names,
-        ["id", "a", "_sluice_version", "_sluice_deleted", "_sluice_synced_at", "b"]
+        [
+            "id",
+            "a",
+            "_sluice_version",
+            "_sluice_deleted",
+            "_sluice_synced_at",
+            "b"
+        ]
     );
     client
         .query_raw(&format!("DROP DATABASE `{db}`"))
@@ -533,7 +572,15 @@ async fn out_of_range_values_are_clamped_and_counted() {
                     num("-Infinity"),
                 ],
             ),
-            row(v1::Op::Insert, vec![int(3), v(Kind::Date(0)), v(Kind::Timestamptz(0)), num("1.25")]),
+            row(
+                v1::Op::Insert,
+                vec![
+                    int(3),
+                    v(Kind::Date(0)),
+                    v(Kind::Timestamptz(0)),
+                    num("1.25"),
+                ],
+            ),
         ],
     );
     let report = insert(&client, &target, &pkg).await;
@@ -544,7 +591,10 @@ async fn out_of_range_values_are_clamped_and_counted() {
     assert_eq!(report.clamped.total(), 6);
     let got = text(
         &client,
-        &format!("SELECT id, d, ts, n FROM {} FINAL ORDER BY id", target.qualified()),
+        &format!(
+            "SELECT id, d, ts, n FROM {} FINAL ORDER BY id",
+            target.qualified()
+        ),
     )
     .await;
     assert_eq!(
