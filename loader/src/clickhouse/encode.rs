@@ -382,10 +382,11 @@ pub fn format_timetz(t: &v1::TimeTz) -> String {
     s.push(if offset < 0 { '-' } else { '+' });
     let offset = offset.unsigned_abs();
     s.push_str(&format!("{:02}", offset / 3600));
-    if offset % 3600 != 0 {
-        s.push_str(&format!(":{:02}", offset % 3600 / 60));
-        if offset % 60 != 0 {
-            s.push_str(&format!(":{:02}", offset % 60));
+    let (minutes, seconds) = (offset % 3600 / 60, offset % 60);
+    if minutes != 0 || seconds != 0 {
+        s.push_str(&format!(":{minutes:02}"));
+        if seconds != 0 {
+            s.push_str(&format!(":{seconds:02}"));
         }
     }
     s
