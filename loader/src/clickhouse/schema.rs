@@ -8,6 +8,9 @@
 //! ([`sluice_proto::row_version`]): ReplacingMergeTree accepts `UInt128` as its
 //! version column (checked against ClickHouse 26.9).
 //!
+//! With the `is_deleted` column, `SELECT … FINAL` hides deleted keys by
+//! itself (ClickHouse 26.9); tombstones stay visible without `FINAL`.
+//!
 //! Evolution only ever adds columns. Every other difference between the
 //! relation and the table is reported as [`SchemaDrift`] for the loader to log
 //! and count; a changed type or key means existing rows cannot be trusted to

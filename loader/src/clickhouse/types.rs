@@ -31,6 +31,11 @@
 //! | domains | the mapping of the base type | |
 //! | `T[]` (n dimensions) | `Array(…Array(Nullable(T')))` n deep | see below |
 //!
+//! `timestamp` values are stored as microseconds of the wall-clock time read as
+//! UTC; `DateTime64(6)` without a zone displays them in the session time zone,
+//! so readers on a non-UTC server set `session_timezone = 'UTC'` to see the
+//! Postgres wall-clock value.
+//!
 //! Nullability: a column that may hold NULL becomes `Nullable(T)`
 //! (`LowCardinality(Nullable(String))` for enums), except key columns, which are
 //! never Nullable (they are the `ORDER BY` key), and arrays: ClickHouse forbids
