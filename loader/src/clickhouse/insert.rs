@@ -1,0 +1,439 @@
+//! RowBinary inserts of package rows, and the TOAST fill-in read.
+//!
+//! The columns are only known at run time (from the relation), so rows are
+//! encoded by hand ([`super::encode`]) into one RowBinary body and sent as one
+//! `INSERT INTO db.t (cols…) FORMAT RowBinary` through the `clickhouse`
+//! crate's formatted insert: one JetStream batch becomes one INSERT, and the
+//! loader acks the batch only after [`InsertBuilder::send`] returned `Ok`
+//! (ARCHITECTURE invariant 1).
+//!
+//! Every row carries `_sluice_version = sluice_proto::row_version(pkg, i)` so
+//! repeating an INSERT is harmless (invariant 2). A DELETE becomes a row with
+//! the key, defaults (NULL where nullable) elsewhere, and `_sluice_deleted = 1`.
+//! An UPDATE that changed the key also writes such a delete row for the old key.
+//!
+//! Unchanged TOAST values (pgoutput omits them when an UPDATE did not touch
+//! them) are filled from the newest earlier row of the same key in the same
+//! builder, else from the table's current row read by [`fetch_current`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use bytes::Bytes;
+use clickhouse::Client;
+use sluice_proto::v1;
+use sluice_proto::v1::value::Kind;
+
+use super::encode::{encode_value, value_len, write_default};
+use super::error::{Error, ValueError};
+use super::schema::{DELETED_COLUMN, TargetTable, VERSION_COLUMN, quote_ident, quote_literal};
+
+/// Values stored as something other than themselves, per column (for
+/// `sluice_value_clamped_total{table,column}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClampCounts(pub BTreeMap<String, u64>);
+
+impl ClampCounts {
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Clamps of one column (0 if none).
+    pub fn get(&self, column: &str) -> u64 {
+        self.0.get(column).copied().unwrap_or(0)
+    }
+}
+
+/// What one INSERT wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    /// Rows in the INSERT (delete rows and old-key delete rows included).
+    pub rows: usize,
+    /// Size of the uncompressed RowBinary body.
+    pub bytes: usize,
+    pub clamped: ClampCounts,
+}
+
+/// Current values of some columns of some rows, read from ClickHouse to fill
+/// unchanged TOAST values; each value is kept in its RowBinary encoding.
+#[derive(Debug, Clone, Default)]
+pub struct CurrentRows {
+    /// The columns read, in the order of each row's values.
+    pub columns: Vec<String>,
+    /// RowBinary-encoded key (see [`encode_key`]) → encoded values.
+    pub rows: HashMap<Vec<u8>, Vec<Bytes>>,
+}
+
+/// Which rows and columns of a package need their TOAST values filled in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToastRequest {
+    /// Encoded keys ([`encode_key`]) of the rows with an unchanged TOAST value.
+    pub keys: Vec<Vec<u8>>,
+    /// Names of the columns holding unchanged TOAST values.
+    pub columns: Vec<String>,
+}
+
+impl ToastRequest {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Adds the rows of `package` that carry unchanged TOAST values.
+    pub fn add_package(
+        &mut self,
+        target: &TargetTable,
+        package: &v1::Package,
+    ) -> Result<(), Error> {
+        for (i, row) in package.rows.iter().enumerate() {
+            let mut any = false;
+            for (column, value) in target.columns.iter().zip(&row.values) {
+                if matches!(value.kind, Some(Kind::UnchangedToast(_))) {
+                    any = true;
+                    if !self.columns.contains(&column.name) {
+                        self.columns.push(column.name.clone());
+                    }
+                }
+            }
+            if any {
+                let key =
+                    encode_key(target, &row.values).map_err(|(column, source)| Error::Value {
+                        column,
+                        row: i,
+                        source,
+                    })?;
+                if !self.keys.contains(&key) {
+                    self.keys.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The RowBinary encoding of a row's key columns (`values` in relation
+/// order), used as the identity of a row. Errors name the column at fault.
+pub fn encode_key(
+    target: &TargetTable,
+    values: &[v1::Value],
+) -> Result<Vec<u8>, (String, ValueError)> {
+    let mut out = Vec::new();
+    for (column, value) in target.columns.iter().zip(values).filter(|(c, _)| c.key) {
+        if matches!(value.kind, Some(Kind::UnchangedToast(_))) {
+            return Err((column.name.clone(), ValueError::ToastInKey));
+        }
+        encode_value(&mut out, &column.ch_type, value).map_err(|e| (column.name.clone(), e))?;
+    }
+    Ok(out)
+}
+
+/// Reads the current (not deleted) values of `request.columns` for the rows
+/// with `request.keys` from `target`, via `SELECT … FINAL`.
+///
+/// The keys travel as RowBinary inside the query (`format(RowBinary, …)`
+/// table function), so any key type matches exactly what the loader wrote.
+pub async fn fetch_current(
+    client: &Client,
+    target: &TargetTable,
+    request: &ToastRequest,
+) -> Result<CurrentRows, Error> {
+    let mut current = CurrentRows {
+        columns: request.columns.clone(),
+        rows: HashMap::new(),
+    };
+    if request.keys.is_empty() || request.columns.is_empty() {
+        return Ok(current);
+    }
+    let keys: Vec<_> = target.key_columns().collect();
+    let columns: Vec<_> = request
+        .columns
+        .iter()
+        .map(|name| {
+            target
+                .columns
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| Error::Response(format!("column {name:?} is not in the relation")))
+        })
+        .collect::<Result<_, _>>()?;
+    let key_list = keys
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let structure = keys
+        .iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), c.ch_type))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut data = String::with_capacity(request.keys.iter().map(|k| k.len() * 4).sum());
+    for byte in request.keys.iter().flatten() {
+        data.push_str(&format!("\\x{byte:02x}"));
+    }
+    let select_list = columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {key_list}, {select_list} FROM {} FINAL \
+         WHERE ({key_list}) IN (SELECT * FROM format(RowBinary, {}, '{data}')) \
+         AND {} = 0",
+        target.qualified(),
+        quote_literal(&structure),
+        quote_ident(DELETED_COLUMN),
+    );
+    let body = client
+        .query_raw(&sql)
+        .fetch_bytes("RowBinary")
+        .map_err(Error::ch("read current rows"))?
+        .collect()
+        .await
+        .map_err(Error::ch("read current rows"))?;
+    let truncated = || Error::Response("truncated RowBinary row of current values".into());
+    let mut pos = 0;
+    while pos < body.len() {
+        let start = pos;
+        for key in &keys {
+            pos += value_len(&key.ch_type, &body[pos..]).ok_or_else(truncated)?;
+        }
+        let key = body[start..pos].to_vec();
+        let mut values = Vec::with_capacity(columns.len());
+        for column in &columns {
+            let len = value_len(&column.ch_type, &body[pos..]).ok_or_else(truncated)?;
+            values.push(body.slice(pos..pos + len));
+            pos += len;
+        }
+        current.rows.insert(key, values);
+    }
+    Ok(current)
+}
+
+/// Builds the RowBinary body of one INSERT into one target table.
+#[derive(Debug)]
+pub struct InsertBuilder<'a> {
+    target: &'a TargetTable,
+    buf: Vec<u8>,
+    rows: usize,
+    clamped: ClampCounts,
+    /// Byte ranges in `buf` of each column of the newest row of each key, to
+    /// fill unchanged TOAST values of later updates in the same INSERT.
+    latest: HashMap<Vec<u8>, Vec<Range<usize>>>,
+}
+
+impl<'a> InsertBuilder<'a> {
+    pub fn new(target: &'a TargetTable) -> Self {
+        InsertBuilder {
+            target,
+            buf: Vec::new(),
+            rows: 0,
+            clamped: ClampCounts::default(),
+            latest: HashMap::new(),
+        }
+    }
+
+    /// Rows added so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Size of the body so far.
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The `INSERT … FORMAT RowBinary` statement the body belongs to.
+    pub fn insert_sql(&self) -> String {
+        let mut cols: Vec<String> = self
+            .target
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        cols.push(quote_ident(VERSION_COLUMN));
+        cols.push(quote_ident(DELETED_COLUMN));
+        format!(
+            "INSERT INTO {} ({}) FORMAT RowBinary",
+            self.target.qualified(),
+            cols.join(", ")
+        )
+    }
+
+    /// Adds every row of a CHANGES or SNAPSHOT package. `current` fills
+    /// unchanged TOAST values not found earlier in this builder.
+    pub fn push_package(
+        &mut self,
+        package: &v1::Package,
+        current: &CurrentRows,
+    ) -> Result<(), Error> {
+        for (i, row) in package.rows.iter().enumerate() {
+            self.push_row(row, sluice_proto::row_version(package, i), current)
+                .map_err(|e| match e {
+                    Error::Value { column, source, .. } => Error::Value {
+                        column,
+                        row: i,
+                        source,
+                    },
+                    Error::RowShape {
+                        values, columns, ..
+                    } => Error::RowShape {
+                        row: i,
+                        values,
+                        columns,
+                    },
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Adds one row with its version. On error the body is left as it was.
+    pub fn push_row(
+        &mut self,
+        row: &v1::Row,
+        version: u128,
+        current: &CurrentRows,
+    ) -> Result<(), Error> {
+        let columns = self.target.columns.len();
+        if row.values.len() != columns {
+            return Err(Error::RowShape {
+                row: 0,
+                values: row.values.len(),
+                columns,
+            });
+        }
+        let value_err = |(column, source): (String, ValueError)| Error::Value {
+            column,
+            row: 0,
+            source,
+        };
+        let key = encode_key(self.target, &row.values).map_err(value_err)?;
+        let delete = row.op == v1::Op::Delete as i32;
+        let mark = (self.buf.len(), self.rows);
+        let result = (|| {
+            if row.op == v1::Op::Update as i32 && !row.old_key.is_empty() {
+                let old_key = self.old_key(&row.old_key).map_err(value_err)?;
+                if old_key != key {
+                    self.push_delete(&old_key, version);
+                }
+            }
+            if delete {
+                self.push_delete(&key, version);
+            } else {
+                self.push_values(&key, row, version, current)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            self.buf.truncate(mark.0);
+            self.rows = mark.1;
+        }
+        result
+    }
+
+    /// Encodes the old key of an UPDATE, given either as a full row (key
+    /// columns picked by position) or as just the key columns in order.
+    fn old_key(&self, old: &[v1::Value]) -> Result<Vec<u8>, (String, ValueError)> {
+        if old.len() == self.target.columns.len() {
+            return encode_key(self.target, old);
+        }
+        let mut out = Vec::new();
+        for (column, value) in self.target.key_columns().zip(old) {
+            encode_value(&mut out, &column.ch_type, value).map_err(|e| (column.name.clone(), e))?;
+        }
+        Ok(out)
+    }
+
+    /// A tombstone: the key, defaults elsewhere, `_sluice_deleted = 1`.
+    fn push_delete(&mut self, key: &[u8], version: u128) {
+        let mut key_bytes = key;
+        for column in &self.target.columns {
+            if column.key {
+                // Key columns are fixed by `key`; find this column's slice.
+                let len = value_len(&column.ch_type, key_bytes).unwrap_or(key_bytes.len());
+                self.buf.extend_from_slice(&key_bytes[..len]);
+                key_bytes = &key_bytes[len..];
+            } else {
+                write_default(&mut self.buf, &column.ch_type);
+            }
+        }
+        self.buf.extend_from_slice(&version.to_le_bytes());
+        self.buf.push(1);
+        self.rows += 1;
+        self.latest.remove(key);
+    }
+
+    fn push_values(
+        &mut self,
+        key: &[u8],
+        row: &v1::Row,
+        version: u128,
+        current: &CurrentRows,
+    ) -> Result<(), Error> {
+        let mut ranges = Vec::with_capacity(row.values.len());
+        let mut row_clamps = Vec::new();
+        for (index, (column, value)) in self.target.columns.iter().zip(&row.values).enumerate() {
+            let start = self.buf.len();
+            if let Some(Kind::UnchangedToast(_)) = value.kind {
+                if let Some(range) = self.latest.get(key).map(|r| r[index].clone()) {
+                    self.buf.extend_from_within(range);
+                } else {
+                    let bytes = current
+                        .columns
+                        .iter()
+                        .position(|c| *c == column.name)
+                        .and_then(|i| current.rows.get(key).map(|values| &values[i]))
+                        .ok_or_else(|| Error::Value {
+                            column: column.name.clone(),
+                            row: 0,
+                            source: ValueError::ToastMissing,
+                        })?;
+                    self.buf.extend_from_slice(bytes);
+                }
+            } else {
+                let clamps =
+                    encode_value(&mut self.buf, &column.ch_type, value).map_err(|source| {
+                        Error::Value {
+                            column: column.name.clone(),
+                            row: 0,
+                            source,
+                        }
+                    })?;
+                if clamps > 0 {
+                    row_clamps.push((index, clamps));
+                }
+            }
+            ranges.push(start..self.buf.len());
+        }
+        self.buf.extend_from_slice(&version.to_le_bytes());
+        self.buf.push(0);
+        self.rows += 1;
+        for (index, clamps) in row_clamps {
+            *self
+                .clamped
+                .0
+                .entry(self.target.columns[index].name.clone())
+                .or_default() += clamps;
+        }
+        self.latest.insert(key.to_vec(), ranges);
+        Ok(())
+    }
+
+    /// Sends the rows as one INSERT. Nothing is sent for an empty builder.
+    pub async fn send(self, client: &Client) -> Result<InsertReport, Error> {
+        let report = InsertReport {
+            rows: self.rows,
+            bytes: self.buf.len(),
+            clamped: self.clamped.clone(),
+        };
+        if self.rows == 0 {
+            return Ok(report);
+        }
+        let mut insert = client.insert_formatted_with(self.insert_sql());
+        insert
+            .send(Bytes::from(self.buf))
+            .await
+            .map_err(Error::ch("insert"))?;
+        insert.end().await.map_err(Error::ch("insert"))?;
+        Ok(report)
+    }
+}

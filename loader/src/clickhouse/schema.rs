@@ -1,0 +1,420 @@
+//! Target tables: DDL from a [`v1::Relation`] and schema evolution.
+//!
+//! Each source table has one target table
+//! `ReplacingMergeTree(_sluice_version, _sluice_deleted)` ordered by the source
+//! key (ARCHITECTURE invariant 2: replays are harmless because the highest
+//! `_sluice_version` of a key wins, whatever order rows arrive in).
+//! `_sluice_version` is the full 128-bit `commit_lsn << 64 | ordinal`
+//! ([`sluice_proto::row_version`]): ReplacingMergeTree accepts `UInt128` as its
+//! version column (checked against ClickHouse 26.9).
+//!
+//! With the `is_deleted` column, `SELECT … FINAL` hides deleted keys by
+//! itself (ClickHouse 26.9); tombstones stay visible without `FINAL`.
+//!
+//! Evolution only ever adds columns. Every other difference between the
+//! relation and the table is reported as [`SchemaDrift`] for the loader to log
+//! and count; a changed type or key means existing rows cannot be trusted to
+//! decode into the new mapping, so [`SchemaDrift::needs_resync`] says so.
+
+use std::collections::BTreeMap;
+
+use clickhouse::Client;
+use serde::Deserialize;
+use sluice_proto::v1;
+
+use super::error::Error;
+use super::types::{ChType, map_column};
+
+/// Version column: `sluice_proto::row_version` of the row.
+pub const VERSION_COLUMN: &str = "_sluice_version";
+/// Deletion flag: 1 for a row deleted in Postgres.
+pub const DELETED_COLUMN: &str = "_sluice_deleted";
+/// When the loader wrote the row (server clock).
+pub const SYNCED_AT_COLUMN: &str = "_sluice_synced_at";
+
+/// Quotes a ClickHouse identifier with backticks, escaping `\` and `` ` ``.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('`');
+    for c in name.chars() {
+        if c == '`' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('`');
+    out
+}
+
+/// Quotes a ClickHouse string literal.
+pub fn quote_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// Name of the target table of a source table: the table name for schema
+/// `public`, `<schema>__<table>` otherwise.
+pub fn target_table_name(schema: &str, table: &str) -> String {
+    if schema == "public" {
+        table.to_owned()
+    } else {
+        format!("{schema}__{table}")
+    }
+}
+
+/// A column of a target table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetColumn {
+    /// Postgres column name, used verbatim in ClickHouse.
+    pub name: String,
+    pub ch_type: ChType,
+    /// Part of the source key (the `ORDER BY` of the table).
+    pub key: bool,
+}
+
+/// A target table: where a relation's rows go and how they are typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    pub database: String,
+    pub table: String,
+    /// The relation's columns, in relation (= row value) order.
+    pub columns: Vec<TargetColumn>,
+}
+
+impl TargetTable {
+    /// The target of `schema.table` in `database`, typed by [`map_column`].
+    /// Fails for a relation without key columns: rows could not be deduplicated.
+    pub fn from_relation(
+        database: &str,
+        schema: &str,
+        table: &str,
+        relation: &v1::Relation,
+    ) -> Result<Self, Error> {
+        let target = TargetTable {
+            database: database.to_owned(),
+            table: target_table_name(schema, table),
+            columns: relation
+                .columns
+                .iter()
+                .map(|c| TargetColumn {
+                    name: c.name.clone(),
+                    ch_type: map_column(c),
+                    key: c.key,
+                })
+                .collect(),
+        };
+        if !target.columns.iter().any(|c| c.key) {
+            return Err(Error::NoKey(format!("{schema}.{table}")));
+        }
+        Ok(target)
+    }
+
+    /// The same columns in another table (e.g. a resync's shadow table).
+    pub fn with_table(&self, table: &str) -> Self {
+        TargetTable {
+            table: table.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// `` `database`.`table` ``.
+    pub fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.table)
+        )
+    }
+
+    /// Key columns in relation order.
+    pub fn key_columns(&self) -> impl Iterator<Item = &TargetColumn> {
+        self.columns.iter().filter(|c| c.key)
+    }
+
+    pub fn create_database_sql(&self) -> String {
+        format!(
+            "CREATE DATABASE IF NOT EXISTS {}",
+            quote_ident(&self.database)
+        )
+    }
+
+    pub fn create_table_sql(&self) -> String {
+        let mut cols: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", quote_ident(&c.name), c.ch_type))
+            .collect();
+        cols.push(format!("{} UInt128", quote_ident(VERSION_COLUMN)));
+        cols.push(format!("{} UInt8", quote_ident(DELETED_COLUMN)));
+        cols.push(format!(
+            "{} DateTime64(6, 'UTC') DEFAULT now64(6)",
+            quote_ident(SYNCED_AT_COLUMN)
+        ));
+        let key: Vec<String> = self.key_columns().map(|c| quote_ident(&c.name)).collect();
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree({}, {}) ORDER BY ({})",
+            self.qualified(),
+            cols.join(", "),
+            quote_ident(VERSION_COLUMN),
+            quote_ident(DELETED_COLUMN),
+            key.join(", ")
+        )
+    }
+}
+
+/// A column as ClickHouse reports it in `system.columns`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ExistingColumn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ch_type: String,
+    pub is_in_sorting_key: u8,
+}
+
+/// A difference between a relation and its existing table that evolution
+/// (ADD COLUMN) does not repair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaDrift {
+    /// The table has a column the relation no longer has (dropped in
+    /// Postgres, or renamed: see [`SchemaDrift::PossiblyRenamed`]). New rows
+    /// get the column's default.
+    Dropped { column: String, ch_type: String },
+    /// Exactly one column disappeared and one of the same type appeared in
+    /// the same relation change: most likely `ALTER TABLE … RENAME COLUMN`.
+    /// The new column was added; old rows keep their value under `from`.
+    PossiblyRenamed { from: String, to: String },
+    /// The column's mapped type differs from the table's.
+    TypeChanged {
+        column: String,
+        expected: String,
+        actual: String,
+    },
+    /// The relation's key differs from the table's sorting key.
+    KeyChanged {
+        expected: Vec<String>,
+        actual: Vec<String>,
+    },
+}
+
+impl SchemaDrift {
+    /// Whether rows can no longer be written faithfully into the existing
+    /// table, so the table must be rebuilt by a resync.
+    pub fn needs_resync(&self) -> bool {
+        matches!(
+            self,
+            SchemaDrift::TypeChanged { .. } | SchemaDrift::KeyChanged { .. }
+        )
+    }
+
+    /// Short label for metrics (`sluice_schema_drift_total{table,kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SchemaDrift::Dropped { .. } => "dropped",
+            SchemaDrift::PossiblyRenamed { .. } => "renamed",
+            SchemaDrift::TypeChanged { .. } => "type_changed",
+            SchemaDrift::KeyChanged { .. } => "key_changed",
+        }
+    }
+}
+
+/// What to do to an existing table to accept a relation's rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EvolutionPlan {
+    /// `ALTER TABLE … ADD COLUMN …` statements, in relation order.
+    pub add_columns: Vec<String>,
+    pub drift: Vec<SchemaDrift>,
+}
+
+/// Compares a table's current columns with the relation's.
+pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> EvolutionPlan {
+    let existing_by_name: BTreeMap<&str, &ExistingColumn> =
+        existing.iter().map(|c| (c.name.as_str(), c)).collect();
+    let mut plan = EvolutionPlan::default();
+    let mut added = Vec::new();
+    for column in &target.columns {
+        let ch_type = column.ch_type.to_string();
+        match existing_by_name.get(column.name.as_str()) {
+            None => {
+                plan.add_columns.push(format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                    target.qualified(),
+                    quote_ident(&column.name),
+                    ch_type
+                ));
+                added.push((column.name.clone(), ch_type));
+            }
+            Some(have) if have.ch_type != ch_type => plan.drift.push(SchemaDrift::TypeChanged {
+                column: column.name.clone(),
+                expected: ch_type,
+                actual: have.ch_type.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    let dropped: Vec<&ExistingColumn> = existing
+        .iter()
+        .filter(|c| !c.name.starts_with("_sluice_"))
+        .filter(|c| !target.columns.iter().any(|t| t.name == c.name))
+        .collect();
+    match (dropped.as_slice(), added.as_slice()) {
+        ([from], [(to, to_type)]) if &from.ch_type == to_type => {
+            plan.drift.push(SchemaDrift::PossiblyRenamed {
+                from: from.name.clone(),
+                to: to.clone(),
+            })
+        }
+        _ => plan
+            .drift
+            .extend(dropped.iter().map(|c| SchemaDrift::Dropped {
+                column: c.name.clone(),
+                ch_type: c.ch_type.clone(),
+            })),
+    }
+    let mut expected: Vec<String> = target.key_columns().map(|c| c.name.clone()).collect();
+    let mut actual: Vec<String> = existing
+        .iter()
+        .filter(|c| c.is_in_sorting_key != 0)
+        .map(|c| c.name.clone())
+        .collect();
+    expected.sort();
+    actual.sort();
+    if !existing.is_empty() && expected != actual {
+        plan.drift
+            .push(SchemaDrift::KeyChanged { expected, actual });
+    }
+    plan
+}
+
+/// The table's columns from `system.columns` (empty if it does not exist).
+pub async fn current_columns(
+    client: &Client,
+    database: &str,
+    table: &str,
+) -> Result<Vec<ExistingColumn>, Error> {
+    let body = client
+        .query_raw(
+            "SELECT name, type, is_in_sorting_key FROM system.columns \
+             WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+        )
+        .param("db", database)
+        .param("t", table)
+        .fetch_bytes("JSONEachRow")
+        .map_err(Error::ch("read system.columns"))?
+        .collect()
+        .await
+        .map_err(Error::ch("read system.columns"))?;
+    body.split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice(line)
+                .map_err(|e| Error::Response(format!("system.columns row: {e}")))
+        })
+        .collect()
+}
+
+/// Creates the database and table if needed, adds new columns, and returns
+/// the drift that adding columns does not repair.
+pub async fn ensure_table(
+    client: &Client,
+    target: &TargetTable,
+) -> Result<Vec<SchemaDrift>, Error> {
+    client
+        .query_raw(&target.create_database_sql())
+        .execute()
+        .await
+        .map_err(Error::ch("create database"))?;
+    client
+        .query_raw(&target.create_table_sql())
+        .execute()
+        .await
+        .map_err(Error::ch("create table"))?;
+    let existing = current_columns(client, &target.database, &target.table).await?;
+    let plan = plan_evolution(target, &existing);
+    for statement in &plan.add_columns {
+        client
+            .query_raw(statement)
+            .execute()
+            .await
+            .map_err(Error::ch("add column"))?;
+    }
+    Ok(plan.drift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a`b\\c"), "`a\\`b\\\\c`");
+        assert_eq!(quote_literal("it's"), "'it\\'s'");
+        assert_eq!(target_table_name("public", "t"), "t");
+        assert_eq!(target_table_name("sales", "t"), "sales__t");
+    }
+
+    fn existing(name: &str, ty: &str, key: bool) -> ExistingColumn {
+        ExistingColumn {
+            name: name.into(),
+            ch_type: ty.into(),
+            is_in_sorting_key: key as u8,
+        }
+    }
+
+    #[test]
+    fn evolution() {
+        let target = TargetTable {
+            database: "d".into(),
+            table: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    ch_type: ChType::Int32,
+                    key: true,
+                },
+                TargetColumn {
+                    name: "b".into(),
+                    ch_type: ChType::String,
+                    key: false,
+                },
+                TargetColumn {
+                    name: "c".into(),
+                    ch_type: ChType::Int64,
+                    key: false,
+                },
+            ],
+        };
+        let have = [
+            existing("id", "Int32", true),
+            existing("a", "String", false),
+            existing("c", "Int32", false),
+            existing(VERSION_COLUMN, "UInt128", false),
+        ];
+        let plan = plan_evolution(&target, &have);
+        assert_eq!(
+            plan.add_columns,
+            ["ALTER TABLE `d`.`t` ADD COLUMN IF NOT EXISTS `b` String"]
+        );
+        assert_eq!(
+            plan.drift,
+            [
+                SchemaDrift::TypeChanged {
+                    column: "c".into(),
+                    expected: "Int64".into(),
+                    actual: "Int32".into()
+                },
+                SchemaDrift::PossiblyRenamed {
+                    from: "a".into(),
+                    to: "b".into()
+                },
+            ]
+        );
+    }
+}
