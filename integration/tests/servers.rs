@@ -115,6 +115,95 @@ async fn nats_single_node_has_jetstream() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `broker/nats/accounts.conf`: the producer publishes only `sluice.>`, the consumer only consumes.
+/// Skipped against servers without those users (an operator's own NATS).
+#[tokio::test]
+async fn nats_users_have_least_privilege() -> anyhow::Result<()> {
+    let servers = Servers::get();
+    let connect = |user: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-dev"))
+            .connect(servers.nats_url.as_str())
+    };
+    let (producer, consumer) = match (connect("producer").await, connect("consumer").await) {
+        (Ok(p), Ok(c)) => (p, c),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("skipped: no sluice dev users on this NATS server ({e})");
+            return Ok(());
+        }
+    };
+    let context = |client| {
+        jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client)
+    };
+    let (producer, consumer) = (context(producer), context(consumer));
+    let name = fresh_stream_name("servers_perm");
+    let subject = format!("sluice.{name}.public.t");
+
+    producer
+        .create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("sluice.{name}.>")],
+            ..Default::default()
+        })
+        .await
+        .context("producer creates the stream")?;
+    producer
+        .publish(subject.clone(), "row".into())
+        .await?
+        .await?;
+    // A stream outside `sluice.>` exists, so only permissions stop the producer's publish.
+    let admin = jetstream::new(servers.nats().await?);
+    let other = format!("{name}_other");
+    admin
+        .create_stream(jetstream::stream::Config {
+            name: other.clone(),
+            subjects: vec![format!("other.{name}")],
+            ..Default::default()
+        })
+        .await?;
+    assert!(
+        producer
+            .publish(format!("other.{name}"), "row".into())
+            .await?
+            .await
+            .is_err(),
+        "producer may publish only on sluice.>"
+    );
+
+    let stream = consumer.get_stream(&name).await?;
+    let pull: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("loader".into()),
+            ..Default::default()
+        })
+        .await
+        .context("consumer creates a durable pull consumer")?;
+    let mut batch = pull.fetch().max_messages(10).messages().await?;
+    let message = futures::StreamExt::next(&mut batch)
+        .await
+        .context("no message")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(message.payload.as_ref(), b"row");
+    message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(
+        consumer
+            .publish(subject, "forged".into())
+            .await?
+            .await
+            .is_err(),
+        "consumer may not publish data"
+    );
+    assert!(
+        consumer.delete_stream(&name).await.is_err(),
+        "consumer may not delete streams"
+    );
+
+    admin.delete_stream(&name).await?;
+    admin.delete_stream(&other).await?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 struct Versioned {
     k: u64,
