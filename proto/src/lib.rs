@@ -79,8 +79,9 @@ pub fn encode(package: &v1::Package, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Identity => raw,
         // Compressing an in-memory buffer cannot fail short of allocation failure.
-        Encoding::Zstd => zstd::bulk::compress(&raw, ZSTD_LEVEL)
-            .unwrap_or_else(|_| unreachable!("zstd compression of an in-memory buffer failed")),
+        Encoding::Zstd => zstd::bulk::compress(&raw, ZSTD_LEVEL).unwrap_or_else(|_| {
+            unreachable!("zstd compression of an in-memory buffer failed")
+        }),
     }
 }
 
@@ -96,8 +97,7 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
     match encoding {
         Encoding::Identity => v1::Package::decode(payload).map_err(DecodeError::Protobuf),
         Encoding::Zstd => {
-            let decoder =
-                zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
+            let decoder = zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
             let mut raw = Vec::new();
             decoder
                 .take(MAX_DECODED_BYTES as u64 + 1)
@@ -159,10 +159,7 @@ mod tests {
             table: "orders".into(),
             kind: v1::Kind::Changes as i32,
             relation: Some(relation),
-            position: Some(v1::ChainPosition {
-                generation: 7,
-                sequence: 42,
-            }),
+            position: Some(v1::ChainPosition { generation: 7, sequence: 42 }),
             commit_lsn: 0x1_6B37_4D48,
             commit_time_us: 1_700_000_000_000_000,
             xid: 771,
@@ -198,17 +195,10 @@ mod tests {
             value(V::Bytes(vec![0, 255, 1])),
             value(V::Date(-719_162)),
             value(V::Time(86_399_999_999)),
-            value(V::Timetz(v1::TimeTz {
-                micros: 1,
-                offset_seconds: -34_200,
-            })),
+            value(V::Timetz(v1::TimeTz { micros: 1, offset_seconds: -34_200 })),
             value(V::Timestamp(-1)),
             value(V::Timestamptz(i64::MAX)),
-            value(V::Interval(v1::Interval {
-                months: -1,
-                days: 2,
-                micros: 3,
-            })),
+            value(V::Interval(v1::Interval { months: -1, days: 2, micros: 3 })),
             value(V::Uuid(vec![7; 16])),
             value(V::Json("{\"a\":[1,2]}".into())),
             value(V::Array(v1::Array {
@@ -252,18 +242,12 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_typed_errors() {
-        assert!(matches!(
-            decode(b"not zstd", None),
-            Err(DecodeError::Decompress(_))
-        ));
+        assert!(matches!(decode(b"not zstd", None), Err(DecodeError::Decompress(_))));
         assert!(matches!(
             decode(b"\xff\xff\xff", Some("identity")),
             Err(DecodeError::Protobuf(_))
         ));
-        assert!(matches!(
-            decode(b"", Some("gzip")),
-            Err(DecodeError::UnknownEncoding(_))
-        ));
+        assert!(matches!(decode(b"", Some("gzip")), Err(DecodeError::UnknownEncoding(_))));
         let truncated = encode(&sample(10), Encoding::Zstd);
         assert!(decode(&truncated[..truncated.len() / 2], None).is_err());
     }
@@ -276,9 +260,6 @@ mod tests {
         assert!(v0 < v1);
         a.commit_lsn += 1;
         a.first_row_ordinal = 0;
-        assert!(
-            row_version(&a, 0) > v1,
-            "a later commit wins over any ordinal"
-        );
+        assert!(row_version(&a, 0) > v1, "a later commit wins over any ordinal");
     }
 }
