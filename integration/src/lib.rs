@@ -1,1 +1,167 @@
-//! placeholder
+//! Harness for sluice's end-to-end tests: real Postgres, NATS JetStream and ClickHouse servers.
+//!
+//! [`Servers::get`] returns the endpoints every test shares. Each endpoint comes from its
+//! environment variable when set (so the same tests run against an operator's servers):
+//!
+//! | variable | example |
+//! |---|---|
+//! | `SLUICE_TEST_PG_URL` | `postgres://postgres@127.0.0.1:5432/postgres` (superuser, replication allowed) |
+//! | `SLUICE_TEST_NATS_URL` | `nats://127.0.0.1:4222` (JetStream enabled) |
+//! | `SLUICE_TEST_NATS_CLUSTER_URLS` | `nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4225` |
+//! | `SLUICE_TEST_CLICKHOUSE_URL` | `http://127.0.0.1:8123` |
+//!
+//! When any of the first three is missing, the harness runs `scripts/stack start --nats-cluster`
+//! in a temporary directory, once per test process, with a guardian that stops those servers and
+//! deletes the directory when the test process is gone (see [`stack`]).
+//!
+//! Tests share the servers, never the objects in them: [`Servers::fresh_pg_database`],
+//! [`fresh_stream_name`] and [`Servers::fresh_clickhouse_database`] hand out unique names so tests
+//! run in parallel and against long-lived servers.
+
+mod names;
+pub mod stack;
+
+use std::sync::OnceLock;
+
+use anyhow::Context as _;
+
+pub use names::{fresh_stream_name, unique_name};
+
+/// Endpoints of the servers the tests run against.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// Postgres URL of a superuser that may also open replication connections.
+    pub pg_url: String,
+    /// One NATS server with JetStream.
+    pub nats_url: String,
+    /// The three nodes of a JetStream cluster, when there is one.
+    pub nats_cluster_urls: Option<Vec<String>>,
+    /// ClickHouse HTTP interface.
+    pub clickhouse_url: String,
+}
+
+impl Servers {
+    /// The servers of this test process: from the environment, else started once by
+    /// `scripts/stack`. Panics with the stack's output if they cannot be started.
+    pub fn get() -> &'static Servers {
+        static SERVERS: OnceLock<Servers> = OnceLock::new();
+        SERVERS.get_or_init(|| match Self::resolve() {
+            Ok(servers) => servers,
+            Err(e) => panic!("test servers unavailable: {e:#}"),
+        })
+    }
+
+    fn resolve() -> anyhow::Result<Servers> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let (pg, nats, ch) = (
+            var("SLUICE_TEST_PG_URL"),
+            var("SLUICE_TEST_NATS_URL"),
+            var("SLUICE_TEST_CLICKHOUSE_URL"),
+        );
+        let cluster = var("SLUICE_TEST_NATS_CLUSTER_URLS").map(|v| split_urls(&v));
+        if let (Some(pg_url), Some(nats_url), Some(clickhouse_url)) = (&pg, &nats, &ch) {
+            return Ok(Servers {
+                pg_url: pg_url.clone(),
+                nats_url: nats_url.clone(),
+                nats_cluster_urls: cluster,
+                clickhouse_url: clickhouse_url.clone(),
+            });
+        }
+        let started = stack::start_for_this_process()?;
+        Ok(Servers {
+            pg_url: pg.unwrap_or(started.pg_url),
+            nats_url: nats.unwrap_or(started.nats_url),
+            nats_cluster_urls: cluster.or(started.nats_cluster_urls),
+            clickhouse_url: ch.unwrap_or(started.clickhouse_url),
+        })
+    }
+
+    /// Connects to Postgres at `url` with an ordinary (non-replication) connection.
+    pub async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to postgres at {url}"))?;
+        // The connection task ends when the client is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "test postgres connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Creates a new, uniquely named Postgres database; returns its URL and name.
+    pub async fn fresh_pg_database(&self, prefix: &str) -> anyhow::Result<(String, String)> {
+        let name = unique_name(prefix);
+        let admin = Self::pg_connect(&self.pg_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .with_context(|| format!("creating postgres database {name}"))?;
+        let mut url = url::Url::parse(&self.pg_url).context("parsing SLUICE_TEST_PG_URL")?;
+        url.set_path(&name);
+        Ok((url.to_string(), name))
+    }
+
+    /// Connects to the single NATS server.
+    pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        async_nats::connect(self.nats_url.as_str())
+            .await
+            .with_context(|| format!("connecting to nats at {}", self.nats_url))
+    }
+
+    /// Connects to the 3-node cluster (any node), or `None` when there is no cluster.
+    pub async fn nats_cluster(&self) -> anyhow::Result<Option<async_nats::Client>> {
+        let Some(urls) = &self.nats_cluster_urls else {
+            return Ok(None);
+        };
+        let client = async_nats::connect(urls.as_slice())
+            .await
+            .with_context(|| format!("connecting to the nats cluster at {}", urls.join(",")))?;
+        Ok(Some(client))
+    }
+
+    /// A ClickHouse client (HTTP, RowBinary) for the server's `default` database.
+    pub fn clickhouse(&self) -> clickhouse::Client {
+        clickhouse::Client::default().with_url(&self.clickhouse_url)
+    }
+
+    /// Creates a new, uniquely named ClickHouse database; returns a client bound to it and its
+    /// name.
+    pub async fn fresh_clickhouse_database(
+        &self,
+        prefix: &str,
+    ) -> anyhow::Result<(clickhouse::Client, String)> {
+        let name = unique_name(prefix);
+        self.clickhouse_sql(&format!("CREATE DATABASE `{name}`"))
+            .await?;
+        Ok((self.clickhouse().with_database(&name), name))
+    }
+
+    /// Runs one SQL statement on ClickHouse over HTTP and returns its output as TabSeparated
+    /// text (empty for statements without a result).
+    pub async fn clickhouse_sql(&self, sql: &str) -> anyhow::Result<String> {
+        clickhouse_sql(&self.clickhouse(), sql).await
+    }
+}
+
+/// Runs one SQL statement with `client` (which may be bound to a database) and returns its
+/// output as TabSeparated text.
+pub async fn clickhouse_sql(client: &clickhouse::Client, sql: &str) -> anyhow::Result<String> {
+    let bytes = client
+        .query_raw(sql)
+        .fetch_bytes("TabSeparated")
+        .with_context(|| format!("clickhouse query {sql:?}"))?
+        .collect()
+        .await
+        .with_context(|| format!("clickhouse query {sql:?}"))?;
+    String::from_utf8(bytes.to_vec()).context("clickhouse returned non-UTF-8 text")
+}
+
+fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
