@@ -1,1 +1,129 @@
-fn main() {}
+//! `sluice-replicator`: thin binary; the work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_broker::config::Config;
+use sluice_broker::telemetry::{self, LogFormat};
+
+/// Postgres logical replication (pgoutput) into NATS JetStream, with nothing lost.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-replicator", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr (RUST_LOG filters, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text, env = "SLUICE_LOG_FORMAT")]
+    log_format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// Configuration file (TOML); `SLUICE_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replicate: create the slot and snapshot on first start, then stream
+    /// changes until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Ask the running replicator to resync tables (full snapshot into a
+    /// shadow table, swapped in atomically by the loader).
+    Resync {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Table to resync, `schema.table`; repeat for several.
+        #[arg(long = "table", value_name = "SCHEMA.TABLE", required_unless_present = "all")]
+        tables: Vec<String>,
+        /// Resync every published table.
+        #[arg(long, conflicts_with = "tables")]
+        all: bool,
+        /// Return as soon as the replicator accepted the request.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show slot, stream, consumer and per-table state.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(match cli.log_format {
+        Format::Text => LogFormat::Text,
+        Format::Json => LogFormat::Json,
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sluice-replicator: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(try_main(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(error)) => {
+            eprintln!("sluice-replicator: {error}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(error)) => {
+            eprintln!("sluice-replicator: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Config(sluice_broker::config::ConfigError),
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure::Runtime(error.into())
+    }
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, Failure> {
+    Config::load(&arg.config).map_err(Failure::Config)
+}
+
+async fn try_main(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run { config } => {
+            let config = load(&config)?;
+            sluice_replicator::run::run(config).await?;
+        }
+        Command::Resync {
+            config,
+            tables,
+            all,
+            no_wait,
+        } => {
+            let config = load(&config)?;
+            sluice_replicator::control::request_resync(&config, &tables, all, !no_wait).await?;
+        }
+        Command::Status { config, json } => {
+            let config = load(&config)?;
+            sluice_replicator::status::print(&config, json).await?;
+        }
+    }
+    Ok(())
+}
