@@ -721,3 +721,507 @@ fn parse_element(b: &[u8], start: usize, delimiter: u8) -> Parsed<(Option<String
         Ok((Some(s), i))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::oid;
+
+    fn ty(category: TypeCategory) -> TypeInfo {
+        TypeInfo::scalar(0, "t", category)
+    }
+
+    fn arr(category: TypeCategory) -> TypeInfo {
+        TypeInfo::array_of(1, "_t", &ty(category))
+    }
+
+    fn kind(category: TypeCategory, text: &str) -> Kind {
+        decode_text(&ty(category), text)
+            .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+            .kind
+            .unwrap()
+    }
+
+    fn fails(category: TypeCategory, text: &str) {
+        assert!(
+            decode_text(&ty(category), text).is_err(),
+            "{text:?} should not decode as {category:?}"
+        );
+    }
+
+    fn array(category: TypeCategory, text: &str) -> v1::Array {
+        match decode_text(&arr(category), text) {
+            Ok(v1::Value {
+                kind: Some(Kind::Array(a)),
+            }) => a,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    fn text(s: &str) -> v1::Value {
+        v1::Value {
+            kind: Some(Kind::Text(s.into())),
+        }
+    }
+
+    fn int(i: i64) -> v1::Value {
+        v1::Value {
+            kind: Some(Kind::Int(i)),
+        }
+    }
+
+    use TypeCategory as C;
+
+    #[test]
+    fn bools_and_ints() {
+        assert_eq!(kind(C::Bool, "t"), Kind::Bool(true));
+        assert_eq!(kind(C::Bool, "f"), Kind::Bool(false));
+        fails(C::Bool, "yes");
+        assert_eq!(kind(C::Int, "-32768"), Kind::Int(-32768));
+        assert_eq!(kind(C::Int, "9223372036854775807"), Kind::Int(i64::MAX));
+        assert_eq!(kind(C::Int, "-9223372036854775808"), Kind::Int(i64::MIN));
+        assert_eq!(kind(C::Int, "4294967295"), Kind::Int(4_294_967_295)); // oid max
+        fails(C::Int, "9223372036854775808");
+        fails(C::Int, "1.5");
+        fails(C::Int, "");
+    }
+
+    #[test]
+    fn floats() {
+        assert_eq!(kind(C::Float, "1.5"), Kind::Float(1.5));
+        assert_eq!(
+            kind(C::Float, "-1.2345678901234567e-300"),
+            Kind::Float(-1.2345678901234567e-300)
+        );
+        assert_eq!(kind(C::Float, "1e+308"), Kind::Float(1e308));
+        assert_eq!(kind(C::Float, "Infinity"), Kind::Float(f64::INFINITY));
+        assert_eq!(kind(C::Float, "-Infinity"), Kind::Float(f64::NEG_INFINITY));
+        assert!(matches!(kind(C::Float, "NaN"), Kind::Float(f) if f.is_nan()));
+        assert_eq!(kind(C::Float, "-0"), Kind::Float(-0.0));
+        fails(C::Float, "inf");
+        fails(C::Float, "nan");
+        fails(C::Float, "");
+    }
+
+    #[test]
+    fn numerics_and_money() {
+        for n in [
+            "0",
+            "-12.340",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "123456789012345678901234567890.000000000001",
+        ] {
+            assert_eq!(kind(C::Numeric, n), Kind::Numeric(n.into()));
+        }
+        for bad in ["", "-", "1.", ".5", "1e5", "1.2.3", "+1", "nan"] {
+            fails(C::Numeric, bad);
+        }
+        assert_eq!(kind(C::Money, "$1,234.56"), Kind::Numeric("1234.56".into()));
+        assert_eq!(kind(C::Money, "-$1.00"), Kind::Numeric("-1.00".into()));
+        assert_eq!(kind(C::Money, "($1.00)"), Kind::Numeric("-1.00".into()));
+        assert_eq!(
+            kind(C::Money, "-$92,233,720,368,547,758.08"),
+            Kind::Numeric("-92233720368547758.08".into())
+        );
+        assert_eq!(kind(C::Money, "$0.00"), Kind::Numeric("0.00".into()));
+        fails(C::Money, "$");
+        fails(C::Money, "$1.2.3");
+        fails(C::Money, "1 EUR");
+    }
+
+    #[test]
+    fn text_json_bytea_uuid() {
+        assert_eq!(kind(C::Text, ""), Kind::Text(String::new()));
+        assert_eq!(
+            kind(C::Text, "héllo 🦀 \\ \""),
+            Kind::Text("héllo 🦀 \\ \"".into())
+        );
+        assert_eq!(
+            kind(C::Json, r#"{"a": [1, null]}"#),
+            Kind::Json(r#"{"a": [1, null]}"#.into())
+        );
+        assert_eq!(kind(C::Bytea, "\\x"), Kind::Bytes(vec![]));
+        assert_eq!(
+            kind(C::Bytea, "\\x00ff10Ab"),
+            Kind::Bytes(vec![0, 255, 16, 171])
+        );
+        assert_eq!(
+            kind(C::Bytea, "a\\\\b\\000\\377"),
+            Kind::Bytes(b"a\\b\x00\xff".to_vec())
+        );
+        fails(C::Bytea, "\\x0");
+        fails(C::Bytea, "\\xzz");
+        fails(C::Bytea, "\\400");
+        fails(C::Bytea, "\\1");
+        assert_eq!(
+            kind(C::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            Kind::Uuid(vec![
+                0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
+                0x0a, 0x11
+            ])
+        );
+        fails(C::Uuid, "a0eebc999c0b4ef8bb6d6bb9bd380a11");
+        fails(C::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g");
+        fails(C::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1é");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(kind(C::Date, "1970-01-01"), Kind::Date(0));
+        assert_eq!(kind(C::Date, "2000-01-01"), Kind::Date(10_957));
+        assert_eq!(kind(C::Date, "1969-12-31"), Kind::Date(-1));
+        assert_eq!(kind(C::Date, "2024-02-29"), Kind::Date(19_782));
+        assert_eq!(kind(C::Date, "0001-01-01"), Kind::Date(-719_162));
+        // 1 BC is astronomical year 0, a leap year; the day before 0001-01-01.
+        assert_eq!(kind(C::Date, "0001-12-31 BC"), Kind::Date(-719_163));
+        assert_eq!(
+            kind(C::Date, "0001-02-29 BC"),
+            kind(C::Date, "0001-03-01 BC").date_minus(1)
+        );
+        // Julian day 0, Postgres's smallest date.
+        assert_eq!(kind(C::Date, "4714-11-24 BC"), Kind::Date(-2_440_588));
+        // Postgres's largest date (value checked against Postgres in tests/values_pg.rs).
+        assert_eq!(kind(C::Date, "5874897-12-31"), Kind::Date(2_145_042_905));
+        assert_eq!(
+            kind(C::Date, "infinity"),
+            Kind::DateInfinity(v1::Infinity::Positive as i32)
+        );
+        assert_eq!(
+            kind(C::Date, "-infinity"),
+            Kind::DateInfinity(v1::Infinity::Negative as i32)
+        );
+        for bad in [
+            "2023-02-29",
+            "2024-13-01",
+            "2024-00-10",
+            "0000-01-01",
+            "24-01-01",
+            "01/02/2024",
+            "2024-1-01",
+            "",
+        ] {
+            fails(C::Date, bad);
+        }
+    }
+
+    trait DateMinus {
+        fn date_minus(self, n: i32) -> Kind;
+    }
+    impl DateMinus for Kind {
+        fn date_minus(self, n: i32) -> Kind {
+            match self {
+                Kind::Date(d) => Kind::Date(d - n),
+                other => other,
+            }
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(kind(C::Time, "00:00:00"), Kind::Time(0));
+        assert_eq!(kind(C::Time, "24:00:00"), Kind::Time(MICROS_PER_DAY));
+        assert_eq!(kind(C::Time, "12:34:56.789"), Kind::Time(45_296_789_000));
+        assert_eq!(
+            kind(C::Time, "23:59:59.999999"),
+            Kind::Time(MICROS_PER_DAY - 1)
+        );
+        for bad in [
+            "24:00:01",
+            "12:60:00",
+            "1:00:00",
+            "12:00:00.",
+            "12:00:00.1234567",
+            "12:00:00+01",
+        ] {
+            fails(C::Time, bad);
+        }
+        assert_eq!(
+            kind(C::TimeTz, "12:34:56.789+05:30"),
+            Kind::Timetz(v1::TimeTz {
+                micros: 45_296_789_000,
+                offset_seconds: 19_800
+            })
+        );
+        assert_eq!(
+            kind(C::TimeTz, "00:00:00-15:59:59"),
+            Kind::Timetz(v1::TimeTz {
+                micros: 0,
+                offset_seconds: -57_599
+            })
+        );
+        assert_eq!(
+            kind(C::TimeTz, "01:02:03+00"),
+            Kind::Timetz(v1::TimeTz {
+                micros: 3_723_000_000,
+                offset_seconds: 0
+            })
+        );
+        fails(C::TimeTz, "01:02:03");
+        fails(C::TimeTz, "01:02:03+5");
+        fails(C::TimeTz, "01:02:03+05:30:00:00");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(
+            kind(C::Timestamp, "1970-01-01 00:00:00"),
+            Kind::Timestamp(0)
+        );
+        assert_eq!(
+            kind(C::Timestamp, "2024-01-02 03:04:05.123456"),
+            Kind::Timestamp(1_704_164_645_123_456)
+        );
+        assert_eq!(
+            kind(C::Timestamp, "1969-12-31 23:59:59.999999"),
+            Kind::Timestamp(-1)
+        );
+        assert_eq!(
+            kind(C::Timestamp, "0001-01-01 00:00:00"),
+            Kind::Timestamp(-719_162 * MICROS_PER_DAY)
+        );
+        assert_eq!(
+            kind(C::Timestamp, "0001-12-31 23:59:59 BC"),
+            Kind::Timestamp(-719_162 * MICROS_PER_DAY - MICROS_PER_SECOND)
+        );
+        // The largest timestamp sint64 micros since 1970 can hold...
+        assert_eq!(
+            kind(C::Timestamp, "294247-01-10 04:00:54.775807"),
+            Kind::Timestamp(i64::MAX)
+        );
+        // ...is below Postgres's largest (micros since 2000 in Postgres), so the
+        // last ~30 years of Postgres's range are an error, not a wrong value.
+        fails(C::Timestamp, "294247-01-10 04:00:54.775808");
+        fails(C::Timestamp, "294276-12-31 23:59:59.999999");
+        fails(C::Timestamptz, "294276-12-31 23:59:59.999999+00");
+        assert_eq!(
+            kind(C::Timestamp, "4714-11-24 00:00:00 BC"),
+            Kind::Timestamp(-2_440_588 * MICROS_PER_DAY)
+        );
+        assert_eq!(
+            kind(C::Timestamp, "infinity"),
+            Kind::TimestampInfinity(v1::Infinity::Positive as i32)
+        );
+        fails(C::Timestamp, "2024-01-02T03:04:05");
+        fails(C::Timestamp, "2024-01-02 03:04:05+00");
+        fails(C::Timestamp, "99999999-01-02 03:04:05");
+        assert_eq!(
+            kind(C::Timestamptz, "2024-01-02 03:04:05.5+00"),
+            Kind::Timestamptz(1_704_164_645_500_000)
+        );
+        assert_eq!(
+            kind(C::Timestamptz, "2024-01-02 08:34:05+05:30"),
+            Kind::Timestamptz(1_704_164_645_000_000)
+        );
+        assert_eq!(
+            kind(C::Timestamptz, "1970-01-01 00:00:00-00:01:15"),
+            Kind::Timestamptz(75_000_000)
+        );
+        assert_eq!(
+            kind(C::Timestamptz, "0001-12-31 23:00:00+00 BC"),
+            Kind::Timestamptz(-719_162 * MICROS_PER_DAY - 3600 * MICROS_PER_SECOND)
+        );
+        assert_eq!(
+            kind(C::Timestamptz, "-infinity"),
+            Kind::TimestamptzInfinity(v1::Infinity::Negative as i32)
+        );
+        fails(C::Timestamptz, "2024-01-02 03:04:05");
+    }
+
+    fn interval(months: i32, days: i32, micros: i64) -> Kind {
+        Kind::Interval(v1::Interval {
+            months,
+            days,
+            micros,
+        })
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(kind(C::Interval, "00:00:00"), interval(0, 0, 0));
+        assert_eq!(
+            kind(C::Interval, "1 year 2 mons 3 days 04:05:06.789"),
+            interval(14, 3, 14_706_789_000)
+        );
+        assert_eq!(
+            kind(C::Interval, "-1 days +02:00:00"),
+            interval(0, -1, 7_200_000_000)
+        );
+        assert_eq!(
+            kind(C::Interval, "1 day -00:00:00.000001"),
+            interval(0, 1, -1)
+        );
+        assert_eq!(kind(C::Interval, "-1 years -2 mons"), interval(-14, 0, 0));
+        assert_eq!(kind(C::Interval, "1 mon"), interval(1, 0, 0));
+        assert_eq!(
+            kind(C::Interval, "100:00:00"),
+            interval(0, 0, 360_000_000_000)
+        );
+        assert_eq!(
+            kind(
+                C::Interval,
+                "178956970 years 7 mons 2147483647 days 2562047788:00:54.775807"
+            ),
+            interval(i32::MAX, i32::MAX, i64::MAX)
+        );
+        assert_eq!(
+            kind(
+                C::Interval,
+                "-178956970 years -8 mons -2147483648 days -2562047788:00:54.775808"
+            ),
+            interval(i32::MIN, i32::MIN, i64::MIN)
+        );
+        for bad in [
+            "",
+            "1",
+            "1 week",
+            "@ 1 day",
+            "P1D",
+            "01:00:00 1 day",
+            "1 day  01:00:00",
+            "2562047788:00:54.775808",
+            "1:2:3",
+        ] {
+            fails(C::Interval, bad);
+        }
+    }
+
+    #[test]
+    fn arrays() {
+        let a = array(C::Int, "{1,2,NULL}");
+        assert_eq!(a.dims, [3]);
+        assert_eq!(a.lower_bounds, [1]);
+        assert_eq!(a.elements, [int(1), int(2), null()]);
+
+        let a = array(C::Text, r#"{"a b","c\"d",NULL,"NULL",null,"",\\x,"é,}{"}"#);
+        assert_eq!(
+            a.elements,
+            [
+                text("a b"),
+                text("c\"d"),
+                null(),
+                text("NULL"),
+                null(),
+                text(""),
+                text("\\x"),
+                text("é,}{")
+            ]
+        );
+
+        let a = array(C::Int, "{{1,2},{3,4},{5,NULL}}");
+        assert_eq!(a.dims, [3, 2]);
+        assert_eq!(a.lower_bounds, [1, 1]);
+        assert_eq!(a.elements, [int(1), int(2), int(3), int(4), int(5), null()]);
+
+        let a = array(C::Int, "{}");
+        assert!(a.dims.is_empty() && a.lower_bounds.is_empty() && a.elements.is_empty());
+
+        let a = array(C::Int, "[0:1]={1,2}");
+        assert_eq!((a.dims, a.lower_bounds), (vec![2], vec![0]));
+        let a = array(C::Int, "[-2:-1][3:3]={{7},{8}}");
+        assert_eq!((a.dims, a.lower_bounds), (vec![2, 1], vec![-2, 3]));
+
+        let a = array(C::Int, "{{{1}}}");
+        assert_eq!(a.dims, [1, 1, 1]);
+
+        let a = array(C::Date, "{1970-01-02,infinity}");
+        assert_eq!(a.elements[0].kind, Some(Kind::Date(1)));
+
+        let mut boxes = arr(C::Text);
+        boxes.array_delimiter = Some(b';');
+        let a = match decode_text(&boxes, "{(1,1),(0,0);(2,2),(1,1)}")
+            .unwrap()
+            .kind
+        {
+            Some(Kind::Array(a)) => a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(a.elements, [text("(1,1),(0,0)"), text("(2,2),(1,1)")]);
+
+        for bad in [
+            "",
+            "{",
+            "}",
+            "{1,2",
+            "{1,2}}",
+            "{1,,2}",
+            "{1,}",
+            "{,1}",
+            "{{1,2},{3}}",
+            "{{1},2}",
+            "{1,{2}}",
+            "{{}}",
+            "{{1},{}}",
+            "{1}x",
+            "{\"a}",
+            "{a\"b\"}",
+            "[1:2]={1}",
+            "[1:1]",
+            "[1:1]{1}",
+            "[1:1][1:1]={1}",
+            "{{{{{{{1}}}}}}}",
+            "{1} {2}",
+            "{\"a\"b}",
+            "{x}",
+        ] {
+            assert!(
+                decode_text(&arr(C::Int), bad).is_err(),
+                "{bad:?} should not parse"
+            );
+        }
+        // Element errors name the array type.
+        let err = decode_text(&arr(C::Int), "{1,x}").unwrap_err();
+        assert_eq!(err.type_name, "_t");
+    }
+
+    #[test]
+    fn error_names_type_not_value() {
+        let t = TypeInfo::scalar(oid::INT4, "int4", C::Int);
+        let err = decode_text(&t, "secret-value").unwrap_err();
+        assert_eq!(err.type_name, "int4");
+        assert!(!err.to_string().contains("secret"));
+    }
+
+    /// Never panics, whatever the bytes (a cheap deterministic fuzz).
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let alphabet: Vec<char> = "{}[]:=,;\"\\ NULnul0123456789.-+eE:xBCinfty$()é🦀 "
+            .chars()
+            .collect();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let categories = [
+            C::Bool,
+            C::Int,
+            C::Float,
+            C::Numeric,
+            C::Money,
+            C::Bytea,
+            C::Uuid,
+            C::Json,
+            C::Date,
+            C::Time,
+            C::TimeTz,
+            C::Timestamp,
+            C::Timestamptz,
+            C::Interval,
+            C::Text,
+        ];
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let s: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            for c in categories {
+                let _ = decode_text(&ty(c), &s);
+                let _ = decode_text(&arr(c), &s);
+            }
+        }
+    }
+}
