@@ -297,11 +297,11 @@ impl TypeCatalog {
         client: &tokio_postgres::Client,
         type_oid: u32,
     ) -> Result<&TypeInfo, CatalogError> {
-        if !self.types.contains_key(&type_oid) {
-            let info = Self::load(client, type_oid).await?;
-            self.types.insert(type_oid, info);
+        use std::collections::hash_map::Entry;
+        match self.types.entry(type_oid) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => Ok(e.insert(Self::load(client, type_oid).await?)),
         }
-        Ok(&self.types[&type_oid])
     }
 
     /// Resolves the types of every column of `table`.
