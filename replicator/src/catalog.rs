@@ -1,1 +1,559 @@
-//! (being written)
+//! Table and type metadata from the Postgres catalog.
+//!
+//! pgoutput's Relation message names each column's type only by OID. To turn a
+//! column's text value into a typed wire value ([`crate::values`]) and to tell
+//! the loader what a column is ([`sluice_proto::v1::Column`]), the replicator
+//! resolves every OID once through `pg_type` and caches the answer in a
+//! [`TypeCatalog`].
+//!
+//! Invariant 6 of ARCHITECTURE.md lives here too: a published table without a
+//! usable replica identity (identity NOTHING, or DEFAULT without a primary key,
+//! or USING INDEX on an index that no longer exists) is reported as
+//! [`CatalogError::NoReplicaIdentity`] naming the table, because its UPDATEs and
+//! DELETEs could not be keyed and would be silently lost.
+
+use std::collections::HashMap;
+
+use sluice_proto::v1;
+
+/// Well-known OIDs of built-in scalar types (fixed in `pg_type.dat`, never
+/// change between major versions).
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const CHAR: u32 = 18;
+    pub const NAME: u32 = 19;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const OID: u32 = 26;
+    pub const JSON: u32 = 114;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const MONEY: u32 = 790;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const DATE: u32 = 1082;
+    pub const TIME: u32 = 1083;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const INTERVAL: u32 = 1186;
+    pub const TIMETZ: u32 = 1266;
+    pub const NUMERIC: u32 = 1700;
+    pub const UUID: u32 = 2950;
+    pub const JSONB: u32 = 3802;
+}
+
+/// How the text of a scalar value (or of each element of an array) decodes.
+///
+/// Decided by the scalar base type: a domain decodes as its base type, an array
+/// element as the element's base type. Everything without a dedicated variant
+/// (inet, ranges, composites, enums, ...) travels as [`TypeCategory::Text`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TypeCategory {
+    Bool,
+    /// int2, int4, int8, oid.
+    Int,
+    /// float4, float8.
+    Float,
+    Numeric,
+    Money,
+    Bytea,
+    Uuid,
+    /// json, jsonb.
+    Json,
+    Date,
+    Time,
+    TimeTz,
+    Timestamp,
+    Timestamptz,
+    Interval,
+    /// Anything carried as its text output.
+    Text,
+}
+
+impl TypeCategory {
+    /// The category of a non-domain, non-array type by OID; enums and unknown
+    /// types are [`TypeCategory::Text`].
+    pub fn of_scalar_oid(type_oid: u32) -> Self {
+        match type_oid {
+            oid::BOOL => Self::Bool,
+            oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => Self::Int,
+            oid::FLOAT4 | oid::FLOAT8 => Self::Float,
+            oid::NUMERIC => Self::Numeric,
+            oid::MONEY => Self::Money,
+            oid::BYTEA => Self::Bytea,
+            oid::UUID => Self::Uuid,
+            oid::JSON | oid::JSONB => Self::Json,
+            oid::DATE => Self::Date,
+            oid::TIME => Self::Time,
+            oid::TIMETZ => Self::TimeTz,
+            oid::TIMESTAMP => Self::Timestamp,
+            oid::TIMESTAMPTZ => Self::Timestamptz,
+            oid::INTERVAL => Self::Interval,
+            _ => Self::Text,
+        }
+    }
+}
+
+/// What sluice knows about one Postgres type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeInfo {
+    /// The type's own OID (a domain's own OID for a domain).
+    pub oid: u32,
+    /// `pg_type.typname`, e.g. `int4`, `_int4` (array), `mood` (enum).
+    pub name: String,
+    /// Base, enum, domain, array or other (composite, range, pseudo, ...).
+    pub kind: v1::TypeKind,
+    /// For a domain: its base type after stripping all domain layers (for a
+    /// domain over an array, that array type's OID). For an array: the scalar
+    /// base type of its element (domain element stripped). Else `oid`.
+    pub base_type_oid: u32,
+    /// How a scalar value, or each array element, decodes.
+    pub category: TypeCategory,
+    /// `Some(delimiter)` when values of this type are arrays (arrays and domains
+    /// over arrays); the delimiter is the element type's `typdelim`, `,` for
+    /// everything but `box` (`;`).
+    pub array_delimiter: Option<u8>,
+}
+
+impl TypeInfo {
+    /// A non-array type decoding as `category` (its own base type).
+    pub fn scalar(oid: u32, name: impl Into<String>, category: TypeCategory) -> Self {
+        TypeInfo {
+            oid,
+            name: name.into(),
+            kind: v1::TypeKind::Base,
+            base_type_oid: oid,
+            category,
+            array_delimiter: None,
+        }
+    }
+
+    /// An array type `oid` whose element decodes like `element`.
+    pub fn array_of(oid: u32, name: impl Into<String>, element: &TypeInfo) -> Self {
+        TypeInfo {
+            oid,
+            name: name.into(),
+            kind: v1::TypeKind::Array,
+            base_type_oid: element.base_type_oid,
+            category: element.category,
+            array_delimiter: Some(b','),
+        }
+    }
+
+    /// Whether values of this type are arrays.
+    pub fn is_array(&self) -> bool {
+        self.array_delimiter.is_some()
+    }
+}
+
+/// Why catalog metadata could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The catalog query failed (connection lost, permission denied, ...).
+    #[error("catalog query failed while {what}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("type oid {oid} does not exist in pg_type")]
+    TypeNotFound { oid: u32 },
+    /// [`to_relation`] met a column type not yet resolved by [`TypeCatalog::resolve`].
+    #[error("type oid {oid} was not resolved before building the relation")]
+    TypeNotResolved { oid: u32 },
+    #[error("domain or array type chain of oid {oid} is too deep or cyclic")]
+    TypeChainTooDeep { oid: u32 },
+    #[error("table {schema}.{table} does not exist")]
+    TableNotFound { schema: String, table: String },
+    #[error("publication {publication} does not exist")]
+    PublicationNotFound { publication: String },
+    /// UPDATE and DELETE of this table cannot be keyed: set a primary key or
+    /// `ALTER TABLE … REPLICA IDENTITY FULL | USING INDEX …`.
+    #[error(
+        "table {schema}.{table} has no usable replica identity \
+         (needs a primary key, REPLICA IDENTITY USING INDEX, or REPLICA IDENTITY FULL)"
+    )]
+    NoReplicaIdentity { schema: String, table: String },
+}
+
+impl CatalogError {
+    /// Whether retrying on a fresh connection may succeed (the others need an
+    /// operator to change the database or the configuration).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CatalogError::Query { source, .. } => source.as_db_error().is_none(),
+            _ => false,
+        }
+    }
+}
+
+fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+    move |source| CatalogError::Query { what, source }
+}
+
+/// One row of `pg_type`, the fields sluice needs.
+#[derive(Debug, Clone)]
+struct PgTypeRow {
+    oid: u32,
+    name: String,
+    typtype: u8,
+    typelem: u32,
+    typbasetype: u32,
+    typdelim: u8,
+    /// `typoutput = array_out`: the true arrays. Not `typcategory = 'A'` alone,
+    /// because int2vector and oidvector are in category A but print as
+    /// space-separated lists without braces.
+    is_array: bool,
+}
+
+/// Domains over domains are legal; bound the walk so a corrupt catalog cannot
+/// loop forever.
+const MAX_TYPE_CHAIN: usize = 32;
+
+async fn fetch_type(
+    client: &tokio_postgres::Client,
+    type_oid: u32,
+) -> Result<PgTypeRow, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT t.typname::text, t.typtype, t.typelem, t.typbasetype, t.typdelim, \
+                    t.typoutput = 'array_out'::regproc \
+             FROM pg_catalog.pg_type t WHERE t.oid = $1",
+            &[&type_oid],
+        )
+        .await
+        .map_err(query_err("reading pg_type"))?
+        .ok_or(CatalogError::TypeNotFound { oid: type_oid })?;
+    Ok(PgTypeRow {
+        oid: type_oid,
+        name: row.get(0),
+        typtype: row.get::<_, i8>(1) as u8,
+        typelem: row.get(2),
+        typbasetype: row.get(3),
+        typdelim: row.get::<_, i8>(4) as u8,
+        is_array: row.get(5),
+    })
+}
+
+/// Follows `typbasetype` until a non-domain type.
+async fn strip_domains(
+    client: &tokio_postgres::Client,
+    mut row: PgTypeRow,
+) -> Result<PgTypeRow, CatalogError> {
+    let start = row.oid;
+    for _ in 0..MAX_TYPE_CHAIN {
+        if row.typtype != b'd' {
+            return Ok(row);
+        }
+        row = fetch_type(client, row.typbasetype).await?;
+    }
+    Err(CatalogError::TypeChainTooDeep { oid: start })
+}
+
+fn category_of(scalar: &PgTypeRow) -> TypeCategory {
+    if scalar.typtype == b'b' {
+        TypeCategory::of_scalar_oid(scalar.oid)
+    } else {
+        TypeCategory::Text
+    }
+}
+
+/// Cache of [`TypeInfo`] by OID for one source database.
+///
+/// Type OIDs are stable while a type exists; a type dropped and recreated gets
+/// a new OID, so entries never go stale in a way that matters. Call
+/// [`TypeCatalog::forget`] on a pgoutput Type/Relation message if in doubt.
+#[derive(Debug, Default)]
+pub struct TypeCatalog {
+    types: HashMap<u32, TypeInfo>,
+}
+
+impl TypeCatalog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cached type, if [`TypeCatalog::resolve`] has seen it.
+    pub fn get(&self, type_oid: u32) -> Option<&TypeInfo> {
+        self.types.get(&type_oid)
+    }
+
+    /// Adds (or replaces) an entry without asking Postgres.
+    pub fn insert(&mut self, info: TypeInfo) {
+        self.types.insert(info.oid, info);
+    }
+
+    /// Drops a cached entry so the next resolve re-reads it.
+    pub fn forget(&mut self, type_oid: u32) {
+        self.types.remove(&type_oid);
+    }
+
+    /// The type `type_oid`, from the cache or from `pg_type`.
+    pub async fn resolve(
+        &mut self,
+        client: &tokio_postgres::Client,
+        type_oid: u32,
+    ) -> Result<&TypeInfo, CatalogError> {
+        use std::collections::hash_map::Entry;
+        match self.types.entry(type_oid) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => Ok(e.insert(Self::load(client, type_oid).await?)),
+        }
+    }
+
+    /// Resolves the types of every column of `table`.
+    pub async fn resolve_table(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &TableInfo,
+    ) -> Result<(), CatalogError> {
+        for column in &table.columns {
+            self.resolve(client, column.type_oid).await?;
+        }
+        Ok(())
+    }
+
+    async fn load(
+        client: &tokio_postgres::Client,
+        type_oid: u32,
+    ) -> Result<TypeInfo, CatalogError> {
+        let top = fetch_type(client, type_oid).await?;
+        let kind = match top.typtype {
+            b'd' => v1::TypeKind::Domain,
+            b'e' => v1::TypeKind::Enum,
+            b'b' if top.is_array => v1::TypeKind::Array,
+            b'b' => v1::TypeKind::Base,
+            _ => v1::TypeKind::Other,
+        };
+        let base = strip_domains(client, top.clone()).await?;
+        let (base_type_oid, category, array_delimiter) = if base.is_array && base.typelem != 0 {
+            let element = fetch_type(client, base.typelem).await?;
+            let delimiter = element.typdelim;
+            let element_base = strip_domains(client, element).await?;
+            let base_type_oid = if top.typtype == b'd' {
+                base.oid
+            } else {
+                element_base.oid
+            };
+            (base_type_oid, category_of(&element_base), Some(delimiter))
+        } else {
+            (base.oid, category_of(&base), None)
+        };
+        Ok(TypeInfo {
+            oid: type_oid,
+            name: top.name,
+            kind,
+            base_type_oid,
+            category,
+            array_delimiter,
+        })
+    }
+}
+
+/// One column of a table, from `pg_attribute`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// `atttypid` (a domain's own OID for a domain column).
+    pub type_oid: u32,
+    /// `atttypmod`, -1 if none.
+    pub type_modifier: i32,
+    /// `format_type(atttypid, atttypmod)`, e.g. `numeric(10,2)`, `text[]`.
+    pub type_name: String,
+    pub nullable: bool,
+    /// Part of the key rows are identified by (see [`table_columns`]).
+    pub key: bool,
+}
+
+/// A table's columns and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `relreplident`: `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    /// Columns in `attnum` order (dropped columns left out).
+    pub columns: Vec<ColumnInfo>,
+}
+
+/// Reads the columns of `schema.table` and decides its key columns:
+/// - REPLICA IDENTITY DEFAULT: the primary key;
+/// - USING INDEX: that index's columns;
+/// - FULL: the primary key if there is one, else every column;
+/// - NOTHING, or DEFAULT without a primary key: [`CatalogError::NoReplicaIdentity`].
+pub async fn table_columns(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+) -> Result<TableInfo, CatalogError> {
+    let not_found = || CatalogError::TableNotFound {
+        schema: schema.to_owned(),
+        table: table.to_owned(),
+    };
+    let rel = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(query_err("reading pg_class"))?
+        .ok_or_else(not_found)?;
+    let rel_oid: u32 = rel.get(0);
+    let replica_identity = rel.get::<_, i8>(1) as u8 as char;
+
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, \
+                    pg_catalog.format_type(a.atttypid, a.atttypmod), NOT a.attnotnull, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
+                            AND i.indisprimary AND a.attnum = ANY (i.indkey::int2[])), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
+                            AND i.indisreplident AND a.attnum = ANY (i.indkey::int2[])) \
+             FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            &[&rel_oid],
+        )
+        .await
+        .map_err(query_err("reading pg_attribute"))?;
+
+    let in_pk: Vec<bool> = rows.iter().map(|r| r.get(5)).collect();
+    let in_ri_index: Vec<bool> = rows.iter().map(|r| r.get(6)).collect();
+    let has_pk = in_pk.iter().any(|&k| k);
+    let keys: Vec<bool> = match replica_identity {
+        'd' if has_pk => in_pk,
+        'i' if in_ri_index.iter().any(|&k| k) => in_ri_index,
+        'f' if has_pk => in_pk,
+        'f' => vec![true; rows.len()],
+        _ => {
+            return Err(CatalogError::NoReplicaIdentity {
+                schema: schema.to_owned(),
+                table: table.to_owned(),
+            });
+        }
+    };
+
+    let columns = rows
+        .iter()
+        .zip(keys)
+        .map(|(r, key)| ColumnInfo {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_modifier: r.get(2),
+            type_name: r.get(3),
+            nullable: r.get(4),
+            key,
+        })
+        .collect();
+    Ok(TableInfo {
+        oid: rel_oid,
+        schema: schema.to_owned(),
+        name: table.to_owned(),
+        replica_identity,
+        columns,
+    })
+}
+
+/// The `(schema, table)` pairs published by `publication`, sorted.
+pub async fn published_tables(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<(String, String)>, CatalogError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("reading pg_publication"))?;
+    if exists.is_none() {
+        return Err(CatalogError::PublicationNotFound {
+            publication: publication.to_owned(),
+        });
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("reading pg_publication_tables"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The wire-format description of `table`; every column type must have been
+/// resolved in `types` first ([`TypeCatalog::resolve_table`]).
+pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relation, CatalogError> {
+    let columns = table
+        .columns
+        .iter()
+        .map(|c| {
+            let ty = types
+                .get(c.type_oid)
+                .ok_or(CatalogError::TypeNotResolved { oid: c.type_oid })?;
+            Ok(v1::Column {
+                name: c.name.clone(),
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+                type_name: c.type_name.clone(),
+                nullable: c.nullable,
+                key: c.key,
+                type_kind: ty.kind as i32,
+                base_type_oid: ty.base_type_oid,
+            })
+        })
+        .collect::<Result<Vec<_>, CatalogError>>()?;
+    Ok(v1::Relation {
+        oid: table.oid,
+        columns,
+        replica_identity: table.replica_identity.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categories_of_builtin_oids() {
+        assert_eq!(TypeCategory::of_scalar_oid(oid::INT8), TypeCategory::Int);
+        assert_eq!(TypeCategory::of_scalar_oid(oid::JSONB), TypeCategory::Json);
+        assert_eq!(TypeCategory::of_scalar_oid(869), TypeCategory::Text); // inet
+    }
+
+    #[test]
+    fn relation_needs_resolved_types() {
+        let table = TableInfo {
+            oid: 42,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: 'd',
+            columns: vec![ColumnInfo {
+                name: "id".into(),
+                type_oid: oid::INT4,
+                type_modifier: -1,
+                type_name: "integer".into(),
+                nullable: false,
+                key: true,
+            }],
+        };
+        let mut types = TypeCatalog::new();
+        assert!(matches!(
+            to_relation(&table, &types),
+            Err(CatalogError::TypeNotResolved { oid: 23 })
+        ));
+        types.insert(TypeInfo::scalar(oid::INT4, "int4", TypeCategory::Int));
+        let rel = to_relation(&table, &types).unwrap();
+        assert_eq!(rel.replica_identity, "d");
+        assert_eq!(rel.columns[0].type_kind, v1::TypeKind::Base as i32);
+        assert_eq!(rel.columns[0].base_type_oid, oid::INT4);
+        assert!(rel.columns[0].key);
+    }
+}
