@@ -16,6 +16,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/sluice.v1.rs"));
 }
 
+pub use prost;
 pub use prost::Message;
 
 /// NATS header naming the payload's compression: [`Encoding::as_str`].

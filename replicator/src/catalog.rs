@@ -410,13 +410,14 @@ pub async fn table_columns(
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, a.atttypmod, \
-                    pg_catalog.format_type(a.atttypid, a.atttypmod), NOT a.attnotnull, \
+                    pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                        || repeat('[]', greatest(a.attndims - 1, 0)), NOT a.attnotnull, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
                             AND i.indisprimary AND a.attnum = ANY (i.indkey::int2[])), \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
                             AND i.indisreplident AND a.attnum = ANY (i.indkey::int2[])) \
              FROM pg_catalog.pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
              ORDER BY a.attnum",
             &[&rel_oid],
         )

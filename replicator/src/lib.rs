@@ -10,7 +10,14 @@
 //! - [`packager`]: rows into packages, chain positions, dedup IDs.
 
 pub mod catalog;
+pub mod control;
+pub mod metrics;
 pub mod packager;
+pub mod pg;
 pub mod pgoutput;
 pub mod replication;
+pub mod run;
+pub mod snapshot;
+pub mod status;
+pub mod stream;
 pub mod values;

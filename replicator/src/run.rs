@@ -1,0 +1,400 @@
+//! Wiring of `sluice-replicator run`: connects things together and contains
+//! no processing logic (that lives in [`crate::stream`], [`crate::snapshot`],
+//! [`crate::packager`]).
+//!
+//! Start-up, in order:
+//! 1. NATS: connect, create/update the stream.
+//! 2. Postgres: the publication (created from `postgres.tables` if asked) and
+//!    its tables; a table that cannot be replicated (no replica identity) is
+//!    reported once by name and left out, the others go on.
+//! 3. The slot and the generation (see [`Generation`]): a new slot exports a
+//!    snapshot, every table is snapshotted, then streaming starts from the
+//!    slot's consistent point. An existing slot resumes from its confirmed LSN;
+//!    each table's chain resumes after its last package in the stream.
+//! 4. Streaming until shutdown; transient failures (connection loss, NATS
+//!    outage) restart from step 1 with capped exponential backoff, which
+//!    re-reads from the confirmed LSN: nothing acknowledged is lost, nothing
+//!    re-sent is duplicated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use metrics::counter;
+use sluice_broker::config::Config;
+use sluice_broker::telemetry::{self, Readiness};
+use sluice_broker::topology;
+use sluice_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{self, CatalogError, TypeCatalog};
+use crate::metrics as m;
+use crate::packager::{Limits, Packager, Resume, TableName};
+use crate::pg::{self, PgError, PgSettings};
+use crate::replication::{Lsn, ReplicationClient, ReplicationError};
+use crate::snapshot;
+use crate::stream::{self, StreamError};
+
+/// Why the replicator stopped or must restart.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    NatsConnect(#[from] sluice_broker::connect::ConnectError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("cannot read the last package of {subject} from the stream")]
+    StreamRead {
+        subject: String,
+        #[source]
+        source: async_nats::jetstream::stream::LastRawMessageError,
+    },
+    #[error("cannot publish to the stream")]
+    Publish(#[from] sluice_broker::publish::PublishError),
+    #[error("slot {slot} uses plugin {plugin:?}, not pgoutput; drop it or choose another `postgres.slot`")]
+    WrongPlugin { slot: String, plugin: Option<String> },
+    #[error("publication {publication} has no table that can be replicated")]
+    NothingToReplicate { publication: String },
+    #[error("cannot serve metrics on {listen}")]
+    Metrics {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the metrics recorder")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("slot {slot} is in use by another process (pid {pid:?})")]
+    SlotBusy { slot: String, pid: Option<i32> },
+}
+
+impl RunError {
+    /// Whether a restart with backoff can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Pg(e) => e.is_transient(),
+            RunError::Catalog(e) => e.is_transient(),
+            RunError::Replication(e) => e.is_transient(),
+            RunError::Stream(e) => e.is_transient(),
+            RunError::Snapshot(e) => e.is_transient(),
+            RunError::NatsConnect(_) | RunError::Topology(_) | RunError::StreamRead { .. } => true,
+            RunError::Publish(_) => true,
+            // Another replicator holds the slot: wait as a standby.
+            RunError::SlotBusy { .. } => true,
+            RunError::WrongPlugin { .. }
+            | RunError::NothingToReplicate { .. }
+            | RunError::Metrics { .. }
+            | RunError::Recorder(_) => false,
+        }
+    }
+}
+
+/// Runs until SIGINT/SIGTERM or a definite error.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let (shutdown, signals) = telemetry::shutdown_on_signals();
+    let handle = telemetry::install_metrics()?;
+    let readiness = Readiness::default();
+    let listen = config.replicator.metrics_listen;
+    let server = telemetry::serve_metrics(listen, handle, readiness.clone(), shutdown.clone())
+        .await
+        .map_err(|source| RunError::Metrics { listen, source })?;
+    tracing::info!(%listen, "metrics endpoint listening");
+    let result = supervise(&config, &shutdown, &readiness).await;
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = signals.await;
+    result
+}
+
+/// Restarts [`run_once`] after transient errors with capped exponential backoff.
+pub async fn supervise(config: &Config, shutdown: &CancellationToken, readiness: &Readiness) -> Result<(), RunError> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let started = std::time::Instant::now();
+        match run_once(config, shutdown, readiness).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                readiness.set(false);
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(250);
+                }
+                let reason = match &error {
+                    RunError::SlotBusy { .. } => "slot_busy",
+                    RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => "nats",
+                    _ => "postgres",
+                };
+                counter!(m::RECONNECTS, "reason" => reason).increment(1);
+                if matches!(error, RunError::SlotBusy { .. }) {
+                    tracing::info!(error = %error, "standby: another replicator holds the slot; retrying");
+                } else {
+                    tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// What generation new chains start in, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(pub u64);
+
+async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Readiness) -> Result<(), RunError> {
+    let settings = PgSettings::from_config(&config.postgres)?;
+    let nats = sluice_broker::connect::connect(&config.nats, "sluice-replicator").await?;
+    let js = jetstream::new(nats.clone());
+    let stream_handle = topology::ensure_stream(&js, config).await?;
+
+    let sql = settings.connect("catalog queries").await?;
+    ensure_publication(&sql.client, config).await?;
+    let mut types = TypeCatalog::new();
+    let tables = replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
+
+    let slot = &config.postgres.slot;
+    let mut repl_config = settings.config.clone();
+    // The walsender prints values in its session's styles; pin the ones the
+    // value decoder parses (see `values`).
+    repl_config.options(
+        "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c timezone=UTC",
+    );
+    let mut state = pg::slot_state(&sql.client, slot).await?;
+    if let Some(existing) = &state {
+        if existing.plugin.as_deref() != Some("pgoutput") {
+            return Err(RunError::WrongPlugin {
+                slot: slot.clone(),
+                plugin: existing.plugin.clone(),
+            });
+        }
+        if let Some(pid) = existing.active_pid {
+            return Err(RunError::SlotBusy {
+                slot: slot.clone(),
+                pid: Some(pid),
+            });
+        }
+    }
+    let last_heartbeat = last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
+    let mut reason = "initial";
+    if let Some(existing) = &state {
+        if existing.wal_status.as_deref() == Some("lost") {
+            tracing::error!(slot = %slot, "slot was invalidated (WAL removed, max_slot_wal_keep_size); recreating it and resyncing every table");
+            reason = "slot_lost";
+            drop_slot(&repl_config, &settings, slot).await?;
+            state = None;
+        } else if last_heartbeat.is_none() {
+            // The slot exists but no heartbeat ever confirmed a finished initial
+            // snapshot (or the stream lost everything): start over.
+            tracing::warn!(slot = %slot, "slot exists but the stream has no record of its snapshot; recreating the slot and snapshotting every table");
+            reason = "slot_lost";
+            drop_slot(&repl_config, &settings, slot).await?;
+            state = None;
+        }
+    } else if last_heartbeat.is_some() {
+        tracing::error!(slot = %slot, "slot is gone (dropped or failed over); recreating it and resyncing every table");
+        reason = "slot_lost";
+    }
+
+    let limits = Limits {
+        max_rows: config.replicator.package_max_rows,
+        max_bytes: config.replicator.package_max_bytes,
+    };
+    let mut publisher = sluice_broker::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
+
+    let (client, packager, start) = match state {
+        Some(existing) => {
+            let generation = last_heartbeat
+                .as_ref()
+                .and_then(|hb| hb.position)
+                .map_or(existing.confirmed_flush.0, |p| p.generation);
+            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            for table in &tables {
+                let subject = topology::table_subject(&config.source, &table.0, &table.1);
+                if let Some(package) = last_package(&stream_handle, &subject).await?
+                    && let Some(resume) = Resume::from_package(&package)
+                {
+                    packager.resume(table.clone(), resume);
+                }
+            }
+            let client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
+            tracing::info!(slot = %slot, confirmed_flush = %existing.confirmed_flush, generation, "resuming from the slot");
+            (client, packager, existing.confirmed_flush)
+        }
+        None => {
+            let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
+            let created = client.create_logical_slot(slot, false).await?;
+            let generation = created.consistent_point.0;
+            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, generation, "created slot; snapshotting published tables");
+            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            snapshot::initial(
+                config,
+                &settings,
+                &created.snapshot_name,
+                created.consistent_point,
+                &tables,
+                reason,
+                &mut packager,
+                &mut publisher,
+                shutdown,
+            )
+            .await?;
+            // The heartbeat records the generation: its presence tells a
+            // restart that the snapshot is complete.
+            let heartbeat = stream::heartbeat_package(&config.source, generation, created.consistent_point.0);
+            publisher
+                .publish(stream::heartbeat_outgoing(&config.source, slot, heartbeat))
+                .await?;
+            publisher.flush().await?;
+            (client, packager, created.consistent_point)
+        }
+    };
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+
+    let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
+    let replication = client
+        .start_replication(slot, Lsn(0), &[("proto_version", "1"), ("publication_names", &publication)])
+        .await?;
+    readiness.set(true);
+    let relations = tables.iter().cloned().collect();
+    stream::run(
+        config,
+        replication,
+        sql,
+        types,
+        relations,
+        packager,
+        publisher,
+        start,
+        shutdown.clone(),
+    )
+    .await?;
+    drop(nats);
+    Ok(())
+}
+
+async fn drop_slot(repl_config: &tokio_postgres::Config, settings: &PgSettings, slot: &str) -> Result<(), RunError> {
+    let mut client = ReplicationClient::connect_with_tls(repl_config, &settings.tls).await?;
+    client.drop_slot(slot, true).await?;
+    client.close().await?;
+    Ok(())
+}
+
+/// Creates the publication from `postgres.tables` when it does not exist.
+async fn ensure_publication(client: &tokio_postgres::Client, config: &Config) -> Result<(), RunError> {
+    let publication = &config.postgres.publication;
+    if config.postgres.tables.is_empty() {
+        return Ok(());
+    }
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .await
+        .map_err(PgError::sql("cannot read pg_publication"))?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    let tables: Vec<String> = config
+        .postgres
+        .tables
+        .iter()
+        .map(|t| match t.split_once('.') {
+            Some((schema, table)) => format!(
+                "{}.{}",
+                crate::replication::quote_identifier(schema),
+                crate::replication::quote_identifier(table)
+            ),
+            None => crate::replication::quote_identifier(t),
+        })
+        .collect();
+    let sql = format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        crate::replication::quote_identifier(publication),
+        tables.join(", ")
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(PgError::sql(format!("cannot create publication {publication} from `postgres.tables`")))?;
+    tracing::info!(publication = %publication, tables = %tables.join(", "), "created publication");
+    Ok(())
+}
+
+/// Published tables that can be replicated. Tables without a usable replica
+/// identity are reported (one line and a metric each) and left out.
+pub async fn replicable_tables(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    types: &mut TypeCatalog,
+) -> Result<Vec<TableName>, RunError> {
+    let published = catalog::published_tables(client, publication).await?;
+    let mut tables = Vec::new();
+    for (schema, table) in published {
+        if schema == topology::CONTROL_TOKEN {
+            tracing::error!(schema = %schema, table = %table, "schema name `_control` is reserved by sluice; table skipped");
+            continue;
+        }
+        match catalog::table_columns(client, &schema, &table).await {
+            Ok(info) => {
+                types.resolve_table(client, &info).await?;
+                metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(0.0);
+                tables.push((schema, table));
+            }
+            Err(error @ CatalogError::NoReplicaIdentity { .. }) => {
+                tracing::error!(table = %format!("{schema}.{table}"), error = %error, "table cannot be replicated; skipped");
+                metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(1.0);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if tables.is_empty() {
+        return Err(RunError::NothingToReplicate {
+            publication: publication.to_owned(),
+        });
+    }
+    Ok(tables)
+}
+
+/// The last package on `subject`, if any.
+pub async fn last_package(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<v1::Package>, RunError> {
+    // Read from the stream leader: a lagging replica could hide the newest
+    // package and make the chain resume too early.
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => {
+            let encoding = message
+                .headers
+                .get(sluice_proto::ENCODING_HEADER)
+                .map(|v| v.as_str().to_owned());
+            match sluice_proto::decode(&message.payload, encoding.as_deref()) {
+                Ok(package) => Ok(Some(package)),
+                Err(error) => {
+                    tracing::error!(subject = %subject, error = %error, "last package on the subject does not decode; starting a new chain");
+                    Ok(None)
+                }
+            }
+        }
+        Err(error) if matches!(error.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+        Err(source) => Err(RunError::StreamRead {
+            subject: subject.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Shared relation map handed to the stream: table name → relation.
+pub type Relations = std::collections::HashMap<u32, Arc<v1::Relation>>;
