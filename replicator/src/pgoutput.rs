@@ -480,10 +480,10 @@ impl Decoder {
                 proto_version: self.proto_version,
             });
         }
-        if let Some(open_xid) = self.open_stream {
-            if matches!(tag, b'B' | b'C' | b'c' | b'A') {
-                return Err(DecodeError::InsideStreamBlock { message, open_xid });
-            }
+        if let Some(open_xid) = self.open_stream
+            && matches!(tag, b'B' | b'C' | b'c' | b'A')
+        {
+            return Err(DecodeError::InsideStreamBlock { message, open_xid });
         }
         // Inside a stream block the transactional messages start with the xid (protocol v2).
         let xid = |r: &mut Reader| -> Result<Option<u32>, DecodeError> {
