@@ -12,8 +12,13 @@ use sluice_proto::{Message, v1};
 pub enum ControlError {
     #[error(transparent)]
     Connect(#[from] sluice_broker::connect::ConnectError),
-    #[error("no replicator of source {source_name} answered on {subject}; is `sluice-replicator run` up?")]
-    NoReplicator { source_name: String, subject: String },
+    #[error(
+        "no replicator of source {source_name} answered on {subject}; is `sluice-replicator run` up?"
+    )]
+    NoReplicator {
+        source_name: String,
+        subject: String,
+    },
     #[error("request on {subject} failed")]
     Request {
         subject: String,
@@ -27,7 +32,12 @@ pub enum ControlError {
 }
 
 /// Sends a resync request and prints what the replicator accepted.
-pub async fn request_resync(config: &Config, tables: &[String], all: bool, wait: bool) -> Result<(), ControlError> {
+pub async fn request_resync(
+    config: &Config,
+    tables: &[String],
+    all: bool,
+    wait: bool,
+) -> Result<(), ControlError> {
     let client = sluice_broker::connect::connect(&config.nats, "sluice-replicator resync").await?;
     let subject = topology::resync_request_subject(&config.source);
     let request = v1::ResyncRequest {
@@ -59,10 +69,15 @@ pub async fn request_resync(config: &Config, tables: &[String], all: bool, wait:
         return Err(ControlError::Refused(reply.error));
     }
     for started in &reply.started {
-        println!("resync of {} accepted (id {})", started.table, started.resync_id);
+        println!(
+            "resync of {} accepted (id {})",
+            started.table, started.resync_id
+        );
     }
     if wait {
-        println!("the replicator publishes the snapshot now; follow sluice_resync_in_progress or `sluice-replicator status`");
+        println!(
+            "the replicator publishes the snapshot now; follow sluice_resync_in_progress or `sluice-replicator status`"
+        );
     }
     Ok(())
 }

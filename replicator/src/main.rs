@@ -45,7 +45,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Table to resync, `schema.table`; repeat for several.
-        #[arg(long = "table", value_name = "SCHEMA.TABLE", required_unless_present = "all")]
+        #[arg(
+            long = "table",
+            value_name = "SCHEMA.TABLE",
+            required_unless_present = "all"
+        )]
         tables: Vec<String>,
         /// Resync every published table.
         #[arg(long, conflicts_with = "tables")]

@@ -34,7 +34,10 @@ impl PgError {
                 None => true,
                 Some(code) => {
                     let code = code.code();
-                    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "40001"
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || code == "40001"
                 }
             },
         }
@@ -59,7 +62,9 @@ impl PgSettings {
         // ourselves and hand it a URL it accepts.
         let (url, mode) = split_sslmode(&pg.url);
         let mut config = tokio_postgres::Config::from_str(&url).map_err(PgError::Url)?;
-        if let Some(password) = read_secret(&pg.password, &pg.password_file).map_err(PgError::PasswordFile)? {
+        if let Some(password) =
+            read_secret(&pg.password, &pg.password_file).map_err(PgError::PasswordFile)?
+        {
             config.password(password.expose_secret().as_bytes());
         }
         config.application_name("sluice");
@@ -74,11 +79,13 @@ impl PgSettings {
 
     /// Opens an SQL connection; the connection task is owned by the returned guard.
     pub async fn connect(&self, what: &str) -> Result<SqlConn, PgError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(PgError::sql(format!("cannot connect to Postgres for {what}")))?;
+        let (client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(PgError::sql(format!(
+                    "cannot connect to Postgres for {what}"
+                )))?;
         let task = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "sql connection ended");
@@ -139,7 +146,10 @@ pub struct SlotState {
 }
 
 /// Looks the slot up; `None` if it does not exist.
-pub async fn slot_state(client: &tokio_postgres::Client, slot: &str) -> Result<Option<SlotState>, PgError> {
+pub async fn slot_state(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotState>, PgError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status
@@ -175,7 +185,8 @@ mod tests {
 
     #[test]
     fn sslmode_is_read_and_removed_from_the_url() {
-        let (url, mode) = split_sslmode("postgres://u@h:5432/db?sslmode=verify-full&connect_timeout=5");
+        let (url, mode) =
+            split_sslmode("postgres://u@h:5432/db?sslmode=verify-full&connect_timeout=5");
         assert_eq!(mode, SslMode::VerifyFull);
         assert_eq!(url, "postgres://u@h:5432/db?connect_timeout=5");
         let (url, mode) = split_sslmode("postgres://u@h/db");

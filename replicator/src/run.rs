@@ -60,8 +60,13 @@ pub enum RunError {
     },
     #[error("cannot publish to the stream")]
     Publish(#[from] sluice_broker::publish::PublishError),
-    #[error("slot {slot} uses plugin {plugin:?}, not pgoutput; drop it or choose another `postgres.slot`")]
-    WrongPlugin { slot: String, plugin: Option<String> },
+    #[error(
+        "slot {slot} uses plugin {plugin:?}, not pgoutput; drop it or choose another `postgres.slot`"
+    )]
+    WrongPlugin {
+        slot: String,
+        plugin: Option<String>,
+    },
     #[error("publication {publication} has no table that can be replicated")]
     NothingToReplicate { publication: String },
     #[error("cannot serve metrics on {listen}")]
@@ -115,7 +120,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// Restarts [`run_once`] after transient errors with capped exponential backoff.
-pub async fn supervise(config: &Config, shutdown: &CancellationToken, readiness: &Readiness) -> Result<(), RunError> {
+pub async fn supervise(
+    config: &Config,
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+) -> Result<(), RunError> {
     let mut delay = Duration::from_millis(250);
     loop {
         let started = std::time::Instant::now();
@@ -128,7 +137,9 @@ pub async fn supervise(config: &Config, shutdown: &CancellationToken, readiness:
                 }
                 let reason = match &error {
                     RunError::SlotBusy { .. } => "slot_busy",
-                    RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => "nats",
+                    RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => {
+                        "nats"
+                    }
                     _ => "postgres",
                 };
                 counter!(m::RECONNECTS, "reason" => reason).increment(1);
@@ -152,7 +163,11 @@ pub async fn supervise(config: &Config, shutdown: &CancellationToken, readiness:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generation(pub u64);
 
-async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Readiness) -> Result<(), RunError> {
+async fn run_once(
+    config: &Config,
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+) -> Result<(), RunError> {
     let settings = PgSettings::from_config(&config.postgres)?;
     let nats = sluice_broker::connect::connect(&config.nats, "sluice-replicator").await?;
     let js = jetstream::new(nats.clone());
@@ -185,7 +200,8 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
             });
         }
     }
-    let last_heartbeat = last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
+    let last_heartbeat =
+        last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
     let mut reason = "initial";
     if let Some(existing) = &state {
         if existing.wal_status.as_deref() == Some("lost") {
@@ -210,7 +226,8 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
         max_rows: config.replicator.package_max_rows,
         max_bytes: config.replicator.package_max_bytes,
     };
-    let mut publisher = sluice_broker::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
+    let mut publisher =
+        sluice_broker::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
 
     let (client, packager, start) = match state {
         Some(existing) => {
@@ -232,7 +249,8 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
             (client, packager, existing.confirmed_flush)
         }
         None => {
-            let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
+            let mut client =
+                ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
             let created = client.create_logical_slot(slot, false).await?;
             let generation = created.consistent_point.0;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, generation, "created slot; snapshotting published tables");
@@ -251,7 +269,8 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
             .await?;
             // The heartbeat records the generation: its presence tells a
             // restart that the snapshot is complete.
-            let heartbeat = stream::heartbeat_package(&config.source, generation, created.consistent_point.0);
+            let heartbeat =
+                stream::heartbeat_package(&config.source, generation, created.consistent_point.0);
             publisher
                 .publish(stream::heartbeat_outgoing(&config.source, slot, heartbeat))
                 .await?;
@@ -265,7 +284,11 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
 
     let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
     let replication = client
-        .start_replication(slot, Lsn(0), &[("proto_version", "1"), ("publication_names", &publication)])
+        .start_replication(
+            slot,
+            Lsn(0),
+            &[("proto_version", "1"), ("publication_names", &publication)],
+        )
         .await?;
     readiness.set(true);
     let relations = tables.iter().cloned().collect();
@@ -285,7 +308,11 @@ async fn run_once(config: &Config, shutdown: &CancellationToken, readiness: &Rea
     Ok(())
 }
 
-async fn drop_slot(repl_config: &tokio_postgres::Config, settings: &PgSettings, slot: &str) -> Result<(), RunError> {
+async fn drop_slot(
+    repl_config: &tokio_postgres::Config,
+    settings: &PgSettings,
+    slot: &str,
+) -> Result<(), RunError> {
     let mut client = ReplicationClient::connect_with_tls(repl_config, &settings.tls).await?;
     client.drop_slot(slot, true).await?;
     client.close().await?;
@@ -293,13 +320,19 @@ async fn drop_slot(repl_config: &tokio_postgres::Config, settings: &PgSettings, 
 }
 
 /// Creates the publication from `postgres.tables` when it does not exist.
-async fn ensure_publication(client: &tokio_postgres::Client, config: &Config) -> Result<(), RunError> {
+async fn ensure_publication(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(), RunError> {
     let publication = &config.postgres.publication;
     if config.postgres.tables.is_empty() {
         return Ok(());
     }
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
         .await
         .map_err(PgError::sql("cannot read pg_publication"))?
         .is_some();
@@ -327,7 +360,9 @@ async fn ensure_publication(client: &tokio_postgres::Client, config: &Config) ->
     client
         .batch_execute(&sql)
         .await
-        .map_err(PgError::sql(format!("cannot create publication {publication} from `postgres.tables`")))?;
+        .map_err(PgError::sql(format!(
+            "cannot create publication {publication} from `postgres.tables`"
+        )))?;
     tracing::info!(publication = %publication, tables = %tables.join(", "), "created publication");
     Ok(())
 }
@@ -388,7 +423,14 @@ pub async fn last_package(
                 }
             }
         }
-        Err(error) if matches!(error.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+        Err(error)
+            if matches!(
+                error.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            Ok(None)
+        }
         Err(source) => Err(RunError::StreamRead {
             subject: subject.to_owned(),
             source,

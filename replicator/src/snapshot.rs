@@ -62,9 +62,17 @@ impl SnapshotError {
 }
 
 enum Event {
-    Begin { table: TableName, relation: Arc<v1::Relation>, estimate: u64 },
-    Package(v1::Package),
-    End { table: TableName, relation: Arc<v1::Relation>, rows: u64 },
+    Begin {
+        table: TableName,
+        relation: Arc<v1::Relation>,
+        estimate: u64,
+    },
+    Package(Box<v1::Package>),
+    End {
+        table: TableName,
+        relation: Arc<v1::Relation>,
+        rows: u64,
+    },
 }
 
 /// What one snapshot is about.
@@ -95,17 +103,28 @@ pub async fn initial(
     };
     let (tx, mut rx) = mpsc::channel::<Result<Event, SnapshotError>>(8);
     let parallelism = config.replicator.snapshot_parallelism;
-    let limits = (config.replicator.package_max_rows, config.replicator.package_max_bytes);
+    let limits = (
+        config.replicator.package_max_rows,
+        config.replicator.package_max_bytes,
+    );
     let source = config.source.clone();
     let queue = Arc::new(tokio::sync::Mutex::new(tables.to_vec()));
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..parallelism.min(tables.len()).max(1) {
-        let (tx, queue, settings, spec, source) =
-            (tx.clone(), queue.clone(), settings.clone(), spec.clone(), source.clone());
+        let (tx, queue, settings, spec, source) = (
+            tx.clone(),
+            queue.clone(),
+            settings.clone(),
+            spec.clone(),
+            source.clone(),
+        );
         readers.spawn(async move {
             loop {
-                let Some(table) = queue.lock().await.pop() else { return };
-                if let Err(error) = read_table(&settings, &spec, &source, &table, limits, &tx).await {
+                let Some(table) = queue.lock().await.pop() else {
+                    return;
+                };
+                if let Err(error) = read_table(&settings, &spec, &source, &table, limits, &tx).await
+                {
                     let _ = tx.send(Err(error)).await;
                     return;
                 }
@@ -119,20 +138,45 @@ pub async fn initial(
         _ = shutdown.cancelled() => None,
     } {
         match event? {
-            Event::Begin { table, relation, estimate } => {
+            Event::Begin {
+                table,
+                relation,
+                estimate,
+            } => {
                 let label = format!("{}.{}", table.0, table.1);
                 tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
-                counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone()).increment(1);
-                let package = marker(&source, &table, &relation, v1::Kind::ResyncBegin, &spec, generation, estimate);
+                counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone())
+                    .increment(1);
+                let package = marker(
+                    &source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncBegin,
+                    &spec,
+                    generation,
+                    estimate,
+                );
                 publisher.publish(packager.chain_package(package)).await?;
             }
             Event::Package(package) => {
-                publisher.publish(packager.chain_package(package)).await?;
+                publisher.publish(packager.chain_package(*package)).await?;
             }
-            Event::End { table, relation, rows } => {
+            Event::End {
+                table,
+                relation,
+                rows,
+            } => {
                 let label = format!("{}.{}", table.0, table.1);
-                let package = marker(&source, &table, &relation, v1::Kind::ResyncEnd, &spec, generation, rows);
+                let package = marker(
+                    &source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncEnd,
+                    &spec,
+                    generation,
+                    rows,
+                );
                 publisher.publish(packager.chain_package(package)).await?;
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 tracing::info!(table = %label, rows, "snapshot published");
@@ -200,7 +244,12 @@ async fn read_table(
     let column_types: Vec<TypeInfo> = info
         .columns
         .iter()
-        .map(|c| types.get(c.type_oid).cloned().ok_or(CatalogError::TypeNotResolved { oid: c.type_oid }))
+        .map(|c| {
+            types
+                .get(c.type_oid)
+                .cloned()
+                .ok_or(CatalogError::TypeNotResolved { oid: c.type_oid })
+        })
         .collect::<Result<_, _>>()?;
     let estimate: f32 = client
         .query_one(
@@ -211,7 +260,11 @@ async fn read_table(
         .await
         .map_err(PgError::sql(format!("cannot estimate the size of {label}")))?
         .get(0);
-    let send = |event| async { tx.send(Ok(event)).await.map_err(|_| SnapshotError::ReaderLost(label.clone())) };
+    let send = |event| async {
+        tx.send(Ok(event))
+            .await
+            .map_err(|_| SnapshotError::ReaderLost(label.clone()))
+    };
     send(Event::Begin {
         table: table.clone(),
         relation: relation.clone(),
@@ -219,7 +272,11 @@ async fn read_table(
     })
     .await?;
 
-    let columns: Vec<String> = info.columns.iter().map(|c| quote_identifier(&c.name)).collect();
+    let columns: Vec<String> = info
+        .columns
+        .iter()
+        .map(|c| quote_identifier(&c.name))
+        .collect();
     let copy = format!(
         "COPY (SELECT {} FROM {}.{}) TO STDOUT",
         columns.join(", "),
@@ -239,30 +296,33 @@ async fn read_table(
     let mut first_ordinal = 0u64;
     let mut last_log = std::time::Instant::now();
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
-    let mut flush = |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
-        let package = v1::Package {
-            source: source.to_owned(),
-            schema: table.0.clone(),
-            table: table.1.clone(),
-            kind: v1::Kind::Snapshot as i32,
-            relation: Some((*relation).clone()),
-            commit_lsn: spec.consistent_point.0,
-            commit_time_us: crate::stream::now_us(),
-            package_index,
-            first_row_ordinal: *first_ordinal,
-            rows: std::mem::take(rows),
-            ..Default::default()
+    let mut flush =
+        |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
+            let package = v1::Package {
+                source: source.to_owned(),
+                schema: table.0.clone(),
+                table: table.1.clone(),
+                kind: v1::Kind::Snapshot as i32,
+                relation: Some((*relation).clone()),
+                commit_lsn: spec.consistent_point.0,
+                commit_time_us: crate::stream::now_us(),
+                package_index,
+                first_row_ordinal: *first_ordinal,
+                rows: std::mem::take(rows),
+                ..Default::default()
+            };
+            package_index += 1;
+            *first_ordinal = total;
+            *bytes = 0;
+            package
         };
-        package_index += 1;
-        *first_ordinal = total;
-        *bytes = 0;
-        package
-    };
     loop {
         let chunk = stream.next().await;
         let done = chunk.is_none();
         if let Some(chunk) = chunk {
-            buffer.extend_from_slice(&chunk.map_err(PgError::sql(format!("reading {label} failed")))?);
+            buffer.extend_from_slice(
+                &chunk.map_err(PgError::sql(format!("reading {label} failed")))?,
+            );
         }
         while let Some(newline) = buffer.iter().position(|&b| b == b'\n') {
             let line = buffer.split_to(newline + 1);
@@ -281,11 +341,15 @@ async fn read_table(
             for (i, field) in fields.into_iter().enumerate() {
                 let value = match field {
                     None => values::null(),
-                    Some(text) => values::decode_text(&column_types[i], &text).map_err(|source| SnapshotError::Value {
-                        table: label.clone(),
-                        column: info.columns[i].name.clone(),
-                        source,
-                    })?,
+                    Some(text) => {
+                        values::decode_text(&column_types[i], &text).map_err(|source| {
+                            SnapshotError::Value {
+                                table: label.clone(),
+                                column: info.columns[i].name.clone(),
+                                source,
+                            }
+                        })?
+                    }
                 };
                 bytes += value_size(&value);
                 values_out.push(value);
@@ -299,7 +363,7 @@ async fn read_table(
             if rows.len() >= max_rows || bytes >= max_bytes {
                 counter.increment(rows.len() as u64);
                 let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
-                send(Event::Package(package)).await?;
+                send(Event::Package(Box::new(package))).await?;
                 if last_log.elapsed() > std::time::Duration::from_secs(10) {
                     tracing::info!(table = %label, rows = total, estimated_rows = estimate as u64, "snapshot progress");
                     last_log = std::time::Instant::now();
@@ -313,7 +377,7 @@ async fn read_table(
     if !rows.is_empty() {
         counter.increment(rows.len() as u64);
         let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
-        send(Event::Package(package)).await?;
+        send(Event::Package(Box::new(package))).await?;
     }
     client
         .batch_execute("COMMIT")
@@ -404,6 +468,9 @@ mod tests {
             ]
         );
         assert_eq!(parse_copy_line(b"\\"), None, "dangling backslash");
-        assert_eq!(parse_copy_line(b"{\"a b\",NULL}"), Some(vec![Some("{\"a b\",NULL}".into())]));
+        assert_eq!(
+            parse_copy_line(b"{\"a b\",NULL}"),
+            Some(vec![Some("{\"a b\",NULL}".into())])
+        );
     }
 }

@@ -13,7 +13,10 @@ use crate::run::{RunError, last_package};
 pub async fn print(config: &Config, as_json: bool) -> Result<(), RunError> {
     let status = gather(config).await?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
     } else {
         print_text(&status);
     }
@@ -60,7 +63,9 @@ async fn gather(config: &Config) -> Result<Value, RunError> {
                 }));
             }
             let consumer = match stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&config.loader.consumer)
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                    &config.loader.consumer,
+                )
                 .await
             {
                 Ok(mut consumer) => match consumer.info().await {
@@ -111,7 +116,12 @@ fn print_text(status: &Value) {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("source   {}   postgres {}   nats {}", s(&status["source"]), s(&status["postgres"]), s(&status["nats"]));
+    println!(
+        "source   {}   postgres {}   nats {}",
+        s(&status["source"]),
+        s(&status["postgres"]),
+        s(&status["nats"])
+    );
     let slot = &status["slot"];
     println!(
         "slot     {}  exists={} active={} confirmed={} lag_bytes={} wal_status={}",
@@ -135,7 +145,12 @@ fn print_text(status: &Value) {
     if let Some(replicas) = stream["cluster"]["replicas"].as_array() {
         println!("         leader={}", s(&stream["cluster"]["leader"]));
         for replica in replicas {
-            println!("         replica {} current={} lag={}", s(&replica["name"]), s(&replica["current"]), s(&replica["lag"]));
+            println!(
+                "         replica {} current={} lag={}",
+                s(&replica["name"]),
+                s(&replica["current"]),
+                s(&replica["lag"])
+            );
         }
     }
     let consumer = &stream["consumer"];

@@ -52,7 +52,9 @@ pub enum StreamError {
     },
     #[error("change for relation {oid} at {lsn} arrived before its Relation message")]
     UnknownRelation { oid: u32, lsn: Lsn },
-    #[error("pgoutput streaming of in-progress transactions is not supported; the slot was started with it")]
+    #[error(
+        "pgoutput streaming of in-progress transactions is not supported; the slot was started with it"
+    )]
     StreamingNotSupported,
     #[error("Postgres ended the replication stream")]
     Ended,
@@ -174,7 +176,11 @@ pub async fn run(
 
 impl Loop<'_> {
     fn release(&mut self, marks: Vec<Mark>) {
-        for Mark::Commit { end_lsn, commit_time_us } in marks {
+        for Mark::Commit {
+            end_lsn,
+            commit_time_us,
+        } in marks
+        {
             self.confirmed = self.confirmed.max(end_lsn);
             self.last_commit_time_us = Some(commit_time_us);
         }
@@ -190,13 +196,17 @@ impl Loop<'_> {
         }
     }
 
-    async fn send_status(&mut self, replication: &mut ReplicationStream) -> Result<(), StreamError> {
+    async fn send_status(
+        &mut self,
+        replication: &mut ReplicationStream,
+    ) -> Result<(), StreamError> {
         self.confirm_idle();
         replication
             .send_status(self.confirmed, self.confirmed, self.confirmed, false)
             .await?;
         gauge!(m::CONFIRMED_LSN).set(self.confirmed.0 as f64);
-        gauge!(m::SLOT_LAG_BYTES).set(self.server_wal_end.0.saturating_sub(self.confirmed.0) as f64);
+        gauge!(m::SLOT_LAG_BYTES)
+            .set(self.server_wal_end.0.saturating_sub(self.confirmed.0) as f64);
         let lag = match self.last_commit_time_us {
             Some(t) if self.publisher.in_flight() > 0 || self.packager.in_transaction() => {
                 (now_us() - t).max(0) as f64 / 1e6
@@ -215,7 +225,11 @@ impl Loop<'_> {
             self.server_wal_end.0,
         );
         self.publisher
-            .publish(heartbeat_outgoing(&self.config.source, &self.config.postgres.slot, package))
+            .publish(heartbeat_outgoing(
+                &self.config.source,
+                &self.config.postgres.slot,
+                package,
+            ))
             .await?;
         Ok(())
     }
@@ -224,10 +238,14 @@ impl Loop<'_> {
         let message = self
             .decoder
             .decode(data)
-            .map_err(|source| StreamError::Decode { lsn: wal_start, source })?;
+            .map_err(|source| StreamError::Decode {
+                lsn: wal_start,
+                source,
+            })?;
         match message {
             LogicalMessage::Begin(begin) => {
-                self.packager.begin(begin.final_lsn, begin.commit_time_us, begin.xid);
+                self.packager
+                    .begin(begin.final_lsn, begin.commit_time_us, begin.xid);
             }
             LogicalMessage::Commit(commit) => {
                 for out in self.packager.commit() {
@@ -242,8 +260,14 @@ impl Loop<'_> {
             LogicalMessage::Type(t) => self.types.forget(t.oid),
             LogicalMessage::Insert(insert) => {
                 let values = self.tuple(insert.relation_oid, wal_start, &insert.new)?;
-                self.row(insert.relation_oid, wal_start, v1::Op::Insert, values, Vec::new())
-                    .await?;
+                self.row(
+                    insert.relation_oid,
+                    wal_start,
+                    v1::Op::Insert,
+                    values,
+                    Vec::new(),
+                )
+                .await?;
             }
             LogicalMessage::Update(update) => {
                 let values = self.tuple(update.relation_oid, wal_start, &update.new)?;
@@ -253,21 +277,36 @@ impl Loop<'_> {
                     }
                     None => Vec::new(),
                 };
-                self.row(update.relation_oid, wal_start, v1::Op::Update, values, old_key)
-                    .await?;
+                self.row(
+                    update.relation_oid,
+                    wal_start,
+                    v1::Op::Update,
+                    values,
+                    old_key,
+                )
+                .await?;
             }
             LogicalMessage::Delete(delete) => {
                 let old = match &delete.old {
                     OldTuple::Key(old) | OldTuple::Full(old) => old,
                 };
                 let values = self.tuple(delete.relation_oid, wal_start, old)?;
-                self.row(delete.relation_oid, wal_start, v1::Op::Delete, values, Vec::new())
-                    .await?;
+                self.row(
+                    delete.relation_oid,
+                    wal_start,
+                    v1::Op::Delete,
+                    values,
+                    Vec::new(),
+                )
+                .await?;
             }
             LogicalMessage::Truncate(truncate) => {
                 for oid in &truncate.relation_oids {
                     let Some(rel) = self.relations.get(oid) else {
-                        return Err(StreamError::UnknownRelation { oid: *oid, lsn: wal_start });
+                        return Err(StreamError::UnknownRelation {
+                            oid: *oid,
+                            lsn: wal_start,
+                        });
                     };
                     let (table, relation) = (rel.table.clone(), rel.relation.clone());
                     let outs = self.packager.truncate(
@@ -298,18 +337,29 @@ impl Loop<'_> {
         let info = catalog::table_columns(&self.sql.client, &table.0, &table.1).await;
         let same_layout = |info: &catalog::TableInfo| {
             info.columns.len() == relation.columns.len()
-                && info.columns.iter().zip(&relation.columns).all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid)
+                && info
+                    .columns
+                    .iter()
+                    .zip(&relation.columns)
+                    .all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid)
         };
         let mut types = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
-            types.push(self.types.resolve(&self.sql.client, column.type_oid).await?.clone());
+            types.push(
+                self.types
+                    .resolve(&self.sql.client, column.type_oid)
+                    .await?
+                    .clone(),
+            );
         }
         let v1_relation = match info {
             Ok(info) if same_layout(&info) => {
                 self.types.resolve_table(&self.sql.client, &info).await?;
                 catalog::to_relation(&info, &self.types)?
             }
-            Ok(_) | Err(CatalogError::TableNotFound { .. }) | Err(CatalogError::NoReplicaIdentity { .. }) => {
+            Ok(_)
+            | Err(CatalogError::TableNotFound { .. })
+            | Err(CatalogError::NoReplicaIdentity { .. }) => {
                 // The catalog moved on since this change was written (later
                 // DDL): describe the columns from the message itself.
                 v1::Relation {
@@ -350,7 +400,12 @@ impl Loop<'_> {
         Ok(())
     }
 
-    fn tuple(&mut self, oid: u32, lsn: Lsn, tuple: &TupleData) -> Result<Vec<v1::Value>, StreamError> {
+    fn tuple(
+        &mut self,
+        oid: u32,
+        lsn: Lsn,
+        tuple: &TupleData,
+    ) -> Result<Vec<v1::Value>, StreamError> {
         let Some(rel) = self.relations.get(&oid) else {
             return Err(StreamError::UnknownRelation { oid, lsn });
         };
@@ -367,8 +422,16 @@ impl Loop<'_> {
                             Err(error) => {
                                 // Keep the value as text rather than drop the
                                 // row; report the column once.
-                                let column = rel.relation.columns.get(i).map(|c| c.name.clone()).unwrap_or_default();
-                                if self.value_errors.insert((rel.label.clone(), column.clone())) {
+                                let column = rel
+                                    .relation
+                                    .columns
+                                    .get(i)
+                                    .map(|c| c.name.clone())
+                                    .unwrap_or_default();
+                                if self
+                                    .value_errors
+                                    .insert((rel.label.clone(), column.clone()))
+                                {
                                     tracing::error!(table = %rel.label, column = %column, error = %error, "value does not parse as its type; sent as text");
                                 }
                                 counter!("sluice_value_decode_errors_total", "table" => rel.label.clone()).increment(1);
@@ -424,7 +487,10 @@ pub fn heartbeat_package(source: &str, generation: u64, wal_end: u64) -> v1::Pac
     v1::Package {
         source: source.to_owned(),
         kind: v1::Kind::Heartbeat as i32,
-        position: Some(v1::ChainPosition { generation, sequence: 0 }),
+        position: Some(v1::ChainPosition {
+            generation,
+            sequence: 0,
+        }),
         commit_lsn: wal_end,
         commit_time_us: now_us(),
         ..Default::default()
