@@ -136,7 +136,10 @@ pub struct NatsConfig {
     /// Messages older than this are discarded (the loader then resyncs).
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// Stream size limit in bytes; the oldest messages are discarded beyond it.
+    /// Stream size limit in bytes; the oldest messages are discarded beyond it
+    /// (the loader then resyncs). `-1`: no byte limit, only `max_age` and the
+    /// server's own storage limit. JetStream reserves this many bytes of the
+    /// server's `max_file_store` per replica when the stream is created.
     pub max_bytes: i64,
     /// User name for user/password authentication.
     pub user: Option<String>,
@@ -168,7 +171,7 @@ impl Default for NatsConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(10 * 60),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            max_bytes: 10 * 1024 * 1024 * 1024,
+            max_bytes: -1,
             user: None,
             password: None,
             password_file: None,
@@ -359,6 +362,15 @@ impl Config {
             return Err(invalid(
                 "nats.replicas",
                 format!("{} must be between 1 and 5", self.nats.replicas),
+            ));
+        }
+        if self.nats.max_bytes == 0 || self.nats.max_bytes < -1 {
+            return Err(invalid(
+                "nats.max_bytes",
+                format!(
+                    "{} must be -1 (no limit) or a positive number of bytes",
+                    self.nats.max_bytes
+                ),
             ));
         }
         if self.nats.duplicate_window.is_zero() {

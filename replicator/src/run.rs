@@ -146,7 +146,7 @@ pub async fn supervise(
                 if matches!(error, RunError::SlotBusy { .. }) {
                     tracing::info!(error = %error, "standby: another replicator holds the slot; retrying");
                 } else {
-                    tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
+                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
