@@ -80,7 +80,7 @@ enum State {
 }
 
 /// Per-table chain state.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Chains {
     tables: HashMap<TableName, State>,
 }
@@ -182,6 +182,13 @@ impl Chains {
             .collect();
         tables.sort();
         tables
+    }
+
+    /// Blocks a table until a resync starts a new chain (e.g. after rows that
+    /// cannot be written).
+    pub fn block(&mut self, table: &TableName) {
+        let last = self.position(table);
+        self.tables.insert(table.clone(), State::Blocked(last));
     }
 
     /// Forgets a table's progress back to `position` (used when a batch could

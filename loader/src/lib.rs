@@ -2,8 +2,15 @@
 //! the packages to ClickHouse, idempotently and gap-aware.
 //!
 //! Modules:
+//! - [`run`]: wiring: consumer, batch loop, retries, shutdown.
+//! - [`apply`]: what a batch does to ClickHouse (inserts, truncate, resync swap, dead letters).
 //! - [`chain`]: gap detection per table chain.
+//! - [`positions`]: the loader's applied positions, stored in ClickHouse.
 //! - [`clickhouse`]: type mapping, schema management and RowBinary inserts.
 
+pub mod apply;
 pub mod chain;
 pub mod clickhouse;
+pub mod metrics;
+pub mod positions;
+pub mod run;

@@ -1,0 +1,591 @@
+//! What one fetched batch does to ClickHouse.
+//!
+//! Per table, in stream order: packages are classified by the chain tracker
+//! ([`crate::chain`]); runs of consecutive row packages become ONE INSERT per
+//! table (per target) per batch; TRUNCATE, RESYNC_BEGIN and RESYNC_END split
+//! runs and take effect in order. Then the positions are written. The caller
+//! acks the batch only when this returns `Ok`.
+//!
+//! Resync (invariant 4): RESYNC_BEGIN creates an empty shadow table; snapshot
+//! rows go only to the shadow, live changes to both the live table and the
+//! shadow, so readers of the live table stay fresh; RESYNC_END swaps them with
+//! `EXCHANGE TABLES` (atomic) and drops the old table. A half-filled shadow is
+//! never swapped in: a crash mid-resync leaves the shadow recorded in the
+//! positions table, and the replayed packages continue filling it.
+//!
+//! Poison messages (undecodable) are copied to the dead-letter subject with
+//! the reason, terminated, and counted; other tables go on.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
+use metrics::{counter, gauge, histogram};
+use sluice_broker::config::{Config, read_secret};
+use sluice_broker::topology;
+use sluice_proto::{Message as _, v1};
+
+use crate::chain::{Chains, TableName, Verdict};
+use crate::clickhouse::schema::{TargetTable, ensure_table};
+use crate::clickhouse::{
+    CurrentRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
+};
+use crate::metrics as m;
+use crate::positions::{self, Stored};
+
+/// A batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] ChError),
+    #[error("cannot read `clickhouse.password_file`")]
+    PasswordFile(#[source] std::io::Error),
+    #[error("cannot publish a dead letter")]
+    DeadLetter(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::ClickHouse(e) => e.is_transient(),
+            ApplyError::PasswordFile(_) => false,
+            ApplyError::DeadLetter(_) => true,
+        }
+    }
+}
+
+/// Suffix of a resync's shadow table.
+pub const SHADOW_SUFFIX: &str = "__sluice_resync";
+
+/// The loader's state across batches.
+pub struct Loader {
+    source: String,
+    database: String,
+    ch: clickhouse::Client,
+    nats: async_nats::Client,
+    chains: Chains,
+    shadows: HashMap<TableName, String>,
+    /// Relation last ensured in ClickHouse per target table name.
+    ensured: HashMap<String, v1::Relation>,
+    version: u64,
+    last_resync_request: HashMap<TableName, Instant>,
+    commit_times: HashMap<TableName, i64>,
+    heartbeat_time: Option<i64>,
+}
+
+/// One table's applicable packages of a batch, in order.
+struct TableWork {
+    table: TableName,
+    packages: Vec<v1::Package>,
+    /// Indexes of the batch messages these packages came from (for dead letters).
+    messages: Vec<usize>,
+}
+
+impl Loader {
+    /// Connects to ClickHouse and restores the positions.
+    pub async fn connect(config: &Config, nats: async_nats::Client) -> Result<Loader, ApplyError> {
+        let mut ch = clickhouse::Client::default()
+            .with_url(&config.clickhouse.url)
+            .with_user(&config.clickhouse.user);
+        if let Some(password) = read_secret(
+            &config.clickhouse.password,
+            &config.clickhouse.password_file,
+        )
+        .map_err(ApplyError::PasswordFile)?
+        {
+            use secrecy::ExposeSecret;
+            ch = ch.with_password(password.expose_secret());
+        }
+        let database = config.clickhouse_database();
+        positions::ensure(&ch, &database).await?;
+        let (stored, version) = positions::load(&ch, &database).await?;
+        let chains = Chains::restore(stored.iter().map(|(t, s)| (t.clone(), s.position)));
+        let shadows = stored
+            .into_iter()
+            .filter(|(_, s)| !s.shadow.is_empty())
+            .map(|(t, s)| (t, s.shadow))
+            .collect();
+        Ok(Loader {
+            source: config.source.clone(),
+            database,
+            ch,
+            nats,
+            chains,
+            shadows,
+            ensured: HashMap::new(),
+            version,
+            last_resync_request: HashMap::new(),
+            commit_times: HashMap::new(),
+            heartbeat_time: None,
+        })
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Refreshes `sluice_loader_lag_seconds` for every table seen.
+    pub fn update_lag(&self) {
+        let now = sluice_now_us();
+        for (table, commit) in &self.commit_times {
+            let newest = (*commit).max(self.heartbeat_time.unwrap_or(i64::MIN));
+            gauge!(m::LOADER_LAG_SECONDS, "table" => label(table))
+                .set((now - newest).max(0) as f64 / 1e6);
+        }
+    }
+
+    /// Applies a batch; see the module docs. On error nothing is committed in
+    /// memory either, so the retried batch is classified afresh.
+    pub async fn apply(&mut self, messages: &[jetstream::Message]) -> Result<(), ApplyError> {
+        let mut chains = self.chains.clone();
+        let mut order: Vec<TableName> = Vec::new();
+        let mut work: HashMap<TableName, TableWork> = HashMap::new();
+        let mut heartbeat = None;
+        let mut dead: Vec<(usize, &'static str, String)> = Vec::new();
+        let mut gaps: Vec<TableName> = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            let encoding = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
+                .map(|v| v.as_str().to_owned());
+            let package = match sluice_proto::decode(&message.payload, encoding.as_deref()) {
+                Ok(package) => package,
+                Err(error) => {
+                    dead.push((index, "decode", sluice_broker::error_chain(&error)));
+                    continue;
+                }
+            };
+            if package.kind == v1::Kind::Heartbeat as i32 {
+                heartbeat = Some(package.commit_time_us);
+                continue;
+            }
+            let table = (package.schema.clone(), package.table.clone());
+            match chains.classify(&table, &package) {
+                Verdict::Apply => {
+                    let entry = work.entry(table.clone()).or_insert_with(|| {
+                        order.push(table.clone());
+                        TableWork {
+                            table: table.clone(),
+                            packages: Vec::new(),
+                            messages: Vec::new(),
+                        }
+                    });
+                    entry.packages.push(package);
+                    entry.messages.push(index);
+                }
+                Verdict::AlreadyApplied | Verdict::Stale | Verdict::Blocked => {}
+                Verdict::Unpositioned => dead.push((
+                    index,
+                    "unpositioned",
+                    "package has no chain position".into(),
+                )),
+                Verdict::Gap { expected, got } => {
+                    counter!(m::GAPS_DETECTED, "table" => label(&table)).increment(1);
+                    tracing::error!(
+                        table = %label(&table),
+                        expected = %expected.map_or("a first package (sequence 1)".to_owned(), |p| p.to_string()),
+                        got = %got,
+                        "gap in the table's chain; not applying past it, requesting a resync"
+                    );
+                    gaps.push(table);
+                }
+            }
+        }
+
+        let mut shadows = self.shadows.clone();
+        let mut commit_times = HashMap::new();
+        let mut blocked_now: Vec<(TableName, String)> = Vec::new();
+        let mut changed: Vec<TableName> = Vec::new();
+        for table in &order {
+            let Some(table_work) = work.remove(table) else {
+                continue;
+            };
+            match self
+                .apply_table(&table_work, &mut shadows, &mut commit_times)
+                .await
+            {
+                Ok(()) => changed.push(table.clone()),
+                Err(error) if error.is_transient() => return Err(error.into()),
+                Err(error) => {
+                    // Retrying the same rows cannot succeed: keep them aside,
+                    // stop the table and rebuild it from Postgres.
+                    let reason = sluice_broker::error_chain(&error);
+                    tracing::error!(table = %label(table), error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                    chains.block(table);
+                    for &index in &table_work.messages {
+                        dead.push((index, "insert", reason.clone()));
+                    }
+                    blocked_now.push((table.clone(), reason));
+                    changed.push(table.clone());
+                }
+            }
+        }
+
+        let states: Vec<(TableName, Stored)> = changed
+            .iter()
+            .chain(&gaps)
+            .filter_map(|t| {
+                chains.position(t).map(|position| {
+                    (
+                        t.clone(),
+                        Stored {
+                            position,
+                            shadow: shadows.get(t).cloned().unwrap_or_default(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        let mut version = self.version;
+        positions::save(&self.ch, &self.database, &states, &mut version).await?;
+
+        for (index, reason, detail) in &dead {
+            self.dead_letter(&messages[*index], reason, detail).await?;
+        }
+
+        // Committed: adopt the new state.
+        self.version = version;
+        self.chains = chains;
+        self.shadows = shadows;
+        for (table, time) in commit_times {
+            let entry = self.commit_times.entry(table).or_insert(time);
+            *entry = (*entry).max(time);
+        }
+        if let Some(time) = heartbeat {
+            self.heartbeat_time = Some(time);
+        }
+        for table in gaps.iter().chain(blocked_now.iter().map(|(t, _)| t)) {
+            self.request_resync(table).await;
+        }
+        for table in self.chains.blocked() {
+            gauge!(m::TABLE_BLOCKED, "table" => label(&table)).set(1.0);
+            self.request_resync(&table).await;
+        }
+        for table in &changed {
+            if !self.chains.is_blocked(table) {
+                gauge!(m::TABLE_BLOCKED, "table" => label(table)).set(0.0);
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_table(
+        &mut self,
+        work: &TableWork,
+        shadows: &mut HashMap<TableName, String>,
+        commit_times: &mut HashMap<TableName, i64>,
+    ) -> Result<(), ChError> {
+        let table = &work.table;
+        let mut run: Vec<&v1::Package> = Vec::new();
+        for package in &work.packages {
+            let kind = v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified);
+            match kind {
+                v1::Kind::Changes | v1::Kind::Snapshot => {
+                    if let Some(first) = run.first()
+                        && first.relation != package.relation
+                    {
+                        self.flush(table, &run, shadows).await?;
+                        run.clear();
+                    }
+                    if kind == v1::Kind::Changes {
+                        let entry = commit_times
+                            .entry(table.clone())
+                            .or_insert(package.commit_time_us);
+                        *entry = (*entry).max(package.commit_time_us);
+                    }
+                    run.push(package);
+                }
+                v1::Kind::Truncate => {
+                    self.flush(table, &run, shadows).await?;
+                    run.clear();
+                    let live = self.target(table, package).await?;
+                    self.exec(
+                        &format!("TRUNCATE TABLE IF EXISTS {}", live.qualified()),
+                        "truncate",
+                    )
+                    .await?;
+                    if let Some(shadow) = shadows.get(table) {
+                        let shadow = live.with_table(shadow);
+                        self.exec(
+                            &format!("TRUNCATE TABLE IF EXISTS {}", shadow.qualified()),
+                            "truncate shadow",
+                        )
+                        .await?;
+                    }
+                    tracing::info!(table = %label(table), "truncate applied");
+                }
+                v1::Kind::ResyncBegin => {
+                    self.flush(table, &run, shadows).await?;
+                    run.clear();
+                    let live = self.target(table, package).await?;
+                    let shadow_name = format!("{}{SHADOW_SUFFIX}", live.table);
+                    let shadow = live.with_table(&shadow_name);
+                    self.exec(
+                        &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
+                        "drop stale shadow",
+                    )
+                    .await?;
+                    ensure_table(&self.ch, &shadow).await?;
+                    shadows.insert(table.clone(), shadow_name);
+                    let reason = package
+                        .resync
+                        .as_ref()
+                        .map(|r| r.reason.clone())
+                        .unwrap_or_default();
+                    tracing::info!(table = %label(table), reason = %reason, "resync started: filling shadow table");
+                }
+                v1::Kind::ResyncEnd => {
+                    self.flush(table, &run, shadows).await?;
+                    run.clear();
+                    let live = self.target(table, package).await?;
+                    if let Some(shadow_name) = shadows.remove(table) {
+                        let shadow = live.with_table(&shadow_name);
+                        self.exec(
+                            &format!(
+                                "EXCHANGE TABLES {} AND {}",
+                                live.qualified(),
+                                shadow.qualified()
+                            ),
+                            "exchange tables",
+                        )
+                        .await?;
+                        self.exec(
+                            &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
+                            "drop old table",
+                        )
+                        .await?;
+                        counter!(m::RESYNCS_COMPLETED, "table" => label(table)).increment(1);
+                        tracing::info!(table = %label(table), "resync complete: shadow table swapped in");
+                    }
+                }
+                v1::Kind::Heartbeat | v1::Kind::Unspecified => {}
+            }
+        }
+        self.flush(table, &run, shadows).await
+    }
+
+    /// The live target of a table, created/evolved to the package's relation.
+    async fn target(
+        &mut self,
+        table: &TableName,
+        package: &v1::Package,
+    ) -> Result<TargetTable, ChError> {
+        let relation = package.relation.clone().unwrap_or_default();
+        let target = TargetTable::from_relation(&self.database, &table.0, &table.1, &relation)?;
+        if self.ensured.get(&target.table) != Some(&relation) {
+            let drift = ensure_table(&self.ch, &target).await?;
+            for d in &drift {
+                counter!(m::SCHEMA_DRIFT, "table" => label(table), "kind" => d.kind()).increment(1);
+                tracing::error!(table = %label(table), drift = ?d, "schema change in Postgres that ClickHouse cannot follow by ADD COLUMN; see README \"Schema changes\"");
+            }
+            self.ensured.insert(target.table.clone(), relation);
+        }
+        Ok(target)
+    }
+
+    /// One INSERT per target for a run of row packages.
+    async fn flush(
+        &mut self,
+        table: &TableName,
+        run: &[&v1::Package],
+        shadows: &HashMap<TableName, String>,
+    ) -> Result<(), ChError> {
+        let Some(first) = run.first() else {
+            return Ok(());
+        };
+        let live = self.target(table, first).await?;
+        let shadow = shadows.get(table).map(|name| live.with_table(name));
+        if let Some(shadow) = &shadow {
+            // The shadow may predate an ADD COLUMN.
+            if self.ensured.get(&shadow.table) != first.relation.as_ref() {
+                ensure_table(&self.ch, shadow).await?;
+                self.ensured.insert(
+                    shadow.table.clone(),
+                    first.relation.clone().unwrap_or_default(),
+                );
+            }
+        }
+        let live_packages: Vec<&v1::Package> = run
+            .iter()
+            .copied()
+            .filter(|p| p.kind == v1::Kind::Changes as i32)
+            .collect();
+        // Snapshot rows belong to the shadow; without one (replayed after the
+        // swap) they are older than what the live table has and go there.
+        let shadow_packages: Vec<&v1::Package> = if shadow.is_some() {
+            run.to_vec()
+        } else {
+            Vec::new()
+        };
+        let live_packages = if shadow.is_none() {
+            run.to_vec()
+        } else {
+            live_packages
+        };
+        self.insert(table, &live, &live_packages).await?;
+        if let Some(shadow) = &shadow {
+            self.insert(table, shadow, &shadow_packages).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(
+        &mut self,
+        table: &TableName,
+        target: &TargetTable,
+        packages: &[&v1::Package],
+    ) -> Result<(), ChError> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        let mut toast = ToastRequest::default();
+        for package in packages {
+            toast.add_package(target, package)?;
+        }
+        let current = if toast.is_empty() {
+            CurrentRows::default()
+        } else {
+            fetch_current(&self.ch, target, &toast).await?
+        };
+        let mut builder = InsertBuilder::new(target);
+        let mut ops: HashMap<&'static str, u64> = HashMap::new();
+        for package in packages {
+            builder.push_package(package, &current)?;
+            for row in &package.rows {
+                let op = if package.kind == v1::Kind::Snapshot as i32 {
+                    "snapshot"
+                } else {
+                    match v1::Op::try_from(row.op) {
+                        Ok(v1::Op::Insert) => "insert",
+                        Ok(v1::Op::Update) => "update",
+                        _ => "delete",
+                    }
+                };
+                *ops.entry(op).or_default() += 1;
+            }
+        }
+        let rows = builder.rows();
+        let started = Instant::now();
+        let report = builder.send(&self.ch).await?;
+        histogram!(m::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
+        histogram!(m::BATCH_ROWS).record(rows as f64);
+        for (op, count) in ops {
+            counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
+        }
+        for (column, count) in &report.clamped.0 {
+            counter!(m::VALUE_CLAMPED, "table" => label(table), "column" => column.clone())
+                .increment(*count);
+        }
+        Ok(())
+    }
+
+    async fn exec(&self, sql: &str, what: &'static str) -> Result<(), ChError> {
+        self.ch
+            .query_raw(sql)
+            .execute()
+            .await
+            .map_err(|source| ChError::ClickHouse { what, source })
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        reason: &'static str,
+        detail: &str,
+    ) -> Result<(), ApplyError> {
+        counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+        let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        tracing::error!(subject = %message.subject, stream_sequence, reason, error = %detail, "message moved to the dead-letter subject");
+        let mut headers = HeaderMap::new();
+        headers.insert("Sluice-Dead-Letter-Reason", reason);
+        headers.insert(
+            "Sluice-Dead-Letter-Error",
+            detail.replace(['\r', '\n'], " ").as_str(),
+        );
+        headers.insert("Sluice-Original-Subject", message.subject.as_str());
+        headers.insert(
+            "Sluice-Stream-Sequence",
+            stream_sequence.to_string().as_str(),
+        );
+        if let Some(original) = &message.headers {
+            for name in [sluice_proto::ENCODING_HEADER, sluice_proto::FORMAT_HEADER] {
+                if let Some(value) = original.get(name) {
+                    headers.insert(name, value.as_str());
+                }
+            }
+        }
+        self.nats
+            .publish_with_headers(
+                topology::dead_letter_subject(&self.source),
+                headers,
+                message.payload.clone(),
+            )
+            .await
+            .map_err(|e| ApplyError::DeadLetter(Box::new(e)))?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|e| ApplyError::DeadLetter(Box::new(e)))?;
+        message
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(ApplyError::DeadLetter)?;
+        Ok(())
+    }
+
+    /// Asks the replicator to resync a table (at most once a minute per table).
+    async fn request_resync(&mut self, table: &TableName) {
+        if self
+            .last_resync_request
+            .get(table)
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        self.last_resync_request
+            .insert(table.clone(), Instant::now());
+        let request = v1::ResyncRequest {
+            tables: vec![label(table)],
+            all: false,
+            reason: "gap".into(),
+        };
+        let subject = topology::resync_request_subject(&self.source);
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.nats.request(subject, request.encode_to_vec().into()),
+        )
+        .await;
+        match reply {
+            Ok(Ok(reply)) => match v1::ResyncReply::decode(reply.payload) {
+                Ok(reply) if reply.error.is_empty() => {
+                    tracing::info!(table = %label(table), "resync requested from the replicator");
+                }
+                Ok(reply) => {
+                    tracing::error!(table = %label(table), error = %reply.error, "replicator refused the resync; table stays blocked");
+                }
+                Err(error) => {
+                    tracing::error!(table = %label(table), error = %error, "unreadable resync reply")
+                }
+            },
+            Ok(Err(error)) => {
+                tracing::error!(table = %label(table), error = %error, "no replicator answered the resync request; table stays blocked (run `sluice-replicator resync --table {}`)", label(table));
+            }
+            Err(_) => {
+                tracing::error!(table = %label(table), "resync request timed out; table stays blocked");
+            }
+        }
+    }
+}
+
+fn label(table: &TableName) -> String {
+    format!("{}.{}", table.0, table.1)
+}
+
+fn sluice_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,142 @@
+//! The loader's own state in ClickHouse: per table, the last applied chain
+//! position and, during a resync, the shadow table being filled.
+//!
+//! Positions are written after the batch's rows were inserted and before the
+//! batch is acked. A crash between insert and position write replays rows that
+//! are already there (harmless: same versions); a crash between position write
+//! and ack replays packages the position says are applied (skipped).
+
+use std::collections::HashMap;
+
+use clickhouse::Client;
+
+use crate::chain::{Position, TableName};
+use crate::clickhouse::Error;
+use crate::clickhouse::schema::{quote_ident, quote_literal};
+
+/// Name of the positions table inside the loader's database.
+pub const POSITIONS_TABLE: &str = "_sluice_positions";
+
+/// A table's stored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub position: Position,
+    /// Shadow table of a resync in progress (empty: none).
+    pub shadow: String,
+}
+
+fn table_sql(database: &str) -> String {
+    format!("{}.{}", quote_ident(database), quote_ident(POSITIONS_TABLE))
+}
+
+/// Creates the positions table if needed.
+pub async fn ensure(client: &Client, database: &str) -> Result<(), Error> {
+    client
+        .query_raw(&format!(
+            "CREATE DATABASE IF NOT EXISTS {}",
+            quote_ident(database)
+        ))
+        .execute()
+        .await
+        .map_err(|source| Error::ClickHouse {
+            what: "create database",
+            source,
+        })?;
+    client
+        .query_raw(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (schema String, table String, generation UInt64, sequence UInt64, \
+             shadow String, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             ENGINE = ReplacingMergeTree(version) ORDER BY (schema, table)",
+            table_sql(database)
+        ))
+        .execute()
+        .await
+        .map_err(|source| Error::ClickHouse { what: "create positions table", source })?;
+    Ok(())
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct Row {
+    schema: String,
+    table: String,
+    generation: u64,
+    sequence: u64,
+    shadow: String,
+    version: u64,
+}
+
+/// Reads every table's latest state; returns them and the highest version.
+pub async fn load(
+    client: &Client,
+    database: &str,
+) -> Result<(HashMap<TableName, Stored>, u64), Error> {
+    let rows: Vec<Row> = client
+        .query(&format!(
+            "SELECT schema, table, generation, sequence, shadow, version FROM {} FINAL",
+            table_sql(database)
+        ))
+        .fetch_all()
+        .await
+        .map_err(|source| Error::ClickHouse {
+            what: "read positions",
+            source,
+        })?;
+    let version = rows.iter().map(|r| r.version).max().unwrap_or(0);
+    let map = rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.schema, r.table),
+                Stored {
+                    position: Position {
+                        generation: r.generation,
+                        sequence: r.sequence,
+                    },
+                    shadow: r.shadow,
+                },
+            )
+        })
+        .collect();
+    Ok((map, version))
+}
+
+/// Writes new states in one INSERT, each with a version above every earlier one.
+pub async fn save(
+    client: &Client,
+    database: &str,
+    states: &[(TableName, Stored)],
+    version: &mut u64,
+) -> Result<(), Error> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> = states
+        .iter()
+        .map(|((schema, table), stored)| {
+            *version += 1;
+            format!(
+                "({}, {}, {}, {}, {}, {})",
+                quote_literal(schema),
+                quote_literal(table),
+                stored.position.generation,
+                stored.position.sequence,
+                quote_literal(&stored.shadow),
+                version
+            )
+        })
+        .collect();
+    client
+        // `query_raw`: literals may contain `?`, which `query` would bind.
+        .query_raw(&format!(
+            "INSERT INTO {} (schema, table, generation, sequence, shadow, version) VALUES {}",
+            table_sql(database),
+            values.join(", ")
+        ))
+        .execute()
+        .await
+        .map_err(|source| Error::ClickHouse {
+            what: "write positions",
+            source,
+        })?;
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Wiring of `sluice-loader run`: the pull consumer, the batch loop, retries
+//! and shutdown. What a batch does to ClickHouse lives in [`crate::apply`].
+//!
+//! Invariant 1 (nothing is lost): a batch is acked (one `AckAll` on its last
+//! message) only after every INSERT it implies succeeded and the positions
+//! were written. A transient failure (ClickHouse down, network) retries the
+//! same batch with capped exponential backoff and acks nothing; on shutdown a
+//! batch in progress is abandoned unacked and redelivered to the next run.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use metrics::{counter, gauge};
+use sluice_broker::config::Config;
+use sluice_broker::telemetry::{self, Readiness};
+use sluice_broker::topology;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{ApplyError, Loader};
+use crate::metrics as m;
+
+/// Why the loader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    NatsConnect(#[from] sluice_broker::connect::ConnectError),
+    #[error("cannot create the durable consumer {consumer} on stream {stream}")]
+    Consumer {
+        stream: String,
+        consumer: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+    #[error("cannot fetch a batch from stream {stream}")]
+    Fetch {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot acknowledge the batch")]
+    Ack(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("cannot serve metrics on {listen}")]
+    Metrics {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the metrics recorder")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+impl RunError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::NatsConnect(_)
+            | RunError::Consumer { .. }
+            | RunError::Fetch { .. }
+            | RunError::Ack(_) => true,
+            RunError::Apply(e) => e.is_transient(),
+            RunError::Metrics { .. } | RunError::Recorder(_) => false,
+        }
+    }
+}
+
+/// Runs until SIGINT/SIGTERM or a definite error.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let (shutdown, signals) = telemetry::shutdown_on_signals();
+    let handle = telemetry::install_metrics()?;
+    let readiness = Readiness::default();
+    let listen = config.loader.metrics_listen;
+    let server = telemetry::serve_metrics(listen, handle, readiness.clone(), shutdown.clone())
+        .await
+        .map_err(|source| RunError::Metrics { listen, source })?;
+    tracing::info!(%listen, "metrics endpoint listening");
+    let result = supervise(&config, &shutdown, &readiness).await;
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = signals.await;
+    result
+}
+
+/// Restarts [`run_once`] after transient failures with capped backoff.
+pub async fn supervise(
+    config: &Config,
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+) -> Result<(), RunError> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let started = std::time::Instant::now();
+        match run_once(config, shutdown, readiness).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                readiness.set(false);
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "transient failure; restarting (nothing unapplied was acked)");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn run_once(
+    config: &Config,
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+) -> Result<(), RunError> {
+    let nats = sluice_broker::connect::connect(&config.nats, "sluice-loader").await?;
+    let js = jetstream::new(nats.clone());
+    let stream_name = config.stream_name();
+    // The replicator creates the stream; wait for it rather than guess its settings.
+    let stream = loop {
+        match js.get_stream(&stream_name).await {
+            Ok(stream) => break stream,
+            Err(error) => {
+                tracing::info!(stream = %stream_name, error = %error, "waiting for the replicator to create the stream");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    };
+    let consumer_name = config.loader.consumer.clone();
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            &consumer_name,
+            pull::Config {
+                durable_name: Some(consumer_name.clone()),
+                filter_subject: topology::stream_subjects(&config.source),
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                ack_wait: config.loader.ack_wait,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                max_ack_pending: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|source| RunError::Consumer {
+            stream: stream_name.clone(),
+            consumer: consumer_name.clone(),
+            source,
+        })?;
+    let mut loader = loop {
+        match Loader::connect(config, nats.clone()).await {
+            Ok(loader) => break loader,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %sluice_broker::error_chain(&error), "clickhouse not reachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    readiness.set(true);
+    tracing::info!(stream = %stream_name, consumer = %consumer_name, database = %loader.database(), "loading");
+    let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        if last_pending_check.elapsed() > Duration::from_secs(2) {
+            let mut consumer = consumer.clone();
+            if let Ok(info) = consumer.info().await {
+                gauge!(m::PENDING_MESSAGES).set(info.num_pending as f64);
+            }
+            last_pending_check = std::time::Instant::now();
+        }
+        let fetch = consumer
+            .batch()
+            .max_messages(config.loader.batch_max_messages)
+            .max_bytes(config.loader.batch_max_bytes)
+            .expires(config.loader.batch_max_wait)
+            .messages();
+        let mut batch = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            batch = fetch => batch.map_err(|e| RunError::Fetch { stream: stream_name.clone(), source: Box::new(e) })?,
+        };
+        let mut messages = Vec::new();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = batch.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(error)) => {
+                    // A timeout/heartbeat status ends the batch; keep what arrived.
+                    tracing::debug!(error = %error, "batch ended early");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if messages.is_empty() {
+            loader.update_lag();
+            continue;
+        }
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match loader.apply(&messages).await {
+                Ok(()) => break,
+                Err(error) if error.is_transient() => {
+                    counter!(m::BATCH_RETRIES).increment(1);
+                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    if let Some(last) = messages.last() {
+                        // Keep the batch ours while we retry.
+                        let _ = last.ack_with(jetstream::AckKind::Progress).await;
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if let Some(last) = messages.last() {
+            last.double_ack().await.map_err(RunError::Ack)?;
+        }
+        loader.update_lag();
+    }
+}
