@@ -6,7 +6,8 @@
 //!   loader measures lag when no table changes).
 //! - Resync requests: `sluice.<source>._control.resync.request`, plain NATS
 //!   request/reply; five tokens, so the stream (`sluice.<source>.*.*`) never
-//!   captures them.
+//!   captures them. Progress of a resync is announced on
+//!   `sluice.<source>._control.resync.events` (JSON, also outside the stream).
 //!
 //! Names are escaped into subject tokens: bytes outside `[A-Za-z0-9_-]` become
 //! `%HH`, so `public."Order Items"` cannot break or widen a subject.
@@ -50,6 +51,11 @@ pub fn heartbeat_subject(source: &str) -> String {
 /// Subject the replicator answers resync requests on.
 pub fn resync_request_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.resync.request")
+}
+
+/// Subject of resync progress events (JSON, core NATS, outside the stream).
+pub fn resync_events_subject(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.resync.events")
 }
 
 /// Subject filter of everything the stream holds for a source.
@@ -216,6 +222,7 @@ mod tests {
         assert!(matches(&heartbeat_subject("app")));
         assert!(matches(&table_subject("app", "s", "t")));
         assert!(!matches(&resync_request_subject("app")));
+        assert!(!matches(&resync_events_subject("app")));
         assert!(!matches(&dead_letter_subject("app")));
     }
 

@@ -121,6 +121,21 @@ impl Loader {
         })
     }
 
+    /// Resyncs whose shadow table was being filled when the loader last
+    /// stopped: asks for them again. If the replicator is still running that
+    /// resync, the request joins it; if the replicator restarted meanwhile (its
+    /// snapshot reader died with it), a fresh resync starts. Blocked tables are
+    /// asked for too.
+    pub async fn resume_interrupted(&mut self) {
+        let mut tables: Vec<TableName> = self.shadows.keys().cloned().collect();
+        tables.extend(self.chains.blocked());
+        tables.sort();
+        tables.dedup();
+        for table in tables {
+            self.request_resync(&table).await;
+        }
+    }
+
     pub fn database(&self) -> &str {
         &self.database
     }

@@ -166,6 +166,7 @@ async fn run_once(
     };
     readiness.set(true);
     tracing::info!(stream = %stream_name, consumer = %consumer_name, database = %loader.database(), "loading");
+    loader.resume_interrupted().await;
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         if last_pending_check.elapsed() > Duration::from_secs(2) {

@@ -29,6 +29,14 @@ pub enum ControlError {
     Reply(#[source] sluice_proto::prost::DecodeError),
     #[error("the replicator refused the resync: {0}")]
     Refused(String),
+    #[error("cannot follow resync progress")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    #[error("resync of {table} failed: {error}")]
+    Failed { table: String, error: String },
+    #[error(
+        "the replicator stopped reporting progress for {0:?} (it may have restarted); request the resync again"
+    )]
+    Silent(Vec<String>),
 }
 
 /// Sends a resync request and prints what the replicator accepted.
@@ -39,6 +47,11 @@ pub async fn request_resync(
     wait: bool,
 ) -> Result<(), ControlError> {
     let client = sluice_broker::connect::connect(&config.nats, "sluice-replicator resync").await?;
+    // Subscribe before asking, so no progress event is missed.
+    let mut events = client
+        .subscribe(topology::resync_events_subject(&config.source))
+        .await
+        .map_err(ControlError::Subscribe)?;
     let subject = topology::resync_request_subject(&config.source);
     let request = v1::ResyncRequest {
         tables: tables.to_vec(),
@@ -74,10 +87,51 @@ pub async fn request_resync(
             started.table, started.resync_id
         );
     }
-    if wait {
-        println!(
-            "the replicator publishes the snapshot now; follow sluice_resync_in_progress or `sluice-replicator status`"
-        );
+    if !wait {
+        return Ok(());
+    }
+    let mut waiting: std::collections::HashMap<String, String> = reply
+        .started
+        .iter()
+        .map(|s| (s.resync_id.clone(), s.table.clone()))
+        .collect();
+    let mut last_print = std::time::Instant::now();
+    while !waiting.is_empty() {
+        // The replicator reports at least once per package; a long silence
+        // means it is gone.
+        let next = tokio::time::timeout(
+            Duration::from_secs(120),
+            futures::StreamExt::next(&mut events),
+        )
+        .await;
+        let Ok(Some(message)) = next else {
+            return Err(ControlError::Silent(waiting.into_values().collect()));
+        };
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
+            continue;
+        };
+        let Some(id) = event["resync_id"].as_str() else {
+            continue;
+        };
+        let Some(table) = waiting.get(id).cloned() else {
+            continue;
+        };
+        let rows = event["rows"].as_u64().unwrap_or(0);
+        if let Some(error) = event["error"].as_str() {
+            return Err(ControlError::Failed {
+                table,
+                error: error.to_owned(),
+            });
+        }
+        if event["done"].as_bool() == Some(true) {
+            println!(
+                "{table}: snapshot published ({rows} rows); the loader swaps it in when it reaches the end marker"
+            );
+            waiting.remove(id);
+        } else if last_print.elapsed() > Duration::from_secs(2) {
+            println!("{table}: {rows} rows published");
+            last_print = std::time::Instant::now();
+        }
     }
     Ok(())
 }

@@ -146,10 +146,11 @@ impl Packager {
     }
 
     /// Continues a table's chain after the package found in the stream. A
-    /// resume point of an older generation is ignored: the table starts a new
-    /// chain (the loader sees the new generation and resyncs).
+    /// resume point of an older generation than the packager's is ignored: the
+    /// table starts a new chain (the loader sees the new generation and
+    /// resyncs). A newer one (the table was resynced) is adopted.
     pub fn resume(&mut self, table: TableName, resume: Resume) {
-        if resume.generation != self.generation {
+        if resume.generation < self.generation {
             return;
         }
         let skip_through = (resume.kind == v1::Kind::Changes || resume.kind == v1::Kind::Truncate)
@@ -160,6 +161,19 @@ impl Packager {
                 generation: resume.generation,
                 last_sequence: resume.sequence,
                 skip_through,
+            },
+        );
+    }
+
+    /// Starts a new chain for one table (a resync): the next package of the
+    /// table, its RESYNC_BEGIN, gets `(generation, 1)`.
+    pub fn start_generation(&mut self, table: TableName, generation: u64) {
+        self.chains.insert(
+            table,
+            Chain {
+                generation,
+                last_sequence: 0,
+                skip_through: None,
             },
         );
     }
@@ -520,6 +534,33 @@ mod tests {
         assert_eq!(package.position.expect("positioned").sequence, 6);
         let next = run_txn(&mut restarted, 300, 1);
         assert_eq!(decode(&next[0]).position.expect("positioned").sequence, 7);
+    }
+
+    #[test]
+    fn a_resync_starts_a_new_chain_that_survives_a_restart() {
+        let mut p = Packager::new("app", "slot", 5, limits());
+        run_txn(&mut p, 100, 1);
+        p.start_generation(table("t"), 900);
+        let begin = p.chain_package(v1::Package {
+            schema: "public".into(),
+            table: "t".into(),
+            kind: v1::Kind::ResyncBegin as i32,
+            ..Default::default()
+        });
+        let begin = decode(&begin).position.expect("positioned");
+        assert_eq!((begin.generation, begin.sequence), (900, 1));
+        let change = decode(&run_txn(&mut p, 1000, 1)[0]);
+        assert_eq!(change.position.expect("positioned").sequence, 2);
+
+        let mut restarted = Packager::new("app", "slot", 5, limits());
+        restarted.resume(
+            table("t"),
+            Resume::from_package(&change).expect("positioned"),
+        );
+        let next = decode(&run_txn(&mut restarted, 1100, 1)[0])
+            .position
+            .expect("positioned");
+        assert_eq!((next.generation, next.sequence), (900, 3));
     }
 
     #[test]

@@ -292,8 +292,14 @@ async fn run_once(
         .await?;
     readiness.set(true);
     let relations = tables.iter().cloned().collect();
+    let context = stream::StreamContext {
+        nats: nats.clone(),
+        settings: settings.clone(),
+        repl_config: repl_config.clone(),
+    };
     stream::run(
         config,
+        context,
         replication,
         sql,
         types,

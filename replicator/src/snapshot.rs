@@ -61,11 +61,14 @@ impl SnapshotError {
     }
 }
 
-enum Event {
+/// What a snapshot reader reports, in order: Begin, Package…, End.
+pub(crate) enum Event {
     Begin {
         table: TableName,
         relation: Arc<v1::Relation>,
         estimate: u64,
+        /// The snapshot's consistent point.
+        lsn: Lsn,
     },
     Package(Box<v1::Package>),
     End {
@@ -78,6 +81,8 @@ enum Event {
 /// What one snapshot is about.
 #[derive(Debug, Clone)]
 pub struct SnapshotSpec {
+    /// Set for resyncs on request; initial snapshots derive it from the generation.
+    pub resync_id: String,
     pub snapshot_name: String,
     pub consistent_point: Lsn,
     pub reason: String,
@@ -97,6 +102,7 @@ pub async fn initial(
     shutdown: &CancellationToken,
 ) -> Result<(), SnapshotError> {
     let spec = SnapshotSpec {
+        resync_id: String::new(),
         snapshot_name: snapshot_name.to_owned(),
         consistent_point,
         reason: reason.to_owned(),
@@ -142,6 +148,7 @@ pub async fn initial(
                 table,
                 relation,
                 estimate,
+                ..
             } => {
                 let label = format!("{}.{}", table.0, table.1);
                 tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
@@ -191,7 +198,7 @@ pub async fn initial(
     Ok(())
 }
 
-fn marker(
+pub(crate) fn marker(
     source: &str,
     table: &TableName,
     relation: &Arc<v1::Relation>,
@@ -209,7 +216,11 @@ fn marker(
         commit_lsn: spec.consistent_point.0,
         commit_time_us: crate::stream::now_us(),
         resync: Some(v1::Resync {
-            resync_id: format!("{generation:X}-{}.{}", table.0, table.1),
+            resync_id: if spec.resync_id.is_empty() {
+                format!("{generation:X}-{}.{}", table.0, table.1)
+            } else {
+                spec.resync_id.clone()
+            },
             reason: spec.reason.clone(),
             rows,
         }),
@@ -217,7 +228,7 @@ fn marker(
     }
 }
 
-async fn read_table(
+pub(crate) async fn read_table(
     settings: &PgSettings,
     spec: &SnapshotSpec,
     source: &str,
@@ -269,6 +280,7 @@ async fn read_table(
         table: table.clone(),
         relation: relation.clone(),
         estimate: estimate as u64,
+        lsn: spec.consistent_point,
     })
     .await?;
 

@@ -27,12 +27,18 @@ use sluice_broker::topology;
 use sluice_proto::v1;
 use tokio_util::sync::CancellationToken;
 
+use futures::StreamExt;
+use sluice_proto::Message as _;
+use tokio::sync::mpsc;
+
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::{Packager, TableName};
-use crate::pg::SqlConn;
+use crate::pg::{PgSettings, SqlConn};
 use crate::pgoutput::{self, LogicalMessage, OldTuple, TupleData, TupleValue};
+use crate::replication::ReplicationClient;
 use crate::replication::{Lsn, ReplicationError, ReplicationEvent, ReplicationStream};
+use crate::snapshot::{self, Event, SnapshotError, SnapshotSpec};
 use crate::values;
 
 /// Failures of the streaming loop.
@@ -58,13 +64,15 @@ pub enum StreamError {
     StreamingNotSupported,
     #[error("Postgres ended the replication stream")]
     Ended,
+    #[error("cannot subscribe to resync requests")]
+    Subscribe(#[source] async_nats::SubscribeError),
 }
 
 impl StreamError {
     pub fn is_transient(&self) -> bool {
         match self {
             StreamError::Replication(e) => e.is_transient(),
-            StreamError::Publish(_) | StreamError::Ended => true,
+            StreamError::Publish(_) | StreamError::Ended | StreamError::Subscribe(_) => true,
             StreamError::Catalog(e) => e.is_transient(),
             // A catalog race (relation message seen before we know it) heals on restart.
             StreamError::UnknownRelation { .. } => true,
@@ -87,8 +95,31 @@ pub enum Mark {
     Commit { end_lsn: Lsn, commit_time_us: i64 },
 }
 
+/// A resync running beside the stream.
+struct ActiveResync {
+    id: String,
+    reason: String,
+    rows: u64,
+    /// Consistent point of its snapshot, once the reader started.
+    lsn: Option<Lsn>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the streaming loop needs besides the replication stream.
+pub struct StreamContext {
+    pub nats: async_nats::Client,
+    pub settings: PgSettings,
+    /// Replication-connection settings (for temporary resync slots).
+    pub repl_config: tokio_postgres::Config,
+}
+
+type ResyncEvent = (TableName, Result<Event, SnapshotError>);
+
 struct Loop<'a> {
     config: &'a Config,
+    context: StreamContext,
+    resyncs: HashMap<TableName, ActiveResync>,
+    resync_tx: mpsc::Sender<ResyncEvent>,
     sql: SqlConn,
     types: TypeCatalog,
     published: std::collections::HashSet<TableName>,
@@ -107,6 +138,7 @@ struct Loop<'a> {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
+    context: StreamContext,
     mut replication: ReplicationStream,
     sql: SqlConn,
     types: TypeCatalog,
@@ -116,8 +148,17 @@ pub async fn run(
     start: Lsn,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
+    let (resync_tx, mut resync_rx) = mpsc::channel::<ResyncEvent>(8);
+    let mut requests = context
+        .nats
+        .subscribe(topology::resync_request_subject(&config.source))
+        .await
+        .map_err(StreamError::Subscribe)?;
     let mut state = Loop {
         config,
+        context,
+        resyncs: HashMap::new(),
+        resync_tx,
         sql,
         types,
         published,
@@ -148,8 +189,17 @@ pub async fn run(
                 replication.send_status(state.confirmed, state.confirmed, state.confirmed, false).await?;
                 tracing::info!(confirmed = %state.confirmed, "stopped; confirmed LSN sent");
                 let _ = replication.finish().await;
+                state.stop_resyncs().await;
                 return Ok(());
             }
+            // Timers and control requests come before replication data in
+            // this biased select: a backlog must never starve the proactive
+            // status updates (wal_sender_timeout) or a resync request.
+            _ = status.tick() => state.send_status(&mut replication).await?,
+            _ = heartbeat.tick() => state.heartbeat().await?,
+            Some(request) = requests.next() => state.resync_request(request).await,
+            Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
+            acked = state.publisher.wait_one() => acked?,
             event = replication.next() => {
                 match event? {
                     Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
@@ -165,9 +215,6 @@ pub async fn run(
                     None => return Err(StreamError::Ended),
                 }
             }
-            acked = state.publisher.wait_one() => acked?,
-            _ = status.tick() => state.send_status(&mut replication).await?,
-            _ = heartbeat.tick() => state.heartbeat().await?,
         }
         let marks = state.publisher.poll_released()?;
         state.release(marks);
@@ -175,6 +222,216 @@ pub async fn run(
 }
 
 impl Loop<'_> {
+    /// Answers a resync request: starts (or joins) a resync per table.
+    async fn resync_request(&mut self, request: async_nats::Message) {
+        let reply = match v1::ResyncRequest::decode(request.payload.clone()) {
+            Err(error) => v1::ResyncReply {
+                error: format!("malformed resync request: {error}"),
+                ..Default::default()
+            },
+            Ok(request) => self.start_resyncs(&request),
+        };
+        if let Some(reply_to) = request.reply
+            && let Err(error) = self
+                .context
+                .nats
+                .publish(reply_to, reply.encode_to_vec().into())
+                .await
+        {
+            tracing::warn!(%error, "cannot answer a resync request");
+        }
+    }
+
+    fn start_resyncs(&mut self, request: &v1::ResyncRequest) -> v1::ResyncReply {
+        let mut tables: Vec<TableName> = if request.all {
+            self.published.iter().cloned().collect()
+        } else {
+            let mut tables = Vec::new();
+            for name in &request.tables {
+                let table = match name.split_once('.') {
+                    Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+                    None => ("public".to_owned(), name.clone()),
+                };
+                if !self.published.contains(&table) {
+                    return v1::ResyncReply {
+                        error: format!(
+                            "table {name} is not in publication {}",
+                            self.config.postgres.publication
+                        ),
+                        ..Default::default()
+                    };
+                }
+                tables.push(table);
+            }
+            tables
+        };
+        tables.sort();
+        tables.dedup();
+        let reason = if request.reason.is_empty() {
+            "manual".to_owned()
+        } else {
+            request.reason.clone()
+        };
+        let mut started = Vec::new();
+        for table in tables {
+            let label = format!("{}.{}", table.0, table.1);
+            if let Some(active) = self.resyncs.get(&table) {
+                // Concurrent requests for the same table coalesce.
+                started.push(v1::ResyncStarted {
+                    table: label,
+                    resync_id: active.id.clone(),
+                });
+                continue;
+            }
+            let id = format!("{label}@{}", now_us());
+            tracing::info!(table = %label, reason = %reason, resync_id = %id, "resync requested");
+            let task = tokio::spawn(resync_task(
+                self.context.settings.clone(),
+                self.context.repl_config.clone(),
+                self.config.clone(),
+                table.clone(),
+                id.clone(),
+                reason.clone(),
+                self.resync_tx.clone(),
+            ));
+            self.resyncs.insert(
+                table,
+                ActiveResync {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                    rows: 0,
+                    lsn: None,
+                    task,
+                },
+            );
+            started.push(v1::ResyncStarted {
+                table: label,
+                resync_id: id,
+            });
+        }
+        v1::ResyncReply {
+            started,
+            ..Default::default()
+        }
+    }
+
+    /// Publishes what a resync reader produced, on the table's new chain.
+    async fn resync_event(
+        &mut self,
+        table: TableName,
+        event: Result<Event, SnapshotError>,
+    ) -> Result<(), StreamError> {
+        let label = format!("{}.{}", table.0, table.1);
+        let Some(active) = self.resyncs.get_mut(&table) else {
+            return Ok(());
+        };
+        match event {
+            Ok(Event::Begin {
+                relation,
+                estimate,
+                lsn,
+                ..
+            }) => {
+                active.lsn = Some(lsn);
+                let spec = SnapshotSpec {
+                    resync_id: active.id.clone(),
+                    snapshot_name: String::new(),
+                    consistent_point: lsn,
+                    reason: active.reason.clone(),
+                };
+                // A new chain: everything of this table from now on, live
+                // changes included, follows the RESYNC_BEGIN.
+                let generation = lsn.0.max(self.packager.generation() + 1);
+                self.packager.start_generation(table.clone(), generation);
+                let package = snapshot::marker(
+                    &self.config.source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncBegin,
+                    &spec,
+                    generation,
+                    estimate,
+                );
+                self.publisher
+                    .publish(self.packager.chain_package(package))
+                    .await?;
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
+                counter!(m::RESYNCS, "table" => label.clone(), "reason" => active.reason.clone())
+                    .increment(1);
+                tracing::info!(table = %label, consistent_point = %lsn, estimated_rows = estimate, "resync snapshot started");
+                self.resync_progress(&table, false, None).await;
+            }
+            Ok(Event::Package(package)) => {
+                active.rows += package.rows.len() as u64;
+                self.publisher
+                    .publish(self.packager.chain_package(*package))
+                    .await?;
+                self.resync_progress(&table, false, None).await;
+            }
+            Ok(Event::End { relation, rows, .. }) => {
+                let spec = SnapshotSpec {
+                    resync_id: active.id.clone(),
+                    snapshot_name: String::new(),
+                    consistent_point: active.lsn.unwrap_or_default(),
+                    reason: active.reason.clone(),
+                };
+                let package = snapshot::marker(
+                    &self.config.source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncEnd,
+                    &spec,
+                    0,
+                    rows,
+                );
+                self.publisher
+                    .publish(self.packager.chain_package(package))
+                    .await?;
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
+                tracing::info!(table = %label, rows, "resync snapshot published");
+                self.resync_progress(&table, true, None).await;
+                self.resyncs.remove(&table);
+            }
+            Err(error) => {
+                let error = sluice_broker::error_chain(&error);
+                tracing::error!(table = %label, error = %error, "resync failed; request it again");
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
+                self.resync_progress(&table, true, Some(error)).await;
+                self.resyncs.remove(&table);
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces a resync's progress for `sluice-replicator resync` (best effort).
+    async fn resync_progress(&self, table: &TableName, done: bool, error: Option<String>) {
+        let Some(active) = self.resyncs.get(table) else {
+            return;
+        };
+        let event = serde_json::json!({
+            "resync_id": active.id,
+            "table": format!("{}.{}", table.0, table.1),
+            "rows": active.rows,
+            "done": done,
+            "error": error,
+        });
+        let _ = self
+            .context
+            .nats
+            .publish(
+                topology::resync_events_subject(&self.config.source),
+                event.to_string().into(),
+            )
+            .await;
+    }
+
+    async fn stop_resyncs(&mut self) {
+        for (_, active) in self.resyncs.drain() {
+            active.task.abort();
+            let _ = active.task.await;
+        }
+    }
+
     fn release(&mut self, marks: Vec<Mark>) {
         for Mark::Commit {
             end_lsn,
@@ -513,4 +770,76 @@ pub fn now_us() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_micros() as i64
+}
+
+/// Creates a temporary slot (its exported snapshot has a known consistent
+/// point), reads the table in that snapshot and reports to the loop.
+async fn resync_task(
+    settings: PgSettings,
+    repl_config: tokio_postgres::Config,
+    config: Config,
+    table: TableName,
+    id: String,
+    reason: String,
+    tx: mpsc::Sender<ResyncEvent>,
+) {
+    let result = async {
+        let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
+            .await
+            .map_err(|e| {
+                SnapshotError::ReaderLost(format!(
+                    "{}.{}: {}",
+                    table.0,
+                    table.1,
+                    sluice_broker::error_chain(&e)
+                ))
+            })?;
+        let slot = format!("{}_resync_{}", config.postgres.slot, now_us());
+        let created = client.create_logical_slot(&slot, true).await.map_err(|e| {
+            SnapshotError::ReaderLost(format!(
+                "{}.{}: {}",
+                table.0,
+                table.1,
+                sluice_broker::error_chain(&e)
+            ))
+        })?;
+        let spec = SnapshotSpec {
+            resync_id: id,
+            snapshot_name: created.snapshot_name,
+            consistent_point: created.consistent_point,
+            reason,
+        };
+        let (inner_tx, mut inner_rx) = mpsc::channel(4);
+        let limits = (
+            config.replicator.package_max_rows,
+            config.replicator.package_max_bytes,
+        );
+        let reader = {
+            let (settings, source, table) =
+                (settings.clone(), config.source.clone(), table.clone());
+            async move {
+                let read =
+                    snapshot::read_table(&settings, &spec, &source, &table, limits, &inner_tx)
+                        .await;
+                // Ends the forwarding loop below.
+                drop(inner_tx);
+                read
+            }
+        };
+        let forward = async {
+            while let Some(event) = inner_rx.recv().await {
+                if tx.send((table.clone(), event)).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (read, ()) = tokio::join!(reader, forward);
+        // Closing the connection drops the temporary slot.
+        let _ = client.close().await;
+        read
+    }
+    .await;
+    if let Err(error) = result {
+        let _ = tx.send((table, Err(error))).await;
+    }
 }
