@@ -5,8 +5,10 @@
 --        -v tables=public.orders,public.customers [-v publication=sluice] [-v schema=public] \
 --        [-v role=sluice] [-v password=SECRET]
 --
--- Every variable is optional: `tables` defaults to every table in `schema`; `password` is left
--- unset (set it here, or with ALTER ROLE, or use certificate authentication). Running the file
+-- Every variable is optional: `tables` defaults to every table in `schema` (FOR TABLES IN SCHEMA,
+-- Postgres 15+: tables created there later are published too); `password` defaults to the
+-- environment variable SLUICE_ROLE_PASSWORD of psql (docker-compose.yml uses that), else the
+-- password is left unset (set it with ALTER ROLE, or use certificate authentication). Running the file
 -- again changes nothing that exists already (role, publication); it only re-applies the grants.
 --
 -- Prerequisites (postgresql.conf; wal_level needs a restart):
@@ -25,6 +27,7 @@
 \if :{?publication} \else \set publication sluice \endif
 \if :{?schema} \else \set schema public \endif
 \if :{?role} \else \set role sluice \endif
+\if :{?password} \else \getenv password SLUICE_ROLE_PASSWORD \endif
 
 SELECT current_setting('wal_level') <> 'logical' AS wal_not_logical \gset
 \if :wal_not_logical
