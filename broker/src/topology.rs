@@ -63,7 +63,8 @@ pub fn stream_subjects(source: &str) -> String {
     format!("sluice.{source}.*.*")
 }
 
-/// Subject for packages a loader could not decode (dead letters), outside the stream.
+/// Subject for packages a loader could not decode or write (dead letters),
+/// stored by the dead-letter stream ([`dead_letter_stream_name`]), not the data stream.
 pub fn dead_letter_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.dead.letter")
 }
@@ -97,6 +98,25 @@ pub fn snapshot_msg_id(
         subject_token(schema),
         subject_token(table)
     )
+}
+
+/// Name of the stream keeping a source's dead letters.
+pub fn dead_letter_stream_name(stream: &str) -> String {
+    format!("{stream}_DEAD_LETTERS")
+}
+
+/// Configuration of the dead-letter stream: same replicas and age as the data
+/// stream, so an operator has time to inspect what was moved aside.
+pub fn dead_letter_stream_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: dead_letter_stream_name(&config.stream_name()),
+        subjects: vec![dead_letter_subject(&config.source)],
+        storage: stream::StorageType::File,
+        num_replicas: config.nats.replicas,
+        max_age: config.nats.max_age,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
 }
 
 /// The stream configuration sluice wants for a source.
@@ -147,6 +167,13 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<stream::Stream, TopologyError> {
+    let dead_letters = dead_letter_stream_config(config);
+    js.get_or_create_stream(dead_letters.clone())
+        .await
+        .map_err(|source| TopologyError::Create {
+            stream: dead_letters.name.clone(),
+            source,
+        })?;
     let wanted = stream_config(config);
     let name = wanted.name.clone();
     let mut stream = js

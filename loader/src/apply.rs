@@ -100,7 +100,11 @@ impl Loader {
         let database = config.clickhouse_database();
         positions::ensure(&ch, &database).await?;
         let (stored, version) = positions::load(&ch, &database).await?;
-        let chains = Chains::restore(stored.iter().map(|(t, s)| (t.clone(), s.position)));
+        let chains = Chains::restore_with_blocked(
+            stored
+                .iter()
+                .map(|(t, s)| (t.clone(), s.position, s.blocked)),
+        );
         let shadows = stored
             .into_iter()
             .filter(|(_, s)| !s.shadow.is_empty())
@@ -248,6 +252,7 @@ impl Loader {
                         Stored {
                             position,
                             shadow: shadows.get(t).cloned().unwrap_or_default(),
+                            blocked: chains.is_blocked(t),
                         },
                     )
                 })

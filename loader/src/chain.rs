@@ -159,6 +159,27 @@ impl Chains {
         verdict
     }
 
+    /// Restores positions and which tables were blocked.
+    pub fn restore_with_blocked(
+        positions: impl IntoIterator<Item = (TableName, Position, bool)>,
+    ) -> Self {
+        Chains {
+            tables: positions
+                .into_iter()
+                .map(|(t, p, blocked)| {
+                    (
+                        t,
+                        if blocked {
+                            State::Blocked(Some(p))
+                        } else {
+                            State::At(p)
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// Last applied position of a table.
     pub fn position(&self, table: &TableName) -> Option<Position> {
         match self.tables.get(table)? {

@@ -23,6 +23,9 @@ pub struct Stored {
     pub position: Position,
     /// Shadow table of a resync in progress (empty: none).
     pub shadow: String,
+    /// The table waits for a resync (gap or rows that could not be written):
+    /// nothing is applied to it until a new chain starts, across restarts too.
+    pub blocked: bool,
 }
 
 fn table_sql(database: &str) -> String {
@@ -45,13 +48,25 @@ pub async fn ensure(client: &Client, database: &str) -> Result<(), Error> {
     client
         .query_raw(&format!(
             "CREATE TABLE IF NOT EXISTS {} (schema String, table String, generation UInt64, sequence UInt64, \
-             shadow String, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             shadow String, blocked UInt8, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
              ENGINE = ReplacingMergeTree(version) ORDER BY (schema, table)",
             table_sql(database)
         ))
         .execute()
         .await
         .map_err(|source| Error::ClickHouse { what: "create positions table", source })?;
+    // Positions tables made before `blocked` existed.
+    client
+        .query_raw(&format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS blocked UInt8 AFTER shadow",
+            table_sql(database)
+        ))
+        .execute()
+        .await
+        .map_err(|source| Error::ClickHouse {
+            what: "upgrade positions table",
+            source,
+        })?;
     Ok(())
 }
 
@@ -62,6 +77,7 @@ struct Row {
     generation: u64,
     sequence: u64,
     shadow: String,
+    blocked: u8,
     version: u64,
 }
 
@@ -72,7 +88,7 @@ pub async fn load(
 ) -> Result<(HashMap<TableName, Stored>, u64), Error> {
     let rows: Vec<Row> = client
         .query(&format!(
-            "SELECT schema, table, generation, sequence, shadow, version FROM {} FINAL",
+            "SELECT schema, table, generation, sequence, shadow, blocked, version FROM {} FINAL",
             table_sql(database)
         ))
         .fetch_all()
@@ -93,6 +109,7 @@ pub async fn load(
                         sequence: r.sequence,
                     },
                     shadow: r.shadow,
+                    blocked: r.blocked != 0,
                 },
             )
         })
@@ -115,12 +132,13 @@ pub async fn save(
         .map(|((schema, table), stored)| {
             *version += 1;
             format!(
-                "({}, {}, {}, {}, {}, {})",
+                "({}, {}, {}, {}, {}, {}, {})",
                 quote_literal(schema),
                 quote_literal(table),
                 stored.position.generation,
                 stored.position.sequence,
                 quote_literal(&stored.shadow),
+                u8::from(stored.blocked),
                 version
             )
         })
@@ -128,7 +146,7 @@ pub async fn save(
     client
         // `query_raw`: literals may contain `?`, which `query` would bind.
         .query_raw(&format!(
-            "INSERT INTO {} (schema, table, generation, sequence, shadow, version) VALUES {}",
+            "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, version) VALUES {}",
             table_sql(database),
             values.join(", ")
         ))

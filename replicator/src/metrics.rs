@@ -24,3 +24,5 @@ pub const CONFIRMED_LSN: &str = "sluice_replicator_confirmed_lsn";
 pub const RECONNECTS: &str = "sluice_replicator_reconnects_total";
 /// Tables skipped because they cannot be replicated (no replica identity), by `table` (gauge).
 pub const TABLE_ERRORS: &str = "sluice_replicator_table_errors";
+/// Values that did not parse as their Postgres type and were sent as text, by `table` (counter).
+pub const VALUE_DECODE_ERRORS: &str = "sluice_value_decode_errors_total";

@@ -93,7 +93,13 @@ pub struct Limits {
 pub struct Packager {
     source: String,
     slot: String,
+    /// The slot's generation: resume points older than it are ignored.
     generation: u64,
+    /// Generation of chains started from nothing (a table with no package in
+    /// the stream). Above every generation used before, so a loader that
+    /// still remembers an older chain of the table sees a gap instead of
+    /// mistaking the new chain's packages for replays.
+    fresh_generation: u64,
     limits: Limits,
     chains: HashMap<TableName, Chain>,
     pending: HashMap<TableName, Pending>,
@@ -133,6 +139,7 @@ impl Packager {
             source: source.to_owned(),
             slot: slot.to_owned(),
             generation,
+            fresh_generation: generation,
             limits,
             chains: HashMap::new(),
             pending: HashMap::new(),
@@ -140,9 +147,16 @@ impl Packager {
         }
     }
 
-    /// The generation new chains start in.
+    /// The slot's generation.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Sets the generation of chains started from nothing; see the field docs.
+    /// Call with a value above every generation ever used for this source,
+    /// e.g. the server's current WAL position.
+    pub fn set_fresh_generation(&mut self, generation: u64) {
+        self.fresh_generation = generation.max(self.generation);
     }
 
     /// Continues a table's chain after the package found in the stream. A
@@ -344,7 +358,7 @@ impl Packager {
     /// Gives a change package its chain position, or drops it if the stream
     /// already holds it.
     fn sequence(&mut self, table: &TableName, mut package: v1::Package) -> Option<Outgoing> {
-        let generation = self.generation;
+        let generation = self.fresh_generation;
         let chain = self.chains.entry(table.clone()).or_insert(Chain {
             generation,
             last_sequence: 0,
@@ -375,7 +389,7 @@ impl Packager {
     /// table's chain; its dedup ID is derived from generation and sequence.
     pub fn chain_package(&mut self, mut package: v1::Package) -> Outgoing {
         let table = (package.schema.clone(), package.table.clone());
-        let generation = self.generation;
+        let generation = self.fresh_generation;
         let chain = self.chains.entry(table).or_insert(Chain {
             generation,
             last_sequence: 0,
@@ -561,6 +575,20 @@ mod tests {
             .position
             .expect("positioned");
         assert_eq!((next.generation, next.sequence), (900, 3));
+    }
+
+    #[test]
+    fn a_table_without_resume_point_starts_above_every_old_generation() {
+        // The table's packages aged out of the stream; the loader remembers (5, 40).
+        let mut p = Packager::new("app", "slot", 5, limits());
+        p.set_fresh_generation(7000);
+        let out = run_txn(&mut p, 7100, 1);
+        let position = decode(&out[0]).position.expect("positioned");
+        assert_eq!(
+            (position.generation, position.sequence),
+            (7000, 1),
+            "a gap for the loader, not a replay"
+        );
     }
 
     #[test]

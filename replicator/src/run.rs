@@ -236,6 +236,7 @@ async fn run_once(
                 .and_then(|hb| hb.position)
                 .map_or(existing.confirmed_flush.0, |p| p.generation);
             let mut packager = Packager::new(&config.source, slot, generation, limits);
+            packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             for table in &tables {
                 let subject = topology::table_subject(&config.source, &table.0, &table.1);
                 if let Some(package) = last_package(&stream_handle, &subject).await?

@@ -308,6 +308,7 @@ pub(crate) async fn read_table(
     let mut first_ordinal = 0u64;
     let mut last_log = std::time::Instant::now();
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
+    let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
     let mut flush =
         |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
             let package = v1::Package {
@@ -374,6 +375,7 @@ pub(crate) async fn read_table(
             total += 1;
             if rows.len() >= max_rows || bytes >= max_bytes {
                 counter.increment(rows.len() as u64);
+                published.increment(rows.len() as u64);
                 let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
                 send(Event::Package(Box::new(package))).await?;
                 if last_log.elapsed() > std::time::Duration::from_secs(10) {
@@ -388,6 +390,7 @@ pub(crate) async fn read_table(
     }
     if !rows.is_empty() {
         counter.increment(rows.len() as u64);
+        published.increment(rows.len() as u64);
         let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
         send(Event::Package(Box::new(package))).await?;
     }

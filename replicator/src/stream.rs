@@ -691,7 +691,8 @@ impl Loop<'_> {
                                 {
                                     tracing::error!(table = %rel.label, column = %column, error = %error, "value does not parse as its type; sent as text");
                                 }
-                                counter!("sluice_value_decode_errors_total", "table" => rel.label.clone()).increment(1);
+                                counter!(m::VALUE_DECODE_ERRORS, "table" => rel.label.clone())
+                                    .increment(1);
                                 v1::Value {
                                     kind: Some(v1::value::Kind::Text(text.into_owned())),
                                 }
