@@ -72,7 +72,14 @@ pub struct Loader {
     last_resync_request: HashMap<TableName, Instant>,
     commit_times: HashMap<TableName, i64>,
     heartbeat_time: Option<i64>,
+    /// When each shadow table last received snapshot rows (or was restored).
+    shadow_progress: HashMap<TableName, Instant>,
 }
+
+/// A resync whose shadow got no snapshot rows for this long is presumed lost
+/// (replicator restarted mid-snapshot) and requested again; a resync still
+/// running is joined by the replicator, not restarted.
+const STALLED_RESYNC: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One table's applicable packages of a batch, in order.
 struct TableWork {
@@ -122,6 +129,7 @@ impl Loader {
             last_resync_request: HashMap::new(),
             commit_times: HashMap::new(),
             heartbeat_time: None,
+            shadow_progress: HashMap::new(),
         })
     }
 
@@ -137,6 +145,25 @@ impl Loader {
         tables.dedup();
         for table in tables {
             self.request_resync(&table).await;
+        }
+    }
+
+    /// Re-requests resyncs whose shadow table stopped receiving snapshot rows.
+    pub async fn check_stalled_resyncs(&mut self) {
+        let now = Instant::now();
+        self.shadow_progress
+            .retain(|table, _| self.shadows.contains_key(table));
+        let mut stalled = Vec::new();
+        for table in self.shadows.keys() {
+            let since = *self.shadow_progress.entry(table.clone()).or_insert(now);
+            if now.duration_since(since) > STALLED_RESYNC {
+                stalled.push(table.clone());
+            }
+        }
+        for table in stalled {
+            tracing::warn!(table = %label(&table), "resync made no progress for a minute; asking for it again");
+            self.request_resync(&table).await;
+            self.shadow_progress.insert(table, now);
         }
     }
 
@@ -213,6 +240,15 @@ impl Loader {
             }
         }
 
+        let snapshot_tables: Vec<TableName> = work
+            .values()
+            .filter(|w| {
+                w.packages.iter().any(|p| {
+                    p.kind == v1::Kind::Snapshot as i32 || p.kind == v1::Kind::ResyncBegin as i32
+                })
+            })
+            .map(|w| w.table.clone())
+            .collect();
         let mut shadows = self.shadows.clone();
         let mut commit_times = HashMap::new();
         let mut blocked_now: Vec<(TableName, String)> = Vec::new();
@@ -282,6 +318,10 @@ impl Loader {
         for table in self.chains.blocked() {
             gauge!(m::TABLE_BLOCKED, "table" => label(&table)).set(1.0);
             self.request_resync(&table).await;
+        }
+        self.check_stalled_resyncs().await;
+        for table in &snapshot_tables {
+            self.shadow_progress.insert(table.clone(), Instant::now());
         }
         for table in &changed {
             if !self.chains.is_blocked(table) {

@@ -204,6 +204,7 @@ async fn run_once(
         }
         if messages.is_empty() {
             loader.update_lag();
+            loader.check_stalled_resyncs().await;
             continue;
         }
         let mut delay = Duration::from_millis(200);
