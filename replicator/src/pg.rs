@@ -7,7 +7,7 @@ use secrecy::ExposeSecret;
 use sluice_broker::config::{PostgresConfig, read_secret};
 use tokio_postgres::NoTls;
 
-use crate::replication::{Lsn, SslMode, TlsOptions};
+use crate::replication::{Lsn, SslMode, TlsError, TlsOptions, tls_client_config};
 
 /// Errors of the SQL side, split by what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,8 @@ pub enum PgError {
     Url(#[source] tokio_postgres::Error),
     #[error("cannot read `postgres.password_file`")]
     PasswordFile(#[source] std::io::Error),
+    #[error("TLS settings of `postgres.url` / `postgres.ssl_root_cert`")]
+    Tls(#[source] TlsError),
     #[error("{what}")]
     Sql {
         what: String,
@@ -29,7 +31,7 @@ impl PgError {
     /// definite SQLSTATE (permission, missing object) are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Url(_) | PgError::PasswordFile(_) => false,
+            PgError::Url(_) | PgError::PasswordFile(_) | PgError::Tls(_) => false,
             PgError::Sql { source, .. } => match source.code() {
                 None => true,
                 Some(code) => {
@@ -77,21 +79,42 @@ impl PgSettings {
         })
     }
 
-    /// Opens an SQL connection; the connection task is owned by the returned guard.
+    /// Opens an SQL connection (TLS as `sslmode` says, like the replication
+    /// connection); the connection task is owned by the returned guard.
     pub async fn connect(&self, what: &str) -> Result<SqlConn, PgError> {
-        let (client, connection) =
-            self.config
-                .connect(NoTls)
-                .await
-                .map_err(PgError::sql(format!(
-                    "cannot connect to Postgres for {what}"
-                )))?;
-        let task = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "sql connection ended");
+        let failed = || PgError::sql(format!("cannot connect to Postgres for {what}"));
+        let (client, task) = match self.tls.mode {
+            SslMode::Disable => {
+                let mut config = self.config.clone();
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, connection) = config.connect(NoTls).await.map_err(failed())?;
+                (client, tokio::spawn(drive(connection)))
             }
-        });
+            mode => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (*tls_client_config(&self.tls).map_err(PgError::Tls)?).clone(),
+                );
+                let mut config = self.config.clone();
+                config.ssl_mode(if mode == SslMode::Prefer {
+                    tokio_postgres::config::SslMode::Prefer
+                } else {
+                    tokio_postgres::config::SslMode::Require
+                });
+                let (client, connection) = config.connect(tls).await.map_err(failed())?;
+                (client, tokio::spawn(drive(connection)))
+            }
+        };
         Ok(SqlConn { client, task })
+    }
+}
+
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "sql connection ended");
     }
 }
 

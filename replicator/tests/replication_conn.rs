@@ -523,6 +523,29 @@ async fn tls_modes() -> Result<()> {
         client.close().await?;
     }
 
+    // The SQL connection (catalog, snapshots, status) follows the same
+    // `postgres.url` sslmode and `postgres.ssl_root_cert` settings.
+    let pg_config = sluice_broker::config::PostgresConfig {
+        url: format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
+            pg.port
+        ),
+        ssl_root_cert: Some(pg.dir.path().join("ca.crt")),
+        ..Default::default()
+    };
+    let settings = sluice_replicator::pg::PgSettings::from_config(&pg_config)?;
+    let sql = settings.connect("the TLS test").await?;
+    let ssl: bool = sql
+        .client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(ssl, "the SQL connection uses TLS with verify-full");
+    drop(sql);
+
     // verify-full with the system roots rejects our private CA, for good.
     let system = TlsOptions {
         mode: SslMode::VerifyFull,

@@ -78,4 +78,5 @@ pub use stream::{
     PG_EPOCH_UNIX_MICROS, ReplicationEvent, ReplicationStream, pg_micros_to_system_time,
     pg_now_micros,
 };
+pub(crate) use tls::client_config as tls_client_config;
 pub use tls::{SslMode, TlsOptions};
