@@ -19,6 +19,7 @@
 //! run in parallel and against long-lived servers.
 
 mod names;
+pub mod pipeline;
 pub mod stack;
 
 use std::sync::OnceLock;

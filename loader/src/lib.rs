@@ -14,3 +14,4 @@ pub mod clickhouse;
 pub mod metrics;
 pub mod positions;
 pub mod run;
+pub mod verify;

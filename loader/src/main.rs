@@ -32,6 +32,17 @@ enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
+    /// Compare the published Postgres tables with their ClickHouse tables
+    /// (`FINAL`): exit 0 when equal, 1 when not (or verification failed), 2 on a
+    /// config error. Prints one line per table.
+    Verify {
+        /// Configuration file (TOML); `SLUICE_<SECTION>__<KEY>` variables override it.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (`schema.table`); default: every table of the publication.
+        #[arg(long)]
+        table: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,8 +51,11 @@ fn main() -> ExitCode {
         Format::Text => LogFormat::Text,
         Format::Json => LogFormat::Json,
     });
-    let Command::Run { config } = cli.command;
-    let config = match Config::load(&config) {
+    let (path, table) = match cli.command {
+        Command::Run { config } => (config, None),
+        Command::Verify { config, table } => (config, Some(table)),
+    };
+    let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("sluice-loader: {error}");
@@ -55,10 +69,40 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(table) = table {
+        return runtime.block_on(verify(&config, table.as_deref()));
+    }
     match runtime.block_on(sluice_loader::run::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sluice-loader: {}", sluice_broker::error_chain(&error));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `sluice-loader verify`: one line per table on stdout.
+async fn verify(config: &Config, table: Option<&str>) -> ExitCode {
+    match sluice_loader::verify::verify(config, table).await {
+        Ok(reports) => {
+            let width = reports.iter().map(|r| r.table.len()).max().unwrap_or(0);
+            for report in &reports {
+                let line = report.to_string();
+                // Align the columns after the table name.
+                let rest = &line[report.table.len()..];
+                println!("{:width$}{rest}", report.table);
+            }
+            if reports.iter().all(|r| r.is_equal()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!(
+                "sluice-loader: verify: {}",
+                sluice_broker::error_chain(&error)
+            );
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,629 @@
+//! A whole sluice pipeline for one test: a fresh Postgres database, a config
+//! file with unique names (source, slot, stream, ClickHouse database, ports),
+//! and the real `sluice-replicator` / `sluice-loader` binaries as child
+//! processes that the test can start, kill -9, stop gracefully and restart.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let mut p = sluice_integration::pipeline::Pipeline::start("orders").await?;
+//! p.pg().await?.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION sluice FOR TABLE t").await?;
+//! p.spawn_replicator()?;
+//! p.spawn_loader()?;
+//! p.wait_until_equal(std::time::Duration::from_secs(60)).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use sluice_broker::config::Config;
+use sluice_loader::verify::{self, TableReport};
+
+use crate::{Servers, unique_name};
+
+/// Which NATS the pipeline's stream lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nats {
+    /// The single node, stream R1.
+    Single,
+    /// The 3-node cluster, stream R3.
+    Cluster,
+}
+
+/// One test's pipeline. Dropping it kills the child processes.
+pub struct Pipeline {
+    /// Source name; also the slot, the consumer's stream suffix and the ClickHouse database.
+    pub name: String,
+    /// URL of the test's own Postgres database.
+    pub pg_url: String,
+    pub config_path: PathBuf,
+    pub config: Config,
+    /// Holds the config and the logs (`replicator.N.log`, `loader.N.log`).
+    pub dir: PathBuf,
+    /// Deletes `dir` on drop unless the test panicked or `SLUICE_TEST_KEEP` is set.
+    temp: Option<tempfile::TempDir>,
+    nats_urls: String,
+    replicator: Option<Child>,
+    loader: Option<Child>,
+    runs: BTreeMap<&'static str, u32>,
+}
+
+/// Paths of the two binaries, built once per test process.
+struct Binaries {
+    replicator: PathBuf,
+    loader: PathBuf,
+}
+
+/// Builds `sluice-replicator` and `sluice-loader` with the profile and target
+/// directory of the running test executable (`<target>/<profile>/deps/<test>`).
+fn binaries() -> anyhow::Result<&'static Binaries> {
+    static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    BINARIES
+        .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("building the sluice binaries: {e}"))
+}
+
+fn build_binaries() -> anyhow::Result<Binaries> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable is not in <target>/<profile>/deps")?
+        .to_owned();
+    let target_dir = profile_dir
+        .parent()
+        .context("test executable is not in <target>/<profile>/deps")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(&cargo)
+        .current_dir(&workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args([
+            "build",
+            "--bins",
+            "-p",
+            "sluice-replicator",
+            "-p",
+            "sluice-loader",
+        ])
+        .args(["--profile", &profile])
+        .status()
+        .with_context(|| format!("running {cargo} build"))?;
+    if !status.success() {
+        bail!("`cargo build --bins -p sluice-replicator -p sluice-loader` failed: {status}");
+    }
+    let binaries = Binaries {
+        replicator: profile_dir.join("sluice-replicator"),
+        loader: profile_dir.join("sluice-loader"),
+    };
+    for path in [&binaries.replicator, &binaries.loader] {
+        if !path.exists() {
+            bail!("{} missing after the build", path.display());
+        }
+    }
+    Ok(binaries)
+}
+
+/// A free loopback port (bound and released; fine for tests).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl Pipeline {
+    /// A pipeline on the single NATS node.
+    pub async fn start(name: &str) -> anyhow::Result<Pipeline> {
+        Self::start_on(name, Nats::Single)
+            .await
+            .map(|p| p.expect("single node always exists"))
+    }
+
+    /// A pipeline on `nats`; `None` when the cluster is asked for and there is none.
+    pub async fn start_on(name: &str, nats: Nats) -> anyhow::Result<Option<Pipeline>> {
+        let servers = Servers::get();
+        let (nats_urls, replicas) = match nats {
+            Nats::Single => (servers.nats_url.clone(), 1),
+            Nats::Cluster => match &servers.nats_cluster_urls {
+                Some(urls) => (urls.join(","), 3),
+                None => return Ok(None),
+            },
+        };
+        let name = unique_name(name);
+        let (pg_url, _) = servers.fresh_pg_database(&name).await?;
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-pipeline-")
+            .tempdir()
+            .context("creating the pipeline's directory")?;
+        let config_path = dir.path().join("sluice.toml");
+        let toml = format!(
+            r#"source = "{name}"
+
+[postgres]
+url = "{pg_url}"
+publication = "sluice"
+slot = "{name}"
+
+[nats]
+url = "{nats_urls}"
+replicas = {replicas}
+duplicate_window = "10m"
+max_age = "1h"
+
+[clickhouse]
+url = "{ch}"
+database = "{name}"
+
+[replicator]
+metrics_listen = "127.0.0.1:{rport}"
+package_max_rows = 500
+status_interval = "500ms"
+heartbeat_interval = "1s"
+
+[loader]
+metrics_listen = "127.0.0.1:{lport}"
+batch_max_messages = 200
+batch_max_wait = "200ms"
+ack_wait = "30s"
+"#,
+            ch = servers.clickhouse_url,
+            rport = free_port()?,
+            lport = free_port()?,
+        );
+        std::fs::write(&config_path, toml)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let config = Config::load(&config_path)?;
+        Ok(Some(Pipeline {
+            name,
+            pg_url,
+            config_path,
+            config,
+            dir: dir.path().to_owned(),
+            temp: Some(dir),
+            nats_urls,
+            replicator: None,
+            loader: None,
+            runs: BTreeMap::new(),
+        }))
+    }
+
+    /// A new connection to the pipeline's Postgres database.
+    pub async fn pg(&self) -> anyhow::Result<tokio_postgres::Client> {
+        Servers::pg_connect(&self.pg_url).await
+    }
+
+    /// The JetStream context of the pipeline's NATS (single node or cluster).
+    pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
+        let urls: Vec<&str> = self.nats_urls.split(',').collect();
+        let client = async_nats::connect(urls.as_slice())
+            .await
+            .with_context(|| format!("connecting to nats at {}", self.nats_urls))?;
+        Ok(jetstream::new(client))
+    }
+
+    fn spawn(&mut self, which: &'static str) -> anyhow::Result<Child> {
+        let binaries = binaries()?;
+        let bin = if which == "replicator" {
+            &binaries.replicator
+        } else {
+            &binaries.loader
+        };
+        let run = self.runs.entry(which).or_default();
+        *run += 1;
+        let log_path = self.dir.join(format!("{which}.{run}.log"));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(child)
+    }
+
+    /// Starts `sluice-replicator run` (which must not be running).
+    pub fn spawn_replicator(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.replicator.is_none(), "replicator already running");
+        self.replicator = Some(self.spawn("replicator")?);
+        Ok(())
+    }
+
+    /// Starts `sluice-loader run` (which must not be running).
+    pub fn spawn_loader(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.loader.is_none(), "loader already running");
+        self.loader = Some(self.spawn("loader")?);
+        Ok(())
+    }
+
+    /// SIGKILLs the replicator and reaps it.
+    pub fn kill_9_replicator(&mut self) -> anyhow::Result<()> {
+        kill_9(self.replicator.take())
+    }
+
+    /// SIGKILLs the loader and reaps it.
+    pub fn kill_9_loader(&mut self) -> anyhow::Result<()> {
+        kill_9(self.loader.take())
+    }
+
+    /// SIGTERMs the replicator and waits (at most 30 s, then SIGKILL); fails if
+    /// it did not exit successfully.
+    pub async fn stop_replicator(&mut self) -> anyhow::Result<()> {
+        stop(self.replicator.take(), "replicator").await
+    }
+
+    /// SIGTERMs the loader and waits (at most 30 s, then SIGKILL).
+    pub async fn stop_loader(&mut self) -> anyhow::Result<()> {
+        stop(self.loader.take(), "loader").await
+    }
+
+    /// Fails if a started child has exited on its own (with its log tail).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        let mut exited = None;
+        for (which, child) in [
+            ("replicator", &mut self.replicator),
+            ("loader", &mut self.loader),
+        ] {
+            if let Some(c) = child
+                && let Some(status) = c.try_wait()?
+            {
+                exited = Some((which, status));
+                break;
+            }
+        }
+        if let Some((which, status)) = exited {
+            bail!(
+                "{which} exited unexpectedly ({status}); log:\n{}",
+                self.log_tail(which, 40)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the newest log of `which` (`replicator`/`loader`).
+    pub fn log_tail(&self, which: &str, lines: usize) -> String {
+        let run = self.runs.get(which).copied().unwrap_or(0);
+        let path = self.dir.join(format!("{which}.{run}.log"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Runs [`verify::verify`] once.
+    pub async fn verify(&self) -> anyhow::Result<Vec<TableReport>> {
+        Ok(verify::verify(&self.config, None).await?)
+    }
+
+    /// Polls verify until every table matches; on timeout fails with the last
+    /// report (including values of the first differences) and the log tails.
+    pub async fn wait_until_equal(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<TableReport>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let last = self.verify().await;
+            if let Ok(reports) = &last
+                && reports.iter().all(TableReport::is_equal)
+            {
+                return Ok(reports.clone());
+            }
+            if Instant::now() > deadline {
+                let detail = match last {
+                    Ok(reports) => reports
+                        .iter()
+                        .map(|r| format!("{r}\n    {:?}", r.differences.first()))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    Err(e) => format!("verify failed: {e:#}"),
+                };
+                bail!(
+                    "postgres and clickhouse still differ after {timeout:?}:\n{detail}\n\
+                     --- replicator log tail:\n{}\n--- loader log tail:\n{}",
+                    self.log_tail("replicator", 30),
+                    self.log_tail("loader", 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Reads every message of the stream and checks that each data subject's
+    /// chain holds every sequence of each generation exactly once (1..N, no
+    /// repeats, in stream order). Returns the number of data packages.
+    pub async fn check_chains_have_no_duplicates(&self) -> anyhow::Result<u64> {
+        let js = self.jetstream().await?;
+        let mut stream = js.get_stream(self.config.stream_name()).await?;
+        let info = stream.info().await?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let control = format!("sluice.{}._control.", self.config.source);
+        let mut chains: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+        let mut packages = 0;
+        for seq in first..=last {
+            let message = match stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                // Deleted/absent sequences (none expected; the chains will tell).
+                Err(e) if e.to_string().contains("not found") => continue,
+                Err(e) => return Err(e).context(format!("reading stream sequence {seq}")),
+            };
+            if message.subject.starts_with(&control) {
+                continue;
+            }
+            let encoding = message
+                .headers
+                .get(sluice_proto::ENCODING_HEADER)
+                .map(|v| v.as_str().to_owned());
+            let package = sluice_proto::decode(&message.payload, encoding.as_deref())
+                .with_context(|| format!("decoding stream sequence {seq}"))?;
+            let Some(position) = package.position else {
+                continue;
+            };
+            packages += 1;
+            chains
+                .entry((message.subject.to_string(), position.generation))
+                .or_default()
+                .push(position.sequence);
+        }
+        for ((subject, generation), sequences) in &chains {
+            let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+            if *sequences != expected {
+                let mut sorted = sequences.clone();
+                sorted.sort_unstable();
+                let repeats: Vec<u64> = sorted
+                    .windows(2)
+                    .filter(|w| w[0] == w[1])
+                    .map(|w| w[0])
+                    .collect();
+                bail!(
+                    "{subject} generation {generation}: {} packages, sequences not exactly 1..N \
+                     in order; repeated: {repeats:?}; first 20: {:?}",
+                    sequences.len(),
+                    &sequences[..sequences.len().min(20)]
+                );
+            }
+        }
+        Ok(packages)
+    }
+}
+
+fn kill_9(child: Option<Child>) -> anyhow::Result<()> {
+    let mut child = child.context("not running")?;
+    // `Child::kill` is SIGKILL on Unix.
+    child.kill().context("kill -9")?;
+    child.wait().context("reaping the killed child")?;
+    Ok(())
+}
+
+async fn stop(child: Option<Child>, which: &str) -> anyhow::Result<()> {
+    let mut child = child.with_context(|| format!("{which} not running"))?;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .context("running kill -TERM")?;
+    anyhow::ensure!(status.success(), "kill -TERM {} failed", child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::ensure!(
+                status.success(),
+                "{which} exited with {status} after SIGTERM"
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{which} did not stop within 30 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for child in [self.replicator.take(), self.loader.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = kill_9(Some(child));
+        }
+        if std::env::var_os("SLUICE_TEST_KEEP").is_some() {
+            if let Some(temp) = self.temp.take() {
+                eprintln!(
+                    "pipeline {} kept; logs in {}",
+                    self.name,
+                    temp.keep().display()
+                );
+            }
+            return;
+        }
+        if std::thread::panicking()
+            && let Some(temp) = self.temp.take()
+        {
+            eprintln!(
+                "pipeline {} logs kept in {}",
+                self.name,
+                temp.keep().display()
+            );
+        }
+        // The slot would pin WAL on a long-lived server: drop it and the other
+        // objects, on a thread with its own runtime (Drop cannot await).
+        let (name, pg_url, nats_urls, stream) = (
+            self.name.clone(),
+            self.pg_url.clone(),
+            self.nats_urls.clone(),
+            self.config.stream_name(),
+        );
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(cleanup(&name, &pg_url, &nats_urls, &stream))
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("pipeline cleanup: {e:#}"),
+            Err(_) => eprintln!("pipeline cleanup panicked"),
+        }
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), so workloads need no extra crate.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the clock; the seed is printed so a failure can be replayed.
+    pub fn from_clock() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        eprintln!("rng seed {seed}");
+        Rng(seed)
+    }
+
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// SQL of the table [`run_workload`] writes to.
+pub fn workload_table_sql(table: &str) -> String {
+    format!("CREATE TABLE {table} (id bigint PRIMARY KEY, v bigint NOT NULL, s text)")
+}
+
+/// Runs `transactions` transactions of about `changes_per_transaction` row
+/// changes each on `table` (see [`workload_table_sql`]): half inserts, 30 %
+/// updates, 20 % deletes of random live rows. Returns the number of changes.
+pub async fn run_workload(
+    pg: &tokio_postgres::Client,
+    table: &str,
+    transactions: usize,
+    changes_per_transaction: usize,
+    mut rng: Rng,
+) -> anyhow::Result<u64> {
+    let mut live: Vec<i64> = Vec::new();
+    let mut next_id: i64 = 1;
+    let mut changes = 0u64;
+    for _ in 0..transactions {
+        let mut inserts = Vec::new();
+        let mut updates = Vec::new();
+        let mut deletes = Vec::new();
+        for _ in 0..changes_per_transaction {
+            let roll = rng.below(10);
+            if roll < 5 || live.len() < 10 {
+                inserts.push(next_id);
+                live.push(next_id);
+                next_id += 1;
+            } else {
+                let i = rng.below(live.len() as u64) as usize;
+                if roll < 8 {
+                    updates.push(live[i]);
+                } else {
+                    deletes.push(live.swap_remove(i));
+                }
+            }
+        }
+        // Updates of rows deleted in the same transaction just update fewer rows.
+        let mut sql = String::from("BEGIN;");
+        if !inserts.is_empty() {
+            let values: Vec<String> = inserts
+                .iter()
+                .map(|id| format!("({id}, {}, md5('{id}'))", rng.below(1_000_000)))
+                .collect();
+            sql.push_str(&format!("INSERT INTO {table} VALUES {};", values.join(",")));
+        }
+        let list = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        if !updates.is_empty() {
+            sql.push_str(&format!(
+                "UPDATE {table} SET v = v + 1, s = md5(s) WHERE id IN ({});",
+                list(&updates)
+            ));
+        }
+        if !deletes.is_empty() {
+            sql.push_str(&format!(
+                "DELETE FROM {table} WHERE id IN ({});",
+                list(&deletes)
+            ));
+        }
+        sql.push_str("COMMIT;");
+        pg.batch_execute(&sql)
+            .await
+            .context("running a workload transaction")?;
+        changes += (inserts.len() + updates.len() + deletes.len()) as u64;
+    }
+    Ok(changes)
+}
+
+/// Drops the pipeline's slot, Postgres database, stream and ClickHouse database.
+async fn cleanup(name: &str, pg_url: &str, nats_urls: &str, stream: &str) -> anyhow::Result<()> {
+    let servers = Servers::get();
+    let admin = Servers::pg_connect(&servers.pg_url).await?;
+    // The killed replicator's walsender may take a moment to go away.
+    for _ in 0..50 {
+        let active: Option<bool> = admin
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match active {
+            None => break,
+            Some(false) => {
+                admin
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .await?;
+                break;
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let db = url::Url::parse(pg_url)?
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+        .await?;
+    let urls: Vec<&str> = nats_urls.split(',').collect();
+    let js = jetstream::new(async_nats::connect(urls.as_slice()).await?);
+    let _ = js.delete_stream(stream).await;
+    servers
+        .clickhouse_sql(&format!("DROP DATABASE IF EXISTS `{name}`"))
+        .await?;
+    Ok(())
+}

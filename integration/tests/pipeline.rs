@@ -1,0 +1,178 @@
+//! End to end through the real binaries: Postgres → sluice-replicator →
+//! JetStream → sluice-loader → ClickHouse, checked with `verify` (the rows in
+//! ClickHouse `FINAL` equal the rows in Postgres).
+
+use std::time::{Duration, Instant};
+
+use sluice_integration::pipeline::{Nats, Pipeline, Rng, run_workload, workload_table_sql};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+const ALL_TYPES: &str = r#"
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+CREATE TABLE alltypes (
+    id int PRIMARY KEY,
+    b bool, i2 int2, i4 int4, i8 int8, f4 float4, f8 float8,
+    n12 numeric(12,3), n numeric,
+    t text, vc varchar(20), c5 char(5), by bytea, u uuid, j json, jb jsonb,
+    d date, tm time, ttz timetz, ts timestamp, tstz timestamptz, iv interval,
+    ip inet, cidr_ cidr, mac macaddr, m money, b8 bit(8), vb varbit,
+    ta text[], ia int4[][], e mood, dom posint
+);
+CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(10,2), note text);
+CREATE TABLE events (id int PRIMARY KEY, payload text);
+CREATE PUBLICATION sluice FOR TABLE alltypes, orders, events;
+"#;
+
+const ALL_TYPES_ROWS: &str = r#"
+INSERT INTO alltypes VALUES
+ (1, true, 1, 2, 3, 1.5, 2.25, 12.5, 3.14159,
+  'plain', 'varchar', 'ab', '\x00ff10', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '{"b": 1,   "a": [1,2]}', '{"b": 1, "a": [1, 2]}',
+  '2024-02-29', '13:45:00.5', '13:45:00.5+05:30', '2024-01-01 00:00:00', '2024-01-01 12:34:56.789+02',
+  '1 year 2 mons 3 days 04:05:06.5', '192.168.1.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', 12.34,
+  B'10101010', B'101', '{"a,b",NULL,"c\"d","NULL",""}', '{{1,2},{3,NULL}}', 'happy', 7),
+ (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (3, false, -32768, -2147483648, -9223372036854775808, 'NaN', 'Infinity', -999999999.999, 'NaN',
+  E'h\u00e9llo\t\n \u4e16\u754c \U0001F680 \\ '' " end', '', '     ', '\x', '00000000-0000-0000-0000-000000000000',
+  '[]', '{"k": {"nested": [true, false, null]}, "\u00e9": "x"}',
+  'infinity', '24:00:00', '00:00:00-14:59', '-infinity', '0001-01-01 00:00:00+00',
+  '-1 years -2 mons +3 days -04:05:06.5', '::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff', -92233720368547758.08,
+  B'00000000', B'', '{}', '{}', 'sad', 1),
+ (4, true, 32767, 2147483647, 9223372036854775807, '-Infinity', '-Infinity', 0.001, '123456789012345678901234567890.123456789',
+  'x', 'y', 'z', '\xdeadbeef', 'ffffffff-ffff-ffff-ffff-ffffffffffff', 'null', '"str"',
+  '0001-01-01', '00:00:00', '23:59:59.999999+14', '1899-12-31 23:59:59', '2300-01-01 00:00:00+00',
+  '00:00:00', '0.0.0.0', '0.0.0.0/0', '00:00:00:00:00:00', 0,
+  B'11111111', B'1', '{x}', '{1,2,3}', 'ok', 2147483647),
+ (5, true, 5, 5, 5, 1e-30, 1e300, 1, '-0.000100',
+  'to delete', 'v', 'c', '\x01', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', '{}', '{}',
+  '1970-01-01', '12:00:00', '12:00:00+00', '1970-01-01 00:00:00.000001', '1970-01-01 00:00:00.000001+00',
+  '1 day', '1.2.3.4', '1.2.3.0/24', '01:02:03:04:05:06', 1,
+  B'00000001', B'0101', '{a}', '{{1}}', 'ok', 5);
+"#;
+
+#[tokio::test]
+async fn mixed_types_and_workload_arrive_equal() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("e2e_mixed").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(ALL_TYPES).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute(ALL_TYPES_ROWS).await?;
+    pg.batch_execute(
+        "INSERT INTO orders SELECT g, g % 17, g * 1.25, 'note ' || g FROM generate_series(1, 200) g;
+         INSERT INTO events SELECT g, 'event ' || g FROM generate_series(1, 100) g;",
+    )
+    .await?;
+    // Updates, a primary-key change, deletes.
+    pg.batch_execute(
+        "UPDATE alltypes SET t = 'updated', f8 = -0.5, jb = '{\"u\": 1}', ia = '{{9,8},{7,6}}', \
+             ts = '2030-06-15 08:09:10.123456', e = 'sad' WHERE id = 1;
+         UPDATE alltypes SET id = 100, i4 = 42 WHERE id = 2;
+         DELETE FROM alltypes WHERE id = 5;
+         UPDATE orders SET amount = amount * 2, note = NULL WHERE id % 4 = 0;
+         BEGIN; UPDATE orders SET id = id + 1000 WHERE id <= 10; DELETE FROM orders WHERE id BETWEEN 100 AND 119; COMMIT;
+         UPDATE orders SET id = 5 WHERE id = 1005;",
+    )
+    .await?;
+    // TRUNCATE then new rows; then a new column, filled by updates.
+    pg.batch_execute(
+        "TRUNCATE events;
+         INSERT INTO events SELECT g, 'after truncate ' || g FROM generate_series(50, 99) g;
+         ALTER TABLE events ADD COLUMN extra int;
+         ALTER TABLE alltypes ADD COLUMN added text;
+         UPDATE events SET extra = id * 2 WHERE id % 2 = 0;
+         UPDATE alltypes SET added = 'filled ' || id;
+         INSERT INTO events VALUES (1000, 'with extra', 7);",
+    )
+    .await?;
+    let started = Instant::now();
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("converged in {:?}", started.elapsed());
+    for r in &reports {
+        eprintln!("{r}");
+    }
+    assert_eq!(reports.len(), 3);
+    let counts: Vec<u64> = reports.iter().map(|r| r.postgres_rows).collect();
+    // alltypes: 1, 3, 4, 100; events: 50 + 1; orders: 200 - 20.
+    assert_eq!(counts, [4, 51, 180], "{reports:?}");
+    p.stop_loader().await?;
+    p.stop_replicator().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("e2e_snapshot").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE snap (id bigint PRIMARY KEY, v text);
+         CREATE TABLE other (id int PRIMARY KEY, w int);
+         INSERT INTO snap SELECT g, repeat('x', 50) || g FROM generate_series(1, 20000) g;
+         INSERT INTO other SELECT g, g FROM generate_series(1, 500) g;
+         CREATE PUBLICATION sluice FOR TABLE snap, other;",
+    )
+    .await?;
+    // A transaction open while the replicator starts (slot creation waits for
+    // it or the snapshot includes it), and writers during the snapshot.
+    let open = p.pg().await?;
+    open.batch_execute("BEGIN; INSERT INTO snap VALUES (-1, 'open during start'); UPDATE other SET w = -w WHERE id <= 100;")
+        .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let writer = {
+        let pg = p.pg().await?;
+        tokio::spawn(async move {
+            for i in 0..40i64 {
+                pg.batch_execute(&format!(
+                    "INSERT INTO snap VALUES ({}, 'during'); UPDATE snap SET v = 'updated' WHERE id = {}; DELETE FROM other WHERE id = {};",
+                    100_000 + i,
+                    i * 7 + 1,
+                    400 + i
+                ))
+                .await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    open.batch_execute("COMMIT").await?;
+    writer.await??;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    for r in &reports {
+        eprintln!("{r}");
+    }
+    assert_eq!(
+        reports.iter().map(|r| r.postgres_rows).sum::<u64>(),
+        20_001 + 40 + 460
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn r3_stream_on_the_cluster_carries_a_workload() -> anyhow::Result<()> {
+    let Some(mut p) = Pipeline::start_on("e2e_r3", Nats::Cluster).await? else {
+        eprintln!("skipped: no NATS cluster (set SLUICE_TEST_NATS_CLUSTER_URLS)");
+        return Ok(());
+    };
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{}; CREATE PUBLICATION sluice FOR TABLE items;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let changes = run_workload(&pg, "items", 50, 100, Rng::from_clock()).await?;
+    p.wait_until_equal(CONVERGE).await?;
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    let info = stream.info().await?;
+    assert_eq!(info.config.num_replicas, 3);
+    eprintln!("{changes} changes through an R3 stream");
+    p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
