@@ -152,6 +152,8 @@ impl fmt::Display for TableReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ColumnKind {
     Plain,
+    /// Postgres prints `t`/`f`, ClickHouse `true`/`false`.
+    Bool,
     Float32,
     Float64,
     Decimal {
@@ -366,6 +368,7 @@ fn classify(ch_type: &str, pg_base_type: &str) -> ColumnKind {
         };
     }
     match t {
+        "Bool" => ColumnKind::Bool,
         "Float32" => ColumnKind::Float32,
         "Float64" => ColumnKind::Float64,
         "Date32" => ColumnKind::Date,
@@ -404,7 +407,11 @@ fn pg_expr(column: &Column) -> String {
         )
     };
     match &column.kind {
-        ColumnKind::Plain | ColumnKind::Float32 | ColumnKind::Float64 | ColumnKind::Time => q,
+        ColumnKind::Plain
+        | ColumnKind::Bool
+        | ColumnKind::Float32
+        | ColumnKind::Float64
+        | ColumnKind::Time => q,
         ColumnKind::Decimal { money: true, .. } => format!("{q}::numeric"),
         ColumnKind::Decimal {
             precision, scale, ..
@@ -463,6 +470,11 @@ fn canonical(kind: &ColumnKind, value: Option<&str>, from_postgres: bool) -> Opt
             Err(_) => value.to_owned(),
         },
         ColumnKind::Decimal { .. } => canonical_decimal(value),
+        ColumnKind::Bool => match value {
+            "t" | "true" | "1" => "true".into(),
+            "f" | "false" | "0" => "false".into(),
+            other => other.to_owned(),
+        },
         ColumnKind::Time => pad_fraction(value),
         _ => value.to_owned(),
     })
@@ -792,6 +804,18 @@ mod tests {
                 "{pg} vs {ch}"
             );
         }
+        let bool_kind = classify("Nullable(Bool)", "bool");
+        for (pg, ch) in [("t", "true"), ("f", "false")] {
+            assert_eq!(
+                canonical(&bool_kind, Some(pg), true),
+                canonical(&bool_kind, Some(ch), false),
+                "{pg} vs {ch}"
+            );
+        }
+        assert_ne!(
+            canonical(&bool_kind, Some("t"), true),
+            canonical(&bool_kind, Some("false"), false)
+        );
         assert_eq!(
             canonical(&ColumnKind::Float32, Some("0.1"), true),
             canonical(&ColumnKind::Float32, Some("0.1"), false)
