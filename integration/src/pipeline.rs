@@ -238,6 +238,26 @@ ack_wait = "30s"
         Ok(child)
     }
 
+    /// Runs another `sluice-replicator` command (e.g. `resync`) against this
+    /// pipeline's config; output goes to `replicator-cli.N.log`.
+    pub fn replicator_command(&mut self, args: &[&str]) -> anyhow::Result<Child> {
+        let binaries = binaries()?;
+        let run = self.runs.entry("replicator-cli").or_default();
+        *run += 1;
+        let log_path = self.dir.join(format!("replicator-cli.{run}.log"));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        Command::new(&binaries.replicator)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binaries.replicator.display()))
+    }
+
     /// Starts `sluice-replicator run` (which must not be running).
     pub fn spawn_replicator(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.replicator.is_none(), "replicator already running");
@@ -527,7 +547,9 @@ pub fn workload_table_sql(table: &str) -> String {
 
 /// Runs `transactions` transactions of about `changes_per_transaction` row
 /// changes each on `table` (see [`workload_table_sql`]): half inserts, 30 %
-/// updates, 20 % deletes of random live rows. Returns the number of changes.
+/// updates, 20 % deletes of random live rows. Rows already in the table are
+/// live rows too, and new ids start above the largest one, so a table can
+/// take several workloads. Returns the number of changes.
 pub async fn run_workload(
     pg: &tokio_postgres::Client,
     table: &str,
@@ -535,8 +557,14 @@ pub async fn run_workload(
     changes_per_transaction: usize,
     mut rng: Rng,
 ) -> anyhow::Result<u64> {
-    let mut live: Vec<i64> = Vec::new();
-    let mut next_id: i64 = 1;
+    let mut live: Vec<i64> = pg
+        .query(&format!("SELECT id FROM {table} ORDER BY id"), &[])
+        .await
+        .with_context(|| format!("reading the ids of {table}"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut next_id: i64 = live.last().map_or(1, |max| max + 1);
     let mut changes = 0u64;
     for _ in 0..transactions {
         let mut inserts = Vec::new();

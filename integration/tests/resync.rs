@@ -1,0 +1,254 @@
+//! Full resyncs (issue: resync on demand and on gap), end to end with the
+//! real binaries: lost stream messages, a dropped slot and a manual resync
+//! under load all end with ClickHouse equal to Postgres, and a resync never
+//! shows a half-loaded table.
+
+use std::time::Duration;
+
+use sluice_integration::pipeline::{Pipeline, Rng, run_workload, workload_table_sql};
+
+const CONVERGE: Duration = Duration::from_secs(180);
+
+async fn pipeline_with(name: &str, tables: &[&str]) -> anyhow::Result<Pipeline> {
+    let p = Pipeline::start(name).await?;
+    let mut sql: Vec<String> = tables.iter().map(|t| workload_table_sql(t)).collect();
+    sql.push(format!(
+        "CREATE PUBLICATION sluice FOR TABLE {}",
+        tables.join(", ")
+    ));
+    p.pg().await?.batch_execute(&sql.join(";")).await?;
+    Ok(p)
+}
+
+async fn scrape(url: &str) -> anyhow::Result<String> {
+    // Plain HTTP/1.0 GET on loopback, no client library needed.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = url.trim_start_matches("http://");
+    let (host, path) = address.split_once('/').unwrap_or((address, ""));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn lost_stream_messages_are_a_gap_that_a_resync_repairs() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_gap", &["items", "other"]).await?;
+    let pg = p.pg().await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 20, 20, Rng::new(1)).await?;
+    run_workload(&pg, "other", 5, 10, Rng::new(2)).await?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    // The loader is away while the buffer loses messages of `items`.
+    p.stop_loader().await?;
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    let before = stream.info().await?.state.last_sequence;
+    run_workload(&pg, "items", 20, 20, Rng::new(3)).await?;
+    pg.batch_execute("DELETE FROM items WHERE id % 3 = 0")
+        .await?;
+    run_workload(&pg, "other", 5, 10, Rng::new(4)).await?;
+    // Wait until the replicator has published the new changes.
+    let mut last = before;
+    for _ in 0..100 {
+        last = stream.info().await?.state.last_sequence;
+        if last > before + 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let subject = sluice_broker::topology::table_subject(&p.name, "public", "items");
+    let mut deleted = 0;
+    for sequence in before + 1..=last {
+        let message = stream.get_raw_message(sequence).await;
+        if let Ok(message) = message
+            && message.subject.as_str() == subject
+            && deleted < 3
+        {
+            stream.delete_message(sequence).await?;
+            deleted += 1;
+        }
+    }
+    anyhow::ensure!(
+        deleted > 0,
+        "no message of items to delete between {before} and {last}"
+    );
+
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let metrics = scrape(&format!(
+        "http://{}/metrics",
+        p.config.loader.metrics_listen
+    ))
+    .await?;
+    let gaps = metric(
+        &metrics,
+        "sluice_gaps_detected_total{table=\"public.items\"}",
+    );
+    assert!(gaps >= 1.0, "gap counted: {gaps}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_gaps_detected_total{table=\"public.other\"}"
+        ),
+        0.0
+    );
+    let swapped = metric(
+        &metrics,
+        "sluice_loader_resyncs_completed_total{table=\"public.items\"}",
+    );
+    assert!(swapped >= 1.0, "the resync was swapped in: {swapped}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dropped_slot_resyncs_every_table() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_slot", &["items", "other"]).await?;
+    let pg = p.pg().await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 10, 20, Rng::new(5)).await?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    p.stop_replicator().await?;
+    let slot = p.config.postgres.slot.clone();
+    pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    // Changes while no slot exists are not in any WAL stream sluice will read.
+    run_workload(&pg, "items", 10, 20, Rng::new(6)).await?;
+    pg.batch_execute("DELETE FROM other; INSERT INTO other VALUES (1, 1, 'x')")
+        .await?;
+    p.spawn_replicator()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let metrics = scrape(&format!(
+        "http://{}/metrics",
+        p.config.replicator.metrics_listen
+    ))
+    .await?;
+    let resyncs = metric(
+        &metrics,
+        "sluice_resyncs_total{table=\"public.items\",reason=\"slot_lost\"}",
+    );
+    assert_eq!(resyncs, 1.0, "slot loss resynced items once:\n{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_resync_under_load_never_shows_fewer_rows() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_manual", &["items", "other"]).await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "INSERT INTO items SELECT g, g, md5(g::text) FROM generate_series(1, 30000) g",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    let servers = sluice_integration::Servers::get();
+    let count_sql = format!(
+        "SELECT count() FROM `{}`.items FINAL",
+        p.config.clickhouse_database()
+    );
+    let before: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
+
+    // Inserts only, on both tables, while the resync runs: the count never
+    // legitimately goes down.
+    let writer = {
+        let pg = p.pg().await?;
+        tokio::spawn(async move {
+            for i in 0..40i64 {
+                let base = 1_000_000 + i * 50;
+                pg.batch_execute(&format!(
+                    "INSERT INTO items SELECT g, g, 'live' FROM generate_series({base}, {}) g; \
+                     INSERT INTO other VALUES ({i}, {i}, 'live')",
+                    base + 49
+                ))
+                .await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let resync = p.replicator_command(&["resync", "--table", "public.items"])?;
+    let mut minimum = u64::MAX;
+    let mut resync = resync;
+    let status = loop {
+        let count: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
+        minimum = minimum.min(count);
+        if let Some(status) = resync.try_wait()? {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "resync command failed: {status}");
+    writer.await??;
+    // Until the loader swaps the table in, keep watching too.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let count: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
+        minimum = minimum.min(count);
+        let metrics = scrape(&format!(
+            "http://{}/metrics",
+            p.config.loader.metrics_listen
+        ))
+        .await?;
+        if metric(
+            &metrics,
+            "sluice_loader_resyncs_completed_total{table=\"public.items\"}",
+        ) >= 2.0
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "resync never swapped in"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        minimum >= before,
+        "readers saw {minimum} rows during the resync, {before} before it"
+    );
+    p.wait_until_equal(CONVERGE).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicator_killed_mid_resync_still_converges() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_kill", &["items"]).await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "INSERT INTO items SELECT g, g, md5(g::text) FROM generate_series(1, 40000) g",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let mut resync = p.replicator_command(&["resync", "--no-wait", "--table", "public.items"])?;
+    let status = resync.wait()?;
+    assert!(status.success(), "resync request failed: {status}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.kill_9_replicator()?;
+    pg.batch_execute(
+        "DELETE FROM items WHERE id <= 100; UPDATE items SET v = -v WHERE id % 1000 = 0",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    // The loader notices the stalled shadow (or the finished resync) and the
+    // table converges; the live table is never replaced by a partial one.
+    p.wait_until_equal(Duration::from_secs(240)).await?;
+    Ok(())
+}
