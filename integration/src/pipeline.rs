@@ -48,6 +48,7 @@ pub struct Pipeline {
     pub dir: PathBuf,
     /// Deletes `dir` on drop unless the test panicked or `SLUICE_TEST_KEEP` is set.
     temp: Option<tempfile::TempDir>,
+    servers: &'static Servers,
     nats_urls: String,
     replicator: Option<Child>,
     loader: Option<Child>,
@@ -62,6 +63,11 @@ struct Binaries {
 
 /// Builds `sluice-replicator` and `sluice-loader` with the profile and target
 /// directory of the running test executable (`<target>/<profile>/deps/<test>`).
+///
+/// Some dependencies (ring, rustls, async-nats) get other features in a
+/// `cargo test` build than in this one, so the first build after a `cargo
+/// test` compiles those again (about a minute). A target directory of its own
+/// would avoid that locally but costs a full extra build in CI.
 fn binaries() -> anyhow::Result<&'static Binaries> {
     static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
     BINARIES
@@ -131,7 +137,16 @@ impl Pipeline {
 
     /// A pipeline on `nats`; `None` when the cluster is asked for and there is none.
     pub async fn start_on(name: &str, nats: Nats) -> anyhow::Result<Option<Pipeline>> {
-        let servers = Servers::get();
+        Self::start_with(name, nats, Servers::get()).await
+    }
+
+    /// A pipeline on `servers` (e.g. a [`crate::stack::PrivateStack`]'s, which the test may
+    /// stop and restart); `None` when the cluster is asked for and there is none.
+    pub async fn start_with(
+        name: &str,
+        nats: Nats,
+        servers: &'static Servers,
+    ) -> anyhow::Result<Option<Pipeline>> {
         let (nats_urls, replicas) = match nats {
             Nats::Single => (servers.nats_url.clone(), 1),
             Nats::Cluster => match &servers.nats_cluster_urls {
@@ -190,11 +205,17 @@ ack_wait = "30s"
             config,
             dir: dir.path().to_owned(),
             temp: Some(dir),
+            servers,
             nats_urls,
             replicator: None,
             loader: None,
             runs: BTreeMap::new(),
         }))
+    }
+
+    /// The servers this pipeline runs on.
+    pub fn servers(&self) -> &'static Servers {
+        self.servers
     }
 
     /// A new connection to the pipeline's Postgres database.
@@ -485,6 +506,7 @@ impl Drop for Pipeline {
         }
         // The slot would pin WAL on a long-lived server: drop it and the other
         // objects, on a thread with its own runtime (Drop cannot await).
+        let servers = self.servers;
         let (name, pg_url, nats_urls, stream) = (
             self.name.clone(),
             self.pg_url.clone(),
@@ -495,7 +517,7 @@ impl Drop for Pipeline {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(cleanup(&name, &pg_url, &nats_urls, &stream))
+            runtime.block_on(cleanup(servers, &name, &pg_url, &nats_urls, &stream))
         });
         match cleanup.join() {
             Ok(Ok(())) => {}
@@ -617,8 +639,13 @@ pub async fn run_workload(
 }
 
 /// Drops the pipeline's slot, Postgres database, stream and ClickHouse database.
-async fn cleanup(name: &str, pg_url: &str, nats_urls: &str, stream: &str) -> anyhow::Result<()> {
-    let servers = Servers::get();
+async fn cleanup(
+    servers: &Servers,
+    name: &str,
+    pg_url: &str,
+    nats_urls: &str,
+    stream: &str,
+) -> anyhow::Result<()> {
     let admin = Servers::pg_connect(&servers.pg_url).await?;
     // The killed replicator's walsender may take a moment to go away.
     for _ in 0..50 {

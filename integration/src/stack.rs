@@ -27,6 +27,10 @@ pub fn stack_script() -> PathBuf {
 /// Starts Postgres, NATS (single node and 3-node cluster) and ClickHouse in a new temporary
 /// directory, tied to the lifetime of this process.
 pub fn start_for_this_process() -> anyhow::Result<StackEnv> {
+    start_for_this_process_in().map(|(_, env)| env)
+}
+
+fn start_for_this_process_in() -> anyhow::Result<(PathBuf, StackEnv)> {
     let dir = tempfile::Builder::new()
         .prefix("sluice-test-stack-")
         .tempdir()
@@ -50,7 +54,8 @@ pub fn start_for_this_process() -> anyhow::Result<StackEnv> {
             String::from_utf8_lossy(&output.stderr),
         );
     }
-    read_env_file(&dir.join("env"))
+    let env = read_env_file(&dir.join("env"))?;
+    Ok((dir, env))
 }
 
 /// Reads a `DIR/env` file written by `scripts/stack start`.
@@ -74,6 +79,94 @@ fn parse_env(text: &str) -> anyhow::Result<StackEnv> {
         nats_cluster_urls: value("SLUICE_TEST_NATS_CLUSTER_URLS").map(|v| super::split_urls(&v)),
         clickhouse_url: required("SLUICE_TEST_CLICKHOUSE_URL")?,
     })
+}
+
+/// A stack of servers owned by one test binary, which its tests may stop, restart and freeze
+/// (the fault tests): unlike the shared [`crate::Servers`], nobody else uses them.
+pub struct PrivateStack {
+    dir: PathBuf,
+    /// The endpoints, leaked so pipelines can hold them for the whole process.
+    pub servers: &'static crate::Servers,
+}
+
+/// A server of a [`PrivateStack`], named as `scripts/stack` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    Postgres,
+    Nats,
+    /// Node 1, 2 or 3 of the NATS cluster.
+    ClusterNode(u8),
+    ClickHouse,
+}
+
+impl Server {
+    fn name(self) -> String {
+        match self {
+            Server::Postgres => "postgres".into(),
+            Server::Nats => "nats".into(),
+            Server::ClusterNode(n) => format!("nats-{n}"),
+            Server::ClickHouse => "clickhouse".into(),
+        }
+    }
+}
+
+impl PrivateStack {
+    /// Starts Postgres, NATS (single node and cluster) and ClickHouse in a new temporary
+    /// directory; they die with this process.
+    pub fn start() -> anyhow::Result<PrivateStack> {
+        let env = start_for_this_process_in()?;
+        let (dir, env) = env;
+        let servers = Box::leak(Box::new(crate::Servers {
+            pg_url: env.pg_url,
+            nats_url: env.nats_url,
+            nats_cluster_urls: env.nats_cluster_urls,
+            clickhouse_url: env.clickhouse_url,
+        }));
+        Ok(PrivateStack { dir, servers })
+    }
+
+    /// Stops one server (Postgres: fast shutdown; others: SIGTERM), keeping its data and ports.
+    pub fn stop(&self, server: Server) -> anyhow::Result<()> {
+        self.script(&["stop", "--only", &server.name()])
+    }
+
+    /// Starts every stopped server again, on the ports it had.
+    pub fn restart_stopped(&self) -> anyhow::Result<()> {
+        self.script(&["start", "--nats-cluster"])
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`, `KILL`) to a server's process.
+    pub fn signal(&self, server: Server, signal: &str) -> anyhow::Result<()> {
+        let pid_file = self.dir.join("run").join(format!("{}.pid", server.name()));
+        let pid = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?;
+        let status = Command::new("kill")
+            .args(["-s", signal, pid.trim()])
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -s {signal} {} failed", pid.trim());
+        Ok(())
+    }
+
+    fn script(&self, args: &[&str]) -> anyhow::Result<()> {
+        let output = Command::new(stack_script())
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .with_context(|| format!("running {}", stack_script().display()))?;
+        if !output.status.success() {
+            bail!(
+                "`scripts/stack {} --dir {}` failed ({}):\n{}{}",
+                args.join(" "),
+                self.dir.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

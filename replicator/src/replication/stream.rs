@@ -111,6 +111,16 @@ impl ReplicationStream {
                     self.server_done = true;
                     return Ok(None);
                 }
+                // A walsender told to stop (the server's smart or fast
+                // shutdown) ends the stream with CommandComplete ("COPY 0")
+                // and no CopyDone once everything was sent and confirmed
+                // (walsender.c, WalSndDone), then closes the connection.
+                // The stream ended; the caller reconnects.
+                Backend::Message(Message::CommandComplete(_)) => {
+                    tracing::info!("postgres ended the replication stream (server shutting down)");
+                    self.server_done = true;
+                    return Ok(None);
+                }
                 Backend::Message(Message::ErrorResponse(body)) => {
                     let e = ServerError::from_fields(body.fields())?;
                     return Err(ReplicationError::Server(Box::new(e)));

@@ -1,0 +1,183 @@
+//! Server outages under a running pipeline (the fault matrix of the README):
+//! ClickHouse stopped for 30 s, Postgres restarted with a fast shutdown, the
+//! NATS server frozen (SIGSTOP) for 10 s, one node of a 3-node cluster
+//! killed, the whole cluster restarted. Each ends with ClickHouse equal to
+//! Postgres, and where the buffer is involved with every chain 1..N exactly
+//! once.
+//!
+//! These tests stop and freeze servers, so they run on a private stack that
+//! this test binary starts for itself (not the servers other tests share),
+//! one test at a time.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sluice_integration::pipeline::{Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::stack::{PrivateStack, Server};
+use tokio::sync::{Mutex, MutexGuard};
+
+const CONVERGE: Duration = Duration::from_secs(180);
+
+/// The private stack, started by the first test that needs it.
+fn stack() -> &'static PrivateStack {
+    static STACK: OnceLock<PrivateStack> = OnceLock::new();
+    STACK.get_or_init(|| match PrivateStack::start() {
+        Ok(stack) => stack,
+        Err(e) => panic!("private server stack unavailable: {e:#}"),
+    })
+}
+
+/// One outage at a time: they share the private stack.
+async fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::const_new(());
+    LOCK.lock().await
+}
+
+async fn pipeline_with_items(name: &str, nats: Nats) -> anyhow::Result<Pipeline> {
+    let p = Pipeline::start_with(name, nats, stack().servers)
+        .await?
+        .expect("the private stack has a cluster");
+    p.pg()
+        .await?
+        .batch_execute(&format!(
+            "{}; CREATE PUBLICATION sluice FOR TABLE items;",
+            workload_table_sql("items")
+        ))
+        .await?;
+    Ok(p)
+}
+
+/// Runs small workload transactions on `items` until `until`, tolerating a
+/// Postgres that is away (reconnecting); returns the changes committed.
+fn background_workload(
+    p: &Pipeline,
+    until: Instant,
+    seed: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    let url = p.pg_url.clone();
+    tokio::spawn(async move {
+        let mut rng = Rng::new(seed);
+        let mut changes = 0;
+        let mut pg = None;
+        while Instant::now() < until {
+            if pg.is_none() {
+                pg = sluice_integration::Servers::pg_connect(&url).await.ok();
+            }
+            if let Some(client) = &pg {
+                match run_workload(client, "items", 5, 40, Rng::new(rng.next_u64())).await {
+                    Ok(n) => changes += n,
+                    // The server went away mid-transaction: that one rolled back.
+                    Err(_) if client.is_closed() => pg = None,
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(changes)
+    })
+}
+
+async fn last_sequence(p: &Pipeline) -> anyhow::Result<u64> {
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    Ok(stream.info().await?.state.last_sequence)
+}
+
+#[tokio::test]
+async fn clickhouse_down_for_30_s_loses_nothing() -> anyhow::Result<()> {
+    let _one = exclusive().await;
+    let mut p = pipeline_with_items("o_ch", Nats::Single).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let workload = background_workload(&p, Instant::now() + Duration::from_secs(36), 11);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack().stop(Server::ClickHouse)?;
+    let before = last_sequence(&p).await?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // JetStream kept buffering what the loader could not write.
+    let during = last_sequence(&p).await?;
+    stack().restart_stopped()?;
+    let changes = workload.await??;
+    assert!(
+        during > before,
+        "the stream grew while ClickHouse was down ({before} -> {during})"
+    );
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes; {}", reports[0]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn postgres_fast_restart_loses_nothing() -> anyhow::Result<()> {
+    let _one = exclusive().await;
+    let mut p = pipeline_with_items("o_pg", Nats::Single).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let workload = background_workload(&p, Instant::now() + Duration::from_secs(20), 12);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stack().stop(Server::Postgres)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack().restart_stopped()?;
+    let changes = workload.await??;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_frozen_for_10_s_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let _one = exclusive().await;
+    let mut p = pipeline_with_items("o_freeze", Nats::Single).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let workload = background_workload(&p, Instant::now() + Duration::from_secs(20), 13);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SIGSTOP: the TCP connections stay open but nothing answers, like a cut
+    // network; SIGCONT ends it.
+    stack().signal(Server::Nats, "STOP")?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stack().signal(Server::Nats, "CONT")?;
+    let changes = workload.await??;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_of_three_nats_nodes_killed_loses_nothing() -> anyhow::Result<()> {
+    let _one = exclusive().await;
+    let mut p = pipeline_with_items("o_node", Nats::Cluster).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let workload = background_workload(&p, Instant::now() + Duration::from_secs(20), 14);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stack().signal(Server::ClusterNode(2), "KILL")?;
+    let changes = workload.await??;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes with one node down; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+    stack().restart_stopped()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn whole_nats_cluster_restart_loses_nothing() -> anyhow::Result<()> {
+    let _one = exclusive().await;
+    let mut p = pipeline_with_items("o_cluster", Nats::Cluster).await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let workload = background_workload(&p, Instant::now() + Duration::from_secs(25), 15);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for node in 1..=3 {
+        stack().stop(Server::ClusterNode(node))?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack().restart_stopped()?;
+    let changes = workload.await??;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes across a cluster restart; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
