@@ -252,3 +252,70 @@ async fn replicator_killed_mid_resync_still_converges() -> anyhow::Result<()> {
     p.wait_until_equal(Duration::from_secs(240)).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn loader_killed_mid_resync_never_swaps_in_a_partial_table() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_lkill", &["items"]).await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "INSERT INTO items SELECT g, g, md5(g::text) FROM generate_series(1, 40000) g",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let servers = sluice_integration::Servers::get();
+    let count_sql = format!(
+        "SELECT count() FROM `{}`.items FINAL",
+        p.config.clickhouse_database()
+    );
+    let before: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
+    // Readers of the live table, all along: no row is deleted in Postgres,
+    // so a count below `before` would be a partial table swapped in.
+    let watcher = {
+        let count_sql = count_sql.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut minimum = u64::MAX;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let count: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
+                minimum = minimum.min(count);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(minimum)
+        });
+        (stop, task)
+    };
+    let mut resync = p.replicator_command(&["resync", "--no-wait", "--table", "public.items"])?;
+    assert!(resync.wait()?.success(), "resync request failed");
+    // Kill the loader while it fills the shadow table.
+    let shadow_sql = format!(
+        "EXISTS TABLE `{}`.items__sluice_resync",
+        p.config.clickhouse_database()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while servers.clickhouse_sql(&shadow_sql).await?.trim() != "1" {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the resync never created its shadow table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.kill_9_loader()?;
+    pg.batch_execute(
+        "UPDATE items SET v = -v WHERE id % 500 = 0; \
+         INSERT INTO items SELECT g, g, 'after kill' FROM generate_series(50001, 50100) g",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    watcher.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let minimum = watcher.1.await??;
+    assert!(
+        minimum >= before,
+        "readers saw {minimum} rows while the resync ran, {before} before it"
+    );
+    Ok(())
+}
