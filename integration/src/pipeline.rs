@@ -346,6 +346,24 @@ ack_wait = "30s"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The replicator's `/metrics` text.
+    pub async fn replicator_metrics(&self) -> anyhow::Result<String> {
+        scrape(&format!(
+            "http://{}/metrics",
+            self.config.replicator.metrics_listen
+        ))
+        .await
+    }
+
+    /// The loader's `/metrics` text.
+    pub async fn loader_metrics(&self) -> anyhow::Result<String> {
+        scrape(&format!(
+            "http://{}/metrics",
+            self.config.loader.metrics_listen
+        ))
+        .await
+    }
+
     /// Runs [`verify::verify`] once.
     pub async fn verify(&self) -> anyhow::Result<Vec<TableReport>> {
         Ok(verify::verify(&self.config, None).await?)
@@ -525,6 +543,36 @@ impl Drop for Pipeline {
             Err(_) => eprintln!("pipeline cleanup panicked"),
         }
     }
+}
+
+/// `GET url` (plain HTTP/1.0 on loopback) and returns the body.
+pub async fn scrape(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = url.trim_start_matches("http://");
+    let (host, path) = address.split_once('/').unwrap_or((address, ""));
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(response.clone(), |(_, body)| body.to_owned()))
+}
+
+/// The sum of the samples in Prometheus text `text` whose line starts with
+/// `name_and_labels` (e.g. `sluice_loaded_rows_total{table="public.t"`);
+/// `None` when there is no such sample.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A small deterministic PRNG (xorshift64*), so workloads need no extra crate.

@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sluice_integration::pipeline::{Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload, workload_table_sql};
 use sluice_integration::stack::{PrivateStack, Server};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -83,27 +83,124 @@ async fn last_sequence(p: &Pipeline) -> anyhow::Result<u64> {
     Ok(stream.info().await?.state.last_sequence)
 }
 
+/// Also the metrics test: every metric of a normal run exists on both
+/// endpoints and moves, and the loader's lag and backlog rise while it cannot
+/// write and fall once it can again.
 #[tokio::test]
 async fn clickhouse_down_for_30_s_loses_nothing() -> anyhow::Result<()> {
     let _one = exclusive().await;
     let mut p = pipeline_with_items("o_ch", Nats::Single).await?;
+    // Rows for the initial snapshot, and a date ClickHouse cannot hold.
+    p.pg()
+        .await?
+        .batch_execute(
+            "INSERT INTO items SELECT g, g, 'seed' FROM generate_series(1, 100) g;
+             CREATE TABLE odd (id int PRIMARY KEY, d date);
+             INSERT INTO odd VALUES (1, '1800-01-01');
+             ALTER PUBLICATION sluice ADD TABLE odd;",
+        )
+        .await?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let loaded_before = value(&p.loader_metrics().await?, "sluice_loaded_rows_total")?;
+
     let workload = background_workload(&p, Instant::now() + Duration::from_secs(36), 11);
     tokio::time::sleep(Duration::from_secs(3)).await;
     stack().stop(Server::ClickHouse)?;
     let before = last_sequence(&p).await?;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    // JetStream kept buffering what the loader could not write.
+    // JetStream kept buffering what the loader could not write, and the
+    // loader's metrics say so.
     let during = last_sequence(&p).await?;
+    let down = p.loader_metrics().await?;
     stack().restart_stopped()?;
     let changes = workload.await??;
     assert!(
         during > before,
         "the stream grew while ClickHouse was down ({before} -> {during})"
     );
+    let lag_down = value(&down, "sluice_loader_lag_seconds{table=\"public.items\"}")?;
+    assert!(
+        lag_down >= 15.0,
+        "loader lag while ClickHouse was down: {lag_down}"
+    );
+    assert!(value(&down, "sluice_loader_pending_messages")? > 0.0);
+    assert!(value(&down, "sluice_loader_batch_retries_total")? > 0.0);
+
     let reports = p.wait_until_equal(CONVERGE).await?;
     eprintln!("{changes} changes; {}", reports[0]);
+    // Caught up: the lag falls back to about the heartbeat interval.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lag_after = loop {
+        let lag = value(
+            &p.loader_metrics().await?,
+            "sluice_loader_lag_seconds{table=\"public.items\"}",
+        )?;
+        if lag < 5.0 || Instant::now() > deadline {
+            break lag;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        lag_after < 5.0,
+        "loader lag after recovery: {lag_after} (was {lag_down})"
+    );
+    check_metrics_exist(&p).await?;
+    let after = p.loader_metrics().await?;
+    assert!(value(&after, "sluice_loader_pending_messages")? < 10.0);
+    assert!(value(&after, "sluice_loaded_rows_total")? > loaded_before);
+    Ok(())
+}
+
+fn value(text: &str, name_and_labels: &str) -> anyhow::Result<f64> {
+    pipeline::metric(text, name_and_labels)
+        .ok_or_else(|| anyhow::anyhow!("metric {name_and_labels} missing:\n{text}"))
+}
+
+/// The metrics of the README that a run with a snapshot, changes and a
+/// clamped value produces, each with a plausible value.
+async fn check_metrics_exist(p: &Pipeline) -> anyhow::Result<()> {
+    let r = p.replicator_metrics().await?;
+    assert!(value(&r, "sluice_replication_slot_lag_bytes")? >= 0.0);
+    assert!(value(&r, "sluice_replicator_lag_seconds")? >= 0.0);
+    assert!(value(&r, "sluice_replicator_confirmed_lsn")? > 0.0);
+    assert!(value(&r, "sluice_published_packages_total")? > 0.0);
+    assert!(value(&r, "sluice_snapshot_rows_total{table=\"public.items\"}")? >= 100.0);
+    assert_eq!(
+        value(
+            &r,
+            "sluice_resyncs_total{table=\"public.items\",reason=\"initial\"}"
+        )?,
+        1.0
+    );
+    assert_eq!(
+        value(&r, "sluice_resync_in_progress{table=\"public.items\"}")?,
+        0.0
+    );
+    let l = p.loader_metrics().await?;
+    assert!(value(&l, "sluice_loader_lag_seconds")? >= 0.0);
+    assert!(value(&l, "sluice_loader_pending_messages")? >= 0.0);
+    assert!(
+        value(
+            &l,
+            "sluice_loaded_rows_total{table=\"public.items\",op=\"snapshot\"}"
+        )? >= 100.0
+    );
+    assert!(value(&l, "sluice_loader_batch_rows_count")? > 0.0);
+    assert!(value(&l, "sluice_clickhouse_insert_seconds_count")? > 0.0);
+    assert!(
+        value(
+            &l,
+            "sluice_loader_resyncs_completed_total{table=\"public.items\"}"
+        )? >= 1.0
+    );
+    assert!(
+        value(
+            &l,
+            "sluice_value_clamped_total{table=\"public.odd\",column=\"d\"}"
+        )? >= 1.0
+    );
     Ok(())
 }
 

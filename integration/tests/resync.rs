@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sluice_integration::pipeline::{Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{self, Pipeline, Rng, run_workload, workload_table_sql};
 
 const CONVERGE: Duration = Duration::from_secs(180);
 
@@ -20,25 +20,8 @@ async fn pipeline_with(name: &str, tables: &[&str]) -> anyhow::Result<Pipeline> 
     Ok(p)
 }
 
-async fn scrape(url: &str) -> anyhow::Result<String> {
-    // Plain HTTP/1.0 GET on loopback, no client library needed.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = url.trim_start_matches("http://");
-    let (host, path) = address.split_once('/').unwrap_or((address, ""));
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    stream
-        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
 fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    pipeline::metric(text, name_and_labels).unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -88,11 +71,7 @@ async fn lost_stream_messages_are_a_gap_that_a_resync_repairs() -> anyhow::Resul
 
     p.spawn_loader()?;
     p.wait_until_equal(CONVERGE).await?;
-    let metrics = scrape(&format!(
-        "http://{}/metrics",
-        p.config.loader.metrics_listen
-    ))
-    .await?;
+    let metrics = p.loader_metrics().await?;
     let gaps = metric(
         &metrics,
         "sluice_gaps_detected_total{table=\"public.items\"}",
@@ -132,11 +111,7 @@ async fn a_dropped_slot_resyncs_every_table() -> anyhow::Result<()> {
         .await?;
     p.spawn_replicator()?;
     p.wait_until_equal(CONVERGE).await?;
-    let metrics = scrape(&format!(
-        "http://{}/metrics",
-        p.config.replicator.metrics_listen
-    ))
-    .await?;
+    let metrics = p.replicator_metrics().await?;
     let resyncs = metric(
         &metrics,
         "sluice_resyncs_total{table=\"public.items\",reason=\"slot_lost\"}",
@@ -200,11 +175,7 @@ async fn manual_resync_under_load_never_shows_fewer_rows() -> anyhow::Result<()>
     loop {
         let count: u64 = servers.clickhouse_sql(&count_sql).await?.trim().parse()?;
         minimum = minimum.min(count);
-        let metrics = scrape(&format!(
-            "http://{}/metrics",
-            p.config.loader.metrics_listen
-        ))
-        .await?;
+        let metrics = p.loader_metrics().await?;
         if metric(
             &metrics,
             "sluice_loader_resyncs_completed_total{table=\"public.items\"}",

@@ -170,10 +170,7 @@ async fn run_once(
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         if last_pending_check.elapsed() > Duration::from_secs(2) {
-            let mut consumer = consumer.clone();
-            if let Ok(info) = consumer.info().await {
-                gauge!(m::PENDING_MESSAGES).set(info.num_pending as f64);
-            }
+            refresh_pending(&consumer).await;
             last_pending_check = std::time::Instant::now();
         }
         let fetch = consumer
@@ -214,6 +211,10 @@ async fn run_once(
                 Err(error) if error.is_transient() => {
                     counter!(m::BATCH_RETRIES).increment(1);
                     tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
+                    // The lag and backlog keep growing while ClickHouse is
+                    // away: that is when operators look at them.
+                    loader.update_lag();
+                    refresh_pending(&consumer).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -231,5 +232,14 @@ async fn run_once(
             last.double_ack().await.map_err(RunError::Ack)?;
         }
         loader.update_lag();
+    }
+}
+
+/// Sets `sluice_loader_pending_messages` from the consumer's info (left as it
+/// was when NATS does not answer within a second).
+async fn refresh_pending(consumer: &jetstream::consumer::Consumer<pull::Config>) {
+    let mut consumer = consumer.clone();
+    if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await {
+        gauge!(m::PENDING_MESSAGES).set(info.num_pending as f64);
     }
 }
