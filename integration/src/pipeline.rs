@@ -293,6 +293,11 @@ ack_wait = "30s"
         Ok(())
     }
 
+    /// The running replicator's process id.
+    pub fn replicator_pid(&self) -> Option<u32> {
+        self.replicator.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the replicator and reaps it.
     pub fn kill_9_replicator(&mut self) -> anyhow::Result<()> {
         kill_9(self.replicator.take())
@@ -353,6 +358,29 @@ ack_wait = "30s"
             self.config.replicator.metrics_listen
         ))
         .await
+    }
+
+    /// Waits until the replicator's `/readyz` answers 200: it holds the slot,
+    /// finished the initial snapshot and streams.
+    pub async fn wait_replicator_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let url = format!("http://{}/readyz", self.config.replicator.metrics_listen);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if let Ok(response) = http_get(&url).await
+                && response
+                    .lines()
+                    .next()
+                    .is_some_and(|status| status.contains(" 200"))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "replicator not ready after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The loader's `/metrics` text.
@@ -547,6 +575,14 @@ impl Drop for Pipeline {
 
 /// `GET url` (plain HTTP/1.0 on loopback) and returns the body.
 pub async fn scrape(url: &str) -> anyhow::Result<String> {
+    let response = http_get(url).await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(response.clone(), |(_, body)| body.to_owned()))
+}
+
+/// `GET url` and returns the whole response (status line, headers, body).
+async fn http_get(url: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = url.trim_start_matches("http://");
     let (host, path) = address.split_once('/').unwrap_or((address, ""));
@@ -558,9 +594,7 @@ pub async fn scrape(url: &str) -> anyhow::Result<String> {
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map_or(response.clone(), |(_, body)| body.to_owned()))
+    Ok(response)
 }
 
 /// The sum of the samples in Prometheus text `text` whose line starts with
