@@ -12,6 +12,10 @@
 //! When the window is full, [`Publisher::publish`] waits for the oldest ack,
 //! so back-pressure reaches the caller (and from there the replication socket)
 //! instead of the heap.
+//!
+//! A package larger than the server's `max_payload` goes out as consecutive
+//! chunks ([`crate::chunk`]); it counts as acknowledged (and releases marks
+//! after it) only once every chunk is.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -44,7 +48,11 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>
 
 /// What one entry of the window resolved to.
 enum Ack {
-    Package { duplicate: bool },
+    Package {
+        duplicate: bool,
+    },
+    /// A chunk of a package other than its last.
+    Chunk,
     Mark,
 }
 
@@ -55,6 +63,9 @@ pub struct Outgoing {
     /// `Nats-Msg-Id`, deterministic (see [`crate::topology::change_msg_id`]).
     pub msg_id: String,
     pub payload: Bytes,
+    /// `generation/sequence/commit_lsn/package_index/kind` of the package,
+    /// sent as [`crate::chunk::POSITION_HEADER`] when it must be chunked.
+    pub position: String,
 }
 
 /// Publishes with a bounded window of outstanding acks; see the module docs.
@@ -64,53 +75,93 @@ pub struct Publisher<M> {
     marks: VecDeque<M>,
     released: Vec<M>,
     max_in_flight: usize,
+    /// Largest payload of one message; bigger packages are chunked.
+    max_message_bytes: usize,
     duplicates: u64,
     published: u64,
 }
 
+/// Room left in a message for headers and protocol overhead.
+const HEADER_ROOM: usize = 16 * 1024;
+
 impl<M> Publisher<M> {
+    /// A publisher whose messages fit the `max_payload` the connected server
+    /// announced (1 MiB when it has not said yet).
     pub fn new(js: jetstream::Context, max_in_flight: usize) -> Self {
+        let max_payload = match js.client().server_info().max_payload {
+            0 => 1024 * 1024,
+            n => n,
+        };
+        Self::with_max_message_bytes(
+            js,
+            max_in_flight,
+            max_payload.saturating_sub(HEADER_ROOM).max(4096),
+        )
+    }
+
+    /// A publisher that chunks payloads above `max_message_bytes`.
+    pub fn with_max_message_bytes(
+        js: jetstream::Context,
+        max_in_flight: usize,
+        max_message_bytes: usize,
+    ) -> Self {
         Publisher {
             js,
             window: FuturesOrdered::new(),
             marks: VecDeque::new(),
             released: Vec::new(),
             max_in_flight: max_in_flight.max(1),
+            max_message_bytes: max_message_bytes.max(1),
             duplicates: 0,
             published: 0,
         }
     }
 
-    /// Sends one package; waits for the oldest ack first if the window is full.
+    /// Sends one package (as chunks when it is bigger than a message); waits
+    /// for the oldest ack first whenever the window is full.
     pub async fn publish(&mut self, message: Outgoing) -> Result<(), PublishError> {
-        while self.window.len() >= self.max_in_flight {
-            self.complete_one().await?;
-        }
-        let publish = PublishMessage::build()
-            .payload(message.payload)
-            .message_id(&message.msg_id)
-            .header(
-                sluice_proto::ENCODING_HEADER,
-                sluice_proto::Encoding::Zstd.as_str(),
-            )
-            .header(sluice_proto::FORMAT_HEADER, sluice_proto::FORMAT_PACKAGE_V1);
-        let subject = message.subject;
-        let ack = self
-            .js
-            .send_publish(subject.clone(), publish)
-            .await
-            .map_err(|source| PublishError::Send {
-                subject: subject.clone(),
-                source,
-            })?;
-        self.window.push_back(Box::pin(async move {
-            match ack.await {
-                Ok(ack) => Ok(Ack::Package {
-                    duplicate: ack.duplicate,
-                }),
-                Err(source) => Err(PublishError::Ack { subject, source }),
+        let parts = crate::chunk::split(&message.payload, self.max_message_bytes);
+        let count = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            while self.window.len() >= self.max_in_flight {
+                self.complete_one().await?;
             }
-        }));
+            let mut publish = PublishMessage::build()
+                .payload(part)
+                .header(
+                    sluice_proto::ENCODING_HEADER,
+                    sluice_proto::Encoding::Zstd.as_str(),
+                )
+                .header(sluice_proto::FORMAT_HEADER, sluice_proto::FORMAT_PACKAGE_V1);
+            if count == 1 {
+                publish = publish.message_id(&message.msg_id);
+            } else {
+                publish = publish
+                    .message_id(format!("{}/{}", message.msg_id, i + 1))
+                    .header(crate::chunk::CHUNK_HEADER, format!("{}/{count}", i + 1))
+                    .header(crate::chunk::PACKAGE_ID_HEADER, message.msg_id.as_str())
+                    .header(crate::chunk::POSITION_HEADER, message.position.as_str());
+            }
+            let last = i + 1 == count;
+            let subject = message.subject.clone();
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|source| PublishError::Send {
+                    subject: subject.clone(),
+                    source,
+                })?;
+            self.window.push_back(Box::pin(async move {
+                match ack.await {
+                    Ok(ack) if last => Ok(Ack::Package {
+                        duplicate: ack.duplicate,
+                    }),
+                    Ok(_) => Ok(Ack::Chunk),
+                    Err(source) => Err(PublishError::Ack { subject, source }),
+                }
+            }));
+        }
         Ok(())
     }
 
@@ -162,6 +213,7 @@ impl<M> Publisher<M> {
                     self.duplicates += 1;
                 }
             }
+            Ack::Chunk => {}
             Ack::Mark => {
                 if let Some(mark) = self.marks.pop_front() {
                     self.released.push(mark);

@@ -443,6 +443,7 @@ ack_wait = "30s"
         let control = format!("sluice.{}._control.", self.config.source);
         let mut chains: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
         let mut packages = 0;
+        let mut chunks = sluice_broker::chunk::Reassembler::default();
         for seq in first..=last {
             let message = match stream.get_raw_message(seq).await {
                 Ok(m) => m,
@@ -457,7 +458,14 @@ ack_wait = "30s"
                 .headers
                 .get(sluice_proto::ENCODING_HEADER)
                 .map(|v| v.as_str().to_owned());
-            let package = sluice_proto::decode(&message.payload, encoding.as_deref())
+            let payload = match chunks
+                .push(&message.subject, Some(&message.headers), &message.payload)
+                .with_context(|| format!("chunk headers of stream sequence {seq}"))?
+            {
+                sluice_broker::chunk::Piece::Whole(payload) => payload,
+                sluice_broker::chunk::Piece::Part => continue,
+            };
+            let package = sluice_proto::decode(&payload, encoding.as_deref())
                 .with_context(|| format!("decoding stream sequence {seq}"))?;
             let Some(position) = package.position else {
                 continue;

@@ -190,13 +190,28 @@ impl Loader {
         let mut heartbeat = None;
         let mut dead: Vec<(usize, &'static str, String)> = Vec::new();
         let mut gaps: Vec<TableName> = Vec::new();
+        let mut chunks = sluice_broker::chunk::Reassembler::default();
         for (index, message) in messages.iter().enumerate() {
             let encoding = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
                 .map(|v| v.as_str().to_owned());
-            let package = match sluice_proto::decode(&message.payload, encoding.as_deref()) {
+            // A package bigger than one message arrives as chunks; it is
+            // decoded at its last chunk (the caller holds back incomplete sets).
+            let payload = match chunks.push(
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                &message.payload,
+            ) {
+                Ok(sluice_broker::chunk::Piece::Whole(payload)) => payload,
+                Ok(sluice_broker::chunk::Piece::Part) => continue,
+                Err(error) => {
+                    dead.push((index, "decode", sluice_broker::error_chain(&error)));
+                    continue;
+                }
+            };
+            let package = match sluice_proto::decode(&payload, encoding.as_deref()) {
                 Ok(package) => package,
                 Err(error) => {
                     dead.push((index, "decode", sluice_broker::error_chain(&error)));

@@ -168,6 +168,9 @@ async fn run_once(
     tracing::info!(stream = %stream_name, consumer = %consumer_name, database = %loader.database(), "loading");
     loader.resume_interrupted().await;
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
+    // Chunks of a package whose last chunk has not been fetched yet.
+    let mut held: Vec<jetstream::Message> = Vec::new();
+    let mut held_since = std::time::Instant::now();
     loop {
         if last_pending_check.elapsed() > Duration::from_secs(2) {
             refresh_pending(&consumer).await;
@@ -183,7 +186,7 @@ async fn run_once(
             _ = shutdown.cancelled() => return Ok(()),
             batch = fetch => batch.map_err(|e| RunError::Fetch { stream: stream_name.clone(), source: Box::new(e) })?,
         };
-        let mut messages = Vec::new();
+        let mut messages = std::mem::take(&mut held);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -197,6 +200,17 @@ async fn run_once(
                     break;
                 }
                 None => break,
+            }
+        }
+        if held_since.elapsed() < INCOMPLETE_CHUNKS_WAIT {
+            held = hold_incomplete_chunks(&mut messages);
+        }
+        if held.is_empty() {
+            held_since = std::time::Instant::now();
+        } else {
+            // Keep them ours (no redelivery) until their set is complete.
+            for message in &held {
+                let _ = message.ack_with(jetstream::AckKind::Progress).await;
             }
         }
         if messages.is_empty() {
@@ -241,5 +255,29 @@ async fn refresh_pending(consumer: &jetstream::consumer::Consumer<pull::Config>)
     let mut consumer = consumer.clone();
     if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), consumer.info()).await {
         gauge!(m::PENDING_MESSAGES).set(info.num_pending as f64);
+    }
+}
+
+/// How long the chunks of an incomplete package are held back waiting for
+/// the rest; after that they are applied as they are (the incomplete package
+/// yields nothing, and its table's chain shows the gap).
+const INCOMPLETE_CHUNKS_WAIT: Duration = Duration::from_secs(60);
+
+/// Splits off the messages from the first chunk of a package whose last
+/// chunk is not in `messages` yet: they cannot be acknowledged (acks are
+/// cumulative) until the package is complete. Returns them, in order.
+fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>) -> Vec<jetstream::Message> {
+    let mut reassembler = sluice_broker::chunk::Reassembler::default();
+    for message in messages.iter() {
+        // Malformed chunk headers are the apply step's to report.
+        let _ = reassembler.push(
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            &message.payload,
+        );
+    }
+    match reassembler.oldest_open() {
+        Some(first) => messages.split_off(first),
+        None => Vec::new(),
     }
 }

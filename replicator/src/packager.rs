@@ -415,6 +415,7 @@ impl Packager {
         Outgoing {
             subject: topology::table_subject(&self.source, &package.schema, &package.table),
             msg_id,
+            position: sluice_broker::chunk::position_of(&package),
             payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
         }
     }

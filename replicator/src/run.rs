@@ -418,6 +418,14 @@ pub async fn last_package(
     // package and make the chain resume too early.
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(message) => {
+            match sluice_broker::chunk::parse(Some(&message.headers)) {
+                Ok(Some(chunk)) => return Ok(last_chunked_package(subject, &message, &chunk)),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(subject = %subject, error = %error, "last message on the subject has a bad chunk header; starting a new chain");
+                    return Ok(None);
+                }
+            }
             let encoding = message
                 .headers
                 .get(sluice_proto::ENCODING_HEADER)
@@ -443,6 +451,39 @@ pub async fn last_package(
             source,
         }),
     }
+}
+
+/// The resume point when the last message of a subject is a chunk (see
+/// `sluice_broker::chunk`), from its position header. The last chunk of a
+/// set means the whole package is in the stream. An earlier chunk means a
+/// publish was cut short (a crash): the package is not in the stream (its
+/// transaction was never confirmed, so it is replayed), and the chain
+/// resumes just before it, so the replay publishes it again under the same
+/// sequence and IDs.
+fn last_chunked_package(
+    subject: &str,
+    message: &async_nats::jetstream::message::StreamMessage,
+    chunk: &sluice_broker::chunk::ChunkInfo,
+) -> Option<v1::Package> {
+    let position = message
+        .headers
+        .get(sluice_broker::chunk::POSITION_HEADER)
+        .and_then(|v| sluice_broker::chunk::package_from_position(v.as_str()));
+    let Some(mut package) = position else {
+        tracing::error!(subject = %subject, "last chunk on the subject has no readable position header; starting a new chain");
+        return None;
+    };
+    if chunk.index < chunk.count {
+        let position = package.position.as_mut()?;
+        position.sequence = position.sequence.saturating_sub(1);
+        if package.package_index > 0 {
+            package.package_index -= 1;
+        } else {
+            package.commit_lsn = package.commit_lsn.saturating_sub(1);
+            package.package_index = u32::MAX;
+        }
+    }
+    Some(package)
 }
 
 /// Shared relation map handed to the stream: table name → relation.

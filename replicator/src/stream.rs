@@ -761,6 +761,7 @@ pub fn heartbeat_outgoing(source: &str, slot: &str, package: v1::Package) -> Out
     Outgoing {
         subject: topology::heartbeat_subject(source),
         msg_id: format!("{slot}:hb:{}", package.commit_time_us),
+        position: sluice_broker::chunk::position_of(&package),
         payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
     }
 }
