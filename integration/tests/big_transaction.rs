@@ -36,8 +36,13 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
         "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, {ROWS}) g"
     ))
     .await?;
+    // At or past the end of the transaction's commit record. (Not
+    // pg_current_wal_lsn(), the write position, which can lag behind it: the
+    // slot legitimately confirms up to the commit record's start while the
+    // transaction is still being decoded, since Postgres re-sends every
+    // transaction whose commit starts at or after the confirmed LSN.)
     let target: String = pg
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
     let slot = p.config.postgres.slot.clone();
