@@ -1,0 +1,134 @@
+//! Bad input gets one clear error and loses nothing (invariant 6), end to
+//! end with the real binaries: a malformed message in the stream, a table
+//! without a replica identity, a missing publication.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sluice_integration::pipeline::{self, Pipeline, Rng, run_workload, workload_table_sql};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+async fn wait_for_metric(
+    what: &str,
+    at_least: f64,
+    scrape: impl AsyncFn() -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let text = scrape().await?;
+        if pipeline::metric(&text, what).is_some_and(|v| v >= at_least) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what} never reached {at_least}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn poison_message_and_unreplicable_table_leave_healthy_tables_flowing() -> anyhow::Result<()>
+{
+    let mut p = Pipeline::start("bad_input").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{};
+         CREATE TABLE no_identity (v int);
+         INSERT INTO no_identity VALUES (1);
+         CREATE PUBLICATION sluice FOR TABLE items, no_identity;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 10, 20, Rng::new(21)).await?;
+
+    // The table without a usable replica identity is reported by name and
+    // skipped; the replicator keeps running.
+    wait_for_metric(
+        "sluice_replicator_table_errors{table=\"public.no_identity\"}",
+        1.0,
+        || p.replicator_metrics(),
+    )
+    .await?;
+    p.check_alive()?;
+
+    // A message on the healthy table's subject that is not a package.
+    let js = p.jetstream().await?;
+    let subject = sluice_broker::topology::table_subject(&p.name, "public", "items");
+    js.publish(subject.clone(), "not a package".into())
+        .await?
+        .await
+        .context("the stream did not take the poison message")?;
+    run_workload(&pg, "items", 10, 20, Rng::new(22)).await?;
+    wait_for_metric("sluice_dead_letters_total{reason=\"decode\"}", 1.0, || {
+        p.loader_metrics()
+    })
+    .await?;
+
+    // The healthy table converged past the poison message.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        p.check_alive()?;
+        let reports = sluice_loader::verify::verify(&p.config, Some("public.items")).await?;
+        if reports.iter().all(|r| r.is_equal()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "items never converged: {reports:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The poison message was copied to the dead-letter stream, with its reason.
+    let dead = js
+        .get_stream(format!("{}_DEAD_LETTERS", p.config.stream_name()))
+        .await?
+        .get_last_raw_message_by_subject(&sluice_broker::topology::dead_letter_subject(&p.name))
+        .await?;
+    assert_eq!(dead.payload.as_ref(), b"not a package");
+    assert_eq!(
+        dead.headers
+            .get("Sluice-Original-Subject")
+            .map(|v| v.as_str()),
+        Some(subject.as_str())
+    );
+    let metrics = p.loader_metrics().await?;
+    assert_eq!(
+        pipeline::metric(&metrics, "sluice_gaps_detected_total").unwrap_or(0.0),
+        0.0,
+        "a poison message is not a gap"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_publication_is_one_clear_error() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("no_pub").await?;
+    p.pg()
+        .await?
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await?;
+    let mut run = p.replicator_command(&["run"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = run.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            anyhow::bail!("the replicator kept running without its publication");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(p.dir.join("replicator-cli.1.log"))?;
+    assert_eq!(status.code(), Some(1), "runtime failure exit code:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("publication sluice does not exist"),
+        "the last line names the publication: {last}"
+    );
+    Ok(())
+}
