@@ -79,8 +79,15 @@ pub fn encode(package: &v1::Package, encoding: Encoding) -> Vec<u8> {
     let raw = package.encode_to_vec();
     match encoding {
         Encoding::Identity => raw,
-        // Compressing an in-memory buffer cannot fail short of allocation failure.
-        Encoding::Zstd => zstd::bulk::compress(&raw, ZSTD_LEVEL)
+        // With the frame's content checksum, a damaged payload is an error
+        // at decode time rather than a silently different package (protobuf
+        // itself has no checksum). Compressing an in-memory buffer cannot
+        // fail short of allocation failure.
+        Encoding::Zstd => zstd::bulk::Compressor::new(ZSTD_LEVEL)
+            .and_then(|mut compressor| {
+                compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                compressor.compress(&raw)
+            })
             .unwrap_or_else(|_| unreachable!("zstd compression of an in-memory buffer failed")),
     }
 }
