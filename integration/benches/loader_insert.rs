@@ -1,0 +1,285 @@
+//! Loader insert rate against a raw RowBinary INSERT, measured in the same run.
+//!
+//! N rows (`SLUICE_BENCH_ROWS`, default 1,000,000) are inserted in Postgres
+//! and published by the replicator into the stream (R1) while no loader runs;
+//! the replicator then stops. Then, timed one after the other:
+//!
+//! - baseline: the same N rows (same columns, same types, a ReplacingMergeTree
+//!   with the loader's engine and key) inserted with the `clickhouse` crate
+//!   (`#[derive(Row, Serialize)]`, RowBinary) in INSERTs of as many rows as one
+//!   loader batch holds (`batch_max_messages` x `package_max_rows` of the
+//!   harness config), followed by one `count() FINAL`;
+//! - sluice: `sluice-loader` started on the full stream, until
+//!   `SELECT count() FROM <db>.bench_rows FINAL` equals N (polled every 200 ms).
+//!   This includes creating the target table, pulling, decompressing and
+//!   decoding packages, the INSERTs and the loader's position writes.
+//!
+//! Prints rows/s of both and the ratio loader / raw.
+//!
+//! ```text
+//! set -a; . /tmp/sdev/stack/env; set +a
+//! cargo bench -p sluice-integration --bench loader_insert
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use sluice_broker::topology;
+use sluice_integration::clickhouse_sql;
+use sluice_integration::pipeline::{Pipeline, Rng};
+
+const TABLE: &str = "bench_rows";
+/// Rows per inserting Postgres transaction.
+const ROWS_PER_TRANSACTION: u64 = 100_000;
+const DEFAULT_ROWS: u64 = 1_000_000;
+
+/// One row as the loader stores it (`_sluice_synced_at` takes its default).
+#[derive(Debug, clickhouse::Row, Serialize)]
+struct RawRow {
+    id: i64,
+    v: i64,
+    s: Option<String>,
+    _sluice_version: u128,
+    _sluice_deleted: u8,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rows = rows_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
+    let mut p = Pipeline::start("bench_load").await?;
+    let (raw, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
+    let result = run(&mut p, &raw, &raw_db, rows).await;
+    let _ = p.stop_loader().await;
+    let _ = p.stop_replicator().await;
+    if let Err(e) = p
+        .servers()
+        .clickhouse_sql(&format!("DROP DATABASE IF EXISTS `{raw_db}`"))
+        .await
+    {
+        eprintln!("dropping clickhouse database {raw_db}: {e:#}");
+    }
+    if result.is_err() {
+        eprintln!(
+            "--- replicator log tail:\n{}\n--- loader log tail:\n{}",
+            p.log_tail("replicator", 30),
+            p.log_tail("loader", 30)
+        );
+    }
+    result
+}
+
+async fn run(
+    p: &mut Pipeline,
+    raw: &clickhouse::Client,
+    raw_db: &str,
+    rows: u64,
+) -> anyhow::Result<()> {
+    let batch_rows = p.config.loader.batch_max_messages * p.config.replicator.package_max_rows;
+    println!(
+        "config: package_max_rows = {}, batch_max_messages = {}, batch_max_bytes = {} \
+         => up to {batch_rows} rows per loader INSERT",
+        p.config.replicator.package_max_rows,
+        p.config.loader.batch_max_messages,
+        p.config.loader.batch_max_bytes
+    );
+
+    // Fill the stream with the replicator alone.
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
+         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    wait_for_heartbeat(p, Duration::from_secs(120)).await?;
+    let started = Instant::now();
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
+        pg.batch_execute(&format!(
+            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
+        ))
+        .await
+        .context("inserting the rows")?;
+        first = last + 1;
+    }
+    let end_lsn: String = pg
+        // The insert position: at or past the end of the last commit record.
+        // (pg_current_wal_lsn() is the write position, which can lag behind
+        // it and would end both sides before the last transaction.)
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    wait_for_confirmed(p, &end_lsn, Duration::from_secs(3600)).await?;
+    p.stop_replicator().await?;
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    let info = stream.info().await?;
+    println!(
+        "stream: {} messages, {:.1} MiB, filled in {:.1?} (insert + replicate)",
+        info.state.messages,
+        info.state.bytes as f64 / (1024.0 * 1024.0),
+        started.elapsed()
+    );
+
+    // (a) Baseline: raw RowBinary INSERTs of the same rows.
+    clickhouse_sql(
+        raw,
+        &format!(
+            "CREATE TABLE `{raw_db}`.{TABLE} (id Int64, v Int64, s Nullable(String), \
+             _sluice_version UInt128, _sluice_deleted UInt8, \
+             _sluice_synced_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             ENGINE = ReplacingMergeTree(_sluice_version, _sluice_deleted) ORDER BY (id)"
+        ),
+    )
+    .await?;
+    // Same shape as the Postgres rows: 32 hex characters of s, versions like
+    // commit_lsn << 64 | ordinal. Built before the clock starts.
+    let mut rng = Rng::new(7);
+    let lsn_base = 0x1_0000_0000u128;
+    let all: Vec<RawRow> = (1..=rows as i64)
+        .map(|id| RawRow {
+            id,
+            v: id * 7,
+            s: Some(format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())),
+            _sluice_version: ((lsn_base + (id as u128 / batch_rows as u128)) << 64) | id as u128,
+            _sluice_deleted: 0,
+        })
+        .collect();
+    let started = Instant::now();
+    let mut inserts = 0;
+    for chunk in all.chunks(batch_rows.max(1)) {
+        let mut insert = raw.insert::<RawRow>(TABLE).await?;
+        for row in chunk {
+            insert.write(row).await?;
+        }
+        insert.end().await.context("raw insert")?;
+        inserts += 1;
+    }
+    let raw_count = count_final(raw, &format!("`{raw_db}`.{TABLE}")).await?;
+    let baseline = started.elapsed();
+    anyhow::ensure!(
+        raw_count == rows,
+        "raw table holds {raw_count} rows, not {rows}"
+    );
+    drop(all);
+    wait_for_merges(raw, Duration::from_secs(60)).await;
+
+    // (b) The loader on the full stream.
+    let ch = p.servers().clickhouse();
+    let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
+    let started = Instant::now();
+    p.spawn_loader()?;
+    let deadline = started + Duration::from_secs(3600);
+    loop {
+        p.check_alive()?;
+        // The table does not exist until the loader created it.
+        if count_final(&ch, &target).await.unwrap_or(0) == rows {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{target} did not reach {rows} rows");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let loader = started.elapsed();
+    p.stop_loader().await?;
+
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    let (raw_rate, loader_rate) = (rate(baseline), rate(loader));
+    let ratio = loader_rate / raw_rate;
+    println!(
+        "raw RowBinary INSERT ({inserts} INSERTs of <= {batch_rows} rows): {:>8.2} s  {:>10.0} rows/s",
+        baseline.as_secs_f64(),
+        raw_rate
+    );
+    println!(
+        "sluice-loader (stream -> count() FINAL = N): {:>8.2} s  {:>10.0} rows/s",
+        loader.as_secs_f64(),
+        loader_rate
+    );
+    println!(
+        "ratio loader / raw: {ratio:.2} (target >= 0.50: {})",
+        if ratio >= 0.5 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+async fn count_final(ch: &clickhouse::Client, table: &str) -> anyhow::Result<u64> {
+    let text = clickhouse_sql(ch, &format!("SELECT count() FROM {table} FINAL")).await?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("count of {table}: {text:?}"))
+}
+
+/// Waits (best effort) until ClickHouse runs no merges, so the baseline's
+/// background merges do not slow the loader's run.
+async fn wait_for_merges(ch: &clickhouse::Client, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match clickhouse_sql(ch, "SELECT count() FROM system.merges").await {
+            Ok(n) if n.trim() == "0" => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls the stream until the replicator published its first heartbeat,
+/// which it does only once streaming started (after the initial snapshot).
+async fn wait_for_heartbeat(p: &mut Pipeline, timeout: Duration) -> anyhow::Result<()> {
+    let js = p.jetstream().await?;
+    let subject = topology::heartbeat_subject(&p.config.source);
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.check_alive()?;
+        if let Ok(stream) = js.get_stream(p.config.stream_name()).await
+            && stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no heartbeat from the replicator within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `pg_replication_slots` until the replicator's slot confirmed `lsn`.
+async fn wait_for_confirmed(p: &mut Pipeline, lsn: &str, timeout: Duration) -> anyhow::Result<()> {
+    let pg = p.pg().await?;
+    let slot = p.config.postgres.slot.clone();
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.check_alive()?;
+        let reached: Option<bool> = pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &slot],
+            )
+            .await?
+            .get(0);
+        if reached == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} did not confirm {lsn} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a row count")),
+        Err(_) => Ok(default),
+    }
+}

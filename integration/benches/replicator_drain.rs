@@ -1,0 +1,233 @@
+//! Replicator drain rate against `pg_recvlogical`, measured in the same run.
+//!
+//! A backlog of N inserted rows (`SLUICE_BENCH_ROWS`, default 1,000,000) waits
+//! in the WAL behind two slots: one of the replicator (created by a first run
+//! that finished the empty initial snapshot) and one of `pg_recvlogical`
+//! (created before the rows). Then, timed one after the other:
+//!
+//! - baseline: `pg_recvlogical --start` with pgoutput (proto v1, publication
+//!   `sluice`) writing to /dev/null until `--endpos`, the WAL position after
+//!   the last insert;
+//! - sluice: the restarted `sluice-replicator` until its slot's
+//!   `confirmed_flush_lsn` reaches that position. The replicator only confirms
+//!   what JetStream acknowledged (R1 stream), so this is the time to decode,
+//!   package, compress and durably publish every change.
+//!
+//! Prints rows/s of both and the ratio replicator / pg_recvlogical.
+//!
+//! ```text
+//! set -a; . /tmp/sdev/stack/env; set +a
+//! cargo bench -p sluice-integration --bench replicator_drain
+//! ```
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use sluice_broker::topology;
+use sluice_integration::Servers;
+use sluice_integration::pipeline::Pipeline;
+
+const TABLE: &str = "bench_rows";
+/// Rows per inserting transaction.
+const ROWS_PER_TRANSACTION: u64 = 100_000;
+const DEFAULT_ROWS: u64 = 1_000_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rows = rows_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
+    let pg_bin = pg_bin_dir();
+    let recvlogical = pg_bin.join("pg_recvlogical");
+    ensure!(
+        recvlogical.exists(),
+        "{} not found (set SLUICE_BENCH_PG_BIN to the Postgres bin directory)",
+        recvlogical.display()
+    );
+
+    let mut p = Pipeline::start("bench_drain").await?;
+    let recv_slot = format!("{}_recv", p.name);
+    let result = run(&mut p, rows, &recvlogical, &recv_slot).await;
+    // The pipeline's drop removes its own slot, database and stream; the
+    // baseline's slot is ours to drop (it would pin WAL on the shared server).
+    let _ = p.stop_replicator().await;
+    if let Err(e) = drop_slot(&recv_slot).await {
+        eprintln!("dropping slot {recv_slot}: {e:#}");
+    }
+    if result.is_err() {
+        eprintln!("--- replicator log tail:\n{}", p.log_tail("replicator", 30));
+    }
+    result
+}
+
+async fn run(
+    p: &mut Pipeline,
+    rows: u64,
+    recvlogical: &std::path::Path,
+    recv_slot: &str,
+) -> anyhow::Result<()> {
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
+         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
+    ))
+    .await?;
+
+    // First run: the replicator creates its slot and publishes the (empty)
+    // initial snapshot; the first heartbeat in the stream says it is done.
+    p.spawn_replicator()?;
+    wait_for_heartbeat(p, Duration::from_secs(120)).await?;
+    p.stop_replicator().await?;
+
+    // The baseline's slot, before the rows, so it sees the same backlog.
+    let status = Command::new(recvlogical)
+        .args(["-d", &p.pg_url, "--slot", recv_slot])
+        .args(["--create-slot", "-P", "pgoutput"])
+        .status()
+        .context("running pg_recvlogical --create-slot")?;
+    ensure!(status.success(), "pg_recvlogical --create-slot: {status}");
+
+    let started = Instant::now();
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
+        pg.batch_execute(&format!(
+            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
+        ))
+        .await
+        .context("inserting the backlog")?;
+        first = last + 1;
+    }
+    let end_lsn: String = pg
+        // The insert position: at or past the end of the last commit record.
+        // (pg_current_wal_lsn() is the write position, which can lag behind
+        // it and would end both sides before the last transaction.)
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    let wal_bytes: i64 = pg
+        .query_one(
+            "SELECT ($1::text::pg_lsn - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $2",
+            &[&end_lsn, &p.name],
+        )
+        .await?
+        .get(0);
+    println!(
+        "backlog: {rows} rows in {} transactions, {:.1} MiB of WAL, inserted in {:.1?}; end LSN {end_lsn}",
+        rows.div_ceil(ROWS_PER_TRANSACTION),
+        wal_bytes as f64 / (1024.0 * 1024.0),
+        started.elapsed()
+    );
+
+    // (a) pg_recvlogical to the end LSN.
+    let started = Instant::now();
+    let status = Command::new(recvlogical)
+        .args(["-d", &p.pg_url, "--slot", recv_slot, "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=sluice"])
+        .arg(format!("--endpos={end_lsn}"))
+        .args(["-f", "/dev/null"])
+        .status()
+        .context("running pg_recvlogical --start")?;
+    let baseline = started.elapsed();
+    ensure!(status.success(), "pg_recvlogical --start: {status}");
+
+    // (b) the replicator, from its confirmed LSN to the end LSN.
+    let started = Instant::now();
+    p.spawn_replicator()?;
+    wait_for_confirmed(p, &end_lsn, Duration::from_secs(3600)).await?;
+    let sluice = started.elapsed();
+    p.stop_replicator().await?;
+
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    let (baseline_rate, sluice_rate) = (rate(baseline), rate(sluice));
+    let ratio = sluice_rate / baseline_rate;
+    println!(
+        "pg_recvlogical (pgoutput -> /dev/null): {:>8.2} s  {:>10.0} rows/s",
+        baseline.as_secs_f64(),
+        baseline_rate
+    );
+    println!(
+        "sluice-replicator (-> JetStream R1, confirmed): {:>8.2} s  {:>10.0} rows/s",
+        sluice.as_secs_f64(),
+        sluice_rate
+    );
+    println!(
+        "ratio replicator / pg_recvlogical: {ratio:.2} (target >= 0.70: {})",
+        if ratio >= 0.7 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+/// Polls the stream until the replicator published its first heartbeat,
+/// which it does only once streaming started (after the initial snapshot).
+async fn wait_for_heartbeat(p: &mut Pipeline, timeout: Duration) -> anyhow::Result<()> {
+    let js = p.jetstream().await?;
+    let subject = topology::heartbeat_subject(&p.config.source);
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.check_alive()?;
+        if let Ok(stream) = js.get_stream(p.config.stream_name()).await
+            && stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no heartbeat from the replicator within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `pg_replication_slots` until the replicator's slot confirmed `lsn`.
+async fn wait_for_confirmed(p: &mut Pipeline, lsn: &str, timeout: Duration) -> anyhow::Result<()> {
+    let pg = p.pg().await?;
+    let slot = p.config.postgres.slot.clone();
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.check_alive()?;
+        let reached: Option<bool> = pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &slot],
+            )
+            .await?
+            .get(0);
+        if reached == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} did not confirm {lsn} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn drop_slot(slot: &str) -> anyhow::Result<()> {
+    let admin = Servers::pg_connect(&Servers::get().pg_url).await?;
+    admin
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
+
+fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a row count")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn pg_bin_dir() -> PathBuf {
+    std::env::var_os("SLUICE_BENCH_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}

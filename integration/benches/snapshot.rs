@@ -1,0 +1,163 @@
+//! Initial snapshot rate against a plain `COPY … TO STDOUT`, measured in the
+//! same run.
+//!
+//! A table of M rows (`SLUICE_BENCH_SNAPSHOT_ROWS`, default 5,000,000) exists
+//! before the replicator ever ran. Then, timed one after the other:
+//!
+//! - baseline: `COPY bench_rows TO STDOUT` (text) read to the end by
+//!   tokio-postgres and thrown away, after one untimed `count(*)` that warms
+//!   the buffer cache for both sides;
+//! - sluice: `sluice-replicator` started on a fresh slot, until the initial
+//!   snapshot is fully acknowledged by JetStream (R1): the first heartbeat in
+//!   the stream, which the replicator publishes only after the snapshot's
+//!   publisher was flushed. The time of the "snapshot published" log line
+//!   (the end marker queued) is printed too.
+//!
+//! Prints rows/s of both and the ratio snapshot / COPY.
+//!
+//! ```text
+//! set -a; . /tmp/sdev/stack/env; set +a
+//! cargo bench -p sluice-integration --bench snapshot
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
+use sluice_broker::topology;
+use sluice_integration::pipeline::Pipeline;
+
+const TABLE: &str = "bench_rows";
+/// Rows per inserting transaction.
+const ROWS_PER_TRANSACTION: u64 = 500_000;
+const DEFAULT_ROWS: u64 = 5_000_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rows = rows_from_env("SLUICE_BENCH_SNAPSHOT_ROWS", DEFAULT_ROWS)?;
+    let mut p = Pipeline::start("bench_snapshot").await?;
+    let result = run(&mut p, rows).await;
+    let _ = p.stop_replicator().await;
+    if result.is_err() {
+        eprintln!("--- replicator log tail:\n{}", p.log_tail("replicator", 30));
+    }
+    result
+}
+
+async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
+         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
+    ))
+    .await?;
+    let started = Instant::now();
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
+        pg.batch_execute(&format!(
+            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
+        ))
+        .await
+        .context("inserting the rows")?;
+        first = last + 1;
+    }
+    pg.batch_execute(&format!("VACUUM ANALYZE {TABLE}")).await?;
+    let size: String = pg
+        .query_one(
+            "SELECT pg_size_pretty(pg_table_size($1::text::regclass))",
+            &[&TABLE],
+        )
+        .await?
+        .get(0);
+    println!(
+        "table: {rows} rows, {size}, inserted in {:.1?}",
+        started.elapsed()
+    );
+
+    // (a) Baseline: COPY TO STDOUT, read and dropped.
+    let _: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM {TABLE}"), &[])
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let copy = pg
+        .copy_out(&format!("COPY {TABLE} TO STDOUT"))
+        .await
+        .context("starting COPY")?;
+    let mut copy = std::pin::pin!(copy);
+    let mut bytes = 0usize;
+    while let Some(chunk) = copy.next().await {
+        bytes += chunk.context("reading COPY")?.len();
+    }
+    let baseline = started.elapsed();
+    println!(
+        "COPY TO STDOUT: {:.1} MiB of text",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+
+    // (b) The replicator's initial snapshot, until acknowledged.
+    let js = p.jetstream().await?;
+    let heartbeat = topology::heartbeat_subject(&p.config.source);
+    let log = p.dir.join("replicator.1.log");
+    let started = Instant::now();
+    p.spawn_replicator()?;
+    let deadline = started + Duration::from_secs(3600);
+    let mut published_line = None;
+    loop {
+        p.check_alive()?;
+        if published_line.is_none()
+            && std::fs::read_to_string(&log)
+                .map(|t| t.contains("snapshot published"))
+                .unwrap_or(false)
+        {
+            published_line = Some(started.elapsed());
+        }
+        if let Ok(stream) = js.get_stream(p.config.stream_name()).await
+            && stream
+                .get_last_raw_message_by_subject(&heartbeat)
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the snapshot was not acknowledged within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sluice = started.elapsed();
+    p.stop_replicator().await?;
+
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    let (copy_rate, sluice_rate) = (rate(baseline), rate(sluice));
+    let ratio = sluice_rate / copy_rate;
+    println!(
+        "COPY TO STDOUT (tokio-postgres, discarded): {:>8.2} s  {:>10.0} rows/s",
+        baseline.as_secs_f64(),
+        copy_rate
+    );
+    if let Some(at) = published_line {
+        println!(
+            "sluice-replicator \"snapshot published\" log line after {:.2} s",
+            at.as_secs_f64()
+        );
+    }
+    println!(
+        "sluice-replicator initial snapshot (-> JetStream R1, acknowledged): {:>8.2} s  {:>10.0} rows/s",
+        sluice.as_secs_f64(),
+        sluice_rate
+    );
+    println!("ratio snapshot / COPY: {ratio:.2}");
+    Ok(())
+}
+
+fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a row count")),
+        Err(_) => Ok(default),
+    }
+}
