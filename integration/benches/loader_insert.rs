@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use sluice_broker::topology;
 use sluice_integration::clickhouse_sql;
 use sluice_integration::pipeline::{Pipeline, Rng};
 
@@ -46,7 +45,7 @@ struct RawRow {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rows = rows_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
+    let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_load").await?;
     let (raw, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
     let result = run(&mut p, &raw, &raw_db, rows).await;
@@ -92,7 +91,7 @@ async fn run(
     ))
     .await?;
     p.spawn_replicator()?;
-    wait_for_heartbeat(p, Duration::from_secs(120)).await?;
+    p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     let started = Instant::now();
     let mut first = 1u64;
     while first <= rows {
@@ -111,7 +110,8 @@ async fn run(
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
-    wait_for_confirmed(p, &end_lsn, Duration::from_secs(3600)).await?;
+    p.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
+        .await?;
     p.stop_replicator().await?;
     let js = p.jetstream().await?;
     let mut stream = js.get_stream(p.config.stream_name()).await?;
@@ -224,62 +224,5 @@ async fn wait_for_merges(ch: &clickhouse::Client, timeout: Duration) {
             Err(_) => return,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Polls the stream until the replicator published its first heartbeat,
-/// which it does only once streaming started (after the initial snapshot).
-async fn wait_for_heartbeat(p: &mut Pipeline, timeout: Duration) -> anyhow::Result<()> {
-    let js = p.jetstream().await?;
-    let subject = topology::heartbeat_subject(&p.config.source);
-    let deadline = Instant::now() + timeout;
-    loop {
-        p.check_alive()?;
-        if let Ok(stream) = js.get_stream(p.config.stream_name()).await
-            && stream
-                .get_last_raw_message_by_subject(&subject)
-                .await
-                .is_ok()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no heartbeat from the replicator within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Polls `pg_replication_slots` until the replicator's slot confirmed `lsn`.
-async fn wait_for_confirmed(p: &mut Pipeline, lsn: &str, timeout: Duration) -> anyhow::Result<()> {
-    let pg = p.pg().await?;
-    let slot = p.config.postgres.slot.clone();
-    let deadline = Instant::now() + timeout;
-    loop {
-        p.check_alive()?;
-        let reached: Option<bool> = pg
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&lsn, &slot],
-            )
-            .await?
-            .get(0);
-        if reached == Some(true) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("slot {slot} did not confirm {lsn} within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(var) {
-        Ok(v) => v
-            .replace(['_', ','], "")
-            .parse()
-            .with_context(|| format!("{var}={v:?} is not a row count")),
-        Err(_) => Ok(default),
     }
 }

@@ -24,8 +24,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
-use sluice_broker::topology;
+use anyhow::{Context as _, ensure};
 use sluice_integration::Servers;
 use sluice_integration::pipeline::Pipeline;
 
@@ -36,7 +35,7 @@ const DEFAULT_ROWS: u64 = 1_000_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rows = rows_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
+    let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let pg_bin = pg_bin_dir();
     let recvlogical = pg_bin.join("pg_recvlogical");
     ensure!(
@@ -76,7 +75,7 @@ async fn run(
     // First run: the replicator creates its slot and publishes the (empty)
     // initial snapshot; the first heartbeat in the stream says it is done.
     p.spawn_replicator()?;
-    wait_for_heartbeat(p, Duration::from_secs(120)).await?;
+    p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     p.stop_replicator().await?;
 
     // The baseline's slot, before the rows, so it sees the same backlog.
@@ -134,7 +133,8 @@ async fn run(
     // (b) the replicator, from its confirmed LSN to the end LSN.
     let started = Instant::now();
     p.spawn_replicator()?;
-    wait_for_confirmed(p, &end_lsn, Duration::from_secs(3600)).await?;
+    p.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
+        .await?;
     let sluice = started.elapsed();
     p.stop_replicator().await?;
 
@@ -158,53 +158,6 @@ async fn run(
     Ok(())
 }
 
-/// Polls the stream until the replicator published its first heartbeat,
-/// which it does only once streaming started (after the initial snapshot).
-async fn wait_for_heartbeat(p: &mut Pipeline, timeout: Duration) -> anyhow::Result<()> {
-    let js = p.jetstream().await?;
-    let subject = topology::heartbeat_subject(&p.config.source);
-    let deadline = Instant::now() + timeout;
-    loop {
-        p.check_alive()?;
-        if let Ok(stream) = js.get_stream(p.config.stream_name()).await
-            && stream
-                .get_last_raw_message_by_subject(&subject)
-                .await
-                .is_ok()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no heartbeat from the replicator within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Polls `pg_replication_slots` until the replicator's slot confirmed `lsn`.
-async fn wait_for_confirmed(p: &mut Pipeline, lsn: &str, timeout: Duration) -> anyhow::Result<()> {
-    let pg = p.pg().await?;
-    let slot = p.config.postgres.slot.clone();
-    let deadline = Instant::now() + timeout;
-    loop {
-        p.check_alive()?;
-        let reached: Option<bool> = pg
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&lsn, &slot],
-            )
-            .await?
-            .get(0);
-        if reached == Some(true) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("slot {slot} did not confirm {lsn} within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn drop_slot(slot: &str) -> anyhow::Result<()> {
     let admin = Servers::pg_connect(&Servers::get().pg_url).await?;
     admin
@@ -214,16 +167,6 @@ async fn drop_slot(slot: &str) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
-}
-
-fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(var) {
-        Ok(v) => v
-            .replace(['_', ','], "")
-            .parse()
-            .with_context(|| format!("{var}={v:?} is not a row count")),
-        Err(_) => Ok(default),
-    }
 }
 
 fn pg_bin_dir() -> PathBuf {

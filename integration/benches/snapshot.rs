@@ -34,7 +34,8 @@ const DEFAULT_ROWS: u64 = 5_000_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rows = rows_from_env("SLUICE_BENCH_SNAPSHOT_ROWS", DEFAULT_ROWS)?;
+    let rows =
+        sluice_integration::pipeline::count_from_env("SLUICE_BENCH_SNAPSHOT_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_snapshot").await?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
@@ -150,14 +151,4 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     );
     println!("ratio snapshot / COPY: {ratio:.2}");
     Ok(())
-}
-
-fn rows_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(var) {
-        Ok(v) => v
-            .replace(['_', ','], "")
-            .parse()
-            .with_context(|| format!("{var}={v:?} is not a row count")),
-        Err(_) => Ok(default),
-    }
 }

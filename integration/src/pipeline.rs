@@ -383,6 +383,60 @@ ack_wait = "30s"
         }
     }
 
+    /// Polls the stream until the replicator published its first heartbeat,
+    /// which it does only once streaming started (after the initial snapshot).
+    pub async fn wait_for_heartbeat(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let js = self.jetstream().await?;
+        let subject = sluice_broker::topology::heartbeat_subject(&self.config.source);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if let Ok(stream) = js.get_stream(self.config.stream_name()).await
+                && stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no heartbeat from the replicator within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `pg_replication_slots` until the replicator's slot confirmed
+    /// `lsn` (which the replicator does only for what JetStream acknowledged).
+    pub async fn wait_slot_confirmed(
+        &mut self,
+        lsn: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let pg = self.pg().await?;
+        let slot = self.config.postgres.slot.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let reached: Option<bool> = pg
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&lsn, &slot],
+                )
+                .await?
+                .get(0);
+            if reached == Some(true) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "slot {slot} did not confirm {lsn} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The loader's `/metrics` text.
     pub async fn loader_metrics(&self) -> anyhow::Result<String> {
         scrape(&format!(
@@ -615,6 +669,18 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// A count from environment variable `var` (`1_000_000` and `1,000,000`
+/// accepted), else `default`.
+pub fn count_from_env(var: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a count")),
+        Err(_) => Ok(default),
+    }
 }
 
 /// A small deterministic PRNG (xorshift64*), so workloads need no extra crate.
