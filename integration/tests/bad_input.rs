@@ -16,7 +16,8 @@ async fn wait_for_metric(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let text = scrape().await?;
+        // The endpoint is not listening until the process has started.
+        let text = scrape().await.unwrap_or_default();
         if pipeline::metric(&text, what).is_some_and(|v| v >= at_least) {
             return Ok(());
         }

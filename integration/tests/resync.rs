@@ -290,3 +290,45 @@ async fn loader_killed_mid_resync_never_swaps_in_a_partial_table() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_purged_stream_is_a_gap_on_every_table_that_a_resync_repairs() -> anyhow::Result<()> {
+    let mut p = pipeline_with("r_purge", &["items", "other"]).await?;
+    let pg = p.pg().await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 10, 20, Rng::new(31)).await?;
+    run_workload(&pg, "other", 5, 10, Rng::new(32)).await?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    // The buffer loses everything the loader had not read yet.
+    p.stop_loader().await?;
+    run_workload(&pg, "items", 10, 20, Rng::new(33)).await?;
+    run_workload(&pg, "other", 5, 10, Rng::new(34)).await?;
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    let published = stream.info().await?.state.last_sequence;
+    // Wait until those changes are in the stream, then purge it.
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.info().await?.state.last_sequence > published {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.purge().await?;
+    // Later changes on both tables reveal the break in their chains.
+    run_workload(&pg, "items", 2, 5, Rng::new(35)).await?;
+    run_workload(&pg, "other", 2, 5, Rng::new(36)).await?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let metrics = p.loader_metrics().await?;
+    for table in ["public.items", "public.other"] {
+        let gaps = metric(
+            &metrics,
+            &format!("sluice_gaps_detected_total{{table=\"{table}\"}}"),
+        );
+        assert!(gaps >= 1.0, "gap counted for {table}: {gaps}");
+    }
+    Ok(())
+}
