@@ -126,10 +126,17 @@ async fn a_missing_publication_is_one_clear_error() -> anyhow::Result<()> {
     };
     let log = std::fs::read_to_string(p.dir.join("replicator-cli.1.log"))?;
     assert_eq!(status.code(), Some(1), "runtime failure exit code:\n{log}");
-    let last = log.lines().last().unwrap_or_default();
+    // The exit message is one line of its own; a log line of a task still
+    // shutting down may land after it in the shared log file.
+    let exit_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("sluice-replicator: "))
+        .collect();
+    assert_eq!(exit_lines.len(), 1, "one exit message:\n{log}");
     assert!(
-        last.contains("publication sluice does not exist"),
-        "the last line names the publication: {last}"
+        exit_lines[0].contains("publication sluice does not exist"),
+        "the exit message names the publication: {}",
+        exit_lines[0]
     );
     Ok(())
 }
