@@ -213,6 +213,18 @@ ack_wait = "30s"
         }))
     }
 
+    /// Creates one [`workload_table_sql`] table per name and the publication
+    /// `sluice` of exactly those tables.
+    pub async fn publish_workload_tables(&self, tables: &[&str]) -> anyhow::Result<()> {
+        let mut sql: Vec<String> = tables.iter().map(|t| workload_table_sql(t)).collect();
+        sql.push(format!(
+            "CREATE PUBLICATION sluice FOR TABLE {}",
+            tables.join(", ")
+        ));
+        self.pg().await?.batch_execute(&sql.join(";")).await?;
+        Ok(())
+    }
+
     /// The servers this pipeline runs on.
     pub fn servers(&self) -> &'static Servers {
         self.servers
@@ -232,20 +244,29 @@ ack_wait = "30s"
         Ok(jetstream::new(client))
     }
 
-    fn spawn(&mut self, which: &'static str) -> anyhow::Result<Child> {
+    /// Starts `sluice-replicator` (`which == "replicator"`) or `sluice-loader`
+    /// with `args` and this pipeline's config; output goes to
+    /// `<log>.N.log` in the pipeline's directory.
+    fn spawn_logged(
+        &mut self,
+        which: &'static str,
+        log: &'static str,
+        args: &[&str],
+    ) -> anyhow::Result<Child> {
         let binaries = binaries()?;
         let bin = if which == "replicator" {
             &binaries.replicator
         } else {
             &binaries.loader
         };
-        let run = self.runs.entry(which).or_default();
+        let run = self.runs.entry(log).or_default();
         *run += 1;
-        let log_path = self.dir.join(format!("{which}.{run}.log"));
+        let log_path = self.dir.join(format!("{log}.{run}.log"));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(bin)
-            .args(["run", "--config"])
+        Command::new(bin)
+            .args(args)
+            .arg("--config")
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
@@ -255,28 +276,17 @@ ack_wait = "30s"
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(child)
+            .with_context(|| format!("starting {}", bin.display()))
+    }
+
+    fn spawn(&mut self, which: &'static str) -> anyhow::Result<Child> {
+        self.spawn_logged(which, which, &["run"])
     }
 
     /// Runs another `sluice-replicator` command (e.g. `resync`) against this
     /// pipeline's config; output goes to `replicator-cli.N.log`.
     pub fn replicator_command(&mut self, args: &[&str]) -> anyhow::Result<Child> {
-        let binaries = binaries()?;
-        let run = self.runs.entry("replicator-cli").or_default();
-        *run += 1;
-        let log_path = self.dir.join(format!("replicator-cli.{run}.log"));
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        Command::new(&binaries.replicator)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binaries.replicator.display()))
+        self.spawn_logged("replicator", "replicator-cli", args)
     }
 
     /// Starts `sluice-replicator run` (which must not be running).

@@ -114,8 +114,7 @@ impl PrivateStack {
     /// Starts Postgres, NATS (single node and cluster) and ClickHouse in a new temporary
     /// directory; they die with this process.
     pub fn start() -> anyhow::Result<PrivateStack> {
-        let env = start_for_this_process_in()?;
-        let (dir, env) = env;
+        let (dir, env) = start_for_this_process_in()?;
         let servers = Box::leak(Box::new(crate::Servers {
             pg_url: env.pg_url,
             nats_url: env.nats_url,

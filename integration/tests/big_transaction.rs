@@ -45,26 +45,9 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
-    let slot = p.config.postgres.slot.clone();
     let started = Instant::now();
-    loop {
-        p.check_alive()?;
-        let done: bool = pg
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot, &target],
-            )
-            .await?
-            .get(0);
-        if done {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "the transaction was not confirmed within 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    p.wait_slot_confirmed(&target, Duration::from_secs(600))
+        .await?;
     let pid = p.replicator_pid().context("replicator not running")?;
     let peak = peak_rss_kb(pid)?;
     let metrics = p.replicator_metrics().await?;

@@ -11,19 +11,13 @@
 
 use std::time::Duration;
 
-use sluice_integration::pipeline::{Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{Pipeline, Rng, run_workload};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
 async fn pipeline_with_items(name: &str) -> anyhow::Result<Pipeline> {
     let p = Pipeline::start(name).await?;
-    p.pg()
-        .await?
-        .batch_execute(&format!(
-            "{}; CREATE PUBLICATION sluice FOR TABLE items;",
-            workload_table_sql("items")
-        ))
-        .await?;
+    p.publish_workload_tables(&["items"]).await?;
     Ok(p)
 }
 

@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload};
 use sluice_integration::stack::{PrivateStack, Server};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -37,13 +37,7 @@ async fn pipeline_with_items(name: &str, nats: Nats) -> anyhow::Result<Pipeline>
     let p = Pipeline::start_with(name, nats, stack().servers)
         .await?
         .expect("the private stack has a cluster");
-    p.pg()
-        .await?
-        .batch_execute(&format!(
-            "{}; CREATE PUBLICATION sluice FOR TABLE items;",
-            workload_table_sql("items")
-        ))
-        .await?;
+    p.publish_workload_tables(&["items"]).await?;
     Ok(p)
 }
 

@@ -5,18 +5,13 @@
 
 use std::time::Duration;
 
-use sluice_integration::pipeline::{self, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{self, Pipeline, Rng, run_workload};
 
 const CONVERGE: Duration = Duration::from_secs(180);
 
 async fn pipeline_with(name: &str, tables: &[&str]) -> anyhow::Result<Pipeline> {
     let p = Pipeline::start(name).await?;
-    let mut sql: Vec<String> = tables.iter().map(|t| workload_table_sql(t)).collect();
-    sql.push(format!(
-        "CREATE PUBLICATION sluice FOR TABLE {}",
-        tables.join(", ")
-    ));
-    p.pg().await?.batch_execute(&sql.join(";")).await?;
+    p.publish_workload_tables(tables).await?;
     Ok(p)
 }
 
