@@ -29,9 +29,11 @@ CONFIG = """<clickhouse>
 </clickhouse>
 """
 
-# ~31 years of sleeping: one row per second, no per-block cap, no execution time limit.
+# ~31 years of sleeping: one row per second, no per-block cap, no execution time limit. The
+# aggregate must read the function's value: `count()` over the same subquery never calls
+# sleepEachRow and just counts a billion one-row blocks, which kept a core 60% busy.
 SLEEP_FOREVER = (
-    "SELECT count() FROM (SELECT sleepEachRow(1) FROM numbers(1000000000)) "
+    "SELECT max(sleepEachRow(1)) FROM numbers(1000000000) "
     "SETTINGS function_sleep_max_microseconds_per_block = 0, "
     "max_execution_time = 0, max_block_size = 1"
 )
