@@ -162,10 +162,12 @@ impl Reassembler {
             }
             return Ok(Piece::Whole(payload.clone()));
         };
-        let continues = self
-            .open
-            .get(subject)
-            .is_some_and(|o| o.package_id == chunk.package_id && o.next == chunk.index);
+        // The count must match too: a package re-split with another message
+        // size after a crash (its first parts deduplicated by the server)
+        // must not complete the old set with parts of the new one.
+        let continues = self.open.get(subject).is_some_and(|o| {
+            o.package_id == chunk.package_id && o.count == chunk.count && o.next == chunk.index
+        });
         if !continues {
             if self.open.remove(subject).is_some() {
                 self.abandoned += 1;
@@ -273,6 +275,26 @@ mod tests {
             Piece::Part
         );
         assert_eq!(r.oldest_open(), None);
+    }
+
+    #[test]
+    fn a_part_of_another_split_does_not_complete_a_set() {
+        // Found by the fuzz target `chunk`: 2/5 used to complete a set opened by 1/2.
+        let mut r = Reassembler::default();
+        let part = Bytes::from_static(b"x");
+        assert_eq!(
+            r.push("a", Some(&headers(1, 2, "p")), &part).unwrap(),
+            Piece::Part
+        );
+        for i in 2..=5 {
+            assert_eq!(
+                r.push("a", Some(&headers(i, 5, "p")), &part).unwrap(),
+                Piece::Part,
+                "part {i}/5"
+            );
+        }
+        assert_eq!(r.oldest_open(), None);
+        assert_eq!(r.abandoned(), 5);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The package decoder takes untrusted bytes from the stream: whatever they
 //! are, it returns a typed error (never a panic), and a damaged zstd frame
 //! is an error, never a silently different package. A bounded, seeded run
-//! that CI executes on every change; the libFuzzer target in
-//! `replicator/fuzz` explores further where nightly Rust is available.
+//! that CI executes on every change; the cargo-fuzz target `package` in
+//! `fuzz/` explores further (`scripts/fuzz` runs it, on stable Rust).
 
 use sluice_proto::{DecodeError, Encoding, decode, encode, v1};
 

@@ -14,8 +14,8 @@
 //! message never size an allocation beyond the bytes actually present; a message must be consumed
 //! exactly (trailing bytes are an error, so a truncated or mis-framed message cannot pass as a shorter
 //! one). The module does no I/O; `cargo test -p sluice-replicator pgoutput` decodes real captured
-//! messages (`tests/fixtures/pgoutput/`) and every prefix of them, and `replicator/fuzz/` is a
-//! cargo-fuzz target (`cargo +nightly fuzz run pgoutput -- -max_total_time=60` in `replicator/fuzz`).
+//! messages (`tests/fixtures/pgoutput/`) and every prefix of them, and the cargo-fuzz target
+//! `pgoutput` in `fuzz/` explores further (`scripts/fuzz` runs it, on stable Rust).
 //!
 //! Values are not copied: text and binary column values and logical-message contents are
 //! [`Bytes`] slices of the input buffer. Names (schemas, tables, columns, types, prefixes) are
