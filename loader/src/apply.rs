@@ -525,20 +525,20 @@ impl Loader {
             fetch_current(&self.ch, target, &toast).await?
         };
         let mut builder = InsertBuilder::new(target);
-        let mut ops: HashMap<&'static str, u64> = HashMap::new();
+        const OPS: [&str; 4] = ["snapshot", "insert", "update", "delete"];
+        let mut ops = [0u64; OPS.len()];
         for package in packages {
             builder.push_package(package, &current)?;
+            if package.kind == v1::Kind::Snapshot as i32 {
+                ops[0] += package.rows.len() as u64;
+                continue;
+            }
             for row in &package.rows {
-                let op = if package.kind == v1::Kind::Snapshot as i32 {
-                    "snapshot"
-                } else {
-                    match v1::Op::try_from(row.op) {
-                        Ok(v1::Op::Insert) => "insert",
-                        Ok(v1::Op::Update) => "update",
-                        _ => "delete",
-                    }
-                };
-                *ops.entry(op).or_default() += 1;
+                ops[match v1::Op::try_from(row.op) {
+                    Ok(v1::Op::Insert) => 1,
+                    Ok(v1::Op::Update) => 2,
+                    _ => 3,
+                }] += 1;
             }
         }
         let rows = builder.rows();
@@ -546,8 +546,10 @@ impl Loader {
         let report = builder.send(&self.ch).await?;
         histogram!(m::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
         histogram!(m::BATCH_ROWS).record(rows as f64);
-        for (op, count) in ops {
-            counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
+        for (op, count) in OPS.into_iter().zip(ops) {
+            if count > 0 {
+                counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
+            }
         }
         for (column, count) in &report.clamped.0 {
             counter!(m::VALUE_CLAMPED, "table" => label(table), "column" => column.clone())

@@ -7,6 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice_broker::config::Config;
 use sluice_broker::telemetry::{self, LogFormat};
 
+/// Many small, short-lived allocations per row (decoded values, packages):
+/// mimalloc frees them far more cheaply than glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Postgres logical replication (pgoutput) into NATS JetStream, with nothing lost.
 #[derive(Debug, Parser)]
 #[command(name = "sluice-replicator", version, about, long_about = None)]

@@ -225,16 +225,19 @@ impl Packager {
         let ordinal = txn.next_ordinal;
         txn.next_ordinal += 1;
         let size = row_size(&row);
-        let pending = self
-            .pending
-            .entry(table.clone())
-            .or_insert_with(|| Pending {
-                relation: relation.clone(),
-                rows: Vec::new(),
-                bytes: 0,
-                first_row_ordinal: ordinal,
-                packages: 0,
-            });
+        if !self.pending.contains_key(table) {
+            self.pending.insert(
+                table.clone(),
+                Pending {
+                    relation: relation.clone(),
+                    rows: Vec::new(),
+                    bytes: 0,
+                    first_row_ordinal: ordinal,
+                    packages: 0,
+                },
+            );
+        }
+        let pending = self.pending.get_mut(table)?;
         if !Arc::ptr_eq(&pending.relation, relation) && pending.relation != *relation {
             // The relation changed mid-transaction (DDL): cut the package so
             // each package's rows match its relation.

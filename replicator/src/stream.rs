@@ -87,6 +87,9 @@ struct RelState {
     label: String,
     relation: Arc<v1::Relation>,
     types: Vec<TypeInfo>,
+    /// `sluice_published_rows_total{table}` per op (insert, update, delete),
+    /// looked up once rather than per row.
+    published_rows: [metrics::Counter; 3],
 }
 
 /// What a mark in the publisher stands for.
@@ -648,6 +651,8 @@ impl Loop<'_> {
         self.relations.insert(
             relation.oid,
             RelState {
+                published_rows: ["insert", "update", "delete"]
+                    .map(|op| counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => op)),
                 table,
                 label,
                 relation: Arc::new(v1_relation),
@@ -720,19 +725,18 @@ impl Loop<'_> {
         let Some(rel) = self.relations.get(&oid) else {
             return Err(StreamError::UnknownRelation { oid, lsn });
         };
-        let op_label = match op {
-            v1::Op::Insert => "insert",
-            v1::Op::Update => "update",
-            _ => "delete",
+        let op_index = match op {
+            v1::Op::Insert => 0,
+            v1::Op::Update => 1,
+            _ => 2,
         };
-        counter!(m::PUBLISHED_ROWS, "table" => rel.label.clone(), "op" => op_label).increment(1);
+        rel.published_rows[op_index].increment(1);
         let row = v1::Row {
             op: op as i32,
             values,
             old_key,
         };
-        let (table, relation) = (rel.table.clone(), rel.relation.clone());
-        if let Some(out) = self.packager.add_row(&table, &relation, row) {
+        if let Some(out) = self.packager.add_row(&rel.table, &rel.relation, row) {
             self.publisher.publish(out).await?;
         }
         Ok(())

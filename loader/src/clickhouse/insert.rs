@@ -16,7 +16,7 @@
 //! them) are filled from the newest earlier row of the same key in the same
 //! builder, else from the table's current row read by [`fetch_current`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -62,6 +62,9 @@ pub struct CurrentRows {
     pub columns: Vec<String>,
     /// RowBinary-encoded key (see [`encode_key`]) → encoded values.
     pub rows: HashMap<Vec<u8>, Vec<Bytes>>,
+    /// Every key asked for (found or not): the rows an [`InsertBuilder`]
+    /// remembers, because a later row of the same key may need their values.
+    pub requested: HashSet<Vec<u8>>,
 }
 
 /// Which rows and columns of a package need their TOAST values filled in.
@@ -139,6 +142,7 @@ pub async fn fetch_current(
     let mut current = CurrentRows {
         columns: request.columns.clone(),
         rows: HashMap::new(),
+        requested: request.keys.iter().cloned().collect(),
     };
     if request.keys.is_empty() || request.columns.is_empty() {
         return Ok(current);
@@ -216,7 +220,8 @@ pub struct InsertBuilder<'a> {
     rows: usize,
     clamped: ClampCounts,
     /// Byte ranges in `buf` of each column of the newest row of each key, to
-    /// fill unchanged TOAST values of later updates in the same INSERT.
+    /// fill unchanged TOAST values of later updates in the same INSERT. Only
+    /// keys in [`CurrentRows::requested`] (the rows with such values) are kept.
     latest: HashMap<Vec<u8>, Vec<Range<usize>>>,
 }
 
@@ -306,20 +311,33 @@ impl<'a> InsertBuilder<'a> {
             row: 0,
             source,
         };
-        let key = encode_key(self.target, &row.values).map_err(value_err)?;
         let delete = row.op == v1::Op::Delete as i32;
+        let old_key = row.op == v1::Op::Update as i32 && !row.old_key.is_empty();
+        // The key is only needed for deletes, key changes and TOAST fill-ins;
+        // a plain insert or update (most rows) skips encoding it twice.
+        let key = if delete
+            || old_key
+            || !current.requested.is_empty()
+            || row
+                .values
+                .iter()
+                .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
+        {
+            Some(encode_key(self.target, &row.values).map_err(value_err)?)
+        } else {
+            None
+        };
         let mark = (self.buf.len(), self.rows);
         let result = (|| {
-            if row.op == v1::Op::Update as i32 && !row.old_key.is_empty() {
+            if old_key {
                 let old_key = self.old_key(&row.old_key).map_err(value_err)?;
-                if old_key != key {
+                if Some(&old_key) != key.as_ref() {
                     self.push_delete(&old_key, version);
                 }
             }
-            if delete {
-                self.push_delete(&key, version);
-            } else {
-                self.push_values(&key, row, version, current)?;
+            match &key {
+                Some(key) if delete => self.push_delete(key, version),
+                _ => self.push_values(key.as_deref(), row, version, current)?,
             }
             Ok(())
         })();
@@ -362,18 +380,26 @@ impl<'a> InsertBuilder<'a> {
         self.latest.remove(key);
     }
 
+    /// `key` is `None` only for rows without unchanged TOAST values when no
+    /// key is [`CurrentRows::requested`].
     fn push_values(
         &mut self,
-        key: &[u8],
+        key: Option<&[u8]>,
         row: &v1::Row,
         version: u128,
         current: &CurrentRows,
     ) -> Result<(), Error> {
-        let mut ranges = Vec::with_capacity(row.values.len());
+        let remember = key.filter(|k| current.requested.contains(*k));
+        let mut ranges = Vec::with_capacity(if remember.is_some() {
+            row.values.len()
+        } else {
+            0
+        });
         let mut row_clamps = Vec::new();
         for (index, (column, value)) in self.target.columns.iter().zip(&row.values).enumerate() {
             let start = self.buf.len();
             if let Some(Kind::UnchangedToast(_)) = value.kind {
+                let key = key.unwrap_or_default();
                 if let Some(range) = self.latest.get(key).map(|r| r[index].clone()) {
                     self.buf.extend_from_within(range);
                 } else {
@@ -402,7 +428,9 @@ impl<'a> InsertBuilder<'a> {
                     row_clamps.push((index, clamps));
                 }
             }
-            ranges.push(start..self.buf.len());
+            if remember.is_some() {
+                ranges.push(start..self.buf.len());
+            }
         }
         self.buf.extend_from_slice(&version.to_le_bytes());
         self.buf.push(0);
@@ -414,7 +442,9 @@ impl<'a> InsertBuilder<'a> {
                 .entry(self.target.columns[index].name.clone())
                 .or_default() += clamps;
         }
-        self.latest.insert(key.to_vec(), ranges);
+        if let Some(key) = remember {
+            self.latest.insert(key.to_vec(), ranges);
+        }
         Ok(())
     }
 

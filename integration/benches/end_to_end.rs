@@ -1,0 +1,263 @@
+//! End to end against ClickHouse's own `MaterializedPostgreSQL` database
+//! engine, on the same backlog, in the same run.
+//!
+//! One table `(id bigint PRIMARY KEY, v bigint NOT NULL, s text)` in the
+//! pipeline's Postgres database is replicated by both systems:
+//!
+//! - sluice: a first replicator run creates the slot and the (empty) initial
+//!   snapshot, then stops;
+//! - `MaterializedPostgreSQL`: a database in the same ClickHouse server, on
+//!   the same table, connecting as a role of its own. Once its initial load
+//!   is done, the role loses `LOGIN` and its connections are terminated, so
+//!   the engine stops reading (it retries every 100 ms:
+//!   `materialized_postgresql_backoff_max_ms = 100`).
+//!
+//! Then N rows (`SLUICE_BENCH_ROWS`, default 1,000,000) are inserted in
+//! transactions of 100,000: a backlog behind both slots. Timed one after the
+//! other, each from the moment it may start until `count()` in ClickHouse is
+//! N (polled every 100 ms):
+//!
+//! - sluice: `sluice-replicator` and `sluice-loader` started together on the
+//!   backlog, counted with `FINAL`;
+//! - `MaterializedPostgreSQL`: its role gets `LOGIN` back.
+//!
+//! Prints both times and how many times faster sluice was.
+//!
+//! ```text
+//! set -a; . /tmp/sdev/stack/env; set +a
+//! cargo bench -p sluice-integration --bench end_to_end
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use sluice_integration::clickhouse_sql;
+use sluice_integration::pipeline::Pipeline;
+
+const TABLE: &str = "bench_rows";
+/// Rows per inserting transaction.
+const ROWS_PER_TRANSACTION: u64 = 100_000;
+const DEFAULT_ROWS: u64 = 1_000_000;
+const POLL: Duration = Duration::from_millis(100);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
+    let mut p = Pipeline::start("bench_e2e").await?;
+    let other = Other::new(&p)?;
+    let result = run(&mut p, &other, rows).await;
+    let _ = p.stop_loader().await;
+    let _ = p.stop_replicator().await;
+    if let Err(e) = other.drop(&p).await {
+        eprintln!("cleaning up MaterializedPostgreSQL: {e:#}");
+    }
+    if result.is_err() {
+        eprintln!(
+            "--- replicator log tail:\n{}\n--- loader log tail:\n{}",
+            p.log_tail("replicator", 30),
+            p.log_tail("loader", 30)
+        );
+    }
+    result
+}
+
+async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
+         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    p.wait_for_heartbeat(Duration::from_secs(120)).await?;
+    p.stop_replicator().await?;
+    other.create(p).await?;
+    other.pause(p).await?;
+
+    let started = Instant::now();
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
+        pg.batch_execute(&format!(
+            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
+        ))
+        .await
+        .context("inserting the rows")?;
+        first = last + 1;
+    }
+    let wal: String = pg
+        .query_one(
+            "SELECT pg_size_pretty(pg_current_wal_insert_lsn() - confirmed_flush_lsn) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await?
+        .get(0);
+    println!(
+        "backlog: {rows} rows in {} transactions, {wal} of WAL behind both slots, inserted in {:.1?}",
+        rows.div_ceil(ROWS_PER_TRANSACTION),
+        started.elapsed()
+    );
+
+    // (a) sluice: both binaries on the backlog.
+    let ch = p.servers().clickhouse();
+    let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
+    let started = Instant::now();
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let deadline = started + Duration::from_secs(3600);
+    loop {
+        p.check_alive()?;
+        // The table does not exist until the loader created it.
+        if count(&ch, &format!("{target} FINAL")).await.unwrap_or(0) == rows {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{target} did not reach {rows} rows");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let sluice = started.elapsed();
+    p.stop_loader().await?;
+    p.stop_replicator().await?;
+    println!(
+        "sluice (replicator + loader -> count() FINAL = N): {:>8.2} s  {:>10.0} rows/s",
+        sluice.as_secs_f64(),
+        rows as f64 / sluice.as_secs_f64()
+    );
+
+    // (b) MaterializedPostgreSQL on the same backlog.
+    let started = Instant::now();
+    other.resume(p).await?;
+    loop {
+        if count(&ch, &other.table()).await.unwrap_or(0) == rows {
+            break;
+        }
+        if Instant::now() > deadline + Duration::from_secs(3600) {
+            bail!("{} did not reach {rows} rows", other.table());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let theirs = started.elapsed();
+    println!(
+        "MaterializedPostgreSQL (-> count() = N):        {:>8.2} s  {:>10.0} rows/s",
+        theirs.as_secs_f64(),
+        rows as f64 / theirs.as_secs_f64()
+    );
+    let speedup = theirs.as_secs_f64() / sluice.as_secs_f64();
+    println!(
+        "sluice is {speedup:.2}x as fast as MaterializedPostgreSQL (target > 1: {})",
+        if speedup > 1.0 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+/// The `MaterializedPostgreSQL` database and the Postgres role it connects as.
+struct Other {
+    database: String,
+    role: String,
+    host: String,
+    port: u16,
+    pg_database: String,
+}
+
+impl Other {
+    fn new(p: &Pipeline) -> anyhow::Result<Other> {
+        let config: tokio_postgres::Config = p.pg_url.parse().context("parsing the pg url")?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => bail!("the Postgres url must name a TCP host"),
+        };
+        Ok(Other {
+            database: format!("{}_mpg", p.name),
+            role: format!("{}_mpg", p.name),
+            host,
+            port: config.get_ports().first().copied().unwrap_or(5432),
+            pg_database: config
+                .get_dbname()
+                .context("pg url without database")?
+                .into(),
+        })
+    }
+
+    fn table(&self) -> String {
+        format!("`{}`.{TABLE}", self.database)
+    }
+
+    async fn create(&self, p: &Pipeline) -> anyhow::Result<()> {
+        // It creates its own publication and slot, hence superuser.
+        p.pg()
+            .await?
+            .batch_execute(&format!(
+                "CREATE ROLE \"{}\" LOGIN REPLICATION SUPERUSER",
+                self.role
+            ))
+            .await?;
+        let ch = p
+            .servers()
+            .clickhouse()
+            .with_setting("allow_experimental_database_materialized_postgresql", "1");
+        clickhouse_sql(
+            &ch,
+            &format!(
+                "CREATE DATABASE `{}` ENGINE = MaterializedPostgreSQL('{}:{}', '{}', '{}', '') \
+                 SETTINGS materialized_postgresql_tables_list = '{TABLE}', \
+                 materialized_postgresql_backoff_max_ms = 100",
+                self.database, self.host, self.port, self.pg_database, self.role
+            ),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count(&ch, &self.table()).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("MaterializedPostgreSQL did not create {}", self.table());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
+    }
+
+    async fn pause(&self, p: &Pipeline) -> anyhow::Result<()> {
+        p.pg()
+            .await?
+            .batch_execute(&format!(
+                "ALTER ROLE \"{0}\" NOLOGIN;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';",
+                self.role
+            ))
+            .await?;
+        Ok(())
+    }
+
+    async fn resume(&self, p: &Pipeline) -> anyhow::Result<()> {
+        p.pg()
+            .await?
+            .batch_execute(&format!("ALTER ROLE \"{}\" LOGIN", self.role))
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the database (which drops its slot and publication), then the role.
+    async fn drop(&self, p: &Pipeline) -> anyhow::Result<()> {
+        p.servers()
+            .clickhouse_sql(&format!("DROP DATABASE IF EXISTS `{}` SYNC", self.database))
+            .await?;
+        let pg = p.pg().await?;
+        pg.batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE database = current_database() AND slot_name <> '{1}' AND NOT active;
+             DROP OWNED BY \"{0}\"; DROP ROLE IF EXISTS \"{0}\";",
+            self.role, p.name
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+async fn count(ch: &clickhouse::Client, table: &str) -> anyhow::Result<u64> {
+    let text = clickhouse_sql(ch, &format!("SELECT count() FROM {table}")).await?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("count of {table}: {text:?}"))
+}
