@@ -10,7 +10,7 @@
 //!   loader batch holds (`batch_max_messages` x `package_max_rows` of the
 //!   harness config), followed by one `count() FINAL`;
 //! - sluice: `sluice-loader` started on the full stream, until
-//!   `SELECT count() FROM <db>.bench_rows FINAL` equals N (polled every 200 ms).
+//!   `SELECT count() FROM <db>.bench_rows FINAL` equals N (polled every 50 ms).
 //!   This includes creating the target table, pulling, decompressing and
 //!   decoding packages, the INSERTs and the loader's position writes.
 //!
@@ -181,7 +181,7 @@ async fn run(
         if Instant::now() > deadline {
             bail!("{target} did not reach {rows} rows");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let loader = started.elapsed();
     p.stop_loader().await?;

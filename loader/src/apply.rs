@@ -82,11 +82,53 @@ pub struct Loader {
 const STALLED_RESYNC: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One table's applicable packages of a batch, in order.
-struct TableWork {
+struct TableWork<'b> {
     table: TableName,
-    packages: Vec<v1::Package>,
+    packages: Vec<&'b v1::Package>,
     /// Indexes of the batch messages these packages came from (for dead letters).
     messages: Vec<usize>,
+}
+
+/// A fetched batch with its payloads decompressed and decoded: the CPU-heavy
+/// half of applying it, done by [`Batch::decode`] while the previous batch's
+/// INSERTs run.
+pub struct Batch {
+    pub messages: Vec<jetstream::Message>,
+    /// Per whole package (a chunked one at its last chunk): the index of its
+    /// message and the package, or why it cannot be decoded.
+    decoded: Vec<(usize, Result<v1::Package, String>)>,
+}
+
+impl Batch {
+    /// Reassembles chunked packages (the caller holds back incomplete sets)
+    /// and decodes every package.
+    pub fn decode(messages: Vec<jetstream::Message>) -> Batch {
+        let mut chunks = sluice_broker::chunk::Reassembler::default();
+        let mut decoded = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            let encoding = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
+                .map(|v| v.as_str());
+            let payload = match chunks.push(
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                &message.payload,
+            ) {
+                Ok(sluice_broker::chunk::Piece::Whole(payload)) => payload,
+                Ok(sluice_broker::chunk::Piece::Part) => continue,
+                Err(error) => {
+                    decoded.push((index, Err(sluice_broker::error_chain(&error))));
+                    continue;
+                }
+            };
+            let package = sluice_proto::decode(&payload, encoding)
+                .map_err(|error| sluice_broker::error_chain(&error));
+            decoded.push((index, package));
+        }
+        Batch { messages, decoded }
+    }
 }
 
 impl Loader {
@@ -183,38 +225,20 @@ impl Loader {
 
     /// Applies a batch; see the module docs. On error nothing is committed in
     /// memory either, so the retried batch is classified afresh.
-    pub async fn apply(&mut self, messages: &[jetstream::Message]) -> Result<(), ApplyError> {
+    pub async fn apply(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        let messages = &batch.messages;
         let mut chains = self.chains.clone();
         let mut order: Vec<TableName> = Vec::new();
         let mut work: HashMap<TableName, TableWork> = HashMap::new();
         let mut heartbeat = None;
         let mut dead: Vec<(usize, &'static str, String)> = Vec::new();
         let mut gaps: Vec<TableName> = Vec::new();
-        let mut chunks = sluice_broker::chunk::Reassembler::default();
-        for (index, message) in messages.iter().enumerate() {
-            let encoding = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
-                .map(|v| v.as_str().to_owned());
-            // A package bigger than one message arrives as chunks; it is
-            // decoded at its last chunk (the caller holds back incomplete sets).
-            let payload = match chunks.push(
-                message.subject.as_str(),
-                message.headers.as_ref(),
-                &message.payload,
-            ) {
-                Ok(sluice_broker::chunk::Piece::Whole(payload)) => payload,
-                Ok(sluice_broker::chunk::Piece::Part) => continue,
-                Err(error) => {
-                    dead.push((index, "decode", sluice_broker::error_chain(&error)));
-                    continue;
-                }
-            };
-            let package = match sluice_proto::decode(&payload, encoding.as_deref()) {
+        for (index, decoded) in &batch.decoded {
+            let index = *index;
+            let package = match decoded {
                 Ok(package) => package,
-                Err(error) => {
-                    dead.push((index, "decode", sluice_broker::error_chain(&error)));
+                Err(detail) => {
+                    dead.push((index, "decode", detail.clone()));
                     continue;
                 }
             };
@@ -223,7 +247,7 @@ impl Loader {
                 continue;
             }
             let table = (package.schema.clone(), package.table.clone());
-            match chains.classify(&table, &package) {
+            match chains.classify(&table, package) {
                 Verdict::Apply => {
                     let entry = work.entry(table.clone()).or_insert_with(|| {
                         order.push(table.clone());
@@ -348,13 +372,13 @@ impl Loader {
 
     async fn apply_table(
         &mut self,
-        work: &TableWork,
+        work: &TableWork<'_>,
         shadows: &mut HashMap<TableName, String>,
         commit_times: &mut HashMap<TableName, i64>,
     ) -> Result<(), ChError> {
         let table = &work.table;
         let mut run: Vec<&v1::Package> = Vec::new();
-        for package in &work.packages {
+        for &package in &work.packages {
             let kind = v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified);
             match kind {
                 v1::Kind::Changes | v1::Kind::Snapshot => {

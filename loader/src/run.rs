@@ -6,6 +6,12 @@
 //! were written. A transient failure (ClickHouse down, network) retries the
 //! same batch with capped exponential backoff and acks nothing; on shutdown a
 //! batch in progress is abandoned unacked and redelivered to the next run.
+//!
+//! One batch is fetched and decoded ahead ([`fetch_batches`]) while the
+//! current one is written, so decoding overlaps ClickHouse's work. Should the
+//! prefetched batch outlive `ack_wait` (a long ClickHouse outage), JetStream
+//! redelivers its messages; the chain positions mark the copies as already
+//! applied.
 
 use std::time::Duration;
 
@@ -17,7 +23,7 @@ use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyError, Loader};
+use crate::apply::{ApplyError, Batch, Loader};
 use crate::metrics as m;
 
 /// Why the loader stopped.
@@ -167,6 +173,74 @@ async fn run_once(
     readiness.set(true);
     tracing::info!(stream = %stream_name, consumer = %consumer_name, database = %loader.database(), "loading");
     loader.resume_interrupted().await;
+    // The next batch is fetched and decoded while this one's INSERTs run; it
+    // is still acked only after it was applied, so nothing changes for
+    // invariant 1 (an unacked prefetched batch is redelivered like any other).
+    let (batches_tx, mut batches) = tokio::sync::mpsc::channel(1);
+    let stop_fetching = shutdown.child_token();
+    let _stop_fetching_on_return = stop_fetching.clone().drop_guard();
+    tokio::spawn(fetch_batches(
+        consumer.clone(),
+        config.loader.clone(),
+        stream_name.clone(),
+        batches_tx,
+        stop_fetching,
+    ));
+    loop {
+        let batch: Batch = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            batch = batches.recv() => match batch {
+                Some(batch) => batch?,
+                None => return Ok(()),
+            },
+        };
+        if batch.messages.is_empty() {
+            loader.update_lag();
+            loader.check_stalled_resyncs().await;
+            continue;
+        }
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match loader.apply(&batch).await {
+                Ok(()) => break,
+                Err(error) if error.is_transient() => {
+                    counter!(m::BATCH_RETRIES).increment(1);
+                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
+                    // The lag and backlog keep growing while ClickHouse is
+                    // away: that is when operators look at them.
+                    loader.update_lag();
+                    refresh_pending(&consumer).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    if let Some(last) = batch.messages.last() {
+                        // Keep the batch ours while we retry.
+                        let _ = last.ack_with(jetstream::AckKind::Progress).await;
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if let Some(last) = batch.messages.last() {
+            last.double_ack().await.map_err(RunError::Ack)?;
+        }
+        loader.update_lag();
+    }
+}
+
+/// Fetches batches, holds back incomplete chunk sets, decodes each batch on a
+/// blocking thread and hands it over (an empty batch when the wait expired
+/// with nothing new). Ends when `stop` is cancelled, the receiver is gone,
+/// or after sending a fetch error.
+async fn fetch_batches(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    settings: sluice_broker::config::LoaderConfig,
+    stream_name: String,
+    batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
+    stop: CancellationToken,
+) {
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
     // Chunks of a package whose last chunk has not been fetched yet.
     let mut held: Vec<jetstream::Message> = Vec::new();
@@ -178,19 +252,26 @@ async fn run_once(
         }
         let fetch = consumer
             .batch()
-            .max_messages(config.loader.batch_max_messages)
-            .max_bytes(config.loader.batch_max_bytes)
-            .expires(config.loader.batch_max_wait)
+            .max_messages(settings.batch_max_messages)
+            .max_bytes(settings.batch_max_bytes)
+            .expires(settings.batch_max_wait)
             .messages();
-        let mut batch = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            batch = fetch => batch.map_err(|e| RunError::Fetch { stream: stream_name.clone(), source: Box::new(e) })?,
+        let mut fetched = tokio::select! {
+            _ = stop.cancelled() => return,
+            fetched = fetch => match fetched {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    let error = RunError::Fetch { stream: stream_name, source: Box::new(e) };
+                    let _ = batches.send(Err(error)).await;
+                    return;
+                }
+            },
         };
         let mut messages = std::mem::take(&mut held);
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = batch.next() => next,
+                _ = stop.cancelled() => return,
+                next = fetched.next() => next,
             };
             match next {
                 Some(Ok(message)) => messages.push(message),
@@ -213,39 +294,16 @@ async fn run_once(
                 let _ = message.ack_with(jetstream::AckKind::Progress).await;
             }
         }
-        if messages.is_empty() {
-            loader.update_lag();
-            loader.check_stalled_resyncs().await;
-            continue;
+        let batch = match tokio::task::spawn_blocking(move || Batch::decode(messages)).await {
+            Ok(batch) => batch,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            sent = batches.send(Ok(batch)) => if sent.is_err() { return },
         }
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match loader.apply(&messages).await {
-                Ok(()) => break,
-                Err(error) if error.is_transient() => {
-                    counter!(m::BATCH_RETRIES).increment(1);
-                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
-                    // The lag and backlog keep growing while ClickHouse is
-                    // away: that is when operators look at them.
-                    loader.update_lag();
-                    refresh_pending(&consumer).await;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                    if let Some(last) = messages.last() {
-                        // Keep the batch ours while we retry.
-                        let _ = last.ack_with(jetstream::AckKind::Progress).await;
-                    }
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-        if let Some(last) = messages.last() {
-            last.double_ack().await.map_err(RunError::Ack)?;
-        }
-        loader.update_lag();
     }
 }
 

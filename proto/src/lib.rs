@@ -92,6 +92,15 @@ pub fn encode(package: &v1::Package, encoding: Encoding) -> Vec<u8> {
     }
 }
 
+/// Largest stated frame size decompressed in one go (into a buffer of that
+/// size allocated up front).
+const ONE_SHOT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new());
+}
+
 /// Decompresses and decodes a payload. `encoding` is the value of the
 /// [`ENCODING_HEADER`] header; a missing header means [`Encoding::Zstd`].
 pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, DecodeError> {
@@ -104,6 +113,21 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
     match encoding {
         Encoding::Identity => v1::Package::decode(payload).map_err(DecodeError::Protobuf),
         Encoding::Zstd => {
+            // Frames from `encode` state their size: decompress in one go
+            // with this thread's reused context (creating one per package
+            // was a visible share of the loader's time).
+            // Bigger stated sizes take the streaming path, which allocates
+            // as the data really arrives rather than what the header claims.
+            if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(payload)
+                && size <= ONE_SHOT_MAX_BYTES
+            {
+                let raw = DECOMPRESSOR.with(|cell| match &mut *cell.borrow_mut() {
+                    Ok(decompressor) => decompressor.decompress(payload, size as usize),
+                    Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
+                });
+                let raw = raw.map_err(DecodeError::Decompress)?;
+                return v1::Package::decode(raw.as_slice()).map_err(DecodeError::Protobuf);
+            }
             let decoder =
                 zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
             let mut raw = Vec::new();
