@@ -230,10 +230,10 @@ async fn run_once(
     }
 }
 
-/// Fetches batches, holds back incomplete chunk sets, decodes each batch on a
+/// Pulls batches, holds back incomplete chunk sets, decodes each batch on a
 /// blocking thread and hands it over (an empty batch when the wait expired
 /// with nothing new). Ends when `stop` is cancelled, the receiver is gone,
-/// or after sending a fetch error.
+/// or after sending a pull error.
 async fn fetch_batches(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     settings: sluice_broker::config::LoaderConfig,
@@ -241,6 +241,26 @@ async fn fetch_batches(
     batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
     stop: CancellationToken,
 ) {
+    let fail = |source: Box<dyn std::error::Error + Send + Sync>| RunError::Fetch {
+        stream: stream_name.clone(),
+        source,
+    };
+    // One continuous pull (the client keeps a request outstanding, with idle
+    // heartbeats) rather than a request per batch: a per-batch request whose
+    // expiry status the server never sends stalls for expires + 5 s.
+    let mut pulled = match consumer
+        .stream()
+        .max_messages_per_batch(settings.batch_max_messages)
+        .max_bytes_per_batch(settings.batch_max_bytes)
+        .messages()
+        .await
+    {
+        Ok(pulled) => pulled,
+        Err(error) => {
+            let _ = batches.send(Err(fail(Box::new(error)))).await;
+            return;
+        }
+    };
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
     // Chunks of a package whose last chunk has not been fetched yet.
     let mut held: Vec<jetstream::Message> = Vec::new();
@@ -250,37 +270,41 @@ async fn fetch_batches(
             refresh_pending(&consumer).await;
             last_pending_check = std::time::Instant::now();
         }
-        let fetch = consumer
-            .batch()
-            .max_messages(settings.batch_max_messages)
-            .max_bytes(settings.batch_max_bytes)
-            .expires(settings.batch_max_wait)
-            .messages();
-        let mut fetched = tokio::select! {
-            _ = stop.cancelled() => return,
-            fetched = fetch => match fetched {
-                Ok(fetched) => fetched,
-                Err(e) => {
-                    let error = RunError::Fetch { stream: stream_name, source: Box::new(e) };
-                    let _ = batches.send(Err(error)).await;
-                    return;
-                }
-            },
-        };
+        // A batch: what arrives within `batch_max_wait`, up to the limits.
         let mut messages = std::mem::take(&mut held);
-        loop {
+        let mut bytes = 0;
+        let window = tokio::time::sleep(settings.batch_max_wait);
+        tokio::pin!(window);
+        while messages.len() < settings.batch_max_messages && bytes < settings.batch_max_bytes {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
-                next = fetched.next() => next,
+                _ = &mut window => break,
+                next = pulled.next() => next,
             };
             match next {
-                Some(Ok(message)) => messages.push(message),
-                Some(Err(error)) => {
-                    // A timeout/heartbeat status ends the batch; keep what arrived.
-                    tracing::debug!(error = %error, "batch ended early");
-                    break;
+                Some(Ok(message)) => {
+                    bytes += message.payload.len();
+                    messages.push(message);
                 }
-                None => break,
+                Some(Err(error)) => match error.kind() {
+                    // Passing trouble (NATS restarting, heartbeats missed):
+                    // the client pulls again by itself.
+                    pull::MessagesErrorKind::MissingHeartbeat
+                    | pull::MessagesErrorKind::Pull
+                    | pull::MessagesErrorKind::NoResponders
+                    | pull::MessagesErrorKind::Other => {
+                        tracing::debug!(error = %error, "pull interrupted");
+                        break;
+                    }
+                    _ => {
+                        let _ = batches.send(Err(fail(Box::new(error)))).await;
+                        return;
+                    }
+                },
+                None => {
+                    let _ = batches.send(Err(fail("the pull ended".into()))).await;
+                    return;
+                }
             }
         }
         if held_since.elapsed() < INCOMPLETE_CHUNKS_WAIT {
