@@ -9,7 +9,10 @@
 //! Resync (invariant 4): RESYNC_BEGIN creates an empty shadow table; snapshot
 //! rows go only to the shadow, live changes to both the live table and the
 //! shadow, so readers of the live table stay fresh; RESYNC_END swaps them with
-//! `EXCHANGE TABLES` (atomic) and drops the old table. A half-filled shadow is
+//! `EXCHANGE TABLES` (atomic) and drops the old table. Changes committed
+//! after the snapshot's consistent point that reached the live table before
+//! RESYNC_BEGIN (the replicator's stream may be ahead of the resync's slot)
+//! are copied into the new shadow, selected by their `_sluice_version`. A half-filled shadow is
 //! never swapped in: a crash mid-resync leaves the shadow recorded in the
 //! positions table, and the replayed packages continue filling it.
 //!
@@ -27,7 +30,9 @@ use sluice_broker::topology;
 use sluice_proto::{Message as _, v1};
 
 use crate::chain::{Chains, TableName, Verdict};
-use crate::clickhouse::schema::{TargetTable, ensure_table};
+use crate::clickhouse::schema::{
+    DELETED_COLUMN, TargetTable, VERSION_COLUMN, ensure_table, quote_ident,
+};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
 };
@@ -427,6 +432,30 @@ impl Loader {
                     )
                     .await?;
                     ensure_table(&self.ch, &shadow).await?;
+                    // The replicator's stream can be ahead of the resync's
+                    // consistent point: changes committed after it may have
+                    // been published, and applied to the live table only,
+                    // before this marker. The snapshot lacks them; carry them
+                    // (tombstones included) into the shadow.
+                    let columns = live
+                        .columns
+                        .iter()
+                        .map(|c| quote_ident(&c.name))
+                        .chain([quote_ident(VERSION_COLUMN), quote_ident(DELETED_COLUMN)])
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let after = u128::from(package.commit_lsn) << 64;
+                    self.exec(
+                        &format!(
+                            "INSERT INTO {} ({columns}) SELECT {columns} FROM {} \
+                             WHERE {} >= toUInt128('{after}')",
+                            shadow.qualified(),
+                            live.qualified(),
+                            quote_ident(VERSION_COLUMN),
+                        ),
+                        "carry changes past the snapshot into the shadow",
+                    )
+                    .await?;
                     shadows.insert(table.clone(), shadow_name);
                     let reason = package
                         .resync
