@@ -52,11 +52,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("cleaning up MaterializedPostgreSQL: {e:#}");
     }
     if result.is_err() {
-        eprintln!(
-            "--- replicator log tail:\n{}\n--- loader log tail:\n{}",
-            p.log_tail("replicator", 30),
-            p.log_tail("loader", 30)
-        );
+        eprintln!("{}", p.log_tails());
     }
     result
 }
@@ -75,16 +71,7 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     other.pause(p).await?;
 
     let started = Instant::now();
-    let mut first = 1u64;
-    while first <= rows {
-        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
-        pg.batch_execute(&format!(
-            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
-        ))
-        .await
-        .context("inserting the rows")?;
-        first = last + 1;
-    }
+    sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
     let wal: String = pg
         .query_one(
             "SELECT pg_size_pretty(pg_current_wal_insert_lsn() - confirmed_flush_lsn) \

@@ -59,11 +59,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("dropping clickhouse database {raw_db}: {e:#}");
     }
     if result.is_err() {
-        eprintln!(
-            "--- replicator log tail:\n{}\n--- loader log tail:\n{}",
-            p.log_tail("replicator", 30),
-            p.log_tail("loader", 30)
-        );
+        eprintln!("{}", p.log_tails());
     }
     result
 }
@@ -93,16 +89,7 @@ async fn run(
     p.spawn_replicator()?;
     p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     let started = Instant::now();
-    let mut first = 1u64;
-    while first <= rows {
-        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
-        pg.batch_execute(&format!(
-            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
-        ))
-        .await
-        .context("inserting the rows")?;
-        first = last + 1;
-    }
+    sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
     let end_lsn: String = pg
         // The insert position: at or past the end of the last commit record.
         // (pg_current_wal_lsn() is the write position, which can lag behind

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("dropping slot {recv_slot}: {e:#}");
     }
     if result.is_err() {
-        eprintln!("--- replicator log tail:\n{}", p.log_tail("replicator", 30));
+        eprintln!("{}", p.log_tails());
     }
     result
 }
@@ -87,16 +87,7 @@ async fn run(
     ensure!(status.success(), "pg_recvlogical --create-slot: {status}");
 
     let started = Instant::now();
-    let mut first = 1u64;
-    while first <= rows {
-        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
-        pg.batch_execute(&format!(
-            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
-        ))
-        .await
-        .context("inserting the backlog")?;
-        first = last + 1;
-    }
+    sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
     let end_lsn: String = pg
         // The insert position: at or past the end of the last commit record.
         // (pg_current_wal_lsn() is the write position, which can lag behind

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
     if result.is_err() {
-        eprintln!("--- replicator log tail:\n{}", p.log_tail("replicator", 30));
+        eprintln!("{}", p.log_tails());
     }
     result
 }
@@ -53,16 +53,7 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     ))
     .await?;
     let started = Instant::now();
-    let mut first = 1u64;
-    while first <= rows {
-        let last = (first + ROWS_PER_TRANSACTION - 1).min(rows);
-        pg.batch_execute(&format!(
-            "INSERT INTO {TABLE} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
-        ))
-        .await
-        .context("inserting the rows")?;
-        first = last + 1;
-    }
+    sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
     pg.batch_execute(&format!("VACUUM ANALYZE {TABLE}")).await?;
     let size: String = pg
         .query_one(

@@ -44,11 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = p.stop_loader().await;
     let _ = p.stop_replicator().await;
     if result.is_err() {
-        eprintln!(
-            "--- replicator log tail:\n{}\n--- loader log tail:\n{}",
-            p.log_tail("replicator", 30),
-            p.log_tail("loader", 30)
-        );
+        eprintln!("{}", p.log_tails());
     }
     result
 }

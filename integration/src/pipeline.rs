@@ -361,6 +361,17 @@ ack_wait = "30s"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The tails of the newest replicator and loader logs (those that ran),
+    /// for a benchmark or test that failed.
+    pub fn log_tails(&self) -> String {
+        ["replicator", "loader"]
+            .into_iter()
+            .filter(|which| self.runs.contains_key(which))
+            .map(|which| format!("--- {which} log tail:\n{}", self.log_tail(which, 30)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The replicator's `/metrics` text.
     pub async fn replicator_metrics(&self) -> anyhow::Result<String> {
         scrape(&format!(
@@ -846,5 +857,27 @@ async fn cleanup(
     servers
         .clickhouse_sql(&format!("DROP DATABASE IF EXISTS `{name}`"))
         .await?;
+    Ok(())
+}
+
+/// The benchmarks' rows: inserts ids `1..=rows` of `(id bigint, v bigint,
+/// s text)` into `table` as `(g, g * 7, md5(g))`, `per_transaction` rows per
+/// transaction.
+pub async fn insert_bench_rows(
+    pg: &tokio_postgres::Client,
+    table: &str,
+    rows: u64,
+    per_transaction: u64,
+) -> anyhow::Result<()> {
+    let mut first = 1u64;
+    while first <= rows {
+        let last = (first + per_transaction.max(1) - 1).min(rows);
+        pg.batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, g * 7, md5(g::text) FROM generate_series({first}, {last}) g"
+        ))
+        .await
+        .with_context(|| format!("inserting rows {first}..={last} into {table}"))?;
+        first = last + 1;
+    }
     Ok(())
 }
