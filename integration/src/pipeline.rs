@@ -361,6 +361,22 @@ ack_wait = "30s"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Lines of every log of `which` (all its runs so far) that contain `needle`.
+    pub fn log_lines_containing(&self, which: &str, needle: &str) -> Vec<String> {
+        let runs = self.runs.get(which).copied().unwrap_or(0);
+        (1..=runs)
+            .flat_map(|run| {
+                let path = self.dir.join(format!("{which}.{run}.log"));
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|line| line.contains(needle))
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The tails of the newest replicator and loader logs (those that ran),
     /// for a benchmark or test that failed.
     pub fn log_tails(&self) -> String {

@@ -5,7 +5,10 @@
 //! message) only after every INSERT it implies succeeded and the positions
 //! were written. A transient failure (ClickHouse down, network) retries the
 //! same batch with capped exponential backoff and acks nothing; on shutdown a
-//! batch in progress is abandoned unacked and redelivered to the next run.
+//! batch in progress is abandoned unacked and redelivered to the next run:
+//! each run starts by recreating the durable consumer at the first unacked
+//! message if an earlier run left some (JetStream would otherwise redeliver
+//! them only after `ack_wait`, and the next `AckAll` would ack them unseen).
 //!
 //! One batch is fetched and decoded ahead ([`fetch_batches`]) while the
 //! current one is written, so decoding overlaps ClickHouse's work. Should the
@@ -38,6 +41,12 @@ pub enum RunError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
+    #[error("cannot reset the durable consumer {consumer} to its first unacked message")]
+    ConsumerReset {
+        consumer: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot fetch a batch from stream {stream}")]
     Fetch {
         stream: String,
@@ -63,6 +72,7 @@ impl RunError {
         match self {
             RunError::NatsConnect(_)
             | RunError::Consumer { .. }
+            | RunError::ConsumerReset { .. }
             | RunError::Fetch { .. }
             | RunError::Ack(_) => true,
             RunError::Apply(e) => e.is_transient(),
@@ -138,25 +148,50 @@ async fn run_once(
         }
     };
     let consumer_name = config.loader.consumer.clone();
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+    let consumer_config = |deliver_policy| pull::Config {
+        durable_name: Some(consumer_name.clone()),
+        filter_subject: topology::stream_subjects(&config.source),
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        ack_wait: config.loader.ack_wait,
+        deliver_policy,
+        max_ack_pending: -1,
+        ..Default::default()
+    };
+    let consumer_error = |source| RunError::Consumer {
+        stream: stream_name.clone(),
+        consumer: consumer_name.clone(),
+        source,
+    };
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
             &consumer_name,
-            pull::Config {
-                durable_name: Some(consumer_name.clone()),
-                filter_subject: topology::stream_subjects(&config.source),
-                ack_policy: jetstream::consumer::AckPolicy::All,
-                ack_wait: config.loader.ack_wait,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                max_ack_pending: -1,
-                ..Default::default()
-            },
+            consumer_config(jetstream::consumer::DeliverPolicy::All),
         )
         .await
-        .map_err(|source| RunError::Consumer {
-            stream: stream_name.clone(),
-            consumer: consumer_name.clone(),
-            source,
-        })?;
+        .map_err(consumer_error)?;
+    // Messages delivered to an earlier run (killed, or restarted after a
+    // transient error) and never acked are redelivered only after `ack_wait`,
+    // and acking anything after them (AckAll) would ack them unseen: the
+    // table's chain would show a gap and be resynced. Start over from the
+    // first unacked message instead.
+    let unacked = consumer.cached_info().num_ack_pending;
+    if unacked > 0 {
+        let start_sequence = consumer.cached_info().ack_floor.stream_sequence + 1;
+        tracing::info!(consumer = %consumer_name, unacked, start_sequence, "messages of an earlier run were never acked; redelivering from the first of them");
+        stream
+            .delete_consumer(&consumer_name)
+            .await
+            .map_err(|source| RunError::ConsumerReset {
+                consumer: consumer_name.clone(),
+                source: Box::new(source),
+            })?;
+        consumer = stream
+            .create_consumer(consumer_config(
+                jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            ))
+            .await
+            .map_err(consumer_error)?;
+    }
     let mut loader = loop {
         match Loader::connect(config, nats.clone()).await {
             Ok(loader) => break loader,
