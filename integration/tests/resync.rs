@@ -327,3 +327,118 @@ async fn a_purged_stream_is_a_gap_on_every_table_that_a_resync_repairs() -> anyh
     }
     Ok(())
 }
+
+/// The replicator's stream can publish a change committed after a resync's
+/// consistent point before it publishes that resync's RESYNC_BEGIN. Staged
+/// here by hand with the replicator stopped: such a change, then a resync
+/// whose snapshot lacks it. The swapped-in table still has it.
+#[tokio::test]
+async fn a_change_published_before_resync_begin_survives_the_swap() -> anyhow::Result<()> {
+    use sluice_proto::v1::{self, value::Kind};
+
+    let mut p = pipeline_with("r_ahead", &["items"]).await?;
+    p.pg()
+        .await?
+        .batch_execute("INSERT INTO items SELECT g, g, 'seed' FROM generate_series(1, 10) g")
+        .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    p.stop_replicator().await?;
+
+    // Continue the table's chain from its last package in the stream.
+    let js = p.jetstream().await?;
+    let subject = sluice_broker::topology::table_subject(&p.config.source, "public", "items");
+    let stream = js.get_stream(p.config.stream_name()).await?;
+    let last = stream.get_last_raw_message_by_subject(&subject).await?;
+    let last = sluice_proto::decode(&last.payload, None)?;
+    let at = last.position.expect("packages carry a position");
+    let consistent_point = last.commit_lsn + 1_000;
+    let row = |id: i64, s: &str| v1::Row {
+        op: v1::Op::Insert as i32,
+        values: vec![
+            v1::Value {
+                kind: Some(Kind::Int(id)),
+            },
+            v1::Value {
+                kind: Some(Kind::Int(id)),
+            },
+            v1::Value {
+                kind: Some(Kind::Text(s.into())),
+            },
+        ],
+        old_key: Vec::new(),
+    };
+    let package = |kind: v1::Kind, generation: u64, sequence: u64, commit_lsn: u64| v1::Package {
+        source: p.config.source.clone(),
+        schema: "public".into(),
+        table: "items".into(),
+        kind: kind as i32,
+        relation: last.relation.clone(),
+        position: Some(v1::ChainPosition {
+            generation,
+            sequence,
+        }),
+        commit_lsn,
+        resync: Some(v1::Resync {
+            resync_id: "staged".into(),
+            reason: "manual".into(),
+            rows: 10,
+        }),
+        ..Default::default()
+    };
+    let generation = at.generation + 1;
+    let mut ahead = package(
+        v1::Kind::Changes,
+        at.generation,
+        at.sequence + 1,
+        consistent_point + 100,
+    );
+    ahead.resync = None;
+    ahead.rows = vec![row(1000, "after the consistent point")];
+    let mut snapshot = package(v1::Kind::Snapshot, generation, 2, consistent_point);
+    snapshot.rows = (1..=10).map(|id| row(id, "seed")).collect();
+    let staged = [
+        ahead,
+        package(v1::Kind::ResyncBegin, generation, 1, consistent_point),
+        snapshot,
+        package(v1::Kind::ResyncEnd, generation, 3, consistent_point),
+    ];
+    for (i, package) in staged.iter().enumerate() {
+        let payload = sluice_proto::encode(package, sluice_proto::Encoding::Zstd);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("staged-{i}").as_str());
+        js.publish_with_headers(subject.clone(), headers, payload.into())
+            .await?
+            .await?;
+    }
+
+    let sql = format!(
+        "SELECT count(), countIf(id = 1000) FROM `{}`.items FINAL",
+        p.config.clickhouse_database()
+    );
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let metrics = p.loader_metrics().await?;
+        let swapped = metric(
+            &metrics,
+            "sluice_loader_resyncs_completed_total{table=\"public.items\"}",
+        ) >= 2.0;
+        let counts = sluice_integration::Servers::get()
+            .clickhouse_sql(&sql)
+            .await?;
+        if swapped {
+            assert_eq!(
+                counts.trim(),
+                "11\t1",
+                "rows after the swap (count, id 1000)"
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the staged resync was never swapped in"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
