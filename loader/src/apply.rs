@@ -12,9 +12,10 @@
 //! `EXCHANGE TABLES` (atomic) and drops the old table. Changes committed
 //! after the snapshot's consistent point that reached the live table before
 //! RESYNC_BEGIN (the replicator's stream may be ahead of the resync's slot)
-//! are copied into the new shadow, selected by their `_sluice_version`. A half-filled shadow is
-//! never swapped in: a crash mid-resync leaves the shadow recorded in the
-//! positions table, and the replayed packages continue filling it.
+//! are copied into the new shadow, selected by their `_sluice_version`. A
+//! half-filled shadow is never swapped in: a crash mid-resync leaves the
+//! shadow recorded in the positions table, and the replayed packages
+//! continue filling it.
 //!
 //! Poison messages (undecodable) are copied to the dead-letter subject with
 //! the reason, terminated, and counted; other tables go on.
@@ -30,9 +31,7 @@ use sluice_broker::topology;
 use sluice_proto::{Message as _, v1};
 
 use crate::chain::{Chains, TableName, Verdict};
-use crate::clickhouse::schema::{
-    DELETED_COLUMN, TargetTable, VERSION_COLUMN, ensure_table, quote_ident,
-};
+use crate::clickhouse::schema::{TargetTable, VERSION_COLUMN, ensure_table, quote_ident};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
 };
@@ -437,13 +436,7 @@ impl Loader {
                     // been published, and applied to the live table only,
                     // before this marker. The snapshot lacks them; carry them
                     // (tombstones included) into the shadow.
-                    let columns = live
-                        .columns
-                        .iter()
-                        .map(|c| quote_ident(&c.name))
-                        .chain([quote_ident(VERSION_COLUMN), quote_ident(DELETED_COLUMN)])
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let columns = live.written_columns();
                     let after = u128::from(package.commit_lsn) << 64;
                     self.exec(
                         &format!(

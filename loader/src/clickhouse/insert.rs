@@ -26,7 +26,7 @@ use sluice_proto::v1::value::Kind;
 
 use super::encode::{encode_value, value_len, write_default};
 use super::error::{Error, ValueError};
-use super::schema::{DELETED_COLUMN, TargetTable, VERSION_COLUMN, quote_ident, quote_literal};
+use super::schema::{DELETED_COLUMN, TargetTable, quote_ident, quote_literal};
 
 /// Values stored as something other than themselves, per column (for
 /// `sluice_value_clamped_total{table,column}`).
@@ -248,18 +248,10 @@ impl<'a> InsertBuilder<'a> {
 
     /// The `INSERT … FORMAT RowBinary` statement the body belongs to.
     pub fn insert_sql(&self) -> String {
-        let mut cols: Vec<String> = self
-            .target
-            .columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect();
-        cols.push(quote_ident(VERSION_COLUMN));
-        cols.push(quote_ident(DELETED_COLUMN));
         format!(
             "INSERT INTO {} ({}) FORMAT RowBinary",
             self.target.qualified(),
-            cols.join(", ")
+            self.target.written_columns()
         )
     }
 

@@ -134,6 +134,18 @@ impl TargetTable {
         )
     }
 
+    /// The columns the loader writes, quoted and comma-separated: the
+    /// relation's in order, then the version and the deleted flag (the
+    /// RowBinary row layout of [`super::InsertBuilder`]).
+    pub fn written_columns(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .chain([quote_ident(VERSION_COLUMN), quote_ident(DELETED_COLUMN)])
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Key columns in relation order.
     pub fn key_columns(&self) -> impl Iterator<Item = &TargetColumn> {
         self.columns.iter().filter(|c| c.key)
