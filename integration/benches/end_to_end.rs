@@ -31,8 +31,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use sluice_integration::clickhouse_sql;
 use sluice_integration::pipeline::Pipeline;
+use sluice_integration::{clickhouse_count, clickhouse_sql};
 
 const TABLE: &str = "bench_rows";
 /// Rows per inserting transaction.
@@ -59,11 +59,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     let pg = p.pg().await?;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
-         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
-    ))
-    .await?;
+    p.publish_workload_tables(&[TABLE]).await?;
     p.spawn_replicator()?;
     p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     p.stop_replicator().await?;
@@ -92,18 +88,13 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     p.spawn_replicator()?;
     p.spawn_loader()?;
-    let deadline = started + Duration::from_secs(3600);
-    loop {
-        p.check_alive()?;
-        // The table does not exist until the loader created it.
-        if count(&ch, &format!("{target} FINAL")).await.unwrap_or(0) == rows {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{target} did not reach {rows} rows");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    p.wait_for_rows(
+        &format!("{target} FINAL"),
+        rows,
+        POLL,
+        Duration::from_secs(3600),
+    )
+    .await?;
     let sluice = started.elapsed();
     p.stop_loader().await?;
     p.stop_replicator().await?;
@@ -117,10 +108,10 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     other.resume(p).await?;
     loop {
-        if count(&ch, &other.table()).await.unwrap_or(0) == rows {
+        if clickhouse_count(&ch, &other.table()).await.unwrap_or(0) == rows {
             break;
         }
-        if Instant::now() > deadline + Duration::from_secs(3600) {
+        if started.elapsed() > Duration::from_secs(3600) {
             bail!("{} did not reach {rows} rows", other.table());
         }
         tokio::time::sleep(POLL).await;
@@ -195,7 +186,7 @@ impl Other {
         )
         .await?;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while count(&ch, &self.table()).await.is_err() {
+        while clickhouse_count(&ch, &self.table()).await.is_err() {
             if Instant::now() > deadline {
                 bail!("MaterializedPostgreSQL did not create {}", self.table());
             }
@@ -240,11 +231,4 @@ impl Other {
         .await?;
         Ok(())
     }
-}
-
-async fn count(ch: &clickhouse::Client, table: &str) -> anyhow::Result<u64> {
-    let text = clickhouse_sql(ch, &format!("SELECT count() FROM {table}")).await?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("count of {table}: {text:?}"))
 }

@@ -23,10 +23,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Serialize;
-use sluice_integration::clickhouse_sql;
 use sluice_integration::pipeline::{Pipeline, Rng};
+use sluice_integration::{clickhouse_count, clickhouse_sql};
 
 const TABLE: &str = "bench_rows";
 /// Rows per inserting Postgres transaction.
@@ -81,11 +81,7 @@ async fn run(
 
     // Fill the stream with the replicator alone.
     let pg = p.pg().await?;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
-         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
-    ))
-    .await?;
+    p.publish_workload_tables(&[TABLE]).await?;
     p.spawn_replicator()?;
     p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     let started = Instant::now();
@@ -144,7 +140,7 @@ async fn run(
         insert.end().await.context("raw insert")?;
         inserts += 1;
     }
-    let raw_count = count_final(raw, &format!("`{raw_db}`.{TABLE}")).await?;
+    let raw_count = clickhouse_count(raw, &format!("`{raw_db}`.{TABLE} FINAL")).await?;
     let baseline = started.elapsed();
     anyhow::ensure!(
         raw_count == rows,
@@ -154,22 +150,16 @@ async fn run(
     wait_for_merges(raw, Duration::from_secs(60)).await;
 
     // (b) The loader on the full stream.
-    let ch = p.servers().clickhouse();
     let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
     let started = Instant::now();
     p.spawn_loader()?;
-    let deadline = started + Duration::from_secs(3600);
-    loop {
-        p.check_alive()?;
-        // The table does not exist until the loader created it.
-        if count_final(&ch, &target).await.unwrap_or(0) == rows {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{target} did not reach {rows} rows");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    p.wait_for_rows(
+        &format!("{target} FINAL"),
+        rows,
+        Duration::from_millis(50),
+        Duration::from_secs(3600),
+    )
+    .await?;
     let loader = started.elapsed();
     p.stop_loader().await?;
 
@@ -191,13 +181,6 @@ async fn run(
         if ratio >= 0.5 { "met" } else { "MISSED" }
     );
     Ok(())
-}
-
-async fn count_final(ch: &clickhouse::Client, table: &str) -> anyhow::Result<u64> {
-    let text = clickhouse_sql(ch, &format!("SELECT count() FROM {table} FINAL")).await?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("count of {table}: {text:?}"))
 }
 
 /// Waits (best effort) until ClickHouse runs no merges, so the baseline's

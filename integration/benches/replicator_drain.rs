@@ -66,11 +66,7 @@ async fn run(
     recv_slot: &str,
 ) -> anyhow::Result<()> {
     let pg = p.pg().await?;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
-         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
-    ))
-    .await?;
+    p.publish_workload_tables(&[TABLE]).await?;
 
     // First run: the replicator creates its slot and publishes the (empty)
     // initial snapshot; the first heartbeat in the stream says it is done.

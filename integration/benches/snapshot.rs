@@ -47,11 +47,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let pg = p.pg().await?;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {TABLE} (id bigint PRIMARY KEY, v bigint NOT NULL, s text);
-         CREATE PUBLICATION sluice FOR TABLE {TABLE};"
-    ))
-    .await?;
+    p.publish_workload_tables(&[TABLE]).await?;
     let started = Instant::now();
     sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
     pg.batch_execute(&format!("VACUUM ANALYZE {TABLE}")).await?;

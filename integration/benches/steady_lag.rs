@@ -82,7 +82,13 @@ async fn run(p: &mut Pipeline, rates: &[u64], measured: Duration) -> anyhow::Res
         let wrote_for = started.elapsed();
         let last = next_id - 1;
         // Ids 0..=last.
-        wait_for_count(p, &ch, &target, last as u64 + 1).await?;
+        p.wait_for_rows(
+            &format!("{target} FINAL"),
+            last as u64 + 1,
+            Duration::from_millis(200),
+            Duration::from_secs(600),
+        )
+        .await?;
         let line = clickhouse_sql(
             &ch,
             &format!(
@@ -147,24 +153,4 @@ async fn write_at(
         next_id = last + 1;
     }
     Ok(next_id)
-}
-
-async fn wait_for_count(
-    p: &mut Pipeline,
-    ch: &clickhouse::Client,
-    target: &str,
-    rows: u64,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        p.check_alive()?;
-        let text = clickhouse_sql(ch, &format!("SELECT count() FROM {target} FINAL")).await?;
-        if text.trim().parse::<u64>().ok() >= Some(rows) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{target} did not reach {rows} rows");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -166,3 +166,11 @@ fn split_urls(list: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// `SELECT count() FROM {from}` (`from` may end in `FINAL`).
+pub async fn clickhouse_count(client: &clickhouse::Client, from: &str) -> anyhow::Result<u64> {
+    let text = clickhouse_sql(client, &format!("SELECT count() FROM {from}")).await?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("count of {from}: {text:?}"))
+}

@@ -361,6 +361,31 @@ ack_wait = "30s"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Polls `SELECT count() FROM {from}` every `poll` until it is `rows`
+    /// (a table that does not exist yet counts 0), while both binaries stay
+    /// alive.
+    pub async fn wait_for_rows(
+        &mut self,
+        from: &str,
+        rows: u64,
+        poll: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let ch = self.servers.clickhouse();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if crate::clickhouse_count(&ch, from).await.unwrap_or(0) == rows {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{from} did not reach {rows} rows within {timeout:?}"
+            );
+            tokio::time::sleep(poll).await;
+        }
+    }
+
     /// Lines of every log of `which` (all its runs so far) that contain `needle`.
     pub fn log_lines_containing(&self, which: &str, needle: &str) -> Vec<String> {
         let runs = self.runs.get(which).copied().unwrap_or(0);
