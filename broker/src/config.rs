@@ -237,6 +237,12 @@ pub struct ReplicatorConfig {
     pub heartbeat_interval: Duration,
     /// Tables snapshotted in parallel.
     pub snapshot_parallelism: usize,
+    /// A start this many bytes of WAL (or more) behind reads the backlog with
+    /// `pg_logical_slot_peek_binary_changes` before streaming; 0 never does.
+    pub catchup_min_lag_bytes: u64,
+    /// pgoutput messages per backlog call (the server decodes a whole call,
+    /// spilling to temporary files, before sending its first row).
+    pub catchup_chunk_changes: u32,
 }
 
 impl Default for ReplicatorConfig {
@@ -249,6 +255,8 @@ impl Default for ReplicatorConfig {
             status_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(5),
             snapshot_parallelism: 2,
+            catchup_min_lag_bytes: 64 * 1024 * 1024,
+            catchup_chunk_changes: 500_000,
         }
     }
 }
@@ -392,6 +400,10 @@ impl Config {
             ("replicator.package_max_bytes", r.package_max_bytes),
             ("replicator.max_in_flight", r.max_in_flight),
             ("replicator.snapshot_parallelism", r.snapshot_parallelism),
+            (
+                "replicator.catchup_chunk_changes",
+                r.catchup_chunk_changes as usize,
+            ),
             ("loader.batch_max_messages", self.loader.batch_max_messages),
             ("loader.batch_max_bytes", self.loader.batch_max_bytes),
         ] {

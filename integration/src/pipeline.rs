@@ -213,6 +213,21 @@ ack_wait = "30s"
         }))
     }
 
+    /// Sets `key = value` (TOML, e.g. `"1000"` or `"\"5s\""`) in `[section]`
+    /// of the config, for the binaries started after this call.
+    pub fn set_config(&mut self, section: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.config_path)?;
+        let header = format!("[{section}]\n");
+        let at = text
+            .find(&header)
+            .with_context(|| format!("no [{section}] in the config"))?
+            + header.len();
+        let text = format!("{}{key} = {value}\n{}", &text[..at], &text[at..]);
+        std::fs::write(&self.config_path, text)?;
+        self.config = Config::load(&self.config_path)?;
+        Ok(())
+    }
+
     /// Creates one [`workload_table_sql`] table per name and the publication
     /// `sluice` of exactly those tables.
     pub async fn publish_workload_tables(&self, tables: &[&str]) -> anyhow::Result<()> {

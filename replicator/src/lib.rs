@@ -8,7 +8,9 @@
 //! - [`catalog`]: table and type metadata from the Postgres catalog.
 //! - [`values`]: typed conversion of pgoutput's text values into wire values.
 //! - [`packager`]: rows into packages, chain positions, dedup IDs.
+//! - [`backlog`]: a large backlog read through SQL before streaming.
 
+pub mod backlog;
 pub mod catalog;
 pub mod control;
 pub mod metrics;

@@ -9,6 +9,11 @@ use tokio_postgres::NoTls;
 
 use crate::replication::{Lsn, SslMode, TlsError, TlsOptions, tls_client_config};
 
+/// Output styles pinned on every session whose values the value decoder
+/// parses: the walsender and the backlog reader print values with their
+/// session's settings (see `values`).
+pub const OUTPUT_STYLES: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c timezone=UTC";
+
 /// Errors of the SQL side, split by what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -42,6 +47,14 @@ impl PgError {
                         || code == "40001"
                 }
             },
+        }
+    }
+
+    /// The server's SQLSTATE, if the server answered with an error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            PgError::Sql { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
         }
     }
 

@@ -11,7 +11,9 @@
 //!    snapshot, every table is snapshotted, then streaming starts from the
 //!    slot's consistent point. An existing slot resumes from its confirmed LSN;
 //!    each table's chain resumes after its last package in the stream.
-//! 4. Streaming until shutdown; transient failures (connection loss, NATS
+//! 4. A start at least `catchup_min_lag_bytes` behind reads the backlog
+//!    through SQL first ([`crate::backlog`]).
+//! 5. Streaming until shutdown; transient failures (connection loss, NATS
 //!    outage) restart from step 1 with capped exponential backoff, which
 //!    re-reads from the confirmed LSN: nothing acknowledged is lost, nothing
 //!    re-sent is duplicated.
@@ -27,13 +29,14 @@ use sluice_broker::topology;
 use sluice_proto::v1;
 use tokio_util::sync::CancellationToken;
 
+use crate::backlog::Backlog;
 use crate::catalog::{self, CatalogError, TypeCatalog};
 use crate::metrics as m;
 use crate::packager::{Limits, Packager, Resume, TableName};
 use crate::pg::{self, PgError, PgSettings};
 use crate::replication::{Lsn, ReplicationClient, ReplicationError};
 use crate::snapshot;
-use crate::stream::{self, StreamError};
+use crate::stream::{self, Source, StreamError};
 
 /// Why the replicator stopped or must restart.
 #[derive(Debug, thiserror::Error)]
@@ -180,11 +183,7 @@ async fn run_once(
 
     let slot = &config.postgres.slot;
     let mut repl_config = settings.config.clone();
-    // The walsender prints values in its session's styles; pin the ones the
-    // value decoder parses (see `values`).
-    repl_config.options(
-        "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c timezone=UTC",
-    );
+    repl_config.options(pg::OUTPUT_STYLES);
     let mut state = pg::slot_state(&sql.client, slot).await?;
     if let Some(existing) = &state {
         if existing.plugin.as_deref() != Some("pgoutput") {
@@ -245,9 +244,8 @@ async fn run_once(
                     packager.resume(table.clone(), resume);
                 }
             }
-            let client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
             tracing::info!(slot = %slot, confirmed_flush = %existing.confirmed_flush, generation, "resuming from the slot");
-            (client, packager, existing.confirmed_flush)
+            (None, packager, existing.confirmed_flush)
         }
         None => {
             let mut client =
@@ -276,7 +274,7 @@ async fn run_once(
                 .publish(stream::heartbeat_outgoing(&config.source, slot, heartbeat))
                 .await?;
             publisher.flush().await?;
-            (client, packager, created.consistent_point)
+            (Some(client), packager, created.consistent_point)
         }
     };
     if shutdown.is_cancelled() {
@@ -284,13 +282,41 @@ async fn run_once(
     }
 
     let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
-    let replication = client
-        .start_replication(
-            slot,
-            Lsn(0),
-            &[("proto_version", "1"), ("publication_names", &publication)],
+    let behind = pg::current_wal_lsn(&sql.client)
+        .await?
+        .0
+        .saturating_sub(start.0);
+    let catchup = config.replicator.catchup_min_lag_bytes;
+    let source = if catchup > 0 && behind >= catchup {
+        if let Some(client) = client {
+            let _ = client.close().await;
+        }
+        tracing::info!(slot = %slot, start = %start, behind_bytes = behind, "far behind: reading the backlog through SQL, then streaming");
+        Source::Backlog(
+            Backlog::connect(
+                &settings,
+                slot,
+                &publication,
+                config.replicator.catchup_chunk_changes,
+                start,
+            )
+            .await?,
         )
-        .await?;
+    } else {
+        let client = match client {
+            Some(client) => client,
+            None => ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?,
+        };
+        Source::Streaming(
+            client
+                .start_replication(
+                    slot,
+                    Lsn(0),
+                    &[("proto_version", "1"), ("publication_names", &publication)],
+                )
+                .await?,
+        )
+    };
     readiness.set(true);
     let relations = tables.iter().cloned().collect();
     let context = stream::StreamContext {
@@ -301,7 +327,7 @@ async fn run_once(
     stream::run(
         config,
         context,
-        replication,
+        source,
         sql,
         types,
         relations,

@@ -15,6 +15,10 @@
 //! - **Back-pressure.** Publishing waits when `max_in_flight` acks are
 //!   outstanding, so reading from the replication socket pauses instead of
 //!   buffering.
+//! - **One loop, two sources.** A start far behind reads the backlog through
+//!   SQL ([`crate::backlog`]) and then switches to the walsender at the
+//!   confirmed LSN; both give the same pgoutput messages to the same code, and
+//!   only the walsender's keepalives ever confirm an LSN without a commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,10 +35,11 @@ use futures::StreamExt;
 use sluice_proto::Message as _;
 use tokio::sync::mpsc;
 
+use crate::backlog::{Backlog, BacklogEvent};
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::{Packager, TableName};
-use crate::pg::{PgSettings, SqlConn};
+use crate::pg::{PgError, PgSettings, SqlConn};
 use crate::pgoutput::{self, LogicalMessage, OldTuple, TupleData, TupleValue};
 use crate::replication::ReplicationClient;
 use crate::replication::{Lsn, ReplicationError, ReplicationEvent, ReplicationStream};
@@ -66,6 +71,8 @@ pub enum StreamError {
     Ended,
     #[error("cannot subscribe to resync requests")]
     Subscribe(#[source] async_nats::SubscribeError),
+    #[error(transparent)]
+    Backlog(#[from] PgError),
 }
 
 impl StreamError {
@@ -74,6 +81,9 @@ impl StreamError {
             StreamError::Replication(e) => e.is_transient(),
             StreamError::Publish(_) | StreamError::Ended | StreamError::Subscribe(_) => true,
             StreamError::Catalog(e) => e.is_transient(),
+            // Includes "slot is active" (55006) when another replicator took
+            // the slot between two chunks: it restarts as a standby.
+            StreamError::Backlog(e) => e.is_transient() || e.sqlstate() == Some("55006"),
             // A catalog race (relation message seen before we know it) heals on restart.
             StreamError::UnknownRelation { .. } => true,
             StreamError::Decode { .. } | StreamError::StreamingNotSupported => false,
@@ -118,6 +128,51 @@ pub struct StreamContext {
 
 type ResyncEvent = (TableName, Result<Event, SnapshotError>);
 
+/// Where the loop's pgoutput messages come from.
+pub enum Source {
+    /// The walsender (`START_REPLICATION`).
+    Streaming(ReplicationStream),
+    /// A large backlog, through SQL until a chunk comes back short.
+    Backlog(Backlog),
+}
+
+/// What a [`Source`] gave.
+enum Input {
+    Change { lsn: Lsn, data: bytes::Bytes },
+    Keepalive { wal_end: Lsn, reply_requested: bool },
+    ChunkEnd { messages: u64 },
+    Ended,
+}
+
+impl Source {
+    /// Cancel-safe, as both sources' `next` are.
+    async fn next(&mut self) -> Result<Input, StreamError> {
+        Ok(match self {
+            Source::Streaming(replication) => match replication.next().await? {
+                Some(ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                }) => Input::Change {
+                    lsn: wal_start,
+                    data,
+                },
+                Some(ReplicationEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => Input::Keepalive {
+                    wal_end,
+                    reply_requested,
+                },
+                None => Input::Ended,
+            },
+            Source::Backlog(backlog) => match backlog.next().await? {
+                BacklogEvent::Change { lsn, data } => Input::Change { lsn, data },
+                BacklogEvent::ChunkEnd { messages } => Input::ChunkEnd { messages },
+            },
+        })
+    }
+}
+
 struct Loop<'a> {
     config: &'a Config,
     context: StreamContext,
@@ -142,7 +197,7 @@ struct Loop<'a> {
 pub async fn run(
     config: &Config,
     context: StreamContext,
-    mut replication: ReplicationStream,
+    mut source: Source,
     sql: SqlConn,
     types: TypeCatalog,
     published: std::collections::HashSet<TableName>,
@@ -189,33 +244,37 @@ pub async fn run(
                 if let Ok(marks) = released {
                     state.release(marks);
                 }
-                replication.send_status(state.confirmed, state.confirmed, state.confirmed, false).await?;
+                match source {
+                    Source::Streaming(mut replication) => {
+                        replication.send_status(state.confirmed, state.confirmed, state.confirmed, false).await?;
+                        let _ = replication.finish().await;
+                    }
+                    Source::Backlog(mut backlog) => backlog.stop(&state.sql.client, state.confirmed).await,
+                }
                 tracing::info!(confirmed = %state.confirmed, "stopped; confirmed LSN sent");
-                let _ = replication.finish().await;
                 state.stop_resyncs().await;
                 return Ok(());
             }
             // Timers and control requests come before replication data in
             // this biased select: a backlog must never starve the proactive
             // status updates (wal_sender_timeout) or a resync request.
-            _ = status.tick() => state.send_status(&mut replication).await?,
+            _ = status.tick() => state.send_status(&mut source).await?,
             _ = heartbeat.tick() => state.heartbeat().await?,
             Some(request) = requests.next() => state.resync_request(request).await,
             Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
             acked = state.publisher.wait_one() => acked?,
-            event = replication.next() => {
-                match event? {
-                    Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
-                        state.xlog(wal_start, data).await?;
-                    }
-                    Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
+            input = source.next() => {
+                match input? {
+                    Input::Change { lsn, data } => state.xlog(lsn, data).await?,
+                    Input::Keepalive { wal_end, reply_requested } => {
                         state.server_wal_end = state.server_wal_end.max(wal_end);
-                        state.confirm_idle();
+                        state.confirm_idle(&source);
                         if reply_requested {
-                            state.send_status(&mut replication).await?;
+                            state.send_status(&mut source).await?;
                         }
                     }
-                    None => return Err(StreamError::Ended),
+                    Input::ChunkEnd { messages } => state.chunk_end(&mut source, messages).await?,
+                    Input::Ended => return Err(StreamError::Ended),
                 }
             }
         }
@@ -449,21 +508,65 @@ impl Loop<'_> {
         counter!(m::PUBLISH_DUPLICATES).absolute(duplicates);
     }
 
-    /// Nothing open, nothing in flight: everything the server sent is durable.
-    fn confirm_idle(&mut self) {
-        if !self.packager.in_transaction() && self.publisher.in_flight() == 0 {
+    /// Streaming, nothing open, nothing in flight: everything the walsender
+    /// sent is durable. (Reading a backlog, the WAL end is only where the
+    /// backlog ends, not what was read.)
+    fn confirm_idle(&mut self, source: &Source) {
+        if matches!(source, Source::Streaming(_))
+            && !self.packager.in_transaction()
+            && self.publisher.in_flight() == 0
+        {
             self.confirmed = self.confirmed.max(self.server_wal_end);
         }
     }
 
-    async fn send_status(
-        &mut self,
-        replication: &mut ReplicationStream,
-    ) -> Result<(), StreamError> {
-        self.confirm_idle();
-        replication
-            .send_status(self.confirmed, self.confirmed, self.confirmed, false)
+    /// A backlog chunk is read: once it is acknowledged, either move the slot
+    /// past it and read the next, or, when it came back short or the rest is
+    /// small, switch to the walsender at the confirmed LSN.
+    async fn chunk_end(&mut self, source: &mut Source, messages: u64) -> Result<(), StreamError> {
+        let Source::Backlog(backlog) = source else {
+            return Ok(());
+        };
+        let marks = self.publisher.flush().await?;
+        self.release(marks);
+        let wal_end = backlog.wal_end().await?;
+        self.server_wal_end = self.server_wal_end.max(wal_end);
+        let behind = wal_end.0.saturating_sub(self.confirmed.0);
+        if messages >= backlog.chunk_changes()
+            && behind >= self.config.replicator.catchup_min_lag_bytes
+        {
+            tracing::info!(confirmed = %self.confirmed, behind_bytes = behind, "backlog chunk read; reading the next");
+            backlog.advance(self.confirmed).await?;
+            return self.send_status(source).await;
+        }
+        let client = ReplicationClient::connect_with_tls(
+            &self.context.repl_config,
+            &self.context.settings.tls,
+        )
+        .await?;
+        let publication =
+            crate::replication::publication_names([self.config.postgres.publication.as_str()]);
+        // The walsender starts at the later of this LSN and the slot's
+        // confirmed one, which was not moved past the last chunk.
+        let replication = client
+            .start_replication(
+                &self.config.postgres.slot,
+                self.confirmed,
+                &[("proto_version", "1"), ("publication_names", &publication)],
+            )
             .await?;
+        tracing::info!(confirmed = %self.confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
+        *source = Source::Streaming(replication);
+        self.send_status(source).await
+    }
+
+    async fn send_status(&mut self, source: &mut Source) -> Result<(), StreamError> {
+        self.confirm_idle(source);
+        if let Source::Streaming(replication) = source {
+            replication
+                .send_status(self.confirmed, self.confirmed, self.confirmed, false)
+                .await?;
+        }
         gauge!(m::CONFIRMED_LSN).set(self.confirmed.0 as f64);
         gauge!(m::SLOT_LAG_BYTES)
             .set(self.server_wal_end.0.saturating_sub(self.confirmed.0) as f64);
