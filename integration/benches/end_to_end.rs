@@ -21,6 +21,11 @@
 //!   backlog, counted with `FINAL`;
 //! - `MaterializedPostgreSQL`: its role gets `LOGIN` back.
 //!
+//! The replicator is far enough behind to read the backlog through SQL, as
+//! `MaterializedPostgreSQL` does (`pg_logical_slot_get_binary_changes`);
+//! `SLUICE_BENCH_CONFIG=replicator.catchup_min_lag_bytes=0` makes it stream
+//! from the walsender instead.
+//!
 //! Prints both times and how many times faster sluice was.
 //!
 //! ```text
@@ -44,6 +49,9 @@ const POLL: Duration = Duration::from_millis(100);
 async fn main() -> anyhow::Result<()> {
     let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_e2e").await?;
+    for pair in p.set_config_from_env()? {
+        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
+    }
     let other = Other::new(&p)?;
     let result = run(&mut p, &other, rows).await;
     let _ = p.stop_loader().await;

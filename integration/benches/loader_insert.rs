@@ -47,6 +47,9 @@ struct RawRow {
 async fn main() -> anyhow::Result<()> {
     let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_load").await?;
+    for pair in p.set_config_from_env()? {
+        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
+    }
     let (raw, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
     let result = run(&mut p, &raw, &raw_db, rows).await;
     let _ = p.stop_loader().await;

@@ -13,6 +13,11 @@
 //!   what JetStream acknowledged (R1 stream), so this is the time to decode,
 //!   package, compress and durably publish every change.
 //!
+//! The backlog is past `replicator.catchup_min_lag_bytes`, so the replicator
+//! reads it through SQL before it streams (see `sluice_replicator::backlog`);
+//! `SLUICE_BENCH_CONFIG=replicator.catchup_min_lag_bytes=0` measures the
+//! walsender alone.
+//!
 //! Prints rows/s of both and the ratio replicator / pg_recvlogical.
 //!
 //! ```text
@@ -45,6 +50,9 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut p = Pipeline::start("bench_drain").await?;
+    for pair in p.set_config_from_env()? {
+        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
+    }
     let recv_slot = format!("{}_recv", p.name);
     let result = run(&mut p, rows, &recvlogical, &recv_slot).await;
     // The pipeline's drop removes its own slot, database and stream; the

@@ -40,6 +40,9 @@ async fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let seconds = count_from_env("SLUICE_BENCH_SECONDS", 20)?;
     let mut p = Pipeline::start("bench_lag").await?;
+    for pair in p.set_config_from_env()? {
+        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
+    }
     let result = run(&mut p, &rates, Duration::from_secs(seconds)).await;
     let _ = p.stop_loader().await;
     let _ = p.stop_replicator().await;

@@ -154,6 +154,9 @@ impl Pipeline {
                 None => return Ok(None),
             },
         };
+        // Built now, so that no caller's clock (a benchmark's) includes the
+        // build of the first spawn.
+        binaries()?;
         let name = unique_name(name);
         let (pg_url, _) = servers.fresh_pg_database(&name).await?;
         let dir = tempfile::Builder::new()
@@ -226,6 +229,27 @@ ack_wait = "30s"
         std::fs::write(&self.config_path, text)?;
         self.config = Config::load(&self.config_path)?;
         Ok(())
+    }
+
+    /// Applies `SLUICE_BENCH_CONFIG`, `section.key=value` pairs separated by
+    /// `;` (e.g. `replicator.catchup_min_lag_bytes=0`), with [`Self::set_config`];
+    /// returns them for the benchmark's output.
+    pub fn set_config_from_env(&mut self) -> anyhow::Result<Vec<String>> {
+        let Ok(pairs) = std::env::var("SLUICE_BENCH_CONFIG") else {
+            return Ok(Vec::new());
+        };
+        let mut applied = Vec::new();
+        for pair in pairs.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (path, value) = pair.split_once('=').with_context(|| {
+                format!("SLUICE_BENCH_CONFIG: {pair:?} is not section.key=value")
+            })?;
+            let (section, key) = path
+                .split_once('.')
+                .with_context(|| format!("SLUICE_BENCH_CONFIG: {path:?} is not section.key"))?;
+            self.set_config(section, key, value)?;
+            applied.push(pair.to_owned());
+        }
+        Ok(applied)
     }
 
     /// Creates one [`workload_table_sql`] table per name and the publication

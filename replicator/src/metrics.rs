@@ -18,6 +18,8 @@ pub const SNAPSHOT_ROWS: &str = "sluice_snapshot_rows_total";
 pub const RESYNC_IN_PROGRESS: &str = "sluice_resync_in_progress";
 /// Resyncs started, by `table` and `reason` (initial, manual, gap, slot_lost) (counter).
 pub const RESYNCS: &str = "sluice_resyncs_total";
+/// 1 while the backlog is read through SQL, 0 while streaming (gauge).
+pub const CATCHING_UP: &str = "sluice_replicator_catching_up";
 /// LSN last confirmed to Postgres, as a number (gauge).
 pub const CONFIRMED_LSN: &str = "sluice_replicator_confirmed_lsn";
 /// Reconnects after transient errors, by `reason` (counter).

@@ -317,6 +317,11 @@ async fn run_once(
                 .await?,
         )
     };
+    metrics::gauge!(m::CATCHING_UP).set(if matches!(source, Source::Backlog(_)) {
+        1.0
+    } else {
+        0.0
+    });
     readiness.set(true);
     let relations = tables.iter().cloned().collect();
     let context = stream::StreamContext {

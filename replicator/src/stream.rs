@@ -557,6 +557,7 @@ impl Loop<'_> {
             .await?;
         tracing::info!(confirmed = %self.confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
         *source = Source::Streaming(replication);
+        gauge!(m::CATCHING_UP).set(0.0);
         self.send_status(source).await
     }
 
