@@ -101,8 +101,10 @@ pub struct Packager {
     /// mistaking the new chain's packages for replays.
     fresh_generation: u64,
     limits: Limits,
-    chains: HashMap<TableName, Chain>,
-    pending: HashMap<TableName, Pending>,
+    // foldhash: looked up for every row; keys are table names, not input
+    // an attacker chooses.
+    chains: HashMap<TableName, Chain, foldhash::fast::RandomState>,
+    pending: HashMap<TableName, Pending, foldhash::fast::RandomState>,
     txn: Option<Transaction>,
 }
 
@@ -141,8 +143,8 @@ impl Packager {
             generation,
             fresh_generation: generation,
             limits,
-            chains: HashMap::new(),
-            pending: HashMap::new(),
+            chains: HashMap::default(),
+            pending: HashMap::default(),
             txn: None,
         }
     }

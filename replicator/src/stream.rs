@@ -31,7 +31,7 @@ use sluice_broker::topology;
 use sluice_proto::v1;
 use tokio_util::sync::CancellationToken;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use sluice_proto::Message as _;
 use tokio::sync::mpsc;
 
@@ -181,7 +181,8 @@ struct Loop<'a> {
     sql: SqlConn,
     types: TypeCatalog,
     published: std::collections::HashSet<TableName>,
-    relations: HashMap<u32, RelState>,
+    /// By relation OID, looked up for every row.
+    relations: HashMap<u32, RelState, foldhash::fast::RandomState>,
     packager: Packager,
     publisher: Publisher<Mark>,
     decoder: pgoutput::Decoder,
@@ -189,6 +190,9 @@ struct Loop<'a> {
     server_wal_end: Lsn,
     last_commit_time_us: Option<i64>,
     value_errors: std::collections::HashSet<(String, String)>,
+    /// Looked up once: `release` runs after every round of the loop.
+    published_packages: metrics::Counter,
+    publish_duplicates: metrics::Counter,
 }
 
 /// Streams until shutdown (Ok) or a failure (Err; the caller restarts from
@@ -220,7 +224,7 @@ pub async fn run(
         sql,
         types,
         published,
-        relations: HashMap::new(),
+        relations: HashMap::default(),
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),
@@ -228,6 +232,8 @@ pub async fn run(
         server_wal_end: start,
         last_commit_time_us: None,
         value_errors: Default::default(),
+        published_packages: counter!(m::PUBLISHED_PACKAGES),
+        publish_duplicates: counter!(m::PUBLISH_DUPLICATES),
     };
     gauge!(m::CONFIRMED_LSN).set(start.0 as f64);
     let mut status = tokio::time::interval(config.replicator.status_interval);
@@ -264,17 +270,15 @@ pub async fn run(
             Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
             acked = state.publisher.wait_one() => acked?,
             input = source.next() => {
-                match input? {
-                    Input::Change { lsn, data } => state.xlog(lsn, data).await?,
-                    Input::Keepalive { wal_end, reply_requested } => {
-                        state.server_wal_end = state.server_wal_end.max(wal_end);
-                        state.confirm_idle(&source);
-                        if reply_requested {
-                            state.send_status(&mut source).await?;
-                        }
+                state.input(&mut source, input?).await?;
+                // Messages that are already there are taken without another
+                // round of the select (its timers and channels cost more than
+                // a message); the branches above wait at most this many.
+                for _ in 1..INPUTS_PER_SELECT {
+                    match source.next().now_or_never() {
+                        Some(input) => state.input(&mut source, input?).await?,
+                        None => break,
                     }
-                    Input::ChunkEnd { messages } => state.chunk_end(&mut source, messages).await?,
-                    Input::Ended => return Err(StreamError::Ended),
                 }
             }
         }
@@ -283,7 +287,29 @@ pub async fn run(
     }
 }
 
+/// Source messages handled per round of the streaming loop's select, at most.
+const INPUTS_PER_SELECT: usize = 256;
+
 impl Loop<'_> {
+    async fn input(&mut self, source: &mut Source, input: Input) -> Result<(), StreamError> {
+        match input {
+            Input::Change { lsn, data } => self.xlog(lsn, data).await,
+            Input::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.server_wal_end = self.server_wal_end.max(wal_end);
+                self.confirm_idle(source);
+                if reply_requested {
+                    self.send_status(source).await?;
+                }
+                Ok(())
+            }
+            Input::ChunkEnd { messages } => self.chunk_end(source, messages).await,
+            Input::Ended => Err(StreamError::Ended),
+        }
+    }
+
     /// Answers a resync request: starts (or joins) a resync per table.
     async fn resync_request(&mut self, request: async_nats::Message) {
         let reply = match v1::ResyncRequest::decode(request.payload.clone()) {
@@ -504,8 +530,8 @@ impl Loop<'_> {
             self.last_commit_time_us = Some(commit_time_us);
         }
         let (published, duplicates) = self.publisher.counts();
-        counter!(m::PUBLISHED_PACKAGES).absolute(published);
-        counter!(m::PUBLISH_DUPLICATES).absolute(duplicates);
+        self.published_packages.absolute(published);
+        self.publish_duplicates.absolute(duplicates);
     }
 
     /// Streaming, nothing open, nothing in flight: everything the walsender
