@@ -187,7 +187,10 @@ struct Loop<'a> {
     publisher: Publisher<Mark>,
     decoder: pgoutput::Decoder,
     confirmed: Lsn,
+    /// The walsender's WAL end (keepalives): everything before it was sent.
     server_wal_end: Lsn,
+    /// The WAL end when the last backlog chunk was read (lag gauge only).
+    backlog_wal_end: Lsn,
     last_commit_time_us: Option<i64>,
     value_errors: std::collections::HashSet<(String, String)>,
     /// Looked up once: `release` runs after every round of the loop.
@@ -230,6 +233,7 @@ pub async fn run(
         decoder: pgoutput::Decoder::new(1),
         confirmed: start,
         server_wal_end: start,
+        backlog_wal_end: start,
         last_commit_time_us: None,
         value_errors: Default::default(),
         published_packages: counter!(m::PUBLISHED_PACKAGES),
@@ -555,8 +559,11 @@ impl Loop<'_> {
         };
         let marks = self.publisher.flush().await?;
         self.release(marks);
+        // Not `server_wal_end`: that one is what the walsender sent, which
+        // confirm_idle may confirm once streaming; this is only where the WAL
+        // ends now, for the lag gauge.
         let wal_end = backlog.wal_end().await?;
-        self.server_wal_end = self.server_wal_end.max(wal_end);
+        self.backlog_wal_end = wal_end;
         let behind = wal_end.0.saturating_sub(self.confirmed.0);
         if messages >= backlog.chunk_changes()
             && behind >= self.config.replicator.catchup_min_lag_bytes
@@ -595,8 +602,8 @@ impl Loop<'_> {
                 .await?;
         }
         gauge!(m::CONFIRMED_LSN).set(self.confirmed.0 as f64);
-        gauge!(m::SLOT_LAG_BYTES)
-            .set(self.server_wal_end.0.saturating_sub(self.confirmed.0) as f64);
+        let wal_end = self.server_wal_end.max(self.backlog_wal_end);
+        gauge!(m::SLOT_LAG_BYTES).set(wal_end.0.saturating_sub(self.confirmed.0) as f64);
         let lag = match self.last_commit_time_us {
             Some(t) if self.publisher.in_flight() > 0 || self.packager.in_transaction() => {
                 (now_us() - t).max(0) as f64 / 1e6
