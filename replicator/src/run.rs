@@ -307,15 +307,7 @@ async fn run_once(
             Some(client) => client,
             None => ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?,
         };
-        Source::Streaming(
-            client
-                .start_replication(
-                    slot,
-                    Lsn(0),
-                    &[("proto_version", "1"), ("publication_names", &publication)],
-                )
-                .await?,
-        )
+        Source::Streaming(stream::start_walsender(client, config, Lsn(0)).await?)
     };
     metrics::gauge!(m::CATCHING_UP).set(if matches!(source, Source::Backlog(_)) {
         1.0

@@ -577,17 +577,9 @@ impl Loop<'_> {
             &self.context.settings.tls,
         )
         .await?;
-        let publication =
-            crate::replication::publication_names([self.config.postgres.publication.as_str()]);
         // The walsender starts at the later of this LSN and the slot's
         // confirmed one, which was not moved past the last chunk.
-        let replication = client
-            .start_replication(
-                &self.config.postgres.slot,
-                self.confirmed,
-                &[("proto_version", "1"), ("publication_names", &publication)],
-            )
-            .await?;
+        let replication = start_walsender(client, self.config, self.confirmed).await?;
         tracing::info!(confirmed = %self.confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
         *source = Source::Streaming(replication);
         gauge!(m::CATCHING_UP).set(0.0);
@@ -878,6 +870,23 @@ impl Loop<'_> {
         }
         Ok(())
     }
+}
+
+/// `START_REPLICATION` of the configured slot and publication (pgoutput
+/// proto 1) from the later of `start` and the slot's confirmed LSN.
+pub async fn start_walsender(
+    client: ReplicationClient,
+    config: &Config,
+    start: Lsn,
+) -> Result<ReplicationStream, ReplicationError> {
+    let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
+    client
+        .start_replication(
+            &config.postgres.slot,
+            start,
+            &[("proto_version", "1"), ("publication_names", &publication)],
+        )
+        .await
 }
 
 /// A heartbeat: liveness, the current generation and the WAL position, on the
