@@ -67,7 +67,10 @@ struct Binaries {
 /// Some dependencies (ring, rustls, async-nats) get other features in a
 /// `cargo test` build than in this one, so the first build after a `cargo
 /// test` compiles those again (about a minute). A target directory of its own
-/// would avoid that locally but costs a full extra build in CI.
+/// would avoid that locally but costs a full extra build in CI, so only the
+/// benches (any profile but `dev`, never built by CI) get one:
+/// `<target>/sluice-bins`. Sharing `<target>/release` made every `cargo
+/// bench` and the build here undo each other's artifacts, minutes per run.
 fn binaries() -> anyhow::Result<&'static Binaries> {
     static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
     BINARIES
@@ -90,11 +93,18 @@ fn build_binaries() -> anyhow::Result<Binaries> {
         Some("debug") | None => "dev".to_owned(),
         Some(other) => other.to_owned(),
     };
+    let (target_dir, profile_dir) = if profile == "dev" {
+        (target_dir.to_owned(), profile_dir)
+    } else {
+        let own = target_dir.join("sluice-bins");
+        let profile_dir = own.join(&profile);
+        (own, profile_dir)
+    };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let status = Command::new(&cargo)
         .current_dir(&workspace)
-        .env("CARGO_TARGET_DIR", target_dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
         .args([
             "build",
             "--bins",
@@ -121,10 +131,32 @@ fn build_binaries() -> anyhow::Result<Binaries> {
     Ok(binaries)
 }
 
-/// A free loopback port (bound and released; fine for tests).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
+/// A loopback port that was free when asked, for a server a test starts
+/// (possibly several times: a restarted replicator gets its port back).
+///
+/// Taken below Linux's ephemeral range (32768-60999 by default), never from
+/// `bind(0)`: a port in that range can be handed to any outgoing connection
+/// between a kill and the next start (a restarted loader once failed with
+/// "Address already in use" that way). Ports here are handed out by a
+/// process-wide counter from a per-process random start, so two pipelines of
+/// one test process never get the same one.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let start = Rng::new(nanos ^ u64::from(std::process::id()) << 32).below(u64::from(COUNT));
+    let _ = NEXT.compare_exchange(u32::MAX, start as u32, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 impl Pipeline {

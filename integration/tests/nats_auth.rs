@@ -19,11 +19,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 fn config_with(dir: &std::path::Path, name: &str, nats: &str) -> anyhow::Result<Config> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, format!("source = \"auth\"\n[nats]\n{nats}\n"))?;
@@ -35,7 +30,7 @@ async fn nkey_user_connects_and_nobody_else_does() -> anyhow::Result<()> {
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed()?;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let port = sluice_integration::pipeline::free_port()?;
     let conf = dir.path().join("nats.conf");
     std::fs::write(
         &conf,
