@@ -33,7 +33,7 @@ use sluice_proto::{Message as _, v1};
 use crate::chain::{Chains, TableName, Verdict};
 use crate::clickhouse::schema::{TargetTable, VERSION_COLUMN, ensure_table, quote_ident};
 use crate::clickhouse::{
-    CurrentRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
+    CurrentRows, EncodedRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
 };
 use crate::metrics as m;
 use crate::positions::{self, Stored};
@@ -88,25 +88,35 @@ const STALLED_RESYNC: std::time::Duration = std::time::Duration::from_secs(60);
 /// One table's applicable packages of a batch, in order.
 struct TableWork<'b> {
     table: TableName,
-    packages: Vec<&'b v1::Package>,
+    packages: Vec<&'b Decoded>,
     /// Indexes of the batch messages these packages came from (for dead letters).
     messages: Vec<usize>,
 }
 
-/// A fetched batch with its payloads decompressed and decoded: the CPU-heavy
-/// half of applying it, done by [`Batch::decode`] while the previous batch's
-/// INSERTs run.
+/// A fetched batch with its payloads decompressed, decoded and their rows
+/// encoded: the CPU-heavy half of applying it, done by [`Batch::decode`]
+/// while the previous batch's INSERTs run.
 pub struct Batch {
     pub messages: Vec<jetstream::Message>,
     /// Per whole package (a chunked one at its last chunk): the index of its
     /// message and the package, or why it cannot be decoded.
-    decoded: Vec<(usize, Result<v1::Package, String>)>,
+    decoded: Vec<(usize, Result<Decoded, String>)>,
+}
+
+/// A decoded package and, where they could be encoded on their own, its rows
+/// in RowBinary.
+struct Decoded {
+    package: v1::Package,
+    rows: Option<EncodedRows>,
 }
 
 impl Batch {
-    /// Reassembles chunked packages (the caller holds back incomplete sets)
-    /// and decodes every package.
+    /// Reassembles chunked packages (the caller holds back incomplete sets),
+    /// decodes every package and encodes the rows of every row package.
     pub fn decode(messages: Vec<jetstream::Message>) -> Batch {
+        // The target of the last relation seen: packages of a table come in
+        // runs with the same relation.
+        let mut last_target: Option<((String, String), v1::Relation, TargetTable)> = None;
         let mut chunks = sluice_broker::chunk::Reassembler::default();
         let mut decoded = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
@@ -127,12 +137,47 @@ impl Batch {
                     continue;
                 }
             };
-            let package = sluice_proto::decode(&payload, encoding)
-                .map_err(|error| sluice_broker::error_chain(&error));
-            decoded.push((index, package));
+            let package = match sluice_proto::decode(&payload, encoding) {
+                Ok(package) => package,
+                Err(error) => {
+                    decoded.push((index, Err(sluice_broker::error_chain(&error))));
+                    continue;
+                }
+            };
+            let rows = encode_rows(&package, &mut last_target);
+            decoded.push((index, Ok(Decoded { package, rows })));
         }
         Batch { messages, decoded }
     }
+}
+
+/// The rows of a CHANGES or SNAPSHOT package encoded for its relation's
+/// columns (see [`EncodedRows::encode`] for when they are not). Only the
+/// columns matter here, so the database name is left empty.
+fn encode_rows(
+    package: &v1::Package,
+    last_target: &mut Option<((String, String), v1::Relation, TargetTable)>,
+) -> Option<EncodedRows> {
+    let row_kind =
+        package.kind == v1::Kind::Changes as i32 || package.kind == v1::Kind::Snapshot as i32;
+    let relation = package.relation.as_ref()?;
+    if !row_kind || package.rows.is_empty() {
+        return None;
+    }
+    let same = last_target.as_ref().is_some_and(|((schema, table), r, _)| {
+        *schema == package.schema && *table == package.table && r == relation
+    });
+    if !same {
+        let target =
+            TargetTable::from_relation("", &package.schema, &package.table, relation).ok()?;
+        *last_target = Some((
+            (package.schema.clone(), package.table.clone()),
+            relation.clone(),
+            target,
+        ));
+    }
+    let (_, _, target) = last_target.as_ref()?;
+    EncodedRows::encode(target, package)
 }
 
 impl Loader {
@@ -240,18 +285,21 @@ impl Loader {
         for (index, decoded) in &batch.decoded {
             let index = *index;
             let package = match decoded {
-                Ok(package) => package,
+                Ok(decoded) => decoded,
                 Err(detail) => {
                     dead.push((index, "decode", detail.clone()));
                     continue;
                 }
             };
-            if package.kind == v1::Kind::Heartbeat as i32 {
-                heartbeat = Some(package.commit_time_us);
+            if package.package.kind == v1::Kind::Heartbeat as i32 {
+                heartbeat = Some(package.package.commit_time_us);
                 continue;
             }
-            let table = (package.schema.clone(), package.table.clone());
-            match chains.classify(&table, package) {
+            let table = (
+                package.package.schema.clone(),
+                package.package.table.clone(),
+            );
+            match chains.classify(&table, &package.package) {
                 Verdict::Apply => {
                     let entry = work.entry(table.clone()).or_insert_with(|| {
                         order.push(table.clone());
@@ -287,7 +335,8 @@ impl Loader {
             .values()
             .filter(|w| {
                 w.packages.iter().any(|p| {
-                    p.kind == v1::Kind::Snapshot as i32 || p.kind == v1::Kind::ResyncBegin as i32
+                    p.package.kind == v1::Kind::Snapshot as i32
+                        || p.package.kind == v1::Kind::ResyncBegin as i32
                 })
             })
             .map(|w| w.table.clone())
@@ -381,13 +430,14 @@ impl Loader {
         commit_times: &mut HashMap<TableName, i64>,
     ) -> Result<(), ChError> {
         let table = &work.table;
-        let mut run: Vec<&v1::Package> = Vec::new();
-        for &package in &work.packages {
+        let mut run: Vec<&Decoded> = Vec::new();
+        for &decoded in &work.packages {
+            let package = &decoded.package;
             let kind = v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified);
             match kind {
                 v1::Kind::Changes | v1::Kind::Snapshot => {
                     if let Some(first) = run.first()
-                        && first.relation != package.relation
+                        && first.package.relation != package.relation
                     {
                         self.flush(table, &run, shadows).await?;
                         run.clear();
@@ -398,7 +448,7 @@ impl Loader {
                             .or_insert(package.commit_time_us);
                         *entry = (*entry).max(package.commit_time_us);
                     }
-                    run.push(package);
+                    run.push(decoded);
                 }
                 v1::Kind::Truncate => {
                     self.flush(table, &run, shadows).await?;
@@ -510,10 +560,10 @@ impl Loader {
     async fn flush(
         &mut self,
         table: &TableName,
-        run: &[&v1::Package],
+        run: &[&Decoded],
         shadows: &HashMap<TableName, String>,
     ) -> Result<(), ChError> {
-        let Some(first) = run.first() else {
+        let Some(first) = run.first().map(|d| &d.package) else {
             return Ok(());
         };
         let live = self.target(table, first).await?;
@@ -528,14 +578,14 @@ impl Loader {
                 );
             }
         }
-        let live_packages: Vec<&v1::Package> = run
+        let live_packages: Vec<&Decoded> = run
             .iter()
             .copied()
-            .filter(|p| p.kind == v1::Kind::Changes as i32)
+            .filter(|p| p.package.kind == v1::Kind::Changes as i32)
             .collect();
         // Snapshot rows belong to the shadow; without one (replayed after the
         // swap) they are older than what the live table has and go there.
-        let shadow_packages: Vec<&v1::Package> = if shadow.is_some() {
+        let shadow_packages: Vec<&Decoded> = if shadow.is_some() {
             run.to_vec()
         } else {
             Vec::new()
@@ -556,14 +606,16 @@ impl Loader {
         &mut self,
         table: &TableName,
         target: &TargetTable,
-        packages: &[&v1::Package],
+        packages: &[&Decoded],
     ) -> Result<(), ChError> {
         if packages.is_empty() {
             return Ok(());
         }
         let mut toast = ToastRequest::default();
-        for package in packages {
-            toast.add_package(target, package)?;
+        for decoded in packages {
+            if decoded.rows.is_none() {
+                toast.add_package(target, &decoded.package)?;
+            }
         }
         let current = if toast.is_empty() {
             CurrentRows::default()
@@ -573,8 +625,16 @@ impl Loader {
         let mut builder = InsertBuilder::new(target);
         const OPS: [&str; 4] = ["snapshot", "insert", "update", "delete"];
         let mut ops = [0u64; OPS.len()];
-        for package in packages {
-            builder.push_package(package, &current)?;
+        for decoded in packages {
+            let package = &decoded.package;
+            let encoded = toast.is_empty()
+                && decoded
+                    .rows
+                    .as_ref()
+                    .is_some_and(|rows| builder.push_encoded(rows));
+            if !encoded {
+                builder.push_package(package, &current)?;
+            }
             if package.kind == v1::Kind::Snapshot as i32 {
                 ops[0] += package.rows.len() as u64;
                 continue;

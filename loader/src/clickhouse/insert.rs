@@ -26,7 +26,7 @@ use sluice_proto::v1::value::Kind;
 
 use super::encode::{encode_value, value_len, write_default};
 use super::error::{Error, ValueError};
-use super::schema::{DELETED_COLUMN, TargetTable, quote_ident, quote_literal};
+use super::schema::{DELETED_COLUMN, TargetColumn, TargetTable, quote_ident, quote_literal};
 
 /// Values stored as something other than themselves, per column (for
 /// `sluice_value_clamped_total{table,column}`).
@@ -212,10 +212,53 @@ pub async fn fetch_current(
     Ok(current)
 }
 
+/// The rows of one CHANGES or SNAPSHOT package in RowBinary, encoded before
+/// the batch is applied: the loader encodes the next batch on a blocking
+/// thread while the current one's INSERTs run, so the INSERT itself only
+/// sends bytes ([`InsertBuilder::push_encoded`]).
+#[derive(Debug, Clone)]
+pub struct EncodedRows {
+    /// The columns the rows were encoded for; an INSERT into a table typed
+    /// otherwise encodes the package again.
+    columns: Vec<TargetColumn>,
+    body: Bytes,
+    rows: usize,
+    clamped: ClampCounts,
+}
+
+impl EncodedRows {
+    /// Encodes `package` on its own for `target`'s columns. `None` when that
+    /// is not possible without the rest of the INSERT: a row holds an
+    /// unchanged TOAST value (filled from other rows), or a value does not
+    /// encode (the INSERT encodes the package again and reports the row).
+    pub fn encode(target: &TargetTable, package: &v1::Package) -> Option<EncodedRows> {
+        let toast = package.rows.iter().any(|row| {
+            row.values
+                .iter()
+                .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
+        });
+        if toast {
+            return None;
+        }
+        let mut builder = InsertBuilder::new(target);
+        builder
+            .push_package(package, &CurrentRows::default())
+            .ok()?;
+        Some(EncodedRows {
+            columns: target.columns.clone(),
+            body: Bytes::from(builder.buf),
+            rows: builder.rows,
+            clamped: builder.clamped,
+        })
+    }
+}
+
 /// Builds the RowBinary body of one INSERT into one target table.
 #[derive(Debug)]
 pub struct InsertBuilder<'a> {
     target: &'a TargetTable,
+    /// Finished parts of the body, in order, before `buf`.
+    pieces: Vec<Bytes>,
     buf: Vec<u8>,
     rows: usize,
     clamped: ClampCounts,
@@ -229,6 +272,7 @@ impl<'a> InsertBuilder<'a> {
     pub fn new(target: &'a TargetTable) -> Self {
         InsertBuilder {
             target,
+            pieces: Vec::new(),
             buf: Vec::new(),
             rows: 0,
             clamped: ClampCounts::default(),
@@ -243,7 +287,27 @@ impl<'a> InsertBuilder<'a> {
 
     /// Size of the body so far.
     pub fn len_bytes(&self) -> usize {
-        self.buf.len()
+        self.pieces.iter().map(Bytes::len).sum::<usize>() + self.buf.len()
+    }
+
+    /// Adds rows encoded ahead by [`EncodedRows::encode`], as they are.
+    /// Returns `false`, adding nothing, when they were encoded for other
+    /// columns or when this builder keeps rows for TOAST fill-ins (their
+    /// byte ranges point into the body being built); the caller then adds
+    /// the package with [`Self::push_package`].
+    pub fn push_encoded(&mut self, encoded: &EncodedRows) -> bool {
+        if encoded.columns != self.target.columns || !self.latest.is_empty() {
+            return false;
+        }
+        if !self.buf.is_empty() {
+            self.pieces.push(Bytes::from(std::mem::take(&mut self.buf)));
+        }
+        self.pieces.push(encoded.body.clone());
+        self.rows += encoded.rows;
+        for (column, count) in &encoded.clamped.0 {
+            *self.clamped.0.entry(column.clone()).or_default() += count;
+        }
+        true
     }
 
     /// The `INSERT … FORMAT RowBinary` statement the body belongs to.
@@ -444,18 +508,140 @@ impl<'a> InsertBuilder<'a> {
     pub async fn send(self, client: &Client) -> Result<InsertReport, Error> {
         let report = InsertReport {
             rows: self.rows,
-            bytes: self.buf.len(),
+            bytes: self.len_bytes(),
             clamped: self.clamped.clone(),
         };
         if self.rows == 0 {
             return Ok(report);
         }
         let mut insert = client.insert_formatted_with(self.insert_sql());
-        insert
-            .send(Bytes::from(self.buf))
-            .await
-            .map_err(Error::ch("insert"))?;
+        let mut pieces = self.pieces;
+        if !self.buf.is_empty() {
+            pieces.push(Bytes::from(self.buf));
+        }
+        // Each piece is compressed (LZ4) on its own as it is queued, so
+        // ClickHouse starts parsing before the last one is ready.
+        for piece in pieces {
+            insert.send(piece).await.map_err(Error::ch("insert"))?;
+        }
         insert.end().await.map_err(Error::ch("insert"))?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INT8: u32 = 20;
+    const TEXT: u32 = 25;
+
+    fn target() -> TargetTable {
+        let column = |name: &str, oid: u32, key: bool| v1::Column {
+            name: name.into(),
+            type_oid: oid,
+            type_kind: v1::TypeKind::Base as i32,
+            nullable: !key,
+            key,
+            ..Default::default()
+        };
+        let relation = v1::Relation {
+            columns: vec![column("id", INT8, true), column("s", TEXT, false)],
+            ..Default::default()
+        };
+        TargetTable::from_relation("db", "public", "t", &relation).unwrap()
+    }
+
+    fn value(kind: Kind) -> v1::Value {
+        v1::Value { kind: Some(kind) }
+    }
+
+    fn row(op: v1::Op, id: i64, s: Kind, old_key: Vec<v1::Value>) -> v1::Row {
+        v1::Row {
+            op: op as i32,
+            values: vec![value(Kind::Int(id)), value(s)],
+            old_key,
+        }
+    }
+
+    fn package(commit_lsn: u64, rows: Vec<v1::Row>) -> v1::Package {
+        v1::Package {
+            kind: v1::Kind::Changes as i32,
+            commit_lsn,
+            rows,
+            ..Default::default()
+        }
+    }
+
+    fn body(builder: &InsertBuilder) -> Vec<u8> {
+        let mut out: Vec<u8> = builder.pieces.iter().flatten().copied().collect();
+        out.extend_from_slice(&builder.buf);
+        out
+    }
+
+    #[test]
+    fn rows_encoded_ahead_are_the_bytes_the_builder_writes() {
+        let target = target();
+        let first = package(
+            100,
+            vec![
+                row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![]),
+                row(v1::Op::Update, 2, Kind::Null(v1::Null {}), vec![]),
+            ],
+        );
+        let second = package(
+            200,
+            vec![
+                row(v1::Op::Delete, 1, Kind::Null(v1::Null {}), vec![]),
+                // A key change: a delete row for the old key, then the row.
+                row(
+                    v1::Op::Update,
+                    3,
+                    Kind::Text("c".into()),
+                    vec![value(Kind::Int(2))],
+                ),
+            ],
+        );
+        let none = CurrentRows::default();
+        let mut by_hand = InsertBuilder::new(&target);
+        by_hand.push_package(&first, &none).unwrap();
+        by_hand.push_package(&second, &none).unwrap();
+
+        // Mixed: one package by hand, the other encoded ahead.
+        let encoded = EncodedRows::encode(&target, &second).unwrap();
+        assert_eq!(encoded.rows, 3);
+        let mut mixed = InsertBuilder::new(&target);
+        mixed.push_package(&first, &none).unwrap();
+        assert!(mixed.push_encoded(&encoded));
+        assert_eq!(mixed.rows(), by_hand.rows());
+        assert_eq!(mixed.len_bytes(), by_hand.len_bytes());
+        assert_eq!(body(&mixed), body(&by_hand));
+
+        // Encoded for other columns: refused, nothing added.
+        let mut other = target.clone();
+        other.columns[1].name = "renamed".into();
+        let mut refusing = InsertBuilder::new(&other);
+        assert!(!refusing.push_encoded(&encoded));
+        assert_eq!(refusing.rows(), 0);
+        assert_eq!(refusing.len_bytes(), 0);
+    }
+
+    #[test]
+    fn packages_needing_other_rows_or_failing_are_not_encoded_ahead() {
+        let target = target();
+        let toast = package(
+            100,
+            vec![row(
+                v1::Op::Update,
+                1,
+                Kind::UnchangedToast(v1::UnchangedToast {}),
+                vec![],
+            )],
+        );
+        assert!(EncodedRows::encode(&target, &toast).is_none());
+        // A NULL key does not encode; the INSERT reports it with its row.
+        let mut bad = row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![]);
+        bad.values[0] = value(Kind::Null(v1::Null {}));
+        assert!(EncodedRows::encode(&target, &package(100, vec![bad])).is_none());
     }
 }
