@@ -18,7 +18,7 @@
 //! N (polled every 100 ms):
 //!
 //! - sluice: `sluice-replicator` and `sluice-loader` started together on the
-//!   backlog, counted with `FINAL`;
+//!   backlog, counted with `FINAL` (once the plain `count()` reached N);
 //! - `MaterializedPostgreSQL`: its role gets `LOGIN` back.
 //!
 //! The replicator is far enough behind to read the backlog through SQL, as
@@ -96,13 +96,8 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     p.spawn_replicator()?;
     p.spawn_loader()?;
-    p.wait_for_rows(
-        &format!("{target} FINAL"),
-        rows,
-        POLL,
-        Duration::from_secs(3600),
-    )
-    .await?;
+    p.wait_for_final_rows(&target, rows, POLL, Duration::from_secs(3600))
+        .await?;
     let sluice = started.elapsed();
     p.stop_loader().await?;
     p.stop_replicator().await?;

@@ -6,11 +6,14 @@
 //!
 //! - baseline: the same N rows (same columns, same types, a ReplacingMergeTree
 //!   with the loader's engine and key) inserted with the `clickhouse` crate
+//!   (a client built like the loader's: same `clickhouse.compression`)
 //!   (`#[derive(Row, Serialize)]`, RowBinary) in INSERTs of as many rows as one
 //!   loader batch holds (`batch_max_messages` x `package_max_rows` of the
 //!   harness config), followed by one `count() FINAL`;
 //! - sluice: `sluice-loader` started on the full stream, until
-//!   `SELECT count() FROM <db>.bench_rows FINAL` equals N (polled every 50 ms).
+//!   `SELECT count() FROM <db>.bench_rows FINAL` equals N (polled every 50 ms,
+//!   after a plain `count()` reached N: polling `FINAL` all along loaded the
+//!   ClickHouse server that both sides share with a merge-read every 50 ms).
 //!   This includes creating the target table, pulling, decompressing and
 //!   decoding packages, the INSERTs and the loader's position writes.
 //!
@@ -50,7 +53,14 @@ async fn main() -> anyhow::Result<()> {
     for pair in p.set_config_from_env()? {
         println!("config: {pair} (SLUICE_BENCH_CONFIG)");
     }
-    let (raw, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
+    let (_, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
+    // The loader's client, so both sides send their INSERTs with the same
+    // `clickhouse.compression`.
+    let raw = sluice_loader::clickhouse::client(&p.config.clickhouse)?.with_database(&raw_db);
+    println!(
+        "config: clickhouse.compression = {:?} (both sides)",
+        p.config.clickhouse.compression
+    );
     let result = run(&mut p, &raw, &raw_db, rows).await;
     let _ = p.stop_loader().await;
     let _ = p.stop_replicator().await;
@@ -156,8 +166,8 @@ async fn run(
     let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
     let started = Instant::now();
     p.spawn_loader()?;
-    p.wait_for_rows(
-        &format!("{target} FINAL"),
+    p.wait_for_final_rows(
+        &target,
         rows,
         Duration::from_millis(50),
         Duration::from_secs(3600),

@@ -85,8 +85,8 @@ async fn run(p: &mut Pipeline, rates: &[u64], measured: Duration) -> anyhow::Res
         let wrote_for = started.elapsed();
         let last = next_id - 1;
         // Ids 0..=last.
-        p.wait_for_rows(
-            &format!("{target} FINAL"),
+        p.wait_for_final_rows(
+            &target,
             last as u64 + 1,
             Duration::from_millis(200),
             Duration::from_secs(600),

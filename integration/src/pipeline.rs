@@ -457,6 +457,36 @@ ack_wait = "30s"
         }
     }
 
+    /// Waits until `table` holds exactly `rows` rows in its `FINAL` view, while
+    /// both binaries stay alive. Polls the plain `count()` (the parts' row
+    /// counts, nothing merged) until it reaches `rows` and only then
+    /// `count() FINAL`, so that the waiting adds no query load competing with
+    /// what a benchmark measures.
+    pub async fn wait_for_final_rows(
+        &mut self,
+        table: &str,
+        rows: u64,
+        poll: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let ch = self.servers.clickhouse();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if crate::clickhouse_count(&ch, table).await.unwrap_or(0) >= rows {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{table} did not reach {rows} rows within {timeout:?}"
+            );
+            tokio::time::sleep(poll).await;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.wait_for_rows(&format!("{table} FINAL"), rows, poll, left)
+            .await
+    }
+
     /// Lines of every log of `which` (all its runs so far) that contain `needle`.
     pub fn log_lines_containing(&self, which: &str, needle: &str) -> Vec<String> {
         let runs = self.runs.get(which).copied().unwrap_or(0);

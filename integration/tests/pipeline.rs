@@ -120,6 +120,8 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     let open = p.pg().await?;
     open.batch_execute("BEGIN; INSERT INTO snap VALUES (-1, 'open during start'); UPDATE other SET w = -w WHERE id <= 100;")
         .await?;
+    // The other tests load with LZ4 (the default); this one uncompressed.
+    p.set_config("clickhouse", "compression", "\"none\"")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     let writer = {

@@ -26,7 +26,7 @@ use std::time::Instant;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use metrics::{counter, gauge, histogram};
-use sluice_broker::config::{Config, read_secret};
+use sluice_broker::config::Config;
 use sluice_broker::topology;
 use sluice_proto::{Message as _, v1};
 
@@ -112,43 +112,75 @@ struct Decoded {
 
 impl Batch {
     /// Reassembles chunked packages (the caller holds back incomplete sets),
-    /// decodes every package and encodes the rows of every row package.
+    /// then decodes every package and encodes the rows of every row package
+    /// on `DECODE_THREADS` threads (the batch is in order again afterwards).
     pub fn decode(messages: Vec<jetstream::Message>) -> Batch {
-        // The target of the last relation seen: packages of a table come in
-        // runs with the same relation.
-        let mut last_target: Option<((String, String), v1::Relation, TargetTable)> = None;
         let mut chunks = sluice_broker::chunk::Reassembler::default();
-        let mut decoded = Vec::with_capacity(messages.len());
+        let mut whole = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
-            let encoding = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
-                .map(|v| v.as_str());
-            let payload = match chunks.push(
+            match chunks.push(
                 message.subject.as_str(),
                 message.headers.as_ref(),
                 &message.payload,
             ) {
-                Ok(sluice_broker::chunk::Piece::Whole(payload)) => payload,
-                Ok(sluice_broker::chunk::Piece::Part) => continue,
-                Err(error) => {
-                    decoded.push((index, Err(sluice_broker::error_chain(&error))));
-                    continue;
+                Ok(sluice_broker::chunk::Piece::Whole(payload)) => {
+                    whole.push((index, Ok(payload)));
                 }
-            };
-            let package = match sluice_proto::decode(&payload, encoding) {
-                Ok(package) => package,
-                Err(error) => {
-                    decoded.push((index, Err(sluice_broker::error_chain(&error))));
-                    continue;
-                }
-            };
-            let rows = encode_rows(&package, &mut last_target);
-            decoded.push((index, Ok(Decoded { package, rows })));
+                Ok(sluice_broker::chunk::Piece::Part) => {}
+                Err(error) => whole.push((index, Err(sluice_broker::error_chain(&error)))),
+            }
         }
+        let share = whole.len().div_ceil(DECODE_THREADS).max(1);
+        let messages_ref = &messages;
+        let decoded = std::thread::scope(|scope| {
+            let threads: Vec<_> = whole
+                .chunks(share)
+                .map(|part| scope.spawn(move || decode_part(messages_ref, part)))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|thread| match thread.join() {
+                    Ok(part) => part,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect()
+        });
         Batch { messages, decoded }
     }
+}
+
+/// Threads that decode one batch. Two: on a small machine ClickHouse needs
+/// the rest, and the decoding of one batch overlaps the INSERTs of the last.
+const DECODE_THREADS: usize = 2;
+
+/// Decodes whole package payloads (by message index) and encodes their rows.
+fn decode_part(
+    messages: &[jetstream::Message],
+    part: &[(usize, Result<bytes::Bytes, String>)],
+) -> Vec<(usize, Result<Decoded, String>)> {
+    // The target of the last relation seen: packages of a table come in
+    // runs with the same relation.
+    let mut last_target: Option<((String, String), v1::Relation, TargetTable)> = None;
+    let mut decode = |index: usize, payload: &bytes::Bytes| {
+        let encoding = messages[index]
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
+            .map(|v| v.as_str());
+        let package = sluice_proto::decode(payload, encoding)
+            .map_err(|error| sluice_broker::error_chain(&error))?;
+        let rows = encode_rows(&package, &mut last_target);
+        Ok(Decoded { package, rows })
+    };
+    part.iter()
+        .map(|(index, payload)| {
+            let decoded = match payload {
+                Ok(payload) => decode(*index, payload),
+                Err(error) => Err(error.clone()),
+            };
+            (*index, decoded)
+        })
+        .collect()
 }
 
 /// The rows of a CHANGES or SNAPSHOT package encoded for its relation's
@@ -183,18 +215,7 @@ fn encode_rows(
 impl Loader {
     /// Connects to ClickHouse and restores the positions.
     pub async fn connect(config: &Config, nats: async_nats::Client) -> Result<Loader, ApplyError> {
-        let mut ch = clickhouse::Client::default()
-            .with_url(&config.clickhouse.url)
-            .with_user(&config.clickhouse.user);
-        if let Some(password) = read_secret(
-            &config.clickhouse.password,
-            &config.clickhouse.password_file,
-        )
-        .map_err(ApplyError::PasswordFile)?
-        {
-            use secrecy::ExposeSecret;
-            ch = ch.with_password(password.expose_secret());
-        }
+        let ch = crate::clickhouse::client(&config.clickhouse).map_err(ApplyError::PasswordFile)?;
         let database = config.clickhouse_database();
         positions::ensure(&ch, &database).await?;
         let (stored, version) = positions::load(&ch, &database).await?;

@@ -264,18 +264,7 @@ async fn connect_postgres(config: &Config) -> Result<tokio_postgres::Client, Ver
 }
 
 fn clickhouse_client(config: &Config) -> Result<clickhouse::Client, VerifyError> {
-    let mut ch = clickhouse::Client::default()
-        .with_url(&config.clickhouse.url)
-        .with_user(&config.clickhouse.user);
-    if let Some(password) = read_secret(
-        &config.clickhouse.password,
-        &config.clickhouse.password_file,
-    )
-    .map_err(VerifyError::PasswordFile)?
-    {
-        ch = ch.with_password(password.expose_secret());
-    }
-    Ok(ch)
+    crate::clickhouse::client(&config.clickhouse).map_err(VerifyError::PasswordFile)
 }
 
 async fn clickhouse_rows(

@@ -18,3 +18,26 @@ pub use schema::{
     ensure_table, plan_evolution, quote_ident, target_table_name,
 };
 pub use types::{ChType, map_column};
+
+/// A client for `config`'s server and user, with its INSERT compression.
+/// Fails only when `password_file` cannot be read.
+pub fn client(
+    config: &sluice_broker::config::ClickHouseConfig,
+) -> std::io::Result<::clickhouse::Client> {
+    use secrecy::ExposeSecret;
+    use sluice_broker::config::ClickHouseCompression;
+    let compression = match config.compression {
+        ClickHouseCompression::Lz4 => ::clickhouse::Compression::Lz4,
+        ClickHouseCompression::None => ::clickhouse::Compression::None,
+    };
+    let mut client = ::clickhouse::Client::default()
+        .with_url(&config.url)
+        .with_user(&config.user)
+        .with_compression(compression);
+    if let Some(password) =
+        sluice_broker::config::read_secret(&config.password, &config.password_file)?
+    {
+        client = client.with_password(password.expose_secret());
+    }
+    Ok(client)
+}
