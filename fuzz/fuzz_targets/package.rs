@@ -6,10 +6,14 @@
 //! decodes as plain protobuf must also survive a zstd round trip unchanged, so the protobuf decoding
 //! behind a valid zstd frame (content checksum included) is exercised without the fuzzer having to
 //! build such frames.
+//!
+//! The loader's row-at-a-time reader (`sluice_proto::rows`) must accept nothing prost rejects and read
+//! exactly the rows prost decodes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_proto::{Encoding, decode, encode};
+use sluice_proto::rows::{RowReader, split};
+use sluice_proto::{Encoding, Message as _, decode, decompress, encode, v1};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
@@ -27,6 +31,25 @@ fuzz_target!(|data: &[u8]| {
             (Some(header), rest.get(end + 1..).unwrap_or_default())
         }
     };
+    if let Ok(raw) = decompress(payload, encoding)
+        && let Ok(parts) = split(&raw)
+    {
+        let mut reader = RowReader::default();
+        let rows: Result<Vec<v1::Row>, _> = parts
+            .rows
+            .iter()
+            .map(|range| reader.read(&raw[range.clone()]).cloned())
+            .collect();
+        if let Ok(rows) = rows {
+            let package = v1::Package::decode(&*raw).expect("prost accepts what the row reader reads");
+            let whole = v1::Package { rows, ..parts.header };
+            assert_eq!(
+                encode(&whole, Encoding::Identity),
+                encode(&package, Encoding::Identity),
+                "the row reader read other rows than prost"
+            );
+        }
+    }
     match decode(payload, encoding) {
         // Error messages are formatted from input bytes too.
         Err(e) => {

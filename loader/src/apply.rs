@@ -33,7 +33,8 @@ use sluice_proto::{Message as _, v1};
 use crate::chain::{Chains, TableName, Verdict};
 use crate::clickhouse::schema::{TargetTable, VERSION_COLUMN, ensure_table, quote_ident};
 use crate::clickhouse::{
-    CurrentRows, EncodedRows, Error as ChError, InsertBuilder, ToastRequest, fetch_current,
+    CurrentRows, EncodedRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest,
+    fetch_current,
 };
 use crate::metrics as m;
 use crate::positions::{self, Stored};
@@ -106,8 +107,24 @@ pub struct Batch {
 /// A decoded package and, where they could be encoded on their own, its rows
 /// in RowBinary.
 struct Decoded {
+    /// Without its rows when `rows` holds them encoded.
     package: v1::Package,
     rows: Option<EncodedRows>,
+    /// The package's protobuf bytes when `package` lacks its rows, to decode
+    /// them after all for an INSERT that fills in TOAST values.
+    raw: Option<bytes::Bytes>,
+}
+
+impl Decoded {
+    /// The package with its rows.
+    fn with_rows(&self) -> Result<std::borrow::Cow<'_, v1::Package>, ChError> {
+        match &self.raw {
+            Some(raw) if self.package.rows.is_empty() => v1::Package::decode(raw.as_ref())
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e))),
+            _ => Ok(std::borrow::Cow::Borrowed(&self.package)),
+        }
+    }
 }
 
 impl Batch {
@@ -158,19 +175,26 @@ fn decode_part(
     messages: &[jetstream::Message],
     part: &[(usize, Result<bytes::Bytes, String>)],
 ) -> Vec<(usize, Result<Decoded, String>)> {
-    // The target of the last relation seen: packages of a table come in
-    // runs with the same relation.
-    let mut last_target: Option<((String, String), v1::Relation, TargetTable)> = None;
+    let mut encoder = RowEncoder::default();
     let mut decode = |index: usize, payload: &bytes::Bytes| {
         let encoding = messages[index]
             .headers
             .as_ref()
             .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
             .map(|v| v.as_str());
-        let package = sluice_proto::decode(payload, encoding)
+        let raw = sluice_proto::decompress(payload, encoding)
             .map_err(|error| sluice_broker::error_chain(&error))?;
-        let rows = encode_rows(&package, &mut last_target);
-        Ok(Decoded { package, rows })
+        if let Some(decoded) = encoder.encode(&raw) {
+            return Ok(decoded);
+        }
+        let package = v1::Package::decode(&*raw).map_err(|error| {
+            sluice_broker::error_chain(&sluice_proto::DecodeError::Protobuf(error))
+        })?;
+        Ok(Decoded {
+            package,
+            rows: None,
+            raw: None,
+        })
     };
     part.iter()
         .map(|(index, payload)| {
@@ -183,33 +207,53 @@ fn decode_part(
         .collect()
 }
 
-/// The rows of a CHANGES or SNAPSHOT package encoded for its relation's
-/// columns (see [`EncodedRows::encode`] for when they are not). Only the
-/// columns matter here, so the database name is left empty.
-fn encode_rows(
-    package: &v1::Package,
-    last_target: &mut Option<((String, String), v1::Relation, TargetTable)>,
-) -> Option<EncodedRows> {
-    let row_kind =
-        package.kind == v1::Kind::Changes as i32 || package.kind == v1::Kind::Snapshot as i32;
-    let relation = package.relation.as_ref()?;
-    if !row_kind || package.rows.is_empty() {
-        return None;
+/// Encodes the rows of CHANGES and SNAPSHOT packages straight from their
+/// protobuf bytes, for their relation's columns.
+#[derive(Default)]
+struct RowEncoder {
+    reader: sluice_proto::rows::RowReader,
+    /// The target of the last relation seen: packages of a table come in
+    /// runs with the same relation. Only its columns matter here, so the
+    /// database name is left empty.
+    last_target: Option<((String, String), v1::Relation, TargetTable)>,
+}
+
+impl RowEncoder {
+    /// The package in `raw` with its rows encoded, or `None` to decode it
+    /// whole instead: not a row package, or rows that do not encode on their
+    /// own (see [`EncodedRows::transcode`]), or bytes prost should judge.
+    fn encode(&mut self, raw: &[u8]) -> Option<Decoded> {
+        let split = sluice_proto::rows::split(raw).ok()?;
+        let package = &split.header;
+        let row_kind =
+            package.kind == v1::Kind::Changes as i32 || package.kind == v1::Kind::Snapshot as i32;
+        let relation = package.relation.as_ref()?;
+        if !row_kind || split.rows.is_empty() {
+            return None;
+        }
+        let same = self
+            .last_target
+            .as_ref()
+            .is_some_and(|((schema, table), r, _)| {
+                *schema == package.schema && *table == package.table && r == relation
+            });
+        if !same {
+            let target =
+                TargetTable::from_relation("", &package.schema, &package.table, relation).ok()?;
+            self.last_target = Some((
+                (package.schema.clone(), package.table.clone()),
+                relation.clone(),
+                target,
+            ));
+        }
+        let (_, _, target) = self.last_target.as_ref()?;
+        let rows = EncodedRows::transcode(target, package, raw, &split.rows, &mut self.reader)?;
+        Some(Decoded {
+            package: split.header,
+            rows: Some(rows),
+            raw: Some(bytes::Bytes::copy_from_slice(raw)),
+        })
     }
-    let same = last_target.as_ref().is_some_and(|((schema, table), r, _)| {
-        *schema == package.schema && *table == package.table && r == relation
-    });
-    if !same {
-        let target =
-            TargetTable::from_relation("", &package.schema, &package.table, relation).ok()?;
-        *last_target = Some((
-            (package.schema.clone(), package.table.clone()),
-            relation.clone(),
-            target,
-        ));
-    }
-    let (_, _, target) = last_target.as_ref()?;
-    EncodedRows::encode(target, package)
 }
 
 impl Loader {
@@ -644,28 +688,17 @@ impl Loader {
             fetch_current(&self.ch, target, &toast).await?
         };
         let mut builder = InsertBuilder::new(target);
-        const OPS: [&str; 4] = ["snapshot", "insert", "update", "delete"];
-        let mut ops = [0u64; OPS.len()];
+        let mut ops = OpCounts::default();
         for decoded in packages {
-            let package = &decoded.package;
-            let encoded = toast.is_empty()
-                && decoded
-                    .rows
-                    .as_ref()
-                    .is_some_and(|rows| builder.push_encoded(rows));
-            if !encoded {
-                builder.push_package(package, &current)?;
-            }
-            if package.kind == v1::Kind::Snapshot as i32 {
-                ops[0] += package.rows.len() as u64;
-                continue;
-            }
-            for row in &package.rows {
-                ops[match v1::Op::try_from(row.op) {
-                    Ok(v1::Op::Insert) => 1,
-                    Ok(v1::Op::Update) => 2,
-                    _ => 3,
-                }] += 1;
+            match &decoded.rows {
+                Some(rows) if toast.is_empty() && builder.push_encoded(rows) => {
+                    ops.merge(&rows.ops);
+                }
+                _ => {
+                    let package = decoded.with_rows()?;
+                    builder.push_package(&package, &current)?;
+                    ops.merge(&OpCounts::of(&package));
+                }
             }
         }
         let rows = builder.rows();
@@ -673,7 +706,7 @@ impl Loader {
         let report = builder.send(&self.ch).await?;
         histogram!(m::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
         histogram!(m::BATCH_ROWS).record(rows as f64);
-        for (op, count) in OPS.into_iter().zip(ops) {
+        for (op, count) in OpCounts::NAMES.into_iter().zip(ops.0) {
             if count > 0 {
                 counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
             }

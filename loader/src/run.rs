@@ -10,8 +10,9 @@
 //! message if an earlier run left some (JetStream would otherwise redeliver
 //! them only after `ack_wait`, and the next `AckAll` would ack them unseen).
 //!
-//! One batch is fetched and decoded ahead ([`fetch_batches`]) while the
-//! current one is written, so decoding overlaps ClickHouse's work. Should the
+//! One batch is fetched, decoded and encoded to RowBinary ahead
+//! ([`fetch_batches`], [`Batch::decode`]) while the current one is written,
+//! so that work overlaps ClickHouse's. Should the
 //! prefetched batch outlive `ack_wait` (a long ClickHouse outage), JetStream
 //! redelivers its messages; the chain positions mark the copies as already
 //! applied.

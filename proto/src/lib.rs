@@ -10,6 +10,8 @@
 
 use std::io::Read;
 
+pub mod rows;
+
 /// Generated types of `proto/sluice/v1/package.proto`.
 pub mod v1 {
     #![allow(clippy::all)]
@@ -68,6 +70,8 @@ pub enum DecodeError {
     TooLarge,
     #[error("payload is not a valid sluice.v1.Package")]
     Protobuf(#[source] prost::DecodeError),
+    #[error("payload is not a valid sluice.v1.Package: {0}")]
+    Wire(&'static str),
 }
 
 /// zstd level used for packages: level 1 keeps the replicator near the speed
@@ -114,6 +118,16 @@ thread_local! {
 /// Decompresses and decodes a payload. `encoding` is the value of the
 /// [`ENCODING_HEADER`] header; a missing header means [`Encoding::Zstd`].
 pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, DecodeError> {
+    let raw = decompress(payload, encoding)?;
+    v1::Package::decode(&*raw).map_err(DecodeError::Protobuf)
+}
+
+/// Decompresses a payload into the protobuf bytes of its package (for
+/// [`rows::split`]); see [`decode`].
+pub fn decompress<'p>(
+    payload: &'p [u8],
+    encoding: Option<&str>,
+) -> Result<std::borrow::Cow<'p, [u8]>, DecodeError> {
     let encoding = match encoding {
         None => Encoding::Zstd,
         Some(value) => {
@@ -121,7 +135,7 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
         }
     };
     match encoding {
-        Encoding::Identity => v1::Package::decode(payload).map_err(DecodeError::Protobuf),
+        Encoding::Identity => Ok(std::borrow::Cow::Borrowed(payload)),
         Encoding::Zstd => {
             // Frames from `encode` state their size: decompress in one go
             // with this thread's reused context (creating one per package
@@ -135,8 +149,7 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
                     Ok(decompressor) => decompressor.decompress(payload, size as usize),
                     Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
                 });
-                let raw = raw.map_err(DecodeError::Decompress)?;
-                return v1::Package::decode(raw.as_slice()).map_err(DecodeError::Protobuf);
+                return raw.map(Into::into).map_err(DecodeError::Decompress);
             }
             let decoder =
                 zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
@@ -148,7 +161,7 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
             if raw.len() > MAX_DECODED_BYTES {
                 return Err(DecodeError::TooLarge);
             }
-            v1::Package::decode(raw.as_slice()).map_err(DecodeError::Protobuf)
+            Ok(raw.into())
         }
     }
 }

@@ -83,6 +83,10 @@ pub enum Error {
     /// ClickHouse answered with something this layer cannot parse.
     #[error("unexpected response from clickhouse: {0}")]
     Response(String),
+    /// A package whose rows were read once (to encode them ahead) could not
+    /// be decoded again when its INSERT needed them as values.
+    #[error("package rows could not be decoded again")]
+    Decode(#[source] sluice_proto::DecodeError),
     /// A table without key columns cannot be ordered or deduplicated.
     #[error("table {0} has no key columns (replica identity)")]
     NoKey(String),

@@ -212,9 +212,47 @@ pub async fn fetch_current(
     Ok(current)
 }
 
+/// Source rows of packages by what they are, in the order of
+/// [`OpCounts::NAMES`] (for `sluice_loaded_rows_total{op}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts(pub [u64; 4]);
+
+impl OpCounts {
+    pub const NAMES: [&'static str; 4] = ["snapshot", "insert", "update", "delete"];
+
+    /// Counts one row of a package of kind `package_kind`.
+    pub fn add(&mut self, package_kind: i32, op: i32) {
+        let index = if package_kind == v1::Kind::Snapshot as i32 {
+            0
+        } else {
+            match v1::Op::try_from(op) {
+                Ok(v1::Op::Insert) => 1,
+                Ok(v1::Op::Update) => 2,
+                _ => 3,
+            }
+        };
+        self.0[index] += 1;
+    }
+
+    /// The rows of a package with its rows decoded.
+    pub fn of(package: &v1::Package) -> OpCounts {
+        let mut counts = OpCounts::default();
+        for row in &package.rows {
+            counts.add(package.kind, row.op);
+        }
+        counts
+    }
+
+    pub fn merge(&mut self, other: &OpCounts) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+    }
+}
+
 /// The rows of one CHANGES or SNAPSHOT package in RowBinary, encoded before
-/// the batch is applied: the loader encodes the next batch on a blocking
-/// thread while the current one's INSERTs run, so the INSERT itself only
+/// the batch is applied: the loader encodes the next batch on blocking
+/// threads while the current one's INSERTs run, so the INSERT itself only
 /// sends bytes ([`InsertBuilder::push_encoded`]).
 #[derive(Debug, Clone)]
 pub struct EncodedRows {
@@ -224,31 +262,48 @@ pub struct EncodedRows {
     body: Bytes,
     rows: usize,
     clamped: ClampCounts,
+    /// The package's source rows by operation.
+    pub ops: OpCounts,
 }
 
 impl EncodedRows {
-    /// Encodes `package` on its own for `target`'s columns. `None` when that
-    /// is not possible without the rest of the INSERT: a row holds an
-    /// unchanged TOAST value (filled from other rows), or a value does not
-    /// encode (the INSERT encodes the package again and reports the row).
-    pub fn encode(target: &TargetTable, package: &v1::Package) -> Option<EncodedRows> {
-        let toast = package.rows.iter().any(|row| {
-            row.values
+    /// Encodes the rows of a package for `target`'s columns straight from
+    /// their protobuf bytes (`raw[range]` each, see [`sluice_proto::rows`]),
+    /// one row at a time: no decoded copy of the package's rows is kept.
+    /// `header` is the rest of the package. `None` when the rows cannot be
+    /// encoded on their own: a row holds an unchanged TOAST value (filled
+    /// from other rows), or a row does not decode or encode (the caller then
+    /// decodes the package whole, and the INSERT reports the row at fault).
+    pub fn transcode(
+        target: &TargetTable,
+        header: &v1::Package,
+        raw: &[u8],
+        rows: &[Range<usize>],
+        reader: &mut sluice_proto::rows::RowReader,
+    ) -> Option<EncodedRows> {
+        let mut builder = InsertBuilder::new(target);
+        let mut ops = OpCounts::default();
+        let none = CurrentRows::default();
+        for (index, range) in rows.iter().enumerate() {
+            let row = reader.read(raw.get(range.clone())?).ok()?;
+            if row
+                .values
                 .iter()
                 .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
-        });
-        if toast {
-            return None;
+            {
+                return None;
+            }
+            builder
+                .push_row(row, sluice_proto::row_version(header, index), &none)
+                .ok()?;
+            ops.add(header.kind, row.op);
         }
-        let mut builder = InsertBuilder::new(target);
-        builder
-            .push_package(package, &CurrentRows::default())
-            .ok()?;
         Some(EncodedRows {
             columns: target.columns.clone(),
             body: Bytes::from(builder.buf),
             rows: builder.rows,
             clamped: builder.clamped,
+            ops,
         })
     }
 }
@@ -573,6 +628,16 @@ mod tests {
         }
     }
 
+    /// What the loader's decode threads do: the package's protobuf bytes,
+    /// split, then transcoded.
+    fn transcode(target: &TargetTable, package: &v1::Package) -> Option<EncodedRows> {
+        use sluice_proto::Message as _;
+        let raw = package.encode_to_vec();
+        let split = sluice_proto::rows::split(&raw).unwrap();
+        let mut reader = sluice_proto::rows::RowReader::default();
+        EncodedRows::transcode(target, &split.header, &raw, &split.rows, &mut reader)
+    }
+
     fn body(builder: &InsertBuilder) -> Vec<u8> {
         let mut out: Vec<u8> = builder.pieces.iter().flatten().copied().collect();
         out.extend_from_slice(&builder.buf);
@@ -608,14 +673,29 @@ mod tests {
         by_hand.push_package(&second, &none).unwrap();
 
         // Mixed: one package by hand, the other encoded ahead.
-        let encoded = EncodedRows::encode(&target, &second).unwrap();
+        let encoded = transcode(&target, &second).unwrap();
         assert_eq!(encoded.rows, 3);
+        assert_eq!(encoded.ops, OpCounts::of(&second));
+        assert_eq!(encoded.ops, OpCounts([0, 0, 1, 1]));
         let mut mixed = InsertBuilder::new(&target);
         mixed.push_package(&first, &none).unwrap();
         assert!(mixed.push_encoded(&encoded));
         assert_eq!(mixed.rows(), by_hand.rows());
         assert_eq!(mixed.len_bytes(), by_hand.len_bytes());
         assert_eq!(body(&mixed), body(&by_hand));
+
+        // Versions come from the header: a snapshot's rows sit just below
+        // its consistent point, from its first ordinal on.
+        let mut snapshot = first.clone();
+        snapshot.kind = v1::Kind::Snapshot as i32;
+        snapshot.first_row_ordinal = 5;
+        let mut by_hand = InsertBuilder::new(&target);
+        by_hand.push_package(&snapshot, &none).unwrap();
+        let mut ahead = InsertBuilder::new(&target);
+        let encoded_snapshot = transcode(&target, &snapshot).unwrap();
+        assert_eq!(encoded_snapshot.ops, OpCounts([2, 0, 0, 0]));
+        assert!(ahead.push_encoded(&encoded_snapshot));
+        assert_eq!(body(&ahead), body(&by_hand));
 
         // Encoded for other columns: refused, nothing added.
         let mut other = target.clone();
@@ -638,10 +718,10 @@ mod tests {
                 vec![],
             )],
         );
-        assert!(EncodedRows::encode(&target, &toast).is_none());
+        assert!(transcode(&target, &toast).is_none());
         // A NULL key does not encode; the INSERT reports it with its row.
         let mut bad = row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![]);
         bad.values[0] = value(Kind::Null(v1::Null {}));
-        assert!(EncodedRows::encode(&target, &package(100, vec![bad])).is_none());
+        assert!(transcode(&target, &package(100, vec![bad])).is_none());
     }
 }

@@ -10,8 +10,8 @@ pub mod types;
 
 pub use error::{Error, ValueError};
 pub use insert::{
-    ClampCounts, CurrentRows, EncodedRows, InsertBuilder, InsertReport, ToastRequest, encode_key,
-    fetch_current,
+    ClampCounts, CurrentRows, EncodedRows, InsertBuilder, InsertReport, OpCounts, ToastRequest,
+    encode_key, fetch_current,
 };
 pub use schema::{
     EvolutionPlan, ExistingColumn, SchemaDrift, TargetColumn, TargetTable, current_columns,
