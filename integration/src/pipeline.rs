@@ -432,36 +432,11 @@ ack_wait = "30s"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Polls `SELECT count() FROM {from}` every `poll` until it is `rows`
-    /// (a table that does not exist yet counts 0), while both binaries stay
-    /// alive.
-    pub async fn wait_for_rows(
-        &mut self,
-        from: &str,
-        rows: u64,
-        poll: Duration,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        let ch = self.servers.clickhouse();
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.check_alive()?;
-            if crate::clickhouse_count(&ch, from).await.unwrap_or(0) == rows {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{from} did not reach {rows} rows within {timeout:?}"
-            );
-            tokio::time::sleep(poll).await;
-        }
-    }
-
     /// Waits until `table` holds exactly `rows` rows in its `FINAL` view, while
     /// both binaries stay alive. Polls the plain `count()` (the parts' row
-    /// counts, nothing merged) until it reaches `rows` and only then
-    /// `count() FINAL`, so that the waiting adds no query load competing with
-    /// what a benchmark measures.
+    /// counts, nothing merged) every `poll` until it reaches `rows` and only
+    /// then `count() FINAL`, so that the waiting adds no query load competing
+    /// with what a benchmark measures. A table that does not exist yet counts 0.
     pub async fn wait_for_final_rows(
         &mut self,
         table: &str,
@@ -469,22 +444,35 @@ ack_wait = "30s"
         poll: Duration,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let ch = self.servers.clickhouse();
         let deadline = Instant::now() + timeout;
+        self.wait_for_count(table, poll, deadline, |n| n >= rows)
+            .await?;
+        self.wait_for_count(&format!("{table} FINAL"), poll, deadline, |n| n == rows)
+            .await
+            .with_context(|| format!("{table} did not reach {rows} rows within {timeout:?}"))
+    }
+
+    /// Polls `SELECT count() FROM {from}` every `poll` until `done` says so.
+    async fn wait_for_count(
+        &mut self,
+        from: &str,
+        poll: Duration,
+        deadline: Instant,
+        done: impl Fn(u64) -> bool,
+    ) -> anyhow::Result<()> {
+        let ch = self.servers.clickhouse();
         loop {
             self.check_alive()?;
-            if crate::clickhouse_count(&ch, table).await.unwrap_or(0) >= rows {
-                break;
+            let count = crate::clickhouse_count(&ch, from).await.unwrap_or(0);
+            if done(count) {
+                return Ok(());
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{table} did not reach {rows} rows within {timeout:?}"
+                "SELECT count() FROM {from} still {count} at the deadline"
             );
             tokio::time::sleep(poll).await;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.wait_for_rows(&format!("{table} FINAL"), rows, poll, left)
-            .await
     }
 
     /// Lines of every log of `which` (all its runs so far) that contain `needle`.

@@ -15,6 +15,12 @@
 //! Unchanged TOAST values (pgoutput omits them when an UPDATE did not touch
 //! them) are filled from the newest earlier row of the same key in the same
 //! builder, else from the table's current row read by [`fetch_current`].
+//!
+//! Most packages need nothing from other rows: [`EncodedRows::transcode`]
+//! encodes them on the loader's decode threads, ahead of their INSERT, and
+//! the builder adds their bytes as they are. An INSERT that fills in TOAST
+//! values encodes every package in it by hand, so that the rows it fills
+//! from are in the builder.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -345,7 +351,7 @@ impl<'a> InsertBuilder<'a> {
         self.pieces.iter().map(Bytes::len).sum::<usize>() + self.buf.len()
     }
 
-    /// Adds rows encoded ahead by [`EncodedRows::encode`], as they are.
+    /// Adds rows encoded ahead by [`EncodedRows::transcode`], as they are.
     /// Returns `false`, adding nothing, when they were encoded for other
     /// columns or when this builder keeps rows for TOAST fill-ins (their
     /// byte ranges point into the body being built); the caller then adds
