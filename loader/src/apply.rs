@@ -110,8 +110,8 @@ struct Decoded {
     /// Without its rows when `rows` holds them encoded.
     package: v1::Package,
     rows: Option<EncodedRows>,
-    /// The package's protobuf bytes when `package` lacks its rows, to decode
-    /// them after all for an INSERT that fills in TOAST values.
+    /// The package's protobuf bytes, kept exactly when `package` lacks its
+    /// rows, to decode them after all for an INSERT that fills in TOAST values.
     raw: Option<bytes::Bytes>,
 }
 
@@ -119,10 +119,10 @@ impl Decoded {
     /// The package with its rows.
     fn with_rows(&self) -> Result<std::borrow::Cow<'_, v1::Package>, ChError> {
         match &self.raw {
-            Some(raw) if self.package.rows.is_empty() => v1::Package::decode(raw.as_ref())
+            Some(raw) => v1::Package::decode(raw.as_ref())
                 .map(std::borrow::Cow::Owned)
                 .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e))),
-            _ => Ok(std::borrow::Cow::Borrowed(&self.package)),
+            None => Ok(std::borrow::Cow::Borrowed(&self.package)),
         }
     }
 }
@@ -182,8 +182,13 @@ fn decode_part(
             .as_ref()
             .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
             .map(|v| v.as_str());
-        let raw = sluice_proto::decompress(payload, encoding)
-            .map_err(|error| sluice_broker::error_chain(&error))?;
+        let raw = match sluice_proto::decompress(payload, encoding)
+            .map_err(|error| sluice_broker::error_chain(&error))?
+        {
+            // Uncompressed: the payload itself.
+            std::borrow::Cow::Borrowed(_) => payload.clone(),
+            std::borrow::Cow::Owned(raw) => bytes::Bytes::from(raw),
+        };
         if let Some(decoded) = encoder.encode(&raw) {
             return Ok(decoded);
         }
@@ -222,7 +227,7 @@ impl RowEncoder {
     /// The package in `raw` with its rows encoded, or `None` to decode it
     /// whole instead: not a row package, or rows that do not encode on their
     /// own (see [`EncodedRows::transcode`]), or bytes prost should judge.
-    fn encode(&mut self, raw: &[u8]) -> Option<Decoded> {
+    fn encode(&mut self, raw: &bytes::Bytes) -> Option<Decoded> {
         let split = sluice_proto::rows::split(raw).ok()?;
         let package = &split.header;
         let row_kind =
@@ -251,7 +256,7 @@ impl RowEncoder {
         Some(Decoded {
             package: split.header,
             rows: Some(rows),
-            raw: Some(bytes::Bytes::copy_from_slice(raw)),
+            raw: Some(raw.clone()),
         })
     }
 }

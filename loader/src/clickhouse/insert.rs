@@ -218,6 +218,13 @@ pub async fn fetch_current(
     Ok(current)
 }
 
+/// Whether a row holds a TOAST value pgoutput left out (unchanged).
+fn has_unchanged_toast(row: &v1::Row) -> bool {
+    row.values
+        .iter()
+        .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
+}
+
 /// Source rows of packages by what they are, in the order of
 /// [`OpCounts::NAMES`] (for `sluice_loaded_rows_total{op}`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -292,11 +299,7 @@ impl EncodedRows {
         let none = CurrentRows::default();
         for (index, range) in rows.iter().enumerate() {
             let row = reader.read(raw.get(range.clone())?).ok()?;
-            if row
-                .values
-                .iter()
-                .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
-            {
+            if has_unchanged_toast(row) {
                 return None;
             }
             builder
@@ -432,13 +435,7 @@ impl<'a> InsertBuilder<'a> {
         let old_key = row.op == v1::Op::Update as i32 && !row.old_key.is_empty();
         // The key is only needed for deletes, key changes and TOAST fill-ins;
         // a plain insert or update (most rows) skips encoding it twice.
-        let key = if delete
-            || old_key
-            || !current.requested.is_empty()
-            || row
-                .values
-                .iter()
-                .any(|v| matches!(v.kind, Some(Kind::UnchangedToast(_))))
+        let key = if delete || old_key || !current.requested.is_empty() || has_unchanged_toast(row)
         {
             Some(encode_key(self.target, &row.values).map_err(value_err)?)
         } else {
