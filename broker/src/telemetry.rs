@@ -23,12 +23,15 @@ pub enum LogFormat {
 }
 
 /// Installs the `tracing` subscriber: `RUST_LOG` filters (default `info`),
-/// text or JSON lines on stderr.
+/// text or JSON lines on stderr. Text has colour codes only when stderr is a
+/// terminal, so log files and journald stay plain.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
