@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
 /// Top-level sections; environment variables outside them (`SLUICE_TEST_*`,
@@ -327,14 +327,24 @@ impl Config {
             let section = key.as_str().split('.').next().unwrap_or_default();
             SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
         });
-        let config: Config = Figment::new()
+        // figment parses every environment value as a TOML value, so a numeric
+        // password would become a number (and `1.50` the float 1.5). Secrets
+        // are taken verbatim, as strings, instead.
+        let secrets: Vec<(String, String)> = env
+            .iter()
+            .filter(|(key, _)| is_secret_key(key.as_str()))
+            .map(|(key, value)| (key.as_str().to_ascii_lowercase(), value))
+            .collect();
+        let mut figment = Figment::new()
             .merge(Toml::file_exact(path))
-            .merge(env)
-            .extract()
-            .map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source: Box::new(source),
-            })?;
+            .merge(env.filter(|key| !is_secret_key(key.as_str())));
+        for (key, value) in secrets {
+            figment = figment.merge(figment::providers::Serialized::default(&key, value));
+        }
+        let config: Config = figment.extract().map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(redact_parse_error(source)),
+        })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -477,15 +487,92 @@ fn check_url(value: &str, schemes: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// The URL with any password replaced by `***`, for logs and error messages.
+/// The URL (or comma-separated URLs) with every password replaced by `***`,
+/// for logs, `status` and error messages. In a NATS URL a user name without a
+/// password is a token (`nats://TOKEN@host`), so it is replaced too. A value
+/// that does not parse as a URL but holds an `@` loses everything before it.
 pub fn redact_url(value: &str) -> String {
+    value
+        .split(',')
+        .map(|one| redact_one_url(one.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(value: &str) -> String {
     match url::Url::parse(value) {
-        Ok(mut url) if url.password().is_some() => {
-            // Setting a password only fails for URLs that cannot have one.
-            let _ = url.set_password(Some("***"));
+        Ok(mut url) if !url.cannot_be_a_base() => {
+            if url.password().is_some() {
+                // Setting a password only fails for URLs that cannot have one.
+                let _ = url.set_password(Some("***"));
+            } else if !url.username().is_empty()
+                && matches!(url.scheme(), "nats" | "tls" | "ws" | "wss")
+            {
+                let _ = url.set_username("***");
+            }
             url.to_string()
         }
-        _ => value.to_owned(),
+        _ => match value.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => value.to_owned(),
+        },
+    }
+}
+
+/// Keys whose values are secrets (`section.key`, lowercase).
+const SECRET_KEYS: &[&str] = &[
+    "postgres.password",
+    "nats.password",
+    "nats.token",
+    "nats.nkey_seed",
+    "clickhouse.password",
+];
+
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+}
+
+/// A parse error without the values it would quote: a TOML syntax error
+/// echoes the offending line (which may hold a password), and a type error
+/// quotes the value it found. What remains names the line and column, or the
+/// key, and what was expected.
+fn redact_parse_error(error: figment::Error) -> figment::Error {
+    use figment::error::{Actual, Kind};
+    // The chain is newest first; rebuilt oldest first below.
+    let mut errors: Vec<figment::Error> = error.into_iter().collect();
+    for e in &mut errors {
+        match &mut e.kind {
+            Kind::Message(text) => *text = redact_toml_message(text),
+            Kind::InvalidType(actual, _) | Kind::InvalidValue(actual, _) => {
+                let kind = match actual {
+                    Actual::Bool(_) => "a boolean",
+                    Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+                    Actual::Float(_) => "a float",
+                    Actual::Char(_) | Actual::Str(_) => "a string",
+                    Actual::Bytes(_) => "bytes",
+                    _ => continue,
+                };
+                *actual = Actual::Other(kind.to_owned());
+            }
+            _ => {}
+        }
+    }
+    let mut oldest_first = errors.into_iter().rev();
+    let first = oldest_first.next().expect("an error has at least itself");
+    oldest_first.fold(first, |older, newer| older.chain(newer))
+}
+
+/// `TOML parse error at line 3, column 12\n  |\n3 | password = "x\n ...\ninvalid
+/// basic string` becomes `TOML parse error at line 3, column 12: invalid basic
+/// string`: the source line between the first and last line is dropped.
+fn redact_toml_message(text: &str) -> String {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or_default();
+    let last = lines.next_back();
+    let quotes_source = text.lines().any(|l| l.trim_start().starts_with('|'));
+    match last {
+        Some(last) if quotes_source => format!("{first}: {}", last.trim()),
+        _ => text.to_owned(),
     }
 }
 
@@ -507,16 +594,10 @@ pub fn read_secret(
     }
 }
 
-/// Whether a secret is set, for `status` output (never the value itself).
-pub fn secret_is_set(secret: &Option<SecretString>) -> bool {
-    secret
-        .as_ref()
-        .is_some_and(|s| !s.expose_secret().is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret as _;
     use std::io::Write;
 
     fn write(contents: &str) -> tempfile::NamedTempFile {
@@ -608,6 +689,56 @@ mod tests {
             assert_eq!(config.source, "inventory");
             Ok(())
         });
+    }
+
+    #[test]
+    fn nats_url_lists_and_tokens_are_redacted() {
+        assert_eq!(
+            redact_url("nats://producer:s3cret@a:4222, nats://producer:s3cret@b:4222"),
+            "nats://producer:***@a:4222,nats://producer:***@b:4222"
+        );
+        assert_eq!(redact_url("nats://tok3n@a:4222"), "nats://***@a:4222");
+        assert_eq!(
+            redact_url("postgres://sluice@h:5432/db"),
+            "postgres://sluice@h:5432/db"
+        );
+        assert_eq!(redact_url("x:y:s3cret@not a url"), "***@not a url");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_does_not_echo_the_line() {
+        let file = write("[postgres]\npassword = \"hunter2\nslot = \"x\"\n");
+        let err = Config::load_with_env(file.path(), no_env()).unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure signature
+    fn numeric_secrets_from_the_environment_are_taken_verbatim() {
+        let file = write("[postgres]\nslot = \"s\"\n");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_X_POSTGRES__PASSWORD", "1.50");
+            jail.set_env("SLUICE_X_CLICKHOUSE__PASSWORD", "12345");
+            let config =
+                Config::load_with_env(file.path(), Env::prefixed("SLUICE_X_")).expect("loads");
+            let pg = config.postgres.password.as_ref().expect("set");
+            assert_eq!(pg.expose_secret(), "1.50");
+            let ch = config.clickhouse.password.as_ref().expect("set");
+            assert_eq!(ch.expose_secret(), "12345");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure signature
+    fn a_type_error_does_not_quote_the_value() {
+        let file = write("[nats]\nreplicas = \"hunter2\"\n");
+        let err = Config::load_with_env(file.path(), no_env()).unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("replicas"), "{text}");
     }
 
     #[test]

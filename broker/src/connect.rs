@@ -3,7 +3,7 @@
 use async_nats::ConnectOptions;
 use secrecy::ExposeSecret;
 
-use crate::config::{NatsConfig, read_secret};
+use crate::config::{NatsConfig, read_secret, redact_url};
 
 /// Why NATS could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,7 @@ pub enum ConnectError {
     MissingUser(&'static str),
     #[error("cannot connect to NATS at {url}")]
     Connect {
+        /// Redacted: no password or token.
         url: String,
         #[source]
         source: async_nats::ConnectError,
@@ -74,7 +75,7 @@ pub async fn connect(
         .connect(addrs)
         .await
         .map_err(|source| ConnectError::Connect {
-            url: config.url.clone(),
+            url: redact_url(&config.url),
             source,
         })
 }
