@@ -5,6 +5,10 @@ pub mod chunk;
 pub mod config;
 pub mod connect;
 pub mod publish;
+pub mod supervise;
+pub mod table;
+
+pub use table::TableName;
 pub mod telemetry;
 pub mod topology;
 
