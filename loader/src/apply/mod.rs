@@ -1,0 +1,401 @@
+//! What one fetched batch does to ClickHouse, and the [`Loader`] that does
+//! it.
+//!
+//! A batch goes through three stages: [`decode`] (decompress, decode, encode
+//! rows ahead, on threads while the previous batch is written), [`plan`]
+//! (pure: each package checked against its table's chain, ARCHITECTURE.md
+//! invariant 3, and turned into per-table steps) and [`Loader::apply`], which
+//! carries the plan out: per table, in stream order, ONE INSERT per table
+//! (per target) per run of row packages, TRUNCATE, and the resync steps of
+//! [`resync`] (invariant 4). Then the positions are written. The caller acks
+//! the batch only when this returns `Ok` (invariant 1).
+//!
+//! Poison messages (undecodable, unpositioned) and the packages of a table
+//! whose rows ClickHouse refuses are moved to the dead-letter subject
+//! ([`dead_letter`]); the refused table is blocked and resynced, other tables
+//! go on (invariants 6 and 10). [`lag`] keeps the lag gauge.
+
+mod dead_letter;
+mod decode;
+mod lag;
+mod plan;
+mod resync;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use sluice_broker::config::Config;
+use sluice_proto::v1;
+
+pub use decode::Batch;
+pub use resync::SHADOW_SUFFIX;
+
+use crate::chain::{Chains, TableName};
+use crate::clickhouse::schema::{TargetTable, ensure_table};
+use crate::clickhouse::{
+    CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
+};
+use crate::metrics as m;
+use crate::positions::{self, Stored};
+use dead_letter::DeadLetter;
+use decode::Decoded;
+use lag::Lag;
+use plan::{Step, TablePlan};
+
+/// A batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] ChError),
+    #[error("cannot read `clickhouse.password_file`")]
+    PasswordFile(#[source] std::io::Error),
+    #[error("cannot publish a dead letter")]
+    DeadLetter(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::ClickHouse(e) => e.is_transient(),
+            ApplyError::PasswordFile(_) => false,
+            ApplyError::DeadLetter(_) => true,
+        }
+    }
+}
+
+/// The loader's state across batches.
+pub struct Loader {
+    source: String,
+    database: String,
+    ch: clickhouse::Client,
+    nats: async_nats::Client,
+    chains: Chains,
+    shadows: HashMap<TableName, String>,
+    /// Relation last ensured in ClickHouse per target table name.
+    ensured: HashMap<String, v1::Relation>,
+    version: u64,
+    last_resync_request: HashMap<TableName, Instant>,
+    lag: Lag,
+    /// When each shadow table last received snapshot rows (or was restored).
+    shadow_progress: HashMap<TableName, Instant>,
+}
+
+impl Loader {
+    /// Connects to ClickHouse and restores the positions.
+    pub async fn connect(config: &Config, nats: async_nats::Client) -> Result<Loader, ApplyError> {
+        let ch = crate::clickhouse::client(&config.clickhouse).map_err(ApplyError::PasswordFile)?;
+        let database = config.clickhouse_database();
+        positions::ensure(&ch, &database).await?;
+        let (stored, version) = positions::load(&ch, &database).await?;
+        let chains = Chains::restore_with_blocked(
+            stored
+                .iter()
+                .map(|(t, s)| (t.clone(), s.position, s.blocked)),
+        );
+        let shadows = stored
+            .into_iter()
+            .filter(|(_, s)| !s.shadow.is_empty())
+            .map(|(t, s)| (t, s.shadow))
+            .collect();
+        Ok(Loader {
+            source: config.source.clone(),
+            database,
+            ch,
+            nats,
+            chains,
+            shadows,
+            ensured: HashMap::new(),
+            version,
+            last_resync_request: HashMap::new(),
+            lag: Lag::default(),
+            shadow_progress: HashMap::new(),
+        })
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Refreshes `sluice_loader_lag_seconds` for every table seen.
+    pub fn update_lag(&self) {
+        self.lag.update();
+    }
+
+    /// Applies a batch; see the module docs. On error nothing is committed in
+    /// memory either, so the retried batch is classified afresh.
+    pub async fn apply(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        let messages = &batch.messages;
+        let mut chains = self.chains.clone();
+        let plan = plan::plan(&batch.decoded, &mut chains);
+        for gap in &plan.gaps {
+            counter!(m::GAPS_DETECTED, "table" => label(&gap.table)).increment(1);
+            tracing::error!(
+                table = %label(&gap.table),
+                expected = %gap.expected.map_or("a first package (sequence 1)".to_owned(), |p| p.to_string()),
+                got = %gap.got,
+                "gap in the table's chain; not applying past it, requesting a resync"
+            );
+        }
+        let gaps: Vec<TableName> = plan.gaps.iter().map(|g| g.table.clone()).collect();
+        let mut dead: Vec<DeadLetter> = plan.dead_letters;
+        let mut shadows = self.shadows.clone();
+        let mut commit_times = lag::BatchCommitTimes::new();
+        let mut blocked_now: Vec<(TableName, String)> = Vec::new();
+        let mut changed: Vec<TableName> = Vec::new();
+        for table_plan in &plan.tables {
+            let table = &table_plan.table;
+            match self
+                .apply_table(table_plan, &mut shadows, &mut commit_times)
+                .await
+            {
+                Ok(()) => changed.push(table.clone()),
+                Err(error) if error.is_transient() => return Err(error.into()),
+                Err(error) => {
+                    // Retrying the same rows cannot succeed: keep them aside,
+                    // stop the table and rebuild it from Postgres.
+                    let reason = sluice_broker::error_chain(&error);
+                    tracing::error!(table = %label(table), error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                    chains.block(table);
+                    for &message in &table_plan.messages {
+                        dead.push(DeadLetter {
+                            message,
+                            reason: "insert",
+                            detail: reason.clone(),
+                        });
+                    }
+                    blocked_now.push((table.clone(), reason));
+                    changed.push(table.clone());
+                }
+            }
+        }
+
+        let states: Vec<(TableName, Stored)> = changed
+            .iter()
+            .chain(&gaps)
+            .filter_map(|t| {
+                chains.position(t).map(|position| {
+                    (
+                        t.clone(),
+                        Stored {
+                            position,
+                            shadow: shadows.get(t).cloned().unwrap_or_default(),
+                            blocked: chains.is_blocked(t),
+                        },
+                    )
+                })
+            })
+            .collect();
+        let mut version = self.version;
+        positions::save(&self.ch, &self.database, &states, &mut version).await?;
+
+        for letter in &dead {
+            self.dead_letter(&messages[letter.message], letter.reason, &letter.detail)
+                .await?;
+        }
+
+        // Committed: adopt the new state.
+        self.version = version;
+        self.chains = chains;
+        self.shadows = shadows;
+        self.lag.adopt(commit_times, plan.heartbeat);
+        for table in gaps.iter().chain(blocked_now.iter().map(|(t, _)| t)) {
+            self.request_resync(table).await;
+        }
+        for table in self.chains.blocked() {
+            gauge!(m::TABLE_BLOCKED, "table" => label(&table)).set(1.0);
+            self.request_resync(&table).await;
+        }
+        self.check_stalled_resyncs().await;
+        for table_plan in plan.tables.iter().filter(|t| t.fills_shadow) {
+            self.shadow_progress
+                .insert(table_plan.table.clone(), Instant::now());
+        }
+        for table in &changed {
+            if !self.chains.is_blocked(table) {
+                gauge!(m::TABLE_BLOCKED, "table" => label(table)).set(0.0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one table's steps, in order.
+    async fn apply_table(
+        &mut self,
+        work: &TablePlan<'_>,
+        shadows: &mut HashMap<TableName, String>,
+        commit_times: &mut lag::BatchCommitTimes,
+    ) -> Result<(), ChError> {
+        let table = &work.table;
+        for step in &work.steps {
+            match step {
+                Step::Insert(run) => {
+                    for decoded in run {
+                        if decoded.package.kind == v1::Kind::Changes as i32 {
+                            lag::note_commit(commit_times, table, decoded.package.commit_time_us);
+                        }
+                    }
+                    self.flush(table, run, shadows).await?;
+                }
+                Step::Truncate(package) => self.truncate(table, package, shadows).await?,
+                Step::BeginResync(package) => self.begin_resync(table, package, shadows).await?,
+                Step::FinishResync(package) => self.finish_resync(table, package, shadows).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// TRUNCATE of the live table and, during a resync, of its shadow.
+    async fn truncate(
+        &mut self,
+        table: &TableName,
+        package: &v1::Package,
+        shadows: &HashMap<TableName, String>,
+    ) -> Result<(), ChError> {
+        let live = self.target(table, package).await?;
+        self.exec(
+            &format!("TRUNCATE TABLE IF EXISTS {}", live.qualified()),
+            "truncate",
+        )
+        .await?;
+        if let Some(shadow) = shadows.get(table) {
+            let shadow = live.with_table(shadow);
+            self.exec(
+                &format!("TRUNCATE TABLE IF EXISTS {}", shadow.qualified()),
+                "truncate shadow",
+            )
+            .await?;
+        }
+        tracing::info!(table = %label(table), "truncate applied");
+        Ok(())
+    }
+
+    /// The live target of a table, created/evolved to the package's relation.
+    async fn target(
+        &mut self,
+        table: &TableName,
+        package: &v1::Package,
+    ) -> Result<TargetTable, ChError> {
+        let relation = package.relation.clone().unwrap_or_default();
+        let target = TargetTable::from_relation(&self.database, &table.0, &table.1, &relation)?;
+        if self.ensured.get(&target.table) != Some(&relation) {
+            let drift = ensure_table(&self.ch, &target).await?;
+            for d in &drift {
+                counter!(m::SCHEMA_DRIFT, "table" => label(table), "kind" => d.kind()).increment(1);
+                tracing::error!(table = %label(table), drift = ?d, "schema change in Postgres that ClickHouse cannot follow by ADD COLUMN; see README \"Schema changes\"");
+            }
+            self.ensured.insert(target.table.clone(), relation);
+        }
+        Ok(target)
+    }
+
+    /// One INSERT per target for a run of row packages.
+    async fn flush(
+        &mut self,
+        table: &TableName,
+        run: &[&Decoded],
+        shadows: &HashMap<TableName, String>,
+    ) -> Result<(), ChError> {
+        let Some(first) = run.first().map(|d| &d.package) else {
+            return Ok(());
+        };
+        let live = self.target(table, first).await?;
+        let shadow = shadows.get(table).map(|name| live.with_table(name));
+        if let Some(shadow) = &shadow {
+            // The shadow may predate an ADD COLUMN.
+            if self.ensured.get(&shadow.table) != first.relation.as_ref() {
+                ensure_table(&self.ch, shadow).await?;
+                self.ensured.insert(
+                    shadow.table.clone(),
+                    first.relation.clone().unwrap_or_default(),
+                );
+            }
+        }
+        let live_packages: Vec<&Decoded> = run
+            .iter()
+            .copied()
+            .filter(|p| p.package.kind == v1::Kind::Changes as i32)
+            .collect();
+        // Snapshot rows belong to the shadow; without one (replayed after the
+        // swap) they are older than what the live table has and go there.
+        let shadow_packages: Vec<&Decoded> = if shadow.is_some() {
+            run.to_vec()
+        } else {
+            Vec::new()
+        };
+        let live_packages = if shadow.is_none() {
+            run.to_vec()
+        } else {
+            live_packages
+        };
+        self.insert(table, &live, &live_packages).await?;
+        if let Some(shadow) = &shadow {
+            self.insert(table, shadow, &shadow_packages).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(
+        &mut self,
+        table: &TableName,
+        target: &TargetTable,
+        packages: &[&Decoded],
+    ) -> Result<(), ChError> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        let mut toast = ToastRequest::default();
+        for decoded in packages {
+            if decoded.rows.is_none() {
+                toast.add_package(target, &decoded.package)?;
+            }
+        }
+        let current = if toast.is_empty() {
+            CurrentRows::default()
+        } else {
+            fetch_current(&self.ch, target, &toast).await?
+        };
+        let mut builder = InsertBuilder::new(target);
+        let mut ops = OpCounts::default();
+        for decoded in packages {
+            match &decoded.rows {
+                Some(rows) if toast.is_empty() && builder.push_encoded(rows) => {
+                    ops.merge(&rows.ops);
+                }
+                _ => {
+                    let package = decoded.with_rows()?;
+                    builder.push_package(&package, &current)?;
+                    ops.merge(&OpCounts::of(&package));
+                }
+            }
+        }
+        let rows = builder.rows();
+        let started = Instant::now();
+        let report = builder.send(&self.ch).await?;
+        histogram!(m::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
+        histogram!(m::BATCH_ROWS).record(rows as f64);
+        for (op, count) in OpCounts::NAMES.into_iter().zip(ops.0) {
+            if count > 0 {
+                counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
+            }
+        }
+        for (column, count) in &report.clamped.0 {
+            counter!(m::VALUE_CLAMPED, "table" => label(table), "column" => column.clone())
+                .increment(*count);
+        }
+        Ok(())
+    }
+
+    async fn exec(&self, sql: &str, what: &'static str) -> Result<(), ChError> {
+        self.ch
+            .query_raw(sql)
+            .execute()
+            .await
+            .map_err(|source| ChError::ClickHouse { what, source })
+    }
+}
+
+/// `schema.table`, as in logs and metric labels.
+fn label(table: &TableName) -> String {
+    format!("{}.{}", table.0, table.1)
+}

@@ -1,0 +1,196 @@
+//! Resync on the loader's side (ARCHITECTURE.md invariant 4): the shadow
+//! table, its swap, and asking the replicator for resyncs.
+//!
+//! RESYNC_BEGIN creates an empty shadow table; snapshot rows go only to the
+//! shadow, live changes to both the live table and the shadow (see
+//! [`super::Loader::apply`]), so readers of the live table stay fresh;
+//! RESYNC_END swaps them with `EXCHANGE TABLES` (atomic) and drops the old
+//! table. Changes committed after the snapshot's consistent point that
+//! reached the live table before RESYNC_BEGIN (the replicator's stream may be
+//! ahead of the resync's slot) are copied into the new shadow, selected by
+//! their `_sluice_version`. A half-filled shadow is never swapped in: a crash
+//! mid-resync leaves the shadow recorded in the positions table, and the
+//! replayed packages continue filling it.
+//!
+//! A resync is requested for a table with a gap or rows ClickHouse refuses
+//! (it is blocked meanwhile), for a shadow that stopped getting snapshot rows,
+//! and at start for every interrupted resync and blocked table: at most once a
+//! minute per table.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use sluice_broker::topology;
+use sluice_proto::{Message as _, v1};
+
+use super::{Loader, label};
+use crate::chain::TableName;
+use crate::clickhouse::Error as ChError;
+use crate::clickhouse::schema::{VERSION_COLUMN, ensure_table, quote_ident};
+use crate::metrics as m;
+
+/// Suffix of a resync's shadow table.
+pub const SHADOW_SUFFIX: &str = "__sluice_resync";
+
+/// A resync whose shadow got no snapshot rows for this long is presumed lost
+/// (replicator restarted mid-snapshot) and requested again; a resync still
+/// running is joined by the replicator, not restarted.
+const STALLED_RESYNC: Duration = Duration::from_secs(60);
+
+/// At most one resync request per table this often.
+const RESYNC_REQUEST_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Loader {
+    /// Resyncs whose shadow table was being filled when the loader last
+    /// stopped: asks for them again. If the replicator is still running that
+    /// resync, the request joins it; if the replicator restarted meanwhile (its
+    /// snapshot reader died with it), a fresh resync starts. Blocked tables are
+    /// asked for too.
+    pub async fn resume_interrupted(&mut self) {
+        let mut tables: Vec<TableName> = self.shadows.keys().cloned().collect();
+        tables.extend(self.chains.blocked());
+        tables.sort();
+        tables.dedup();
+        for table in tables {
+            self.request_resync(&table).await;
+        }
+    }
+
+    /// Re-requests resyncs whose shadow table stopped receiving snapshot rows.
+    pub async fn check_stalled_resyncs(&mut self) {
+        let now = Instant::now();
+        self.shadow_progress
+            .retain(|table, _| self.shadows.contains_key(table));
+        let mut stalled = Vec::new();
+        for table in self.shadows.keys() {
+            let since = *self.shadow_progress.entry(table.clone()).or_insert(now);
+            if now.duration_since(since) > STALLED_RESYNC {
+                stalled.push(table.clone());
+            }
+        }
+        for table in stalled {
+            tracing::warn!(table = %label(&table), "resync made no progress for a minute; asking for it again");
+            self.request_resync(&table).await;
+            self.shadow_progress.insert(table, now);
+        }
+    }
+
+    /// RESYNC_BEGIN: a fresh shadow table, holding the live table's changes
+    /// past the snapshot's consistent point; recorded in `shadows`.
+    pub(super) async fn begin_resync(
+        &mut self,
+        table: &TableName,
+        package: &v1::Package,
+        shadows: &mut HashMap<TableName, String>,
+    ) -> Result<(), ChError> {
+        let live = self.target(table, package).await?;
+        let shadow_name = format!("{}{SHADOW_SUFFIX}", live.table);
+        let shadow = live.with_table(&shadow_name);
+        self.exec(
+            &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
+            "drop stale shadow",
+        )
+        .await?;
+        ensure_table(&self.ch, &shadow).await?;
+        // The replicator's stream can be ahead of the resync's consistent
+        // point: changes committed after it may have been published, and
+        // applied to the live table only, before this marker. The snapshot
+        // lacks them; carry them (tombstones included) into the shadow.
+        let columns = live.written_columns();
+        let after = u128::from(package.commit_lsn) << 64;
+        self.exec(
+            &format!(
+                "INSERT INTO {} ({columns}) SELECT {columns} FROM {} \
+                 WHERE {} >= toUInt128('{after}')",
+                shadow.qualified(),
+                live.qualified(),
+                quote_ident(VERSION_COLUMN),
+            ),
+            "carry changes past the snapshot into the shadow",
+        )
+        .await?;
+        shadows.insert(table.clone(), shadow_name);
+        let reason = package
+            .resync
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .unwrap_or_default();
+        tracing::info!(table = %label(table), reason = %reason, "resync started: filling shadow table");
+        Ok(())
+    }
+
+    /// RESYNC_END: swaps the shadow in (atomically) and drops the old table.
+    /// Without a shadow (already swapped, replayed) it does nothing.
+    pub(super) async fn finish_resync(
+        &mut self,
+        table: &TableName,
+        package: &v1::Package,
+        shadows: &mut HashMap<TableName, String>,
+    ) -> Result<(), ChError> {
+        let live = self.target(table, package).await?;
+        if let Some(shadow_name) = shadows.remove(table) {
+            let shadow = live.with_table(&shadow_name);
+            self.exec(
+                &format!(
+                    "EXCHANGE TABLES {} AND {}",
+                    live.qualified(),
+                    shadow.qualified()
+                ),
+                "exchange tables",
+            )
+            .await?;
+            self.exec(
+                &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
+                "drop old table",
+            )
+            .await?;
+            counter!(m::RESYNCS_COMPLETED, "table" => label(table)).increment(1);
+            tracing::info!(table = %label(table), "resync complete: shadow table swapped in");
+        }
+        Ok(())
+    }
+
+    /// Asks the replicator to resync a table (at most once a minute per table).
+    pub(super) async fn request_resync(&mut self, table: &TableName) {
+        if self
+            .last_resync_request
+            .get(table)
+            .is_some_and(|t| t.elapsed() < RESYNC_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        self.last_resync_request
+            .insert(table.clone(), Instant::now());
+        let request = v1::ResyncRequest {
+            tables: vec![label(table)],
+            all: false,
+            reason: "gap".into(),
+        };
+        let subject = topology::resync_request_subject(&self.source);
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.nats.request(subject, request.encode_to_vec().into()),
+        )
+        .await;
+        match reply {
+            Ok(Ok(reply)) => match v1::ResyncReply::decode(reply.payload) {
+                Ok(reply) if reply.error.is_empty() => {
+                    tracing::info!(table = %label(table), "resync requested from the replicator");
+                }
+                Ok(reply) => {
+                    tracing::error!(table = %label(table), error = %reply.error, "replicator refused the resync; table stays blocked");
+                }
+                Err(error) => {
+                    tracing::error!(table = %label(table), error = %error, "unreadable resync reply")
+                }
+            },
+            Ok(Err(error)) => {
+                tracing::error!(table = %label(table), error = %error, "no replicator answered the resync request; table stays blocked (run `sluice-replicator resync --table {}`)", label(table));
+            }
+            Err(_) => {
+                tracing::error!(table = %label(table), "resync request timed out; table stays blocked");
+            }
+        }
+    }
+}
