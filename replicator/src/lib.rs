@@ -2,13 +2,31 @@
 //! replication slot (pgoutput), turns every committed change into protobuf
 //! packages and publishes them to NATS JetStream with deterministic dedup IDs.
 //!
-//! Modules, one job each:
-//! - [`replication`]: the streaming-replication connection (protocol, auth, CopyBoth).
-//! - [`pgoutput`]: decoder of pgoutput messages (untrusted bytes, never panics).
+//! Modules, one job each, by layer (a module only uses the layers above it
+//! and its own):
+//!
+//! Reading Postgres:
+//! - [`replication`]: the streaming-replication connection (protocol, auth,
+//!   commands, CopyBoth).
+//! - [`pg`]: ordinary SQL connections and slot inspection.
 //! - [`catalog`]: table and type metadata from the Postgres catalog.
-//! - [`values`]: typed conversion of pgoutput's text values into wire values.
-//! - [`packager`]: rows into packages, chain positions, dedup IDs.
 //! - [`backlog`]: a large backlog read through SQL before streaming.
+//! - [`pgoutput`]: decoder of pgoutput messages (untrusted bytes, never panics).
+//! - [`values`]: typed conversion of pgoutput's text values into wire values.
+//!
+//! Turning changes into packages:
+//! - [`packager`]: rows into packages, chain positions, dedup IDs, and where
+//!   each chain resumes after a restart.
+//! - [`publish`]: commit marks and heartbeats handed to the publisher.
+//! - [`snapshot`]: every row of a table as of an exported snapshot.
+//! - [`stream`]: the streaming loop (LSN confirmation, pgoutput → rows,
+//!   resyncs on request).
+//!
+//! Running:
+//! - [`slot`]: what to do with the slot at start-up (resume, create, recreate).
+//! - [`run`]: wiring of `sluice-replicator run` and its restart supervisor.
+//! - [`status`], [`control`]: the `status` and `resync` commands.
+//! - [`metrics`]: metric names.
 
 pub mod backlog;
 pub mod catalog;
@@ -17,8 +35,10 @@ pub mod metrics;
 pub mod packager;
 pub mod pg;
 pub mod pgoutput;
+pub mod publish;
 pub mod replication;
 pub mod run;
+pub mod slot;
 pub mod snapshot;
 pub mod status;
 pub mod stream;

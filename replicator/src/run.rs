@@ -1,6 +1,7 @@
 //! Wiring of `sluice-replicator run`: connects things together and contains
 //! no processing logic (that lives in [`crate::stream`], [`crate::snapshot`],
-//! [`crate::packager`]).
+//! [`crate::packager`]; what to do with the slot is decided in
+//! [`crate::slot`]).
 //!
 //! Start-up, in order:
 //! 1. NATS: connect, create/update the stream.
@@ -32,9 +33,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backlog::Backlog;
 use crate::catalog::{self, CatalogError, TypeCatalog};
 use crate::metrics as m;
-use crate::packager::{Limits, Packager, Resume, TableName};
+use crate::packager::{Limits, Packager, Resume, StreamReadError, TableName, last_package};
 use crate::pg::{self, PgError, PgSettings};
+use crate::publish::{heartbeat_outgoing, heartbeat_package};
 use crate::replication::{Lsn, ReplicationClient, ReplicationError};
+use crate::slot::{self, SlotError, Start};
 use crate::snapshot;
 use crate::stream::{self, Source, StreamError};
 
@@ -55,21 +58,12 @@ pub enum RunError {
     NatsConnect(#[from] sluice_broker::connect::ConnectError),
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
-    #[error("cannot read the last package of {subject} from the stream")]
-    StreamRead {
-        subject: String,
-        #[source]
-        source: async_nats::jetstream::stream::LastRawMessageError,
-    },
+    #[error(transparent)]
+    StreamRead(#[from] StreamReadError),
     #[error("cannot publish to the stream")]
     Publish(#[from] sluice_broker::publish::PublishError),
-    #[error(
-        "slot {slot} uses plugin {plugin:?}, not pgoutput; drop it or choose another `postgres.slot`"
-    )]
-    WrongPlugin {
-        slot: String,
-        plugin: Option<String>,
-    },
+    #[error(transparent)]
+    Slot(#[from] SlotError),
     #[error("publication {publication} has no table that can be replicated")]
     NothingToReplicate { publication: String },
     #[error("cannot serve metrics on {listen}")]
@@ -80,8 +74,6 @@ pub enum RunError {
     },
     #[error("cannot install the metrics recorder")]
     Recorder(#[from] metrics_exporter_prometheus::BuildError),
-    #[error("slot {slot} is in use by another process (pid {pid:?})")]
-    SlotBusy { slot: String, pid: Option<i32> },
 }
 
 impl RunError {
@@ -93,11 +85,11 @@ impl RunError {
             RunError::Replication(e) => e.is_transient(),
             RunError::Stream(e) => e.is_transient(),
             RunError::Snapshot(e) => e.is_transient(),
-            RunError::NatsConnect(_) | RunError::Topology(_) | RunError::StreamRead { .. } => true,
+            RunError::NatsConnect(_) | RunError::Topology(_) | RunError::StreamRead(_) => true,
             RunError::Publish(_) => true,
             // Another replicator holds the slot: wait as a standby.
-            RunError::SlotBusy { .. } => true,
-            RunError::WrongPlugin { .. }
+            RunError::Slot(SlotError::Busy { .. }) => true,
+            RunError::Slot(SlotError::WrongPlugin { .. })
             | RunError::NothingToReplicate { .. }
             | RunError::Metrics { .. }
             | RunError::Recorder(_) => false,
@@ -139,14 +131,14 @@ pub async fn supervise(
                     delay = Duration::from_millis(250);
                 }
                 let reason = match &error {
-                    RunError::SlotBusy { .. } => "slot_busy",
+                    RunError::Slot(SlotError::Busy { .. }) => "slot_busy",
                     RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => {
                         "nats"
                     }
                     _ => "postgres",
                 };
                 counter!(m::RECONNECTS, "reason" => reason).increment(1);
-                if matches!(error, RunError::SlotBusy { .. }) {
+                if matches!(error, RunError::Slot(SlotError::Busy { .. })) {
                     tracing::info!(error = %error, "standby: another replicator holds the slot; retrying");
                 } else {
                     tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
@@ -184,49 +176,27 @@ async fn run_once(
     let slot = &config.postgres.slot;
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
-    let mut state = pg::slot_state(&sql.client, slot).await?;
-    if let Some(existing) = &state {
-        if existing.plugin.as_deref() != Some("pgoutput") {
-            return Err(RunError::WrongPlugin {
-                slot: slot.clone(),
-                plugin: existing.plugin.clone(),
-            });
-        }
-        if let Some(pid) = existing.active_pid {
-            return Err(RunError::SlotBusy {
-                slot: slot.clone(),
-                pid: Some(pid),
-            });
-        }
-    }
+    let state = pg::slot_state(&sql.client, slot).await?;
+    slot::check_usable(slot, state.as_ref())?;
     let last_heartbeat =
         last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
-    let mut reason = "initial";
-    if let Some(existing) = &state {
-        if existing.wal_status.as_deref() == Some("lost") {
-            tracing::error!(slot = %slot, "slot was invalidated (WAL removed, max_slot_wal_keep_size); recreating it and resyncing every table");
-            reason = "slot_lost";
-            drop_slot(&repl_config, &settings, slot).await?;
-            state = None;
-        } else if last_heartbeat.is_none() {
-            // The slot exists but no heartbeat ever confirmed a finished initial
-            // snapshot (or the stream lost everything): start over.
-            tracing::warn!(slot = %slot, "slot exists but the stream has no record of its snapshot; recreating the slot and snapshotting every table");
-            reason = "slot_lost";
-            drop_slot(&repl_config, &settings, slot).await?;
-            state = None;
+    let (state, reason) = match slot::decide(state.as_ref(), last_heartbeat.is_some()) {
+        Start::Resume => (state, "initial"),
+        Start::Create => (None, "initial"),
+        Start::Recreate(lost) => {
+            lost.log(slot);
+            if lost.must_drop() {
+                slot::drop_slot(&repl_config, &settings, slot).await?;
+            }
+            (None, "slot_lost")
         }
-    } else if last_heartbeat.is_some() {
-        tracing::error!(slot = %slot, "slot is gone (dropped or failed over); recreating it and resyncing every table");
-        reason = "slot_lost";
-    }
+    };
 
     let limits = Limits {
         max_rows: config.replicator.package_max_rows,
         max_bytes: config.replicator.package_max_bytes,
     };
-    let mut publisher =
-        sluice_broker::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
+    let mut publisher = crate::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
 
     let (client, packager, start) = match state {
         Some(existing) => {
@@ -269,9 +239,9 @@ async fn run_once(
             // The heartbeat records the generation: its presence tells a
             // restart that the snapshot is complete.
             let heartbeat =
-                stream::heartbeat_package(&config.source, generation, created.consistent_point.0);
+                heartbeat_package(&config.source, generation, created.consistent_point.0);
             publisher
-                .publish(stream::heartbeat_outgoing(&config.source, slot, heartbeat))
+                .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
                 .await?;
             publisher.flush().await?;
             (Some(client), packager, created.consistent_point)
@@ -315,37 +285,22 @@ async fn run_once(
         0.0
     });
     readiness.set(true);
-    let relations = tables.iter().cloned().collect();
-    let context = stream::StreamContext {
+    stream::run(stream::Setup {
+        config,
         nats: nats.clone(),
         settings: settings.clone(),
         repl_config: repl_config.clone(),
-    };
-    stream::run(
-        config,
-        context,
         source,
         sql,
         types,
-        relations,
+        published: tables.iter().cloned().collect(),
         packager,
         publisher,
         start,
-        shutdown.clone(),
-    )
+        shutdown: shutdown.clone(),
+    })
     .await?;
     drop(nats);
-    Ok(())
-}
-
-async fn drop_slot(
-    repl_config: &tokio_postgres::Config,
-    settings: &PgSettings,
-    slot: &str,
-) -> Result<(), RunError> {
-    let mut client = ReplicationClient::connect_with_tls(repl_config, &settings.tls).await?;
-    client.drop_slot(slot, true).await?;
-    client.close().await?;
     Ok(())
 }
 
@@ -430,83 +385,6 @@ pub async fn replicable_tables(
         });
     }
     Ok(tables)
-}
-
-/// The last package on `subject`, if any.
-pub async fn last_package(
-    stream: &jetstream::stream::Stream,
-    subject: &str,
-) -> Result<Option<v1::Package>, RunError> {
-    // Read from the stream leader: a lagging replica could hide the newest
-    // package and make the chain resume too early.
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(message) => {
-            match sluice_broker::chunk::parse(Some(&message.headers)) {
-                Ok(Some(chunk)) => return Ok(last_chunked_package(subject, &message, &chunk)),
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::error!(subject = %subject, error = %error, "last message on the subject has a bad chunk header; starting a new chain");
-                    return Ok(None);
-                }
-            }
-            let encoding = message
-                .headers
-                .get(sluice_proto::ENCODING_HEADER)
-                .map(|v| v.as_str().to_owned());
-            match sluice_proto::decode(&message.payload, encoding.as_deref()) {
-                Ok(package) => Ok(Some(package)),
-                Err(error) => {
-                    tracing::error!(subject = %subject, error = %error, "last package on the subject does not decode; starting a new chain");
-                    Ok(None)
-                }
-            }
-        }
-        Err(error)
-            if matches!(
-                error.kind(),
-                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(source) => Err(RunError::StreamRead {
-            subject: subject.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// The resume point when the last message of a subject is a chunk (see
-/// `sluice_broker::chunk`), from its position header. The last chunk of a
-/// set means the whole package is in the stream. An earlier chunk means a
-/// publish was cut short (a crash): the package is not in the stream (its
-/// transaction was never confirmed, so it is replayed), and the chain
-/// resumes just before it, so the replay publishes it again under the same
-/// sequence and IDs.
-fn last_chunked_package(
-    subject: &str,
-    message: &async_nats::jetstream::message::StreamMessage,
-    chunk: &sluice_broker::chunk::ChunkInfo,
-) -> Option<v1::Package> {
-    let position = message
-        .headers
-        .get(sluice_broker::chunk::POSITION_HEADER)
-        .and_then(|v| sluice_broker::chunk::package_from_position(v.as_str()));
-    let Some(mut package) = position else {
-        tracing::error!(subject = %subject, "last chunk on the subject has no readable position header; starting a new chain");
-        return None;
-    };
-    if chunk.index < chunk.count {
-        let position = package.position.as_mut()?;
-        position.sequence = position.sequence.saturating_sub(1);
-        if package.package_index > 0 {
-            package.package_index -= 1;
-        } else {
-            package.commit_lsn = package.commit_lsn.saturating_sub(1);
-            package.package_index = u32::MAX;
-        }
-    }
-    Some(package)
 }
 
 /// Shared relation map handed to the stream: table name → relation.

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use sluice_broker::config::Config;
-use sluice_broker::publish::{PublishError, Publisher};
+use sluice_broker::publish::PublishError;
 use sluice_proto::v1;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +25,8 @@ use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::{Packager, TableName, value_size};
 use crate::pg::{PgError, PgSettings};
+use crate::publish::{Publisher, now_us};
 use crate::replication::{Lsn, quote_identifier, quote_literal};
-use crate::stream::Mark;
 use crate::values;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ pub async fn initial(
     tables: &[TableName],
     reason: &str,
     packager: &mut Packager,
-    publisher: &mut Publisher<Mark>,
+    publisher: &mut Publisher,
     shutdown: &CancellationToken,
 ) -> Result<(), SnapshotError> {
     let spec = SnapshotSpec {
@@ -214,7 +214,7 @@ pub(crate) fn marker(
         kind: kind as i32,
         relation: Some((**relation).clone()),
         commit_lsn: spec.consistent_point.0,
-        commit_time_us: crate::stream::now_us(),
+        commit_time_us: now_us(),
         resync: Some(v1::Resync {
             resync_id: if spec.resync_id.is_empty() {
                 format!("{generation:X}-{}.{}", table.0, table.1)
@@ -318,7 +318,7 @@ pub(crate) async fn read_table(
                 kind: v1::Kind::Snapshot as i32,
                 relation: Some((*relation).clone()),
                 commit_lsn: spec.consistent_point.0,
-                commit_time_us: crate::stream::now_us(),
+                commit_time_us: now_us(),
                 package_index,
                 first_row_ordinal: *first_ordinal,
                 rows: std::mem::take(rows),

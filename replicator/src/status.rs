@@ -6,11 +6,20 @@ use sluice_broker::config::{Config, redact_url};
 use sluice_broker::topology;
 
 use crate::catalog::{self, TypeCatalog};
-use crate::pg::{self, PgSettings};
-use crate::run::{RunError, last_package};
+use crate::packager::last_package;
+use crate::pg::{self, PgError, PgSettings};
+
+/// Why the status could not be gathered.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    NatsConnect(#[from] sluice_broker::connect::ConnectError),
+}
 
 /// Gathers the status and prints it.
-pub async fn print(config: &Config, as_json: bool) -> Result<(), RunError> {
+pub async fn print(config: &Config, as_json: bool) -> Result<(), StatusError> {
     let status = gather(config).await?;
     if as_json {
         println!(
@@ -23,7 +32,7 @@ pub async fn print(config: &Config, as_json: bool) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn gather(config: &Config) -> Result<Value, RunError> {
+async fn gather(config: &Config) -> Result<Value, StatusError> {
     let settings = PgSettings::from_config(&config.postgres)?;
     let sql = settings.connect("status").await?;
     let slot = pg::slot_state(&sql.client, &config.postgres.slot).await?;

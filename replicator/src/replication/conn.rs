@@ -1,204 +1,22 @@
-//! The replication connection before streaming: framing, startup,
-//! authentication, TLS, and the simple-query commands of a walsender.
+//! The replication connection's command phase: connecting (each configured
+//! host in turn), and the simple-query commands of a walsender
+//! (`IDENTIFY_SYSTEM`, slots, `START_REPLICATION`). Framing is in
+//! [`super::wire`], TLS and authentication in [`super::startup`].
 
-use std::io;
 use std::path::Path;
 
-use bytes::{Buf, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::{md5_hash, sasl};
-use postgres_protocol::message::backend::{DataRowBody, Header, Message};
+use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
-use super::error::{AuthError, ProtocolError, ReplicationError, ServerError, TlsError};
+use super::copy_both::ReplicationStream;
+use super::error::{ProtocolError, ReplicationError};
 use super::lsn::Lsn;
-use super::stream::ReplicationStream;
-use super::tls::{self, SslMode, TlsOptions};
-
-/// A socket, plain or TLS, TCP or Unix.
-pub(crate) trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
-
-/// One backend message, including the one `postgres-protocol` does not parse.
-pub(crate) enum Backend {
-    /// Any message `postgres_protocol` knows.
-    Message(Message),
-    /// `CopyBothResponse` ('W'), sent by START_REPLICATION. `postgres-protocol`
-    /// 0.6 has no variant for it and rejects the tag, so it is framed here.
-    CopyBothResponse,
-}
-
-/// Framing and buffers shared by [`ReplicationClient`] and [`ReplicationStream`].
-///
-/// Both buffers live in the struct so that an `await` cancelled half-way
-/// loses nothing: bytes read stay in `read_buf` until a whole message is
-/// there, bytes not yet written stay in `write_buf` and go out first on the
-/// next flush.
-pub(crate) struct Connection {
-    io: Box<dyn AsyncIo>,
-    read_buf: BytesMut,
-    pub(crate) write_buf: BytesMut,
-}
-
-const READ_CHUNK: usize = 64 * 1024;
-
-impl Connection {
-    pub(crate) fn new(io: Box<dyn AsyncIo>) -> Self {
-        Connection {
-            io,
-            read_buf: BytesMut::with_capacity(READ_CHUNK),
-            write_buf: BytesMut::with_capacity(1024),
-        }
-    }
-
-    /// Reads one backend message. Cancel-safe: the only `.await` is a read
-    /// into `read_buf`, and a message is split off the buffer only when it is
-    /// returned.
-    pub(crate) async fn read_backend(&mut self) -> Result<Backend, ReplicationError> {
-        loop {
-            if let Some(message) = parse_frame(&mut self.read_buf)? {
-                return Ok(message);
-            }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            let n = self.io.read_buf(&mut self.read_buf).await?;
-            if n == 0 {
-                return Err(ReplicationError::Closed);
-            }
-        }
-    }
-
-    /// Reads the next message that matters to the protocol state machine,
-    /// logging notices and skipping parameter status reports.
-    pub(crate) async fn read_message(
-        &mut self,
-        state: &'static str,
-    ) -> Result<Message, ReplicationError> {
-        loop {
-            match self.read_backend().await? {
-                Backend::CopyBothResponse => {
-                    return Err(ProtocolError::Unexpected { tag: 'W', state }.into());
-                }
-                Backend::Message(Message::NoticeResponse(body)) => {
-                    if let Ok(notice) = ServerError::from_fields(body.fields()) {
-                        tracing::info!(
-                            severity = %notice.severity,
-                            code = %notice.code,
-                            message = %notice.message,
-                            "postgres notice on the replication connection"
-                        );
-                    }
-                }
-                Backend::Message(Message::ParameterStatus(_)) => {}
-                Backend::Message(message) => return Ok(message),
-            }
-        }
-    }
-
-    /// Writes out `write_buf`. If cancelled, the unwritten rest stays queued
-    /// and is written (in order) by the next flush.
-    pub(crate) async fn flush(&mut self) -> Result<(), ReplicationError> {
-        while !self.write_buf.is_empty() {
-            let n = self.io.write(&self.write_buf).await?;
-            if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
-            }
-            self.write_buf.advance(n);
-        }
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    /// After an `ErrorResponse`, the server still sends `ReadyForQuery`; read
-    /// up to it so the connection stays usable, then hand back the error.
-    async fn drain_to_ready(&mut self) -> Result<(), ReplicationError> {
-        loop {
-            if let Message::ReadyForQuery(_) = self.read_message("draining after an error").await? {
-                return Ok(());
-            }
-        }
-    }
-}
-
-fn parse_frame(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
-    let Some(header) = Header::parse(buf).map_err(ProtocolError::Malformed)? else {
-        return Ok(None);
-    };
-    // `Header::parse` checked len >= 4, so this is at least 5.
-    let total = header.len() as usize + 1;
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    if header.tag() == b'W' {
-        // CopyBothResponse: overall format (1 byte) and column formats; for
-        // replication always binary with zero columns, nothing to keep.
-        buf.advance(total);
-        return Ok(Some(Backend::CopyBothResponse));
-    }
-    match Message::parse(buf).map_err(ProtocolError::Malformed)? {
-        Some(message) => Ok(Some(Backend::Message(message))),
-        None => Err(ProtocolError::Malformed(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "complete frame not parsed",
-        ))),
-    }
-}
-
-fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Box<ServerError> {
-    match ServerError::from_fields(body.fields()) {
-        Ok(e) => Box::new(e),
-        Err(_) => Box::new(ServerError {
-            severity: "ERROR".to_owned(),
-            code: String::new(),
-            message: "malformed ErrorResponse".to_owned(),
-            detail: None,
-            hint: None,
-        }),
-    }
-}
-
-pub(crate) fn unexpected(message: &Message, state: &'static str) -> ReplicationError {
-    let tag = match message {
-        Message::AuthenticationOk
-        | Message::AuthenticationCleartextPassword
-        | Message::AuthenticationMd5Password(_)
-        | Message::AuthenticationSasl(_)
-        | Message::AuthenticationSaslContinue(_)
-        | Message::AuthenticationSaslFinal(_)
-        | Message::AuthenticationGss
-        | Message::AuthenticationGssContinue(_)
-        | Message::AuthenticationKerberosV5
-        | Message::AuthenticationScmCredential
-        | Message::AuthenticationSspi => 'R',
-        Message::BackendKeyData(_) => 'K',
-        Message::BindComplete => '2',
-        Message::CloseComplete => '3',
-        Message::CommandComplete(_) => 'C',
-        Message::CopyData(_) => 'd',
-        Message::CopyDone => 'c',
-        Message::CopyInResponse(_) => 'G',
-        Message::CopyOutResponse(_) => 'H',
-        Message::DataRow(_) => 'D',
-        Message::EmptyQueryResponse => 'I',
-        Message::ErrorResponse(_) => 'E',
-        Message::NoData => 'n',
-        Message::NoticeResponse(_) => 'N',
-        Message::NotificationResponse(_) => 'A',
-        Message::ParameterDescription(_) => 't',
-        Message::ParameterStatus(_) => 'S',
-        Message::ParseComplete => '1',
-        Message::PortalSuspended => 's',
-        Message::ReadyForQuery(_) => 'Z',
-        Message::RowDescription(_) => 'T',
-        _ => '?',
-    };
-    ProtocolError::Unexpected { tag, state }.into()
-}
+use super::startup::{negotiate_tls, startup};
+use super::tls::{SslMode, TlsOptions};
+use super::wire::{AsyncIo, Backend, Connection, server_error, unexpected};
 
 /// What `IDENTIFY_SYSTEM` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -472,7 +290,7 @@ impl ReplicationClient {
     pub async fn close(mut self) -> Result<(), ReplicationError> {
         frontend::terminate(&mut self.conn.write_buf);
         self.conn.flush().await?;
-        self.conn.io.shutdown().await?;
+        self.conn.shutdown().await?;
         Ok(())
     }
 }
@@ -505,169 +323,6 @@ fn host_label(host: &Host) -> String {
         Host::Tcp(name) => name.clone(),
         #[cfg(unix)]
         Host::Unix(dir) => dir.display().to_string(),
-    }
-}
-
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    host: &str,
-    options: &TlsOptions,
-) -> Result<Box<dyn AsyncIo>, ReplicationError> {
-    if options.mode == SslMode::Disable {
-        return Ok(Box::new(tcp));
-    }
-    let tls_err = |reason| ReplicationError::Tls {
-        host: host.to_owned(),
-        reason,
-    };
-    let config = tls::client_config(options).map_err(tls_err)?;
-    let name = tls::server_name(host).map_err(tls_err)?;
-    let mut buf = BytesMut::new();
-    frontend::ssl_request(&mut buf);
-    tcp.write_all(&buf).await?;
-    // Exactly one byte: anything after it must come through TLS.
-    let answer = tcp.read_u8().await?;
-    match answer {
-        b'S' => {
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| tls_err(TlsError::Io(e)))?;
-            Ok(Box::new(stream))
-        }
-        b'N' if options.mode == SslMode::Prefer => Ok(Box::new(tcp)),
-        b'N' => Err(tls_err(TlsError::NotSupported)),
-        other => Err(ProtocolError::Unexpected {
-            tag: char::from(other),
-            state: "negotiating TLS",
-        }
-        .into()),
-    }
-}
-
-/// Startup message, authentication, and the wait for `ReadyForQuery`.
-/// Returns the backend pid.
-async fn startup(
-    conn: &mut Connection,
-    config: &tokio_postgres::Config,
-) -> Result<i32, ReplicationError> {
-    let user = config
-        .get_user()
-        .ok_or(ReplicationError::Config("no user configured"))?;
-    let mut params = vec![
-        ("user", user),
-        ("database", config.get_dbname().unwrap_or(user)),
-        ("replication", "database"),
-        ("client_encoding", "UTF8"),
-        (
-            "application_name",
-            config.get_application_name().unwrap_or("sluice"),
-        ),
-    ];
-    if let Some(options) = config.get_options() {
-        params.push(("options", options));
-    }
-    frontend::startup_message(params.iter().copied(), &mut conn.write_buf)
-        .map_err(|_| ReplicationError::Config("connection parameter contains a NUL byte"))?;
-    conn.flush().await?;
-
-    let auth_err = |reason| ReplicationError::Auth {
-        user: user.to_owned(),
-        reason,
-    };
-    let password = || {
-        config
-            .get_password()
-            .ok_or(auth_err(AuthError::PasswordRequired))
-    };
-    let mut scram: Option<sasl::ScramSha256> = None;
-    loop {
-        match conn.read_message("authenticating").await? {
-            Message::AuthenticationOk => break,
-            Message::AuthenticationCleartextPassword => {
-                frontend::password_message(password()?, &mut conn.write_buf)?;
-                conn.flush().await?;
-            }
-            Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(user.as_bytes(), password()?, body.salt());
-                frontend::password_message(hash.as_bytes(), &mut conn.write_buf)?;
-                conn.flush().await?;
-            }
-            Message::AuthenticationSasl(body) => {
-                let mut has_scram = false;
-                let mut mechanisms = body.mechanisms();
-                while let Some(mechanism) = mechanisms.next().map_err(ProtocolError::Malformed)? {
-                    has_scram |= mechanism == sasl::SCRAM_SHA_256;
-                }
-                if !has_scram {
-                    return Err(auth_err(AuthError::NoSaslMechanism));
-                }
-                // "n": we do not do channel binding (SCRAM-SHA-256-PLUS is
-                // only offered over TLS, and plain SCRAM is accepted there).
-                let exchange =
-                    sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
-                frontend::sasl_initial_response(
-                    sasl::SCRAM_SHA_256,
-                    exchange.message(),
-                    &mut conn.write_buf,
-                )?;
-                conn.flush().await?;
-                scram = Some(exchange);
-            }
-            Message::AuthenticationSaslContinue(body) => {
-                let exchange = scram.as_mut().ok_or(ProtocolError::Unexpected {
-                    tag: 'R',
-                    state: "authenticating (SASL continue without start)",
-                })?;
-                exchange
-                    .update(body.data())
-                    .map_err(|e| auth_err(AuthError::Scram(e)))?;
-                frontend::sasl_response(exchange.message(), &mut conn.write_buf)?;
-                conn.flush().await?;
-            }
-            Message::AuthenticationSaslFinal(body) => {
-                let exchange = scram.as_mut().ok_or(ProtocolError::Unexpected {
-                    tag: 'R',
-                    state: "authenticating (SASL final without start)",
-                })?;
-                exchange
-                    .finish(body.data())
-                    .map_err(|e| auth_err(AuthError::Scram(e)))?;
-            }
-            Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
-                return Err(auth_err(AuthError::UnsupportedMethod("GSSAPI")));
-            }
-            Message::AuthenticationSspi => {
-                return Err(auth_err(AuthError::UnsupportedMethod("SSPI")));
-            }
-            Message::AuthenticationKerberosV5 => {
-                return Err(auth_err(AuthError::UnsupportedMethod("Kerberos V5")));
-            }
-            Message::AuthenticationScmCredential => {
-                return Err(auth_err(AuthError::UnsupportedMethod("SCM credential")));
-            }
-            Message::ErrorResponse(body) => {
-                let e = server_error(&body);
-                return Err(if e.code.starts_with("28") {
-                    auth_err(AuthError::Rejected(e))
-                } else {
-                    ReplicationError::Server(e)
-                });
-            }
-            other => return Err(unexpected(&other, "authenticating")),
-        }
-    }
-
-    let mut backend_pid = 0;
-    loop {
-        match conn.read_message("starting up").await? {
-            Message::BackendKeyData(body) => backend_pid = body.process_id(),
-            Message::ReadyForQuery(_) => return Ok(backend_pid),
-            Message::ErrorResponse(body) => {
-                return Err(ReplicationError::Server(server_error(&body)));
-            }
-            other => return Err(unexpected(&other, "starting up")),
-        }
     }
 }
 
@@ -735,29 +390,5 @@ mod tests {
         assert_eq!(quote_literal("1"), "'1'");
         assert_eq!(quote_literal("it's \\ ok"), "'it''s \\ ok'");
         assert_eq!(publication_names(["p1", "we\"ird"]), "\"p1\",\"we\"\"ird\"");
-    }
-
-    #[test]
-    fn frames_copy_both_response_and_partial_messages() {
-        // CopyBothResponse: 'W', len 7, format 0, 0 columns; then half a ReadyForQuery.
-        let mut buf = BytesMut::from(&b"W\0\0\0\x07\0\0\0Z\0\0"[..]);
-        assert!(matches!(
-            parse_frame(&mut buf),
-            Ok(Some(Backend::CopyBothResponse))
-        ));
-        assert!(matches!(parse_frame(&mut buf), Ok(None)));
-        assert_eq!(&buf[..], b"Z\0\0");
-        buf.extend_from_slice(b"\0\x05I");
-        assert!(matches!(
-            parse_frame(&mut buf),
-            Ok(Some(Backend::Message(Message::ReadyForQuery(_))))
-        ));
-        assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn rejects_bad_lengths() {
-        let mut buf = BytesMut::from(&b"Z\0\0\0\x02"[..]);
-        assert!(parse_frame(&mut buf).is_err());
     }
 }

@@ -24,35 +24,12 @@ use sluice_broker::publish::Outgoing;
 use sluice_broker::topology;
 use sluice_proto::v1;
 
+mod resume;
+
+pub use resume::{Resume, StreamReadError, last_package};
+
 /// A table's identity in the chain maps: `(schema, table)`.
 pub type TableName = (String, String);
-
-/// Where a table's chain stood in the stream when the replicator started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resume {
-    pub generation: u64,
-    /// Sequence of the last package in the stream.
-    pub sequence: u64,
-    /// Identity of that package: commit LSN (consistent point for snapshot
-    /// packages) and index within its transaction.
-    pub commit_lsn: u64,
-    pub package_index: u32,
-    pub kind: v1::Kind,
-}
-
-impl Resume {
-    /// Reads the resume point from the last package of a table's subject.
-    pub fn from_package(package: &v1::Package) -> Option<Resume> {
-        let position = package.position?;
-        Some(Resume {
-            generation: position.generation,
-            sequence: position.sequence,
-            commit_lsn: package.commit_lsn,
-            package_index: package.package_index,
-            kind: v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified),
-        })
-    }
-}
 
 #[derive(Debug)]
 struct Chain {

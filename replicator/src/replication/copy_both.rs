@@ -6,9 +6,10 @@ use bytes::{Buf, BufMut, Bytes};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
-use super::conn::{Backend, ReplicationClient, unexpected};
+use super::conn::ReplicationClient;
 use super::error::{ProtocolError, ReplicationError, ServerError};
 use super::lsn::Lsn;
+use super::wire::{Backend, unexpected};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC),
 /// in which the replication protocol counts its timestamps.

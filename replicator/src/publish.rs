@@ -1,0 +1,58 @@
+//! What the replicator hands to the broker's publisher besides chain
+//! packages: the [`Mark`] that carries a transaction's commit LSN through the
+//! publisher (it comes back only once every package before it is
+//! acknowledged, ARCHITECTURE.md invariant 1), and heartbeats on the control
+//! subject. Shared by the initial snapshot ([`crate::snapshot`]) and the
+//! streaming loop ([`crate::stream`]), so neither imports the other for it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sluice_broker::publish::Outgoing;
+use sluice_broker::topology;
+use sluice_proto::v1;
+
+use crate::replication::Lsn;
+
+/// What a mark in the publisher stands for.
+pub enum Mark {
+    /// A transaction is durable up to this LSN; its commit time.
+    Commit { end_lsn: Lsn, commit_time_us: i64 },
+}
+
+/// The publisher of the replicator: packages out, [`Mark`]s released in order.
+pub type Publisher = sluice_broker::publish::Publisher<Mark>;
+
+/// A heartbeat: liveness, the current generation and the WAL position, on the
+/// control subject.
+pub fn heartbeat_package(source: &str, generation: u64, wal_end: u64) -> v1::Package {
+    v1::Package {
+        source: source.to_owned(),
+        kind: v1::Kind::Heartbeat as i32,
+        position: Some(v1::ChainPosition {
+            generation,
+            sequence: 0,
+        }),
+        commit_lsn: wal_end,
+        commit_time_us: now_us(),
+        ..Default::default()
+    }
+}
+
+/// The heartbeat as a publish; its ID is unique per instant (heartbeats are
+/// idempotent, so no dedup is needed).
+pub fn heartbeat_outgoing(source: &str, slot: &str, package: v1::Package) -> Outgoing {
+    Outgoing {
+        subject: topology::heartbeat_subject(source),
+        msg_id: format!("{slot}:hb:{}", package.commit_time_us),
+        position: sluice_broker::chunk::position_of(&package),
+        payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_micros() as i64
+}

@@ -1,0 +1,454 @@
+//! The streaming loop: replication events in, packages out, LSNs confirmed.
+//! This module owns the select loop and its sources; which LSN to confirm is
+//! decided in [`confirm`], pgoutput changes become rows in [`translate`], and
+//! resyncs on request run in [`resync`].
+//!
+//! Invariants this module is responsible for (ARCHITECTURE.md invariants 1 and 5):
+//! - **Confirm only what is durable.** A transaction's commit end LSN becomes
+//!   a [`Publisher::mark`] queued after its last package; the LSN is confirmed
+//!   to Postgres only when the publisher releases that mark, i.e. when the
+//!   stream acknowledged every package before it. The confirmed LSN never moves
+//!   backwards.
+//! - **Feedback is proactive.** A standby status update goes out every
+//!   `status_interval` whatever the traffic, and at once when the server asks:
+//!   during a huge transaction a keepalive request can sit behind megabytes of
+//!   data, and waiting for it would trip `wal_sender_timeout`.
+//! - **Idle tables do not pin WAL.** When no transaction is open and nothing
+//!   is in flight, the server's WAL end (from keepalives) is confirmed.
+//! - **Back-pressure.** Publishing waits when `max_in_flight` acks are
+//!   outstanding, so reading from the replication socket pauses instead of
+//!   buffering.
+//! - **One loop, two sources.** A start far behind reads the backlog through
+//!   SQL ([`crate::backlog`]) and then switches to the walsender at the
+//!   confirmed LSN; both give the same pgoutput messages to the same code, and
+//!   only the walsender's keepalives ever confirm an LSN without a commit.
+
+mod confirm;
+mod resync;
+mod translate;
+
+use std::collections::HashSet;
+
+use futures::{FutureExt as _, StreamExt};
+use metrics::{counter, gauge};
+use sluice_broker::config::Config;
+use sluice_broker::publish::PublishError;
+use sluice_broker::topology;
+use sluice_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::backlog::{Backlog, BacklogEvent};
+use crate::catalog::{CatalogError, TypeCatalog};
+use crate::metrics as m;
+use crate::packager::{Packager, TableName};
+use crate::pg::{PgError, PgSettings, SqlConn};
+use crate::pgoutput::{self, LogicalMessage};
+use crate::publish::{Mark, Publisher, heartbeat_outgoing, heartbeat_package, now_us};
+use crate::replication::{
+    Lsn, ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream,
+};
+use confirm::Confirmation;
+use resync::Resyncs;
+use translate::Translator;
+
+/// Failures of the streaming loop.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("malformed pgoutput message at {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error("change for relation {oid} at {lsn} arrived before its Relation message")]
+    UnknownRelation { oid: u32, lsn: Lsn },
+    #[error(
+        "pgoutput streaming of in-progress transactions is not supported; the slot was started with it"
+    )]
+    StreamingNotSupported,
+    #[error("Postgres ended the replication stream")]
+    Ended,
+    #[error("cannot subscribe to resync requests")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    #[error(transparent)]
+    Backlog(#[from] PgError),
+}
+
+impl StreamError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Replication(e) => e.is_transient(),
+            StreamError::Publish(_) | StreamError::Ended | StreamError::Subscribe(_) => true,
+            StreamError::Catalog(e) => e.is_transient(),
+            // Includes "slot is active" (55006) when another replicator took
+            // the slot between two chunks: it restarts as a standby.
+            StreamError::Backlog(e) => e.is_transient() || e.sqlstate() == Some("55006"),
+            // A catalog race (relation message seen before we know it) heals on restart.
+            StreamError::UnknownRelation { .. } => true,
+            StreamError::Decode { .. } | StreamError::StreamingNotSupported => false,
+        }
+    }
+}
+
+/// Everything the streaming loop starts from.
+pub struct Setup<'a> {
+    pub config: &'a Config,
+    pub nats: async_nats::Client,
+    pub settings: PgSettings,
+    /// Replication-connection settings (for temporary resync slots and the
+    /// switch from a backlog to the walsender).
+    pub repl_config: tokio_postgres::Config,
+    pub source: Source,
+    /// SQL connection for catalog queries (and the backlog's slot moves).
+    pub sql: SqlConn,
+    pub types: TypeCatalog,
+    /// Tables of the publication.
+    pub published: HashSet<TableName>,
+    pub packager: Packager,
+    pub publisher: Publisher,
+    /// The LSN streaming starts from (already confirmed).
+    pub start: Lsn,
+    pub shutdown: CancellationToken,
+}
+
+/// Where the loop's pgoutput messages come from.
+pub enum Source {
+    /// The walsender (`START_REPLICATION`).
+    Streaming(ReplicationStream),
+    /// A large backlog, through SQL until a chunk comes back short.
+    Backlog(Backlog),
+}
+
+/// What a [`Source`] gave.
+enum Input {
+    Change { lsn: Lsn, data: bytes::Bytes },
+    Keepalive { wal_end: Lsn, reply_requested: bool },
+    ChunkEnd { messages: u64 },
+    Ended,
+}
+
+impl Source {
+    /// Cancel-safe, as both sources' `next` are.
+    async fn next(&mut self) -> Result<Input, StreamError> {
+        Ok(match self {
+            Source::Streaming(replication) => match replication.next().await? {
+                Some(ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                }) => Input::Change {
+                    lsn: wal_start,
+                    data,
+                },
+                Some(ReplicationEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => Input::Keepalive {
+                    wal_end,
+                    reply_requested,
+                },
+                None => Input::Ended,
+            },
+            Source::Backlog(backlog) => match backlog.next().await? {
+                BacklogEvent::Change { lsn, data } => Input::Change { lsn, data },
+                BacklogEvent::ChunkEnd { messages } => Input::ChunkEnd { messages },
+            },
+        })
+    }
+}
+
+/// The loop's state; [`resync`] adds its methods.
+struct Loop<'a> {
+    config: &'a Config,
+    nats: async_nats::Client,
+    settings: PgSettings,
+    repl_config: tokio_postgres::Config,
+    resyncs: Resyncs,
+    sql: SqlConn,
+    translate: Translator,
+    packager: Packager,
+    publisher: Publisher,
+    decoder: pgoutput::Decoder,
+    confirm: Confirmation,
+    /// Looked up once: `release` runs after every round of the loop.
+    published_packages: metrics::Counter,
+    publish_duplicates: metrics::Counter,
+}
+
+/// Streams until shutdown (Ok) or a failure (Err; the caller decides with
+/// [`crate::run`]'s supervisor whether to restart from the confirmed LSN).
+pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
+    let Setup {
+        config,
+        nats,
+        settings,
+        repl_config,
+        mut source,
+        sql,
+        types,
+        published,
+        packager,
+        publisher,
+        start,
+        shutdown,
+    } = setup;
+    let (resyncs, mut resync_rx) = Resyncs::new();
+    let mut requests = nats
+        .subscribe(topology::resync_request_subject(&config.source))
+        .await
+        .map_err(StreamError::Subscribe)?;
+    let mut state = Loop {
+        config,
+        nats,
+        settings,
+        repl_config,
+        resyncs,
+        sql,
+        translate: Translator::new(types, published),
+        packager,
+        publisher,
+        decoder: pgoutput::Decoder::new(1),
+        confirm: Confirmation::new(start),
+        published_packages: counter!(m::PUBLISHED_PACKAGES),
+        publish_duplicates: counter!(m::PUBLISH_DUPLICATES),
+    };
+    gauge!(m::CONFIRMED_LSN).set(start.0 as f64);
+    let mut status = tokio::time::interval(config.replicator.status_interval);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(config.replicator.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                // Confirm what was acked; a partial transaction stays
+                // unconfirmed and is re-read on the next start.
+                let released = state.publisher.flush().await;
+                if let Ok(marks) = released {
+                    state.release(marks);
+                }
+                let confirmed = state.confirm.confirmed();
+                match source {
+                    Source::Streaming(mut replication) => {
+                        replication.send_status(confirmed, confirmed, confirmed, false).await?;
+                        let _ = replication.finish().await;
+                    }
+                    Source::Backlog(mut backlog) => backlog.stop(&state.sql.client, confirmed).await,
+                }
+                tracing::info!(confirmed = %confirmed, "stopped; confirmed LSN sent");
+                state.stop_resyncs().await;
+                return Ok(());
+            }
+            // Timers and control requests come before replication data in
+            // this biased select: a backlog must never starve the proactive
+            // status updates (wal_sender_timeout) or a resync request.
+            _ = status.tick() => state.send_status(&mut source).await?,
+            _ = heartbeat.tick() => state.heartbeat().await?,
+            Some(request) = requests.next() => state.resync_request(request).await,
+            Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
+            acked = state.publisher.wait_one() => acked?,
+            input = source.next() => {
+                state.input(&mut source, input?).await?;
+                // Messages that are already there are taken without another
+                // round of the select (its timers and channels cost more than
+                // a message); the branches above wait at most this many.
+                for _ in 1..INPUTS_PER_SELECT {
+                    match source.next().now_or_never() {
+                        Some(input) => state.input(&mut source, input?).await?,
+                        None => break,
+                    }
+                }
+            }
+        }
+        let marks = state.publisher.poll_released()?;
+        state.release(marks);
+    }
+}
+
+/// Source messages handled per round of the streaming loop's select, at most.
+const INPUTS_PER_SELECT: usize = 256;
+
+impl Loop<'_> {
+    async fn input(&mut self, source: &mut Source, input: Input) -> Result<(), StreamError> {
+        match input {
+            Input::Change { lsn, data } => self.xlog(lsn, data).await,
+            Input::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.confirm.keepalive(wal_end);
+                self.confirm_idle(source);
+                if reply_requested {
+                    self.send_status(source).await?;
+                }
+                Ok(())
+            }
+            Input::ChunkEnd { messages } => self.chunk_end(source, messages).await,
+            Input::Ended => Err(StreamError::Ended),
+        }
+    }
+
+    /// A transaction open or packages waiting for acks.
+    fn busy(&self) -> bool {
+        self.publisher.in_flight() > 0 || self.packager.in_transaction()
+    }
+
+    fn release(&mut self, marks: Vec<Mark>) {
+        self.confirm.release(marks);
+        let (published, duplicates) = self.publisher.counts();
+        self.published_packages.absolute(published);
+        self.publish_duplicates.absolute(duplicates);
+    }
+
+    /// Streaming, nothing open, nothing in flight: everything the walsender
+    /// sent is durable (see [`Confirmation::confirm_idle`]).
+    fn confirm_idle(&mut self, source: &Source) {
+        let busy = self.busy();
+        self.confirm
+            .confirm_idle(matches!(source, Source::Streaming(_)), busy);
+    }
+
+    /// A backlog chunk is read: once it is acknowledged, either move the slot
+    /// past it and read the next, or, when it came back short or the rest is
+    /// small, switch to the walsender at the confirmed LSN.
+    async fn chunk_end(&mut self, source: &mut Source, messages: u64) -> Result<(), StreamError> {
+        let Source::Backlog(backlog) = source else {
+            return Ok(());
+        };
+        let marks = self.publisher.flush().await?;
+        self.release(marks);
+        // Not the walsender's WAL end: that one is what the walsender sent,
+        // which confirm_idle may confirm once streaming; this is only where
+        // the WAL ends now, for the lag gauge.
+        let wal_end = backlog.wal_end().await?;
+        let behind = self.confirm.backlog_read(wal_end);
+        let confirmed = self.confirm.confirmed();
+        if messages >= backlog.chunk_changes()
+            && behind >= self.config.replicator.catchup_min_lag_bytes
+        {
+            tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog chunk read; reading the next");
+            backlog.advance(confirmed).await?;
+            return self.send_status(source).await;
+        }
+        let client =
+            ReplicationClient::connect_with_tls(&self.repl_config, &self.settings.tls).await?;
+        // The walsender starts at the later of this LSN and the slot's
+        // confirmed one, which was not moved past the last chunk.
+        let replication = start_walsender(client, self.config, confirmed).await?;
+        tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
+        *source = Source::Streaming(replication);
+        gauge!(m::CATCHING_UP).set(0.0);
+        self.send_status(source).await
+    }
+
+    async fn send_status(&mut self, source: &mut Source) -> Result<(), StreamError> {
+        self.confirm_idle(source);
+        let confirmed = self.confirm.confirmed();
+        if let Source::Streaming(replication) = source {
+            replication
+                .send_status(confirmed, confirmed, confirmed, false)
+                .await?;
+        }
+        gauge!(m::CONFIRMED_LSN).set(confirmed.0 as f64);
+        gauge!(m::SLOT_LAG_BYTES).set(self.confirm.slot_lag_bytes() as f64);
+        let lag = self.confirm.lag_seconds(self.busy(), now_us());
+        gauge!(m::REPLICATOR_LAG_SECONDS).set(lag);
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), StreamError> {
+        let package = heartbeat_package(
+            &self.config.source,
+            self.packager.generation(),
+            self.confirm.server_wal_end().0,
+        );
+        self.publisher
+            .publish(heartbeat_outgoing(
+                &self.config.source,
+                &self.config.postgres.slot,
+                package,
+            ))
+            .await?;
+        Ok(())
+    }
+
+    async fn xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), StreamError> {
+        let message = self
+            .decoder
+            .decode(data)
+            .map_err(|source| StreamError::Decode {
+                lsn: wal_start,
+                source,
+            })?;
+        match message {
+            LogicalMessage::Begin(begin) => {
+                self.packager
+                    .begin(begin.final_lsn, begin.commit_time_us, begin.xid);
+            }
+            LogicalMessage::Commit(commit) => {
+                for out in self.packager.commit() {
+                    self.publisher.publish(out).await?;
+                }
+                self.publisher.mark(Mark::Commit {
+                    end_lsn: Lsn(commit.end_lsn),
+                    commit_time_us: commit.commit_time_us,
+                });
+            }
+            LogicalMessage::Relation(relation) => {
+                self.translate.relation(&self.sql.client, relation).await?;
+            }
+            LogicalMessage::Type(t) => self.translate.forget_type(t.oid),
+            LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_) => {
+                if let Some((rel, row)) = self.translate.row(wal_start, &message)?
+                    && let Some(out) = self.packager.add_row(&rel.table, &rel.relation, row)
+                {
+                    self.publisher.publish(out).await?;
+                }
+            }
+            LogicalMessage::Truncate(truncate) => {
+                for oid in &truncate.relation_oids {
+                    let rel = self.translate.table(*oid, wal_start)?;
+                    let outs = self.packager.truncate(
+                        &rel.table,
+                        &rel.relation,
+                        v1::Truncate {
+                            cascade: truncate.cascade,
+                            restart_identity: truncate.restart_identity,
+                        },
+                    );
+                    for out in outs {
+                        self.publisher.publish(out).await?;
+                    }
+                }
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {}
+            LogicalMessage::StreamStart(_)
+            | LogicalMessage::StreamStop
+            | LogicalMessage::StreamCommit(_)
+            | LogicalMessage::StreamAbort(_) => return Err(StreamError::StreamingNotSupported),
+        }
+        Ok(())
+    }
+}
+
+/// `START_REPLICATION` of the configured slot and publication (pgoutput
+/// proto 1) from the later of `start` and the slot's confirmed LSN.
+pub async fn start_walsender(
+    client: ReplicationClient,
+    config: &Config,
+    start: Lsn,
+) -> Result<ReplicationStream, ReplicationError> {
+    let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
+    client
+        .start_replication(
+            &config.postgres.slot,
+            start,
+            &[("proto_version", "1"), ("publication_names", &publication)],
+        )
+        .await
+}

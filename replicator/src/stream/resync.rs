@@ -1,0 +1,423 @@
+//! The resync coordinator: answers resync requests (NATS request/reply),
+//! runs one snapshot reader per table beside the stream, and publishes what
+//! the readers produce on each table's new chain.
+//!
+//! A resync takes a temporary slot, whose exported snapshot has a known
+//! consistent point; the table's new chain starts with its RESYNC_BEGIN, and
+//! every live change of the table from then on follows it, so the loader can
+//! swap the shadow table in at RESYNC_END without losing or doubling a change
+//! (ARCHITECTURE.md invariant 3). Concurrent requests for a table coalesce.
+//! A resync that fails is reported (`sluice-replicator resync` shows it) and
+//! dropped; the stream goes on and the operator requests it again.
+
+use std::collections::{HashMap, HashSet};
+
+use metrics::{counter, gauge};
+use sluice_broker::config::Config;
+use sluice_broker::topology;
+use sluice_proto::Message as _;
+use sluice_proto::v1;
+use tokio::sync::mpsc;
+
+use super::{Loop, StreamError};
+use crate::metrics as m;
+use crate::packager::TableName;
+use crate::pg::PgSettings;
+use crate::publish::now_us;
+use crate::replication::{Lsn, ReplicationClient};
+use crate::snapshot::{self, Event, SnapshotError, SnapshotSpec};
+
+/// What a resync reader reports to the loop, per table.
+pub(super) type ResyncEvent = (TableName, Result<Event, SnapshotError>);
+
+/// A resync running beside the stream.
+struct ActiveResync {
+    id: String,
+    reason: String,
+    rows: u64,
+    /// Consistent point of its snapshot, once the reader started.
+    lsn: Option<Lsn>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The resyncs in progress and the channel their readers report on.
+pub(super) struct Resyncs {
+    active: HashMap<TableName, ActiveResync>,
+    tx: mpsc::Sender<ResyncEvent>,
+}
+
+impl Resyncs {
+    /// No resync running; the readers' events arrive on the receiver.
+    pub(super) fn new() -> (Self, mpsc::Receiver<ResyncEvent>) {
+        let (tx, rx) = mpsc::channel(8);
+        let resyncs = Resyncs {
+            active: HashMap::new(),
+            tx,
+        };
+        (resyncs, rx)
+    }
+}
+
+/// The tables a request names (`schema.table`, `public` when no schema; or
+/// every published table), sorted and without repeats; an error message for
+/// the reply when one is not in the publication.
+fn requested_tables(
+    request: &v1::ResyncRequest,
+    published: &HashSet<TableName>,
+    publication: &str,
+) -> Result<Vec<TableName>, String> {
+    let mut tables: Vec<TableName> = if request.all {
+        published.iter().cloned().collect()
+    } else {
+        let mut tables = Vec::new();
+        for name in &request.tables {
+            let table = match name.split_once('.') {
+                Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+                None => ("public".to_owned(), name.clone()),
+            };
+            if !published.contains(&table) {
+                return Err(format!("table {name} is not in publication {publication}"));
+            }
+            tables.push(table);
+        }
+        tables
+    };
+    tables.sort();
+    tables.dedup();
+    Ok(tables)
+}
+
+/// The reason a request gives, `manual` when none.
+fn resync_reason(request: &v1::ResyncRequest) -> String {
+    if request.reason.is_empty() {
+        "manual".to_owned()
+    } else {
+        request.reason.clone()
+    }
+}
+
+impl Loop<'_> {
+    /// Answers a resync request: starts (or joins) a resync per table.
+    /// Answers a resync request: starts (or joins) a resync per table.
+    pub(super) async fn resync_request(&mut self, request: async_nats::Message) {
+        let reply = match v1::ResyncRequest::decode(request.payload.clone()) {
+            Err(error) => v1::ResyncReply {
+                error: format!("malformed resync request: {error}"),
+                ..Default::default()
+            },
+            Ok(request) => self.start_resyncs(&request),
+        };
+        if let Some(reply_to) = request.reply
+            && let Err(error) = self
+                .nats
+                .publish(reply_to, reply.encode_to_vec().into())
+                .await
+        {
+            tracing::warn!(%error, "cannot answer a resync request");
+        }
+    }
+
+    fn start_resyncs(&mut self, request: &v1::ResyncRequest) -> v1::ResyncReply {
+        let tables = match requested_tables(
+            request,
+            &self.translate.published,
+            &self.config.postgres.publication,
+        ) {
+            Ok(tables) => tables,
+            Err(error) => {
+                return v1::ResyncReply {
+                    error,
+                    ..Default::default()
+                };
+            }
+        };
+        let reason = resync_reason(request);
+        let mut started = Vec::new();
+        for table in tables {
+            let label = format!("{}.{}", table.0, table.1);
+            if let Some(active) = self.resyncs.active.get(&table) {
+                // Concurrent requests for the same table coalesce.
+                started.push(v1::ResyncStarted {
+                    table: label,
+                    resync_id: active.id.clone(),
+                });
+                continue;
+            }
+            let id = format!("{label}@{}", now_us());
+            tracing::info!(table = %label, reason = %reason, resync_id = %id, "resync requested");
+            let task = tokio::spawn(resync_task(
+                self.settings.clone(),
+                self.repl_config.clone(),
+                self.config.clone(),
+                table.clone(),
+                id.clone(),
+                reason.clone(),
+                self.resyncs.tx.clone(),
+            ));
+            self.resyncs.active.insert(
+                table,
+                ActiveResync {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                    rows: 0,
+                    lsn: None,
+                    task,
+                },
+            );
+            started.push(v1::ResyncStarted {
+                table: label,
+                resync_id: id,
+            });
+        }
+        v1::ResyncReply {
+            started,
+            ..Default::default()
+        }
+    }
+
+    /// Publishes what a resync reader produced, on the table's new chain.
+    pub(super) async fn resync_event(
+        &mut self,
+        table: TableName,
+        event: Result<Event, SnapshotError>,
+    ) -> Result<(), StreamError> {
+        let label = format!("{}.{}", table.0, table.1);
+        let Some(active) = self.resyncs.active.get_mut(&table) else {
+            return Ok(());
+        };
+        match event {
+            Ok(Event::Begin {
+                relation,
+                estimate,
+                lsn,
+                ..
+            }) => {
+                active.lsn = Some(lsn);
+                let spec = SnapshotSpec {
+                    resync_id: active.id.clone(),
+                    snapshot_name: String::new(),
+                    consistent_point: lsn,
+                    reason: active.reason.clone(),
+                };
+                // A new chain: everything of this table from now on, live
+                // changes included, follows the RESYNC_BEGIN.
+                let generation = lsn.0.max(self.packager.generation() + 1);
+                self.packager.start_generation(table.clone(), generation);
+                let package = snapshot::marker(
+                    &self.config.source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncBegin,
+                    &spec,
+                    generation,
+                    estimate,
+                );
+                self.publisher
+                    .publish(self.packager.chain_package(package))
+                    .await?;
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
+                counter!(m::RESYNCS, "table" => label.clone(), "reason" => active.reason.clone())
+                    .increment(1);
+                tracing::info!(table = %label, consistent_point = %lsn, estimated_rows = estimate, "resync snapshot started");
+                self.resync_progress(&table, false, None).await;
+            }
+            Ok(Event::Package(package)) => {
+                active.rows += package.rows.len() as u64;
+                self.publisher
+                    .publish(self.packager.chain_package(*package))
+                    .await?;
+                self.resync_progress(&table, false, None).await;
+            }
+            Ok(Event::End { relation, rows, .. }) => {
+                let spec = SnapshotSpec {
+                    resync_id: active.id.clone(),
+                    snapshot_name: String::new(),
+                    consistent_point: active.lsn.unwrap_or_default(),
+                    reason: active.reason.clone(),
+                };
+                let package = snapshot::marker(
+                    &self.config.source,
+                    &table,
+                    &relation,
+                    v1::Kind::ResyncEnd,
+                    &spec,
+                    0,
+                    rows,
+                );
+                self.publisher
+                    .publish(self.packager.chain_package(package))
+                    .await?;
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
+                tracing::info!(table = %label, rows, "resync snapshot published");
+                self.resync_progress(&table, true, None).await;
+                self.resyncs.active.remove(&table);
+            }
+            Err(error) => {
+                let error = sluice_broker::error_chain(&error);
+                tracing::error!(table = %label, error = %error, "resync failed; request it again");
+                gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
+                self.resync_progress(&table, true, Some(error)).await;
+                self.resyncs.active.remove(&table);
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces a resync's progress for `sluice-replicator resync` (best effort).
+    async fn resync_progress(&self, table: &TableName, done: bool, error: Option<String>) {
+        let Some(active) = self.resyncs.active.get(table) else {
+            return;
+        };
+        let event = serde_json::json!({
+            "resync_id": active.id,
+            "table": format!("{}.{}", table.0, table.1),
+            "rows": active.rows,
+            "done": done,
+            "error": error,
+        });
+        let _ = self
+            .nats
+            .publish(
+                topology::resync_events_subject(&self.config.source),
+                event.to_string().into(),
+            )
+            .await;
+    }
+
+    pub(super) async fn stop_resyncs(&mut self) {
+        for (_, active) in self.resyncs.active.drain() {
+            active.task.abort();
+            let _ = active.task.await;
+        }
+    }
+}
+
+/// Creates a temporary slot (its exported snapshot has a known consistent
+/// point), reads the table in that snapshot and reports to the loop.
+async fn resync_task(
+    settings: PgSettings,
+    repl_config: tokio_postgres::Config,
+    config: Config,
+    table: TableName,
+    id: String,
+    reason: String,
+    tx: mpsc::Sender<ResyncEvent>,
+) {
+    let result = async {
+        let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
+            .await
+            .map_err(|e| {
+                SnapshotError::ReaderLost(format!(
+                    "{}.{}: {}",
+                    table.0,
+                    table.1,
+                    sluice_broker::error_chain(&e)
+                ))
+            })?;
+        let slot = format!("{}_resync_{}", config.postgres.slot, now_us());
+        let created = client.create_logical_slot(&slot, true).await.map_err(|e| {
+            SnapshotError::ReaderLost(format!(
+                "{}.{}: {}",
+                table.0,
+                table.1,
+                sluice_broker::error_chain(&e)
+            ))
+        })?;
+        let spec = SnapshotSpec {
+            resync_id: id,
+            snapshot_name: created.snapshot_name,
+            consistent_point: created.consistent_point,
+            reason,
+        };
+        let (inner_tx, mut inner_rx) = mpsc::channel(4);
+        let limits = (
+            config.replicator.package_max_rows,
+            config.replicator.package_max_bytes,
+        );
+        let reader = {
+            let (settings, source, table) =
+                (settings.clone(), config.source.clone(), table.clone());
+            async move {
+                let read =
+                    snapshot::read_table(&settings, &spec, &source, &table, limits, &inner_tx)
+                        .await;
+                // Ends the forwarding loop below.
+                drop(inner_tx);
+                read
+            }
+        };
+        let forward = async {
+            while let Some(event) = inner_rx.recv().await {
+                if tx.send((table.clone(), event)).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (read, ()) = tokio::join!(reader, forward);
+        // Closing the connection drops the temporary slot.
+        let _ = client.close().await;
+        read
+    }
+    .await;
+    if let Err(error) = result {
+        let _ = tx.send((table, Err(error))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published() -> HashSet<TableName> {
+        [("public", "a"), ("public", "b"), ("s", "c")]
+            .into_iter()
+            .map(|(s, t)| (s.to_owned(), t.to_owned()))
+            .collect()
+    }
+
+    fn request(tables: &[&str], all: bool) -> v1::ResyncRequest {
+        v1::ResyncRequest {
+            tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+            all,
+            ..Default::default()
+        }
+    }
+
+    fn names(tables: Vec<TableName>) -> Vec<String> {
+        tables
+            .into_iter()
+            .map(|(s, t)| format!("{s}.{t}"))
+            .collect()
+    }
+
+    #[test]
+    fn requested_tables_default_to_public_and_are_deduplicated() {
+        let tables = requested_tables(
+            &request(&["b", "s.c", "public.b"], false),
+            &published(),
+            "p",
+        );
+        assert_eq!(names(tables.unwrap()), ["public.b", "s.c"]);
+    }
+
+    #[test]
+    fn all_means_every_published_table() {
+        let tables = requested_tables(&request(&[], true), &published(), "p");
+        assert_eq!(names(tables.unwrap()), ["public.a", "public.b", "s.c"]);
+    }
+
+    #[test]
+    fn a_table_outside_the_publication_refuses_the_request() {
+        let error =
+            requested_tables(&request(&["a", "other.a"], false), &published(), "p").unwrap_err();
+        assert_eq!(error, "table other.a is not in publication p");
+    }
+
+    #[test]
+    fn the_reason_defaults_to_manual() {
+        assert_eq!(resync_reason(&request(&[], true)), "manual");
+        let mut r = request(&[], true);
+        r.reason = "loader_gap".to_owned();
+        assert_eq!(resync_reason(&r), "loader_gap");
+    }
+}
