@@ -3,9 +3,10 @@
 //!
 //! Invariant 1 (nothing is lost): a batch is acked (one `AckAll` on its last
 //! message) only after every INSERT it implies succeeded and the positions
-//! were written. A transient failure (ClickHouse down, network) retries the
-//! same batch with capped exponential backoff and acks nothing; on shutdown a
-//! batch in progress is abandoned unacked and redelivered to the next run:
+//! were written. A failure [`Recovery::of`] calls `Retry` (ClickHouse down,
+//! network) retries the same batch with capped exponential backoff and acks
+//! nothing; on shutdown a batch in progress is abandoned unacked and
+//! redelivered to the next run:
 //! each run starts by recreating the durable consumer at the first unacked
 //! message if an earlier run left some (JetStream would otherwise redeliver
 //! them only after `ack_wait`, and the next `AckAll` would ack them unseen).
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{ApplyError, Batch, Loader};
 use crate::metrics as m;
+use crate::recovery::Recovery;
 
 /// Why the loader stopped.
 #[derive(Debug, thiserror::Error)]
@@ -68,20 +70,6 @@ pub enum RunError {
     Recorder(#[from] metrics_exporter_prometheus::BuildError),
 }
 
-impl RunError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RunError::NatsConnect(_)
-            | RunError::Consumer { .. }
-            | RunError::ConsumerReset { .. }
-            | RunError::Fetch { .. }
-            | RunError::Ack(_) => true,
-            RunError::Apply(e) => e.is_transient(),
-            RunError::Metrics { .. } | RunError::Recorder(_) => false,
-        }
-    }
-}
-
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
@@ -110,7 +98,7 @@ pub async fn supervise(
         let started = std::time::Instant::now();
         match run_once(config, shutdown, readiness).await {
             Ok(()) => return Ok(()),
-            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+            Err(error) if Recovery::of(&error) == Recovery::Retry && !shutdown.is_cancelled() => {
                 readiness.set(false);
                 if started.elapsed() > Duration::from_secs(60) {
                     delay = Duration::from_millis(250);
@@ -194,16 +182,17 @@ async fn run_once(
             .map_err(consumer_error)?;
     }
     let mut loader = loop {
-        match Loader::connect(config, nats.clone()).await {
+        let error = match Loader::connect(config, nats.clone()).await {
             Ok(loader) => break loader,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(error = %sluice_broker::error_chain(&error), "clickhouse not reachable; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-            Err(error) => return Err(error.into()),
+            Err(error) => RunError::from(error),
+        };
+        if Recovery::of(&error) != Recovery::Retry {
+            return Err(error);
+        }
+        tracing::warn!(error = %sluice_broker::error_chain(&error), "clickhouse not reachable; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     };
     readiness.set(true);
@@ -237,9 +226,12 @@ async fn run_once(
         }
         let mut delay = Duration::from_millis(200);
         loop {
-            match loader.apply(&batch).await {
+            let error = match loader.apply(&batch).await {
                 Ok(()) => break,
-                Err(error) if error.is_transient() => {
+                Err(error) => RunError::from(error),
+            };
+            match Recovery::of(&error) {
+                Recovery::Retry => {
                     counter!(m::BATCH_RETRIES).increment(1);
                     tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
                     // The lag and backlog keep growing while ClickHouse is
@@ -256,7 +248,7 @@ async fn run_once(
                         let _ = last.ack_with(jetstream::AckKind::Progress).await;
                     }
                 }
-                Err(error) => return Err(error.into()),
+                Recovery::ResyncTable | Recovery::FailTable | Recovery::Stop => return Err(error),
             }
         }
         if let Some(last) = batch.messages.last() {

@@ -38,6 +38,7 @@ use crate::clickhouse::{
 };
 use crate::metrics as m;
 use crate::positions::{self, Stored};
+use crate::recovery::Recovery;
 use dead_letter::DeadLetter;
 use decode::Decoded;
 use lag::Lag;
@@ -52,16 +53,6 @@ pub enum ApplyError {
     PasswordFile(#[source] std::io::Error),
     #[error("cannot publish a dead letter")]
     DeadLetter(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl ApplyError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ApplyError::ClickHouse(e) => e.is_transient(),
-            ApplyError::PasswordFile(_) => false,
-            ApplyError::DeadLetter(_) => true,
-        }
-    }
 }
 
 /// The loader's state across batches.
@@ -150,23 +141,30 @@ impl Loader {
                 .await
             {
                 Ok(()) => changed.push(table.clone()),
-                Err(error) if error.is_transient() => return Err(error.into()),
-                Err(error) => {
+                Err(error) => match Recovery::of_insert(&error) {
                     // Retrying the same rows cannot succeed: keep them aside,
                     // stop the table and rebuild it from Postgres.
-                    let reason = sluice_broker::error_chain(&error);
-                    tracing::error!(table = %label(table), error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
-                    chains.block(table);
-                    for &message in &table_plan.messages {
-                        dead.push(DeadLetter {
-                            message,
-                            reason: "insert",
-                            detail: reason.clone(),
-                        });
+                    Recovery::ResyncTable => {
+                        let reason = sluice_broker::error_chain(&error);
+                        tracing::error!(table = %label(table), error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                        chains.block(table);
+                        for &message in &table_plan.messages {
+                            dead.push(DeadLetter {
+                                message,
+                                reason: "insert",
+                                detail: reason.clone(),
+                            });
+                        }
+                        blocked_now.push((table.clone(), reason));
+                        changed.push(table.clone());
                     }
-                    blocked_now.push((table.clone(), reason));
-                    changed.push(table.clone());
-                }
+                    // The whole batch again, nothing acked. (`of_insert`
+                    // answers nothing else; anything else ends the batch,
+                    // for `Recovery::of` to judge.)
+                    Recovery::Retry | Recovery::FailTable | Recovery::Stop => {
+                        return Err(error.into());
+                    }
+                },
             }
         }
 

@@ -1,31 +1,7 @@
-//! Errors of the ClickHouse layer, typed by what the loader does next:
-//! [`Error::is_transient`] errors are retried with backoff (the batch stays
-//! unacked); all others are definite: retrying the same bytes cannot succeed,
-//! so the loader dead-letters the package or resyncs the table.
-
-/// ClickHouse server error codes that mean "try again later" (overload,
-/// timeouts, replicas or Keeper temporarily unavailable, an insert whose
-/// outcome is unknown — safe to repeat because inserts are idempotent).
-const TRANSIENT_CODES: &[u32] = &[
-    3,   // UNEXPECTED_END_OF_FILE (connection cut mid-request)
-    159, // TIMEOUT_EXCEEDED
-    164, // READONLY (replica in read-only mode, e.g. Keeper session lost)
-    202, // TOO_MANY_SIMULTANEOUS_QUERIES
-    203, // NO_FREE_CONNECTION
-    209, // SOCKET_TIMEOUT
-    210, // NETWORK_ERROR
-    236, // ABORTED
-    241, // MEMORY_LIMIT_EXCEEDED
-    242, // TABLE_IS_READ_ONLY
-    252, // TOO_MANY_PARTS
-    285, // TOO_FEW_LIVE_REPLICAS
-    319, // UNKNOWN_STATUS_OF_INSERT
-    394, // QUERY_WAS_CANCELLED
-    425, // SYSTEM_ERROR
-    439, // CANNOT_SCHEDULE_TASK
-    473, // DEADLOCK_AVOIDED
-    999, // KEEPER_EXCEPTION
-];
+//! Errors of the ClickHouse layer, with the facts the loader decides on: the
+//! variant, the `clickhouse` crate's error kind, and the code of a failed
+//! response ([`Error::response_code`]). What the loader does about each
+//! (retry, resync the table, ...) is decided in [`crate::recovery`] only.
 
 /// A value that cannot be written into its ClickHouse column.
 #[derive(Debug, thiserror::Error)]
@@ -97,43 +73,51 @@ impl Error {
         move |source| Error::ClickHouse { what, source }
     }
 
-    /// The ClickHouse server error code, when the server sent one.
-    pub fn server_code(&self) -> Option<u32> {
+    /// The code of a failed response: the ClickHouse exception code when
+    /// the server sent one, else the HTTP status the text starts with.
+    /// `clickhouse` 0.15 keeps both only as text (`BadResponse`): this is
+    /// the one place that reads the text.
+    pub fn response_code(&self) -> Option<ResponseCode> {
         match self {
             Error::ClickHouse {
                 source: clickhouse::error::Error::BadResponse(text),
                 ..
-            } => parse_code(text),
+            } => ResponseCode::parse(text),
             _ => None,
-        }
-    }
-
-    /// Whether retrying the same request later may succeed.
-    pub fn is_transient(&self) -> bool {
-        use clickhouse::error::Error as E;
-        match self {
-            Error::ClickHouse { source, .. } => match source {
-                E::Network(_) | E::TimedOut | E::Other(_) => true,
-                E::BadResponse(text) => match parse_code(text) {
-                    Some(code) => TRANSIENT_CODES.contains(&code),
-                    // No exception code: an HTTP-level failure (proxy, 5xx).
-                    None => !text.starts_with('4'),
-                },
-                _ => false,
-            },
-            _ => false,
         }
     }
 }
 
-/// Extracts `N` from `Code: N. DB::Exception: …` (or the bare `Code: N` the
-/// client makes from the `X-ClickHouse-Exception-Code` header).
-fn parse_code(text: &str) -> Option<u32> {
-    let rest = &text[text.find("Code: ")? + 6..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// The code of a failed ClickHouse response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseCode {
+    /// A ClickHouse exception code (`Code: 241. DB::Exception: …`, or the
+    /// `X-ClickHouse-Exception-Code` header).
+    Server(u32),
+    /// An HTTP status without an exception code (`503 Service
+    /// Unavailable`): a proxy, or a server that failed before running the
+    /// query.
+    Http(u16),
+}
+
+impl ResponseCode {
+    /// Reads `Code: N` anywhere in `text`, else an HTTP status (three
+    /// digits) at its start.
+    fn parse(text: &str) -> Option<ResponseCode> {
+        if let Some(at) = text.find("Code: ") {
+            let rest = &text[at + 6..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            return rest[..end].parse().ok().map(ResponseCode::Server);
+        }
+        let status = text.get(..3)?;
+        let after = text[3..].chars().next();
+        if status.bytes().all(|b| b.is_ascii_digit()) && after.is_none_or(|c| !c.is_ascii_digit()) {
+            return status.parse().ok().map(ResponseCode::Http);
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -148,21 +132,28 @@ mod tests {
     }
 
     #[test]
-    fn classification() {
-        assert!(bad("Code: 202. DB::Exception: Too many simultaneous queries").is_transient());
-        assert!(bad("Code: 252").is_transient());
-        assert!(!bad("Code: 27. DB::Exception: Cannot parse input").is_transient());
+    fn response_codes_are_parsed_once_from_the_text() {
         assert_eq!(
-            bad("Code: 60. DB::Exception: Unknown table").server_code(),
-            Some(60)
+            bad("Code: 60. DB::Exception: Unknown table").response_code(),
+            Some(ResponseCode::Server(60))
         );
-        assert!(bad("503 Service Unavailable").is_transient());
-        assert!(!bad("400 Bad Request").is_transient());
+        // The client's form of the `X-ClickHouse-Exception-Code` header.
+        assert_eq!(
+            bad("Code: 252").response_code(),
+            Some(ResponseCode::Server(252))
+        );
+        assert_eq!(
+            bad("503 Service Unavailable").response_code(),
+            Some(ResponseCode::Http(503))
+        );
+        assert_eq!(bad("404").response_code(), Some(ResponseCode::Http(404)));
+        assert_eq!(bad("<html>bad gateway</html>").response_code(), None);
+        assert_eq!(bad("4000 things").response_code(), None);
         let e = Error::Value {
             column: "c".into(),
             row: 0,
             source: ValueError::UnexpectedNull,
         };
-        assert!(!e.is_transient());
+        assert_eq!(e.response_code(), None);
     }
 }

@@ -8,7 +8,7 @@ pub mod insert;
 pub mod schema;
 pub mod types;
 
-pub use error::{Error, ValueError};
+pub use error::{Error, ResponseCode, ValueError};
 pub use insert::{
     ClampCounts, CurrentRows, EncodedRows, InsertBuilder, InsertReport, OpCounts, ToastRequest,
     encode_key, fetch_current,

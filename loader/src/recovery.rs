@@ -1,0 +1,248 @@
+//! What the loader does about each error: the four actions of
+//! ARCHITECTURE.md "Recovery model", and the one place that maps the
+//! loader's errors to them.
+//!
+//! [`Recovery::of`] decides for an error that ended a batch or a run (the
+//! supervise loop, the batch retry loop, the ClickHouse connect loop);
+//! [`Recovery::of_insert`] for a ClickHouse error on one table's steps of a
+//! batch, where a definite failure costs that table a resync instead of
+//! stopping the loader. Both rest on the same rule for ClickHouse errors
+//! ([`clickhouse_transient`]): transient errors are retried with nothing
+//! acked (ARCHITECTURE.md invariant 1), all others are definite (retrying
+//! the same bytes cannot succeed).
+
+use crate::apply::ApplyError;
+use crate::clickhouse::{Error as ChError, ResponseCode};
+use crate::run::RunError;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Back off and retry the batch (or reconnect and start over); nothing
+    /// was acked, so the retry replays from the last durable point.
+    Retry,
+    /// Dead-letter the table's packages of the batch, block the table and
+    /// ask the replicator to resync it; the other tables go on.
+    ResyncTable,
+    /// This table cannot be loaded: mark it failed with a reason, the others
+    /// go on. (No loader error maps here yet: a table that cannot be
+    /// replicated is failed by the replicator, which never publishes it.)
+    FailTable,
+    /// Exit with a clear message: operator action is needed.
+    Stop,
+}
+
+impl Recovery {
+    /// The action for an error that ended a batch, the ClickHouse
+    /// connection, or the run.
+    pub fn of(error: &RunError) -> Recovery {
+        match error {
+            // NATS unreachable, restarting or slow.
+            RunError::NatsConnect(_)
+            | RunError::Consumer { .. }
+            | RunError::ConsumerReset { .. }
+            | RunError::Fetch { .. }
+            | RunError::Ack(_) => Recovery::Retry,
+            RunError::Apply(error) => match error {
+                // Positions, schema or connection: a definite ClickHouse
+                // error here is not one table's to pay for.
+                ApplyError::ClickHouse(error) if clickhouse_transient(error) => Recovery::Retry,
+                ApplyError::ClickHouse(_) => Recovery::Stop,
+                ApplyError::PasswordFile(_) => Recovery::Stop,
+                // Nothing was acked; the dead letters are sent again.
+                ApplyError::DeadLetter(_) => Recovery::Retry,
+            },
+            RunError::Metrics { .. } | RunError::Recorder(_) => Recovery::Stop,
+        }
+    }
+
+    /// The action for a ClickHouse error while applying one table's steps of
+    /// a batch: [`Recovery::Retry`] or [`Recovery::ResyncTable`].
+    pub fn of_insert(error: &ChError) -> Recovery {
+        if clickhouse_transient(error) {
+            Recovery::Retry
+        } else {
+            Recovery::ResyncTable
+        }
+    }
+}
+
+/// ClickHouse exception codes that mean "try again later" (overload,
+/// timeouts, replicas or Keeper temporarily unavailable, an insert whose
+/// outcome is unknown — safe to repeat because inserts are idempotent).
+const TRANSIENT_SERVER_CODES: &[u32] = &[
+    3,   // UNEXPECTED_END_OF_FILE (connection cut mid-request)
+    159, // TIMEOUT_EXCEEDED
+    164, // READONLY (replica in read-only mode, e.g. Keeper session lost)
+    202, // TOO_MANY_SIMULTANEOUS_QUERIES
+    203, // NO_FREE_CONNECTION
+    209, // SOCKET_TIMEOUT
+    210, // NETWORK_ERROR
+    236, // ABORTED
+    241, // MEMORY_LIMIT_EXCEEDED
+    242, // TABLE_IS_READ_ONLY
+    252, // TOO_MANY_PARTS
+    285, // TOO_FEW_LIVE_REPLICAS
+    319, // UNKNOWN_STATUS_OF_INSERT
+    394, // QUERY_WAS_CANCELLED
+    425, // SYSTEM_ERROR
+    439, // CANNOT_SCHEDULE_TASK
+    473, // DEADLOCK_AVOIDED
+    999, // KEEPER_EXCEPTION
+];
+
+/// Whether repeating the same ClickHouse request later may succeed.
+fn clickhouse_transient(error: &ChError) -> bool {
+    use clickhouse::error::Error as E;
+    match error {
+        ChError::ClickHouse { source, .. } => match source {
+            E::Network(_) | E::TimedOut | E::Other(_) => true,
+            E::BadResponse(_) => match error.response_code() {
+                Some(ResponseCode::Server(code)) => TRANSIENT_SERVER_CODES.contains(&code),
+                // A client error (4xx) stays one; 5xx is a server or proxy
+                // in trouble.
+                Some(ResponseCode::Http(status)) => !(400..500).contains(&status),
+                // No code at all: a proxy's error page.
+                None => true,
+            },
+            _ => false,
+        },
+        ChError::Value { .. }
+        | ChError::RowShape { .. }
+        | ChError::Response(_)
+        | ChError::Decode(_)
+        | ChError::NoKey(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clickhouse::ValueError;
+
+    fn ch(source: clickhouse::error::Error) -> ChError {
+        ChError::ClickHouse {
+            what: "insert",
+            source,
+        }
+    }
+
+    fn bad(text: &str) -> ChError {
+        ch(clickhouse::error::Error::BadResponse(text.into()))
+    }
+
+    fn apply(error: ApplyError) -> Recovery {
+        Recovery::of(&RunError::Apply(error))
+    }
+
+    #[test]
+    fn clickhouse_errors_on_a_table() {
+        use clickhouse::error::Error as E;
+        for retry in [
+            bad("Code: 202. DB::Exception: Too many simultaneous queries"),
+            bad("Code: 252"),
+            bad("Code: 319. DB::Exception: Unknown status of insert"),
+            bad("503 Service Unavailable"),
+            bad("502 Bad Gateway"),
+            bad("<html>bad gateway</html>"),
+            ch(E::Network("connection refused".into())),
+            ch(E::TimedOut),
+            ch(E::Other("connection reset".into())),
+        ] {
+            assert_eq!(Recovery::of_insert(&retry), Recovery::Retry, "{retry:?}");
+        }
+        for resync in [
+            bad("Code: 27. DB::Exception: Cannot parse input"),
+            bad("Code: 60. DB::Exception: Unknown table"),
+            bad("400 Bad Request"),
+            ch(E::SchemaMismatch("column types".into())),
+            ch(E::NotEnoughData),
+            ChError::Value {
+                column: "c".into(),
+                row: 0,
+                source: ValueError::UnexpectedNull,
+            },
+            ChError::RowShape {
+                row: 0,
+                values: 1,
+                columns: 2,
+            },
+            ChError::Response("garbled".into()),
+            ChError::NoKey("public.t".into()),
+        ] {
+            assert_eq!(
+                Recovery::of_insert(&resync),
+                Recovery::ResyncTable,
+                "{resync:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_that_end_a_batch_or_the_run() {
+        use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+        for retry in [
+            RunError::NatsConnect(sluice_broker::connect::ConnectError::MissingUser(
+                "password",
+            )),
+            RunError::Consumer {
+                stream: "s".into(),
+                consumer: "c".into(),
+                source: ConsumerError::new(ConsumerErrorKind::TimedOut),
+            },
+            RunError::ConsumerReset {
+                consumer: "c".into(),
+                source: "gone".into(),
+            },
+            RunError::Fetch {
+                stream: "s".into(),
+                source: "the pull ended".into(),
+            },
+            RunError::Ack("timed out".into()),
+        ] {
+            assert_eq!(Recovery::of(&retry), Recovery::Retry, "{retry:?}");
+        }
+        for stop in [
+            RunError::Metrics {
+                listen: ([127, 0, 0, 1], 9000).into(),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            },
+            RunError::Recorder(
+                metrics_exporter_prometheus::BuildError::FailedToCreateRuntime("no threads".into()),
+            ),
+        ] {
+            assert_eq!(Recovery::of(&stop), Recovery::Stop, "{stop:?}");
+        }
+    }
+
+    #[test]
+    fn apply_errors_that_end_a_batch() {
+        assert_eq!(
+            apply(ApplyError::ClickHouse(bad("Code: 159. Timeout exceeded"))),
+            Recovery::Retry
+        );
+        assert_eq!(
+            apply(ApplyError::ClickHouse(ch(
+                clickhouse::error::Error::Network("refused".into())
+            ))),
+            Recovery::Retry
+        );
+        // Writing the positions failed for good: not one table's fault.
+        assert_eq!(
+            apply(ApplyError::ClickHouse(bad(
+                "Code: 497. DB::Exception: Not enough privileges"
+            ))),
+            Recovery::Stop
+        );
+        assert_eq!(
+            apply(ApplyError::PasswordFile(std::io::Error::from(
+                std::io::ErrorKind::NotFound
+            ))),
+            Recovery::Stop
+        );
+        assert_eq!(
+            apply(ApplyError::DeadLetter("no responders".into())),
+            Recovery::Retry
+        );
+    }
+}
