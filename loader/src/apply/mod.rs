@@ -7,13 +7,14 @@
 //! invariant 3, and turned into per-table steps) and [`Loader::apply`], which
 //! carries the plan out: per table, in stream order, ONE INSERT per table
 //! (per target) per run of row packages, TRUNCATE, and the resync steps of
-//! [`resync`] (invariant 4). Then the positions are written. The caller acks
-//! the batch only when this returns `Ok` (invariant 1).
+//! [`resync`] (ARCHITECTURE.md invariant 4). Then the positions are written.
+//! The caller acks the batch only when this returns `Ok` (ARCHITECTURE.md
+//! invariant 1).
 //!
 //! Poison messages (undecodable, unpositioned) and the packages of a table
 //! whose rows ClickHouse refuses are moved to the dead-letter subject
 //! ([`dead_letter`]); the refused table is blocked and resynced, other tables
-//! go on (invariants 6 and 10). [`lag`] keeps the lag gauge.
+//! go on (ARCHITECTURE.md invariants 6 and 10). [`lag`] keeps the lag gauge.
 
 mod dead_letter;
 mod decode;

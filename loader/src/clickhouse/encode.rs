@@ -12,7 +12,10 @@
 //! half — verified by round trip in the integration test).
 //!
 //! Values outside ClickHouse's ranges are clamped (and counted), never
-//! wrapped: see [`Clamp`].
+//! wrapped: dates and timestamps to [`DATE32_MIN_DAYS`]..[`DATE32_MAX_DAYS`]
+//! and [`DATETIME64_MIN_US`]..[`DATETIME64_MAX_US`] (the one set of clamp
+//! bounds; `verify` clamps the Postgres side with them too), decimals to the
+//! column's largest value; [`encode_value`] returns the count.
 
 use sluice_proto::v1;
 use sluice_proto::v1::value::Kind;
@@ -28,10 +31,6 @@ pub const DATE32_MAX_DAYS: i32 = 120_529;
 pub const DATETIME64_MIN_US: i64 = -2_208_988_800_000_000;
 /// Largest `DateTime64(6)`: 2299-12-31 23:59:59.999999.
 pub const DATETIME64_MAX_US: i64 = 10_413_791_999_999_999;
-
-/// Whether a value was stored as something other than itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Clamp(pub u64);
 
 pub fn write_varint(out: &mut Vec<u8>, mut n: u64) {
     loop {

@@ -122,19 +122,6 @@ impl ChType {
         }
     }
 
-    /// Whether the type accepts NULL.
-    pub fn is_nullable(&self) -> bool {
-        matches!(self, ChType::Nullable(_))
-    }
-
-    /// The type without its `Nullable` wrapper.
-    pub fn non_null(&self) -> &ChType {
-        match self {
-            ChType::Nullable(inner) => inner,
-            other => other,
-        }
-    }
-
     /// Size in bytes of a `Decimal` of this precision in RowBinary.
     pub fn decimal_width(precision: u32) -> usize {
         match precision {

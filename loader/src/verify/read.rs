@@ -1,0 +1,127 @@
+//! Reading both sides for `verify`: the Postgres session (UTC, ISO dates,
+//! round-trip floats, ISO 8601 intervals, hex bytea, so values print
+//! canonically) and ClickHouse query results as TabSeparated text.
+
+use secrecy::ExposeSecret;
+use sluice_broker::config::{Config, read_secret};
+
+use super::VerifyError;
+
+pub(super) async fn connect_postgres(
+    config: &Config,
+) -> Result<tokio_postgres::Client, VerifyError> {
+    let mut pg_config: tokio_postgres::Config = config
+        .postgres
+        .url
+        .parse()
+        .map_err(VerifyError::PostgresUrl)?;
+    if let Some(password) = read_secret(&config.postgres.password, &config.postgres.password_file)
+        .map_err(VerifyError::PasswordFile)?
+    {
+        pg_config.password(password.expose_secret());
+    }
+    pg_config.application_name("sluice-verify");
+    let (client, connection) =
+        pg_config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|source| VerifyError::Postgres {
+                context: "connecting".into(),
+                source,
+            })?;
+    // Ends when the client is dropped.
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "verify: postgres connection ended");
+        }
+    });
+    client
+        .batch_execute(
+            "SET timezone = 'UTC'; SET datestyle = 'ISO'; SET extra_float_digits = 3; \
+             SET intervalstyle = 'iso_8601'; SET bytea_output = 'hex'",
+        )
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: "setting session parameters".into(),
+            source,
+        })?;
+    Ok(client)
+}
+
+pub(super) fn clickhouse_client(config: &Config) -> Result<clickhouse::Client, VerifyError> {
+    crate::clickhouse::client(&config.clickhouse).map_err(VerifyError::PasswordFile)
+}
+
+pub(super) async fn clickhouse_rows(
+    ch: &clickhouse::Client,
+    sql: &str,
+    context: &str,
+) -> Result<Vec<Vec<Option<String>>>, VerifyError> {
+    let bytes = ch
+        .query_raw(sql)
+        .fetch_bytes("TabSeparated")
+        .map_err(|source| VerifyError::ClickHouse {
+            context: context.to_owned(),
+            source,
+        })?
+        .collect()
+        .await
+        .map_err(|source| VerifyError::ClickHouse {
+            context: context.to_owned(),
+            source,
+        })?;
+    parse_tsv(&bytes).ok_or_else(|| VerifyError::Malformed {
+        context: context.to_owned(),
+    })
+}
+
+/// Splits TabSeparated output into rows of unescaped fields (`\N` is NULL).
+fn parse_tsv(bytes: &[u8]) -> Option<Vec<Vec<Option<String>>>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut rows = Vec::new();
+    for line in text.split_terminator('\n') {
+        let mut fields = Vec::new();
+        for field in line.split('\t') {
+            if field == "\\N" {
+                fields.push(None);
+                continue;
+            }
+            let mut out = String::with_capacity(field.len());
+            let mut chars = field.chars();
+            while let Some(c) = chars.next() {
+                if c != '\\' {
+                    out.push(c);
+                    continue;
+                }
+                match chars.next()? {
+                    'b' => out.push('\u{8}'),
+                    'f' => out.push('\u{c}'),
+                    'r' => out.push('\r'),
+                    'n' => out.push('\n'),
+                    't' => out.push('\t'),
+                    '0' => out.push('\0'),
+                    'a' => out.push('\u{7}'),
+                    'v' => out.push('\u{b}'),
+                    other => out.push(other),
+                }
+            }
+            fields.push(Some(out));
+        }
+        rows.push(fields);
+    }
+    Some(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn tsv_unescapes() {
+        let rows = parse_tsv(b"a\\tb\t\\N\tx\\\\y\n1\t2\t3\n").unwrap_or_default();
+        assert_eq!(
+            rows[0],
+            vec![Some("a\tb".into()), None, Some("x\\y".into())]
+        );
+        assert_eq!(rows.len(), 2);
+    }
+}

@@ -1,0 +1,92 @@
+//! What `verify` found for one table, and its one-line text form: the
+//! report names keys and columns, never other row values.
+
+use std::fmt;
+
+/// At most this many differing keys are kept per table.
+pub const MAX_REPORTED_DIFFERENCES: usize = 10;
+
+/// One value mismatch inside a row present on both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnDifference {
+    pub column: String,
+    /// Canonical Postgres value (`None` = NULL).
+    pub postgres: Option<String>,
+    /// Canonical ClickHouse value (`None` = NULL or column missing).
+    pub clickhouse: Option<String>,
+}
+
+/// A key whose row differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The key values, `(a, b)`.
+    pub key: String,
+    pub kind: DifferenceKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DifferenceKind {
+    OnlyInPostgres,
+    OnlyInClickHouse,
+    /// More than one live row for the key in ClickHouse `FINAL`.
+    DuplicateInClickHouse,
+    Values(Vec<ColumnDifference>),
+}
+
+/// The result for one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableReport {
+    /// `schema.table` in Postgres.
+    pub table: String,
+    pub postgres_rows: u64,
+    pub clickhouse_rows: u64,
+    /// Number of differing keys (all of them, not only the reported ones).
+    pub differing_keys: u64,
+    /// The first [`MAX_REPORTED_DIFFERENCES`] differences in key order.
+    pub differences: Vec<Difference>,
+    /// A structural problem (missing table or columns), if any.
+    pub problem: Option<String>,
+}
+
+impl TableReport {
+    pub fn is_equal(&self) -> bool {
+        self.problem.is_none() && self.differing_keys == 0
+    }
+}
+
+/// `public.orders  rows pg=1000 ch=1000  OK` or `... MISMATCH ...`; names
+/// keys and columns, never other row values.
+impl fmt::Display for TableReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}  rows pg={} ch={}  ",
+            self.table, self.postgres_rows, self.clickhouse_rows
+        )?;
+        if self.is_equal() {
+            return f.write_str("OK");
+        }
+        f.write_str("MISMATCH")?;
+        if let Some(problem) = &self.problem {
+            write!(f, " ({problem})")?;
+        }
+        if self.differing_keys > 0 {
+            write!(f, " {} keys differ; first keys:", self.differing_keys)?;
+            for (i, d) in self.differences.iter().enumerate() {
+                let sep = if i == 0 { " " } else { ", " };
+                let what = match &d.kind {
+                    DifferenceKind::OnlyInPostgres => "only in postgres".to_owned(),
+                    DifferenceKind::OnlyInClickHouse => "only in clickhouse".to_owned(),
+                    DifferenceKind::DuplicateInClickHouse => "duplicate in clickhouse".to_owned(),
+                    DifferenceKind::Values(cols) => cols
+                        .iter()
+                        .map(|c| c.column.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                };
+                write!(f, "{sep}{} [{what}]", d.key)?;
+            }
+        }
+        Ok(())
+    }
+}
