@@ -179,17 +179,6 @@ pub enum CatalogError {
     NoReplicaIdentity { schema: String, table: String },
 }
 
-impl CatalogError {
-    /// Whether retrying on a fresh connection may succeed (the others need an
-    /// operator to change the database or the configuration).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            CatalogError::Query { source, .. } => source.as_db_error().is_none(),
-            _ => false,
-        }
-    }
-}
-
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }

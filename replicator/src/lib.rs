@@ -3,7 +3,8 @@
 //! packages and publishes them to NATS JetStream with deterministic dedup IDs.
 //!
 //! Modules, one job each, by layer (a module only uses the layers above it
-//! and its own):
+//! and its own, except that [`replication`] asks [`recovery`] whether a
+//! failed host is worth trying the next one):
 //!
 //! Reading Postgres:
 //! - [`replication`]: the streaming-replication connection (protocol, auth,
@@ -24,6 +25,9 @@
 //!
 //! Running:
 //! - [`slot`]: what to do with the slot at start-up (resume, create, recreate).
+//! - [`recovery`]: what to do about each failure (retry, resync or fail a
+//!   table, stop), decided in one place; the replication connection also
+//!   asks it whether to try the next host.
 //! - [`run`]: wiring of `sluice-replicator run` and its restart supervisor.
 //! - [`status`], [`control`]: the `status` and `resync` commands.
 //! - [`metrics`]: metric names.
@@ -36,6 +40,7 @@ pub mod packager;
 pub mod pg;
 pub mod pgoutput;
 pub mod publish;
+pub mod recovery;
 pub mod replication;
 pub mod run;
 pub mod slot;

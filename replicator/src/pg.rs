@@ -32,24 +32,6 @@ pub enum PgError {
 }
 
 impl PgError {
-    /// Connection-level failures are worth a reconnect; SQL errors with a
-    /// definite SQLSTATE (permission, missing object) are not.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            PgError::Url(_) | PgError::PasswordFile(_) | PgError::Tls(_) => false,
-            PgError::Sql { source, .. } => match source.code() {
-                None => true,
-                Some(code) => {
-                    let code = code.code();
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57P")
-                        || code == "40001"
-                }
-            },
-        }
-    }
-
     /// The server's SQLSTATE, if the server answered with an error.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

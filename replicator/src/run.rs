@@ -36,6 +36,7 @@ use crate::metrics as m;
 use crate::packager::{Limits, Packager, Resume, StreamReadError, TableName, last_package};
 use crate::pg::{self, PgError, PgSettings};
 use crate::publish::{heartbeat_outgoing, heartbeat_package};
+use crate::recovery::{self, Recovery, recovery};
 use crate::replication::{Lsn, ReplicationClient, ReplicationError};
 use crate::slot::{self, SlotError, Start};
 use crate::snapshot;
@@ -76,27 +77,6 @@ pub enum RunError {
     Recorder(#[from] metrics_exporter_prometheus::BuildError),
 }
 
-impl RunError {
-    /// Whether a restart with backoff can help.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RunError::Pg(e) => e.is_transient(),
-            RunError::Catalog(e) => e.is_transient(),
-            RunError::Replication(e) => e.is_transient(),
-            RunError::Stream(e) => e.is_transient(),
-            RunError::Snapshot(e) => e.is_transient(),
-            RunError::NatsConnect(_) | RunError::Topology(_) | RunError::StreamRead(_) => true,
-            RunError::Publish(_) => true,
-            // Another replicator holds the slot: wait as a standby.
-            RunError::Slot(SlotError::Busy { .. }) => true,
-            RunError::Slot(SlotError::WrongPlugin { .. })
-            | RunError::NothingToReplicate { .. }
-            | RunError::Metrics { .. }
-            | RunError::Recorder(_) => false,
-        }
-    }
-}
-
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
@@ -114,7 +94,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     result
 }
 
-/// Restarts [`run_once`] after transient errors with capped exponential backoff.
+/// Restarts [`run_once`] with capped exponential backoff when the failure's
+/// [`Recovery`] is [`Recovery::Retry`]; any other recovery returns the error
+/// (at this level there is no single table to fail or resync: the tables'
+/// own recoveries happen inside `run_once`).
 pub async fn supervise(
     config: &Config,
     shutdown: &CancellationToken,
@@ -125,7 +108,7 @@ pub async fn supervise(
         let started = std::time::Instant::now();
         match run_once(config, shutdown, readiness).await {
             Ok(()) => return Ok(()),
-            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+            Err(error) if recovery(&error) == Recovery::Retry && !shutdown.is_cancelled() => {
                 readiness.set(false);
                 if started.elapsed() > Duration::from_secs(60) {
                     delay = Duration::from_millis(250);
@@ -184,6 +167,8 @@ async fn run_once(
         Start::Resume => (state, "initial"),
         Start::Create => (None, "initial"),
         Start::Recreate(lost) => {
+            // Recovery::ResyncTable for every table: a new slot, whose
+            // snapshot starts every chain again.
             lost.log(slot);
             if lost.must_drop() {
                 slot::drop_slot(&repl_config, &settings, slot).await?;
@@ -372,7 +357,7 @@ pub async fn replicable_tables(
                 metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(0.0);
                 tables.push((schema, table));
             }
-            Err(error @ CatalogError::NoReplicaIdentity { .. }) => {
+            Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => {
                 tracing::error!(table = %format!("{schema}.{table}"), error = %error, "table cannot be replicated; skipped");
                 metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(1.0);
             }

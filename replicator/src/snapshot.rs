@@ -26,7 +26,7 @@ use crate::metrics as m;
 use crate::packager::{Packager, TableName, value_size};
 use crate::pg::{PgError, PgSettings};
 use crate::publish::{Publisher, now_us};
-use crate::replication::{Lsn, quote_identifier, quote_literal};
+use crate::replication::{Lsn, ReplicationError, quote_identifier, quote_literal};
 use crate::values;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,17 +48,14 @@ pub enum SnapshotError {
     },
     #[error("snapshot reader of {0} stopped unexpectedly")]
     ReaderLost(String),
-}
-
-impl SnapshotError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            SnapshotError::Pg(e) => e.is_transient(),
-            SnapshotError::Catalog(e) => e.is_transient(),
-            SnapshotError::Publish(_) | SnapshotError::ReaderLost(_) => true,
-            SnapshotError::Copy { .. } | SnapshotError::Value { .. } => false,
-        }
-    }
+    /// A resync could not open its replication connection or create its
+    /// temporary slot.
+    #[error("resync of {table}: cannot create its temporary slot")]
+    ResyncSlot {
+        table: String,
+        #[source]
+        source: ReplicationError,
+    },
 }
 
 /// What a snapshot reader reports, in order: Begin, Package…, End.

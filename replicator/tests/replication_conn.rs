@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
+use sluice_replicator::recovery::{self, Recovery};
 use sluice_replicator::replication::{
     AuthError, Lsn, ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream,
     SslMode, TlsError, TlsOptions, publication_names,
@@ -314,7 +315,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
             ),
             "{err:?}"
         );
-        assert!(!err.is_transient());
+        assert_eq!(recovery::of_replication(&err), Recovery::Stop);
     }
     assert!(identity.xlogpos > Lsn(0));
     assert_eq!(
@@ -394,7 +395,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
         .await
         .expect_err("second START_REPLICATION on an active slot");
     assert_eq!(err.sqlstate(), Some("55006"), "{err:?}");
-    assert!(!err.is_transient());
+    assert_eq!(recovery::of_replication(&err), Recovery::Stop);
 
     // A missing slot: 42704, not transient.
     let other = ReplicationClient::connect(&config).await?;
@@ -403,7 +404,7 @@ async fn replication_connection_against_postgres() -> Result<()> {
         .await
         .expect_err("START_REPLICATION on a missing slot");
     assert_eq!(err.sqlstate(), Some("42704"), "{err:?}");
-    assert!(!err.is_transient());
+    assert_eq!(recovery::of_replication(&err), Recovery::Stop);
 
     // Graceful end, then the same connection drops the slot.
     let mut repl = stream.finish().await?;
@@ -467,7 +468,7 @@ async fn check_password_auth(pg: &TempPostgres, sql: &tokio_postgres::Client) ->
             "{user}: {err:?}"
         );
         assert_eq!(err.sqlstate(), Some("28P01"), "{user}: {err:?}");
-        assert!(!err.is_transient());
+        assert_eq!(recovery::of_replication(&err), Recovery::Stop);
 
         let config: Config = pg.url(user, None).parse()?;
         let err = ReplicationClient::connect(&config)
@@ -558,7 +559,7 @@ async fn tls_modes() -> Result<()> {
                 reason: TlsError::Io(_),
                 ..
             },
-        ) => assert!(!err.is_transient(), "{err:?}"),
+        ) => assert_eq!(recovery::of_replication(&err), Recovery::Stop, "{err:?}"),
         other => panic!("verify-full with system roots: {other:?}"),
     }
 

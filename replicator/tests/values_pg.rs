@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use sluice_proto::v1;
 use sluice_proto::v1::value::Kind;
 use sluice_replicator::catalog::{self, CatalogError, TypeCatalog, TypeCategory, TypeInfo};
+use sluice_replicator::recovery::{self, Recovery};
 use sluice_replicator::values::{decode_scalar, decode_text};
 use tokio_postgres::{Client, NoTls};
 
@@ -785,7 +786,7 @@ async fn catalog_describes_tables_and_types() -> Result<()> {
         match catalog::table_columns(c, "public", table).await {
             Err(e @ CatalogError::NoReplicaIdentity { .. }) => {
                 assert!(e.to_string().contains(&format!("public.{table}")), "{e}");
-                assert!(!e.is_transient());
+                assert_eq!(recovery::of_catalog(&e), Recovery::FailTable);
             }
             other => panic!("{table}: {other:?}"),
         }

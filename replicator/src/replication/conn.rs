@@ -17,6 +17,7 @@ use super::lsn::Lsn;
 use super::startup::{negotiate_tls, startup};
 use super::tls::{SslMode, TlsOptions};
 use super::wire::{AsyncIo, Backend, Connection, server_error, unexpected};
+use crate::recovery::{self, Recovery};
 
 /// What `IDENTIFY_SYSTEM` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +111,7 @@ impl ReplicationClient {
                 Ok(client) => return Ok(client),
                 // Only a failure to reach the host moves on to the next one;
                 // a rejected password would be rejected everywhere.
-                Err(e) if e.is_transient() => last_err = Some(e),
+                Err(e) if recovery::of_replication(&e) == Recovery::Retry => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }

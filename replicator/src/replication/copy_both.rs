@@ -289,7 +289,10 @@ mod tests {
                 err,
                 ReplicationError::Protocol(ProtocolError::BadCopyData { .. })
             ));
-            assert!(!err.is_transient());
+            assert_eq!(
+                crate::recovery::of_replication(&err),
+                crate::recovery::Recovery::Stop
+            );
         }
     }
 

@@ -1,4 +1,5 @@
-//! Errors of the replication connection, typed by what the caller does next.
+//! Errors of the replication connection, typed so that [`crate::recovery`]
+//! can decide what to do next.
 
 use std::fmt;
 use std::io;
@@ -8,9 +9,9 @@ use postgres_protocol::message::backend::ErrorFields;
 
 /// An error of the replication connection.
 ///
-/// Split by what to do next: [`ReplicationError::is_transient`] is true when
+/// Split by what to do next ([`crate::recovery::of_replication`]): retry when
 /// reconnecting with backoff may succeed (network trouble, server restart,
-/// too many connections); false when it will fail again the same way until an
+/// too many connections); stop when it will fail again the same way until an
 /// operator or the program changes something (bad password, missing slot or
 /// publication, slot in use by another connection, WAL gone, malformed input).
 #[derive(Debug, thiserror::Error)]
@@ -70,27 +71,6 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
-    /// True when the caller should reconnect with backoff and try again; false
-    /// when retrying cannot help without a change elsewhere.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ReplicationError::Io(_)
-            | ReplicationError::Closed
-            | ReplicationError::ConnectTimeout { .. } => true,
-            ReplicationError::Server(e) => e.is_transient(),
-            // A handshake cut off by the network is worth retrying; a certificate
-            // that does not verify (InvalidData from rustls) is not.
-            ReplicationError::Tls {
-                reason: TlsError::Io(e),
-                ..
-            } => e.kind() != io::ErrorKind::InvalidData,
-            ReplicationError::Tls { .. } => false,
-            ReplicationError::Auth { .. }
-            | ReplicationError::Config(_)
-            | ReplicationError::Protocol(_) => false,
-        }
-    }
-
     /// The SQLSTATE of a server error (also of a server-side auth failure).
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -261,21 +241,6 @@ impl ServerError {
             detail,
             hint,
         })
-    }
-
-    /// Whether reconnecting may help: connection exceptions (class 08),
-    /// server shutting down or starting (57P01..57P03), insufficient resources
-    /// (class 53, e.g. too many connections) and internal I/O errors
-    /// (58000, 58030). `58P01` (requested WAL segment removed) is not
-    /// transient: the slot cannot continue and a resync is needed.
-    pub fn is_transient(&self) -> bool {
-        let code = self.code.as_str();
-        code.starts_with("08")
-            || code.starts_with("53")
-            || matches!(
-                code,
-                "57P01" | "57P02" | "57P03" | "58000" | "58030" | "40001" | "40P01"
-            )
     }
 }
 

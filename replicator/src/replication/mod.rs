@@ -57,7 +57,7 @@
 //!   itself, but a supervisor may retry it a bounded number of times.
 //! - **Cancel safety.** [`ReplicationStream::next`] can sit in `tokio::select!`
 //!   beside a timer and a channel: partial frames stay buffered in the struct.
-//! - **Errors are typed by what to do next** ([`ReplicationError::is_transient`]):
+//! - **Errors are typed by what to do next** ([`crate::recovery::of_replication`]):
 //!   I/O and connection loss reconnect with backoff; authentication, missing
 //!   slot (42704) or publication, slot in use (55006), WAL removed (58P01) or an
 //!   invalidated slot (55000) stop or resync.

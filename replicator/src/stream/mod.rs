@@ -80,22 +80,6 @@ pub enum StreamError {
     Backlog(#[from] PgError),
 }
 
-impl StreamError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StreamError::Replication(e) => e.is_transient(),
-            StreamError::Publish(_) | StreamError::Ended | StreamError::Subscribe(_) => true,
-            StreamError::Catalog(e) => e.is_transient(),
-            // Includes "slot is active" (55006) when another replicator took
-            // the slot between two chunks: it restarts as a standby.
-            StreamError::Backlog(e) => e.is_transient() || e.sqlstate() == Some("55006"),
-            // A catalog race (relation message seen before we know it) heals on restart.
-            StreamError::UnknownRelation { .. } => true,
-            StreamError::Decode { .. } | StreamError::StreamingNotSupported => false,
-        }
-    }
-}
-
 /// Everything the streaming loop starts from.
 pub struct Setup<'a> {
     pub config: &'a Config,

@@ -304,25 +304,18 @@ async fn resync_task(
     tx: mpsc::Sender<ResyncEvent>,
 ) {
     let result = async {
+        let slot_failed = |source| SnapshotError::ResyncSlot {
+            table: format!("{}.{}", table.0, table.1),
+            source,
+        };
         let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
             .await
-            .map_err(|e| {
-                SnapshotError::ReaderLost(format!(
-                    "{}.{}: {}",
-                    table.0,
-                    table.1,
-                    sluice_broker::error_chain(&e)
-                ))
-            })?;
+            .map_err(slot_failed)?;
         let slot = format!("{}_resync_{}", config.postgres.slot, now_us());
-        let created = client.create_logical_slot(&slot, true).await.map_err(|e| {
-            SnapshotError::ReaderLost(format!(
-                "{}.{}: {}",
-                table.0,
-                table.1,
-                sluice_broker::error_chain(&e)
-            ))
-        })?;
+        let created = client
+            .create_logical_slot(&slot, true)
+            .await
+            .map_err(slot_failed)?;
         let spec = SnapshotSpec {
             resync_id: id,
             snapshot_name: created.snapshot_name,
