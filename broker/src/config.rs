@@ -161,6 +161,10 @@ pub struct NatsConfig {
     pub tls_key: Option<PathBuf>,
     /// Require TLS even without a CA file (system roots).
     pub tls_required: bool,
+    /// Subject prefix of this client's reply inboxes. A least-privilege user
+    /// may subscribe only to its own prefix (`_INBOX_producer` for the
+    /// replicator, `_INBOX_consumer` for the loader in `broker/nats/accounts.conf`).
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -182,6 +186,7 @@ impl Default for NatsConfig {
             tls_cert: None,
             tls_key: None,
             tls_required: false,
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -391,6 +396,22 @@ impl Config {
         for server in self.nats.url.split(',') {
             check_url(server.trim(), &["nats", "tls", "ws", "wss"])
                 .map_err(|reason| invalid("nats.url", reason))?;
+        }
+        let prefix = &self.nats.inbox_prefix;
+        if prefix.is_empty()
+            || prefix.starts_with('.')
+            || prefix.ends_with('.')
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t == "*" || t == ">")
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                format!(
+                    "{prefix:?} is not a subject prefix (tokens separated by `.`, no wildcards or spaces)"
+                ),
+            ));
         }
         if !(1..=5).contains(&self.nats.replicas) {
             return Err(invalid(

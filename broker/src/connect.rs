@@ -71,6 +71,7 @@ pub async fn connect(
         servers.iter().filter_map(|s| s.parse().ok()).collect();
     options
         .name(client_name)
+        .custom_inbox_prefix(config.inbox_prefix.clone())
         .connection_timeout(std::time::Duration::from_secs(5))
         .connect(addrs)
         .await

@@ -147,12 +147,6 @@ pub enum TopologyError {
         #[source]
         source: jetstream::context::CreateStreamError,
     },
-    #[error("cannot update stream {stream} to the configured settings")]
-    Update {
-        stream: String,
-        #[source]
-        source: jetstream::context::UpdateStreamError,
-    },
     #[error("cannot read stream {stream}")]
     Info {
         stream: String,
@@ -196,21 +190,70 @@ pub async fn ensure_stream(
         })?;
     if differs(&current, &wanted) {
         tracing::info!(stream = %name, "updating stream settings to the configuration");
-        js.update_stream(wanted)
-            .await
-            .map_err(|source| TopologyError::Update {
-                stream: name.clone(),
-                source,
-            })?;
-        stream = js
-            .get_stream(&name)
-            .await
-            .map_err(|source| TopologyError::Info {
-                stream: name.clone(),
-                source,
-            })?;
+        match js.update_stream(wanted.clone()).await {
+            Ok(_) => {
+                stream = js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|source| TopologyError::Info {
+                        stream: name.clone(),
+                        source,
+                    })?;
+            }
+            // A least-privilege producer may create its stream but not change
+            // it (shrinking `max_age` or `max_bytes` would amount to a purge):
+            // the stream keeps its settings and an admin applies the new ones.
+            Err(error) => tracing::warn!(
+                stream = %name,
+                error = %crate::error_chain(&error),
+                differences = %describe_differences(&current, &wanted),
+                "cannot update the stream to the configured settings (a least-privilege NATS user may not); \
+                 it keeps its current ones until an admin applies them"
+            ),
+        }
     }
     Ok(stream)
+}
+
+/// `max_age: 1h -> 2h, replicas: 1 -> 3`: what [`differs`] found, for the log.
+fn describe_differences(current: &stream::Config, wanted: &stream::Config) -> String {
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{key}: {a} -> {b}"));
+        }
+    };
+    diff(
+        "subjects",
+        current.subjects.join(","),
+        wanted.subjects.join(","),
+    );
+    diff(
+        "replicas",
+        current.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    diff(
+        "duplicate_window",
+        format!("{:?}", current.duplicate_window),
+        format!("{:?}", wanted.duplicate_window),
+    );
+    diff(
+        "max_age",
+        format!("{:?}", current.max_age),
+        format!("{:?}", wanted.max_age),
+    );
+    diff(
+        "max_bytes",
+        current.max_bytes.to_string(),
+        wanted.max_bytes.to_string(),
+    );
+    diff(
+        "discard",
+        format!("{:?}", current.discard),
+        format!("{:?}", wanted.discard),
+    );
+    out.join(", ")
 }
 
 fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {

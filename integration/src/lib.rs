@@ -9,6 +9,9 @@
 //! | `SLUICE_TEST_NATS_URL` | `nats://127.0.0.1:4222` (JetStream enabled) |
 //! | `SLUICE_TEST_NATS_CLUSTER_URLS` | `nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4225` |
 //! | `SLUICE_TEST_CLICKHOUSE_URL` | `http://127.0.0.1:8123` |
+//! | `SLUICE_TEST_NATS_ADMIN` | `admin:admin-dev`: `USER:PASSWORD` of the harness's own NATS clients (none: anonymous) |
+//! | `SLUICE_TEST_NATS_PRODUCER` | `producer:producer-dev`: the replicator's NATS user (none: anonymous) |
+//! | `SLUICE_TEST_NATS_CONSUMER` | `consumer:consumer-dev`: the loader's NATS user (none: anonymous) |
 //!
 //! When any of the first three is missing, the harness runs `scripts/stack start --nats-cluster`
 //! in a temporary directory, once per test process, with a guardian that stops those servers and
@@ -39,6 +42,52 @@ pub struct Servers {
     pub nats_cluster_urls: Option<Vec<String>>,
     /// ClickHouse HTTP interface.
     pub clickhouse_url: String,
+    /// Who connects to NATS.
+    pub nats_users: NatsUsers,
+}
+
+/// A NATS user name and password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUser {
+    pub user: String,
+    pub password: String,
+}
+
+impl NatsUser {
+    fn parse(key: &str, text: &str) -> anyhow::Result<NatsUser> {
+        let (user, password) = text
+            .split_once(':')
+            .with_context(|| format!("{key} must be USER:PASSWORD"))?;
+        Ok(NatsUser {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    /// The inbox prefix `broker/nats/accounts.conf` lets this user subscribe to.
+    pub fn inbox_prefix(&self) -> String {
+        format!("_INBOX_{}", self.user)
+    }
+}
+
+/// The NATS users of the tests: the harness's own clients (`admin`), the replicator
+/// (`producer`) and the loader (`consumer`); `None` connects without credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsUsers {
+    pub admin: Option<NatsUser>,
+    pub producer: Option<NatsUser>,
+    pub consumer: Option<NatsUser>,
+}
+
+impl NatsUsers {
+    fn from_lookup(value: impl Fn(&str) -> Option<String>) -> anyhow::Result<NatsUsers> {
+        let user = |key: &str| value(key).map(|v| NatsUser::parse(key, &v)).transpose();
+        Ok(NatsUsers {
+            admin: user("SLUICE_TEST_NATS_ADMIN")?,
+            producer: user("SLUICE_TEST_NATS_PRODUCER")?,
+            consumer: user("SLUICE_TEST_NATS_CONSUMER")?,
+        })
+    }
 }
 
 impl Servers {
@@ -66,15 +115,36 @@ impl Servers {
                 nats_url: nats_url.clone(),
                 nats_cluster_urls: cluster,
                 clickhouse_url: clickhouse_url.clone(),
+                nats_users: NatsUsers::from_lookup(var)?,
             });
         }
         let started = stack::start_for_this_process()?;
+        // A NATS server of our own stack has its users; one from the environment has the
+        // environment's.
+        let nats_users = if nats.is_some() {
+            NatsUsers::from_lookup(var)?
+        } else {
+            started.nats_users
+        };
         Ok(Servers {
             pg_url: pg.unwrap_or(started.pg_url),
             nats_url: nats.unwrap_or(started.nats_url),
             nats_cluster_urls: cluster.or(started.nats_cluster_urls),
             clickhouse_url: ch.unwrap_or(started.clickhouse_url),
+            nats_users,
         })
+    }
+
+    /// Connects to the NATS servers at `urls` as the harness's admin user.
+    pub async fn nats_connect(&self, urls: &[&str]) -> anyhow::Result<async_nats::Client> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(admin) = &self.nats_users.admin {
+            options = options.user_and_password(admin.user.clone(), admin.password.clone());
+        }
+        options
+            .connect(urls)
+            .await
+            .with_context(|| format!("connecting to nats at {}", urls.join(",")))
     }
 
     /// Connects to Postgres at `url` with an ordinary (non-replication) connection.
@@ -106,9 +176,7 @@ impl Servers {
 
     /// Connects to the single NATS server.
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
-        async_nats::connect(self.nats_url.as_str())
-            .await
-            .with_context(|| format!("connecting to nats at {}", self.nats_url))
+        self.nats_connect(&[self.nats_url.as_str()]).await
     }
 
     /// Connects to the 3-node cluster (any node), or `None` when there is no cluster.
@@ -116,10 +184,8 @@ impl Servers {
         let Some(urls) = &self.nats_cluster_urls else {
             return Ok(None);
         };
-        let client = async_nats::connect(urls.as_slice())
-            .await
-            .with_context(|| format!("connecting to the nats cluster at {}", urls.join(",")))?;
-        Ok(Some(client))
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        Ok(Some(self.nats_connect(&urls).await?))
     }
 
     /// A ClickHouse client (HTTP, RowBinary) for the server's `default` database.

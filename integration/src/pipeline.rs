@@ -309,10 +309,7 @@ ack_wait = "30s"
     /// The JetStream context of the pipeline's NATS (single node or cluster).
     pub async fn jetstream(&self) -> anyhow::Result<jetstream::Context> {
         let urls: Vec<&str> = self.nats_urls.split(',').collect();
-        let client = async_nats::connect(urls.as_slice())
-            .await
-            .with_context(|| format!("connecting to nats at {}", self.nats_urls))?;
-        Ok(jetstream::new(client))
+        Ok(jetstream::new(self.servers.nats_connect(&urls).await?))
     }
 
     /// Starts `sluice-replicator` (`which == "replicator"`) or `sluice-loader`
@@ -335,7 +332,22 @@ ack_wait = "30s"
         let log_path = self.dir.join(format!("{log}.{run}.log"));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        Command::new(bin)
+        // Each program as its least-privilege NATS user, so a permission the
+        // program needs and `broker/nats/accounts.conf` lacks fails a test.
+        let users = &self.servers.nats_users;
+        let nats_user = if which == "replicator" {
+            &users.producer
+        } else {
+            &users.consumer
+        };
+        let mut command = Command::new(bin);
+        if let Some(user) = nats_user {
+            command
+                .env("SLUICE_NATS__USER", &user.user)
+                .env("SLUICE_NATS__PASSWORD", &user.password)
+                .env("SLUICE_NATS__INBOX_PREFIX", user.inbox_prefix());
+        }
+        command
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
@@ -982,7 +994,7 @@ async fn cleanup(
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
         .await?;
     let urls: Vec<&str> = nats_urls.split(',').collect();
-    let js = jetstream::new(async_nats::connect(urls.as_slice()).await?);
+    let js = jetstream::new(servers.nats_connect(&urls).await?);
     let _ = js.delete_stream(stream).await;
     servers
         .clickhouse_sql(&format!("DROP DATABASE IF EXISTS `{name}`"))

@@ -17,6 +17,7 @@ pub struct StackEnv {
     pub nats_url: String,
     pub nats_cluster_urls: Option<Vec<String>>,
     pub clickhouse_url: String,
+    pub nats_users: crate::NatsUsers,
 }
 
 /// The repository's `scripts/stack`.
@@ -78,6 +79,7 @@ fn parse_env(text: &str) -> anyhow::Result<StackEnv> {
         nats_url: required("SLUICE_TEST_NATS_URL")?,
         nats_cluster_urls: value("SLUICE_TEST_NATS_CLUSTER_URLS").map(|v| super::split_urls(&v)),
         clickhouse_url: required("SLUICE_TEST_CLICKHOUSE_URL")?,
+        nats_users: crate::NatsUsers::from_lookup(|key| value(key))?,
     })
 }
 
@@ -120,6 +122,7 @@ impl PrivateStack {
             nats_url: env.nats_url,
             nats_cluster_urls: env.nats_cluster_urls,
             clickhouse_url: env.clickhouse_url,
+            nats_users: env.nats_users,
         }));
         Ok(PrivateStack { dir, servers })
     }
@@ -179,10 +182,18 @@ mod tests {
              SLUICE_TEST_NATS_URL=nats://127.0.0.1:2\n\
              SLUICE_TEST_NATS_CLUSTER_URLS=nats://127.0.0.1:3,nats://127.0.0.1:4\n\
              SLUICE_TEST_CLICKHOUSE_URL=http://127.0.0.1:5\n\
-             SLUICE_TEST_CLICKHOUSE_TCP_PORT=6\n",
+             SLUICE_TEST_CLICKHOUSE_TCP_PORT=6\n\
+             SLUICE_TEST_NATS_PRODUCER=producer:pw:with:colons\n",
         )
         .unwrap();
         assert_eq!(env.nats_url, "nats://127.0.0.1:2");
+        let producer = env.nats_users.producer.unwrap();
+        assert_eq!(
+            (producer.user.as_str(), producer.password.as_str()),
+            ("producer", "pw:with:colons")
+        );
+        assert_eq!(producer.inbox_prefix(), "_INBOX_producer");
+        assert_eq!(env.nats_users.admin, None);
         assert_eq!(
             env.nats_cluster_urls.unwrap(),
             ["nats://127.0.0.1:3", "nats://127.0.0.1:4"]

@@ -115,22 +115,47 @@ async fn nats_single_node_has_jetstream() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `broker/nats/accounts.conf`: the producer publishes only `sluice.>`, the consumer only consumes.
-/// Skipped against servers without those users (an operator's own NATS).
+/// `broker/nats/accounts.conf`: the producer publishes only its data subjects, the consumer only
+/// consumes, neither reads the other's inbox.
 #[tokio::test]
 async fn nats_users_have_least_privilege() -> anyhow::Result<()> {
     let servers = Servers::get();
-    let connect = |user: &str| {
-        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-dev"))
-            .connect(servers.nats_url.as_str())
-    };
-    let (producer, consumer) = match (connect("producer").await, connect("consumer").await) {
-        (Ok(p), Ok(c)) => (p, c),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("skipped: no sluice dev users on this NATS server ({e})");
-            return Ok(());
+    let connect = |user: Option<&sluice_integration::NatsUser>| {
+        let user = user
+            .cloned()
+            .context("SLUICE_TEST_NATS_PRODUCER/CONSUMER must name the least-privilege users");
+        async move {
+            let user = user?;
+            anyhow::Ok(
+                async_nats::ConnectOptions::with_user_and_password(
+                    user.user.clone(),
+                    user.password.clone(),
+                )
+                .custom_inbox_prefix(user.inbox_prefix())
+                .connect(servers.nats_url.as_str())
+                .await?,
+            )
         }
     };
+    let producer = connect(servers.nats_users.producer.as_ref()).await?;
+    let consumer = connect(servers.nats_users.consumer.as_ref()).await?;
+    // Neither may listen on the other's inbox (where the loader's messages are delivered).
+    let mut snoop = producer.subscribe("_INBOX_consumer.>").await?;
+    producer.flush().await?;
+    let admin_client = servers.nats().await?;
+    admin_client
+        .publish("_INBOX_consumer.x", "secret".into())
+        .await?;
+    admin_client.flush().await?;
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut snoop)
+        )
+        .await
+        .map_or(true, |m| m.is_none()),
+        "the producer read the consumer's inbox"
+    );
     let context = |client| {
         jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(2))
@@ -201,6 +226,40 @@ async fn nats_users_have_least_privilege() -> anyhow::Result<()> {
 
     admin.delete_stream(&name).await?;
     admin.delete_stream(&other).await?;
+    Ok(())
+}
+
+/// No `no_auth_user`: a client without credentials is refused at connect, so it can neither read
+/// nor delete a stream.
+#[tokio::test]
+async fn nats_refuses_clients_without_credentials() -> anyhow::Result<()> {
+    let servers = Servers::get();
+    anyhow::ensure!(
+        servers.nats_users.admin.is_some(),
+        "SLUICE_TEST_NATS_ADMIN must be set: the stack's NATS requires authentication"
+    );
+    let admin = jetstream::new(servers.nats().await?);
+    let name = fresh_stream_name("servers_anon");
+    admin
+        .create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("sluice.{name}.>")],
+            ..Default::default()
+        })
+        .await?;
+    let anonymous = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
+    let anonymous = tokio::time::timeout(
+        Duration::from_secs(10),
+        anonymous.connect(servers.nats_url.as_str()),
+    )
+    .await;
+    assert!(
+        !matches!(anonymous, Ok(Ok(_))),
+        "an anonymous client connected to NATS"
+    );
+    // The stream is still there.
+    admin.get_stream(&name).await?;
+    admin.delete_stream(&name).await?;
     Ok(())
 }
 
