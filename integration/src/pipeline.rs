@@ -249,7 +249,8 @@ ack_wait = "30s"
     }
 
     /// Sets `key = value` (TOML, e.g. `"1000"` or `"\"5s\""`) in `[section]`
-    /// of the config, for the binaries started after this call.
+    /// of the config (replacing the key's earlier value), for the binaries
+    /// started after this call.
     pub fn set_config(&mut self, section: &str, key: &str, value: &str) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.config_path)?;
         let header = format!("[{section}]\n");
@@ -257,7 +258,14 @@ ack_wait = "30s"
             .find(&header)
             .with_context(|| format!("no [{section}] in the config"))?
             + header.len();
-        let text = format!("{}{key} = {value}\n{}", &text[..at], &text[at..]);
+        let end = text[at..].find("\n[").map_or(text.len(), |i| at + i + 1);
+        let assignment = format!("{key} =");
+        let kept: String = text[at..end]
+            .lines()
+            .filter(|line| !line.trim_start().starts_with(&assignment))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let text = format!("{}{key} = {value}\n{kept}{}", &text[..at], &text[end..]);
         std::fs::write(&self.config_path, text)?;
         self.config = Config::load(&self.config_path)?;
         Ok(())

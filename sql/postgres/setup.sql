@@ -6,7 +6,8 @@
 --        [-v role=sluice] [-v password=SECRET]
 --
 -- Every variable is optional: `tables` defaults to every table in `schema` (FOR TABLES IN SCHEMA,
--- Postgres 15+: tables created there later are published too); `password` defaults to the
+-- Postgres 15+: tables created there later are published too). With `tables`, the role may read
+-- exactly those tables; without, every table of `schema`, now and created later; `password` defaults to the
 -- environment variable SLUICE_ROLE_PASSWORD of psql (docker-compose.yml uses that), else the
 -- password is left unset (set it with ALTER ROLE, or use certificate authentication). Running the file
 -- again changes nothing that exists already (role, publication); it only re-applies the grants.
@@ -17,11 +18,13 @@
 --   max_wal_senders       >= 1 per replicator (plus physical standbys)
 --   max_slot_wal_keep_size = 50GB   -- recommended: caps the WAL a stalled slot can pin; a slot
 --                                   -- past the cap is invalidated and sluice resyncs every table
--- and a pg_hba.conf line that lets the role open a *replication* connection to the database, e.g.
---   hostssl  DBNAME  sluice  10.0.0.0/8  scram-sha-256   -- the SQL connection (catalog, COPY)
---   hostssl  replication  sluice  10.0.0.0/8  scram-sha-256
--- (`replication=database` connections match the database name like ordinary ones in Postgres
--- 10+; the `replication` keyword line is for physical replication and harmless here.)
+-- and one pg_hba.conf line for the role and the source database, e.g.
+--   hostssl  DBNAME  sluice  10.0.0.0/8  scram-sha-256
+-- It covers both of sluice's connections: the SQL one (catalog, COPY) and the logical replication
+-- one (`replication=database` connections match the database name like ordinary ones). Do NOT add
+-- a `replication` keyword line for the role: that keyword matches *physical* replication, and with
+-- the REPLICATION attribute it would let the role copy the whole cluster (pg_basebackup), every
+-- database and table included.
 
 \set ON_ERROR_STOP 1
 \if :{?publication} \else \set publication sluice \endif
@@ -47,11 +50,22 @@ ALTER ROLE :"role" PASSWORD :'password';
 \endif
 
 GRANT CONNECT ON DATABASE :"DBNAME" TO :"role";
+\if :{?tables}
+-- Exactly the listed tables (and USAGE on their schemas); nothing else in the database.
+SELECT string_agg(DISTINCT format('%I', n.nspname), ', ') AS table_schemas
+FROM unnest(string_to_array(:'tables', ',')) AS t(name)
+JOIN pg_class c ON c.oid = trim(t.name)::regclass
+JOIN pg_namespace n ON n.oid = c.relnamespace \gset
+GRANT USAGE ON SCHEMA :table_schemas TO :"role";
+GRANT SELECT ON TABLE :tables TO :"role";
+\else
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
 GRANT SELECT ON ALL TABLES IN SCHEMA :"schema" TO :"role";
--- Tables created later in the schema (by the role running this file) are readable too. Tables
--- created by another role need `ALTER DEFAULT PRIVILEGES FOR ROLE that_role ...` as well.
+-- Tables created later in the schema (by the role running this file) are readable too: the
+-- publication publishes them. Tables created by another role need
+-- `ALTER DEFAULT PRIVILEGES FOR ROLE that_role ...` as well.
 ALTER DEFAULT PRIVILEGES IN SCHEMA :"schema" GRANT SELECT ON TABLES TO :"role";
+\endif
 
 -- 2. The publication: which tables are replicated. FOR TABLE needs ownership of the tables (or
 --    superuser); FOR ALL TABLES / FOR TABLES IN SCHEMA need superuser. sluice can also create it
