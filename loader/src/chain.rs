@@ -24,10 +24,8 @@
 
 use std::collections::HashMap;
 
+use sluice_broker::TableName;
 use sluice_proto::v1;
-
-/// `(schema, table)`.
-pub type TableName = (String, String);
 
 /// A chain position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -238,7 +236,7 @@ mod tests {
     }
 
     fn t() -> TableName {
-        ("public".into(), "t".into())
+        TableName::new("public", "t")
     }
 
     use v1::Kind::{Changes, ResyncBegin};

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 
 use clickhouse::Client;
+use sluice_broker::TableName;
 
-use crate::chain::{Position, TableName};
+use crate::chain::Position;
 use crate::clickhouse::Error;
 use crate::clickhouse::schema::{quote_ident, quote_literal};
 
@@ -29,7 +30,8 @@ pub struct Stored {
 }
 
 fn table_sql(database: &str) -> String {
-    format!("{}.{}", quote_ident(database), quote_ident(POSITIONS_TABLE))
+    let (database, table) = (quote_ident(database), quote_ident(POSITIONS_TABLE));
+    format!("{database}.{table}")
 }
 
 /// Creates the positions table if needed.
@@ -102,7 +104,7 @@ pub async fn load(
         .into_iter()
         .map(|r| {
             (
-                (r.schema, r.table),
+                TableName::new(r.schema, r.table),
                 Stored {
                     position: Position {
                         generation: r.generation,
@@ -129,12 +131,12 @@ pub async fn save(
     }
     let values: Vec<String> = states
         .iter()
-        .map(|((schema, table), stored)| {
+        .map(|(table, stored)| {
             *version += 1;
             format!(
                 "({}, {}, {}, {}, {}, {}, {})",
-                quote_literal(schema),
-                quote_literal(table),
+                quote_literal(&table.schema),
+                quote_literal(&table.name),
                 stored.position.generation,
                 stored.position.sequence,
                 quote_literal(&stored.shadow),

@@ -9,6 +9,7 @@
 //! invariant 6).
 
 use async_nats::jetstream;
+use sluice_broker::TableName;
 use sluice_proto::{Message as _, v1};
 
 use crate::clickhouse::schema::TargetTable;
@@ -145,7 +146,7 @@ struct RowEncoder {
     /// The target of the last relation seen: packages of a table come in
     /// runs with the same relation. Only its columns matter here, so the
     /// database name is left empty.
-    last_target: Option<((String, String), v1::Relation, TargetTable)>,
+    last_target: Option<(TableName, v1::Relation, TargetTable)>,
 }
 
 impl RowEncoder {
@@ -161,17 +162,14 @@ impl RowEncoder {
         if !row_kind || split.rows.is_empty() {
             return None;
         }
-        let same = self
-            .last_target
-            .as_ref()
-            .is_some_and(|((schema, table), r, _)| {
-                *schema == package.schema && *table == package.table && r == relation
-            });
+        let same = self.last_target.as_ref().is_some_and(|(table, r, _)| {
+            table.schema == package.schema && table.name == package.table && r == relation
+        });
         if !same {
             let target =
                 TargetTable::from_relation("", &package.schema, &package.table, relation).ok()?;
             self.last_target = Some((
-                (package.schema.clone(), package.table.clone()),
+                TableName::new(&package.schema, &package.table),
                 relation.clone(),
                 target,
             ));

@@ -9,9 +9,8 @@
 use std::collections::HashMap;
 
 use metrics::gauge;
+use sluice_broker::TableName;
 
-use super::label;
-use crate::chain::TableName;
 use crate::metrics as m;
 
 /// Newest commit times seen, per table and of heartbeats.
@@ -47,7 +46,7 @@ impl Lag {
         let now = sluice_now_us();
         for (table, commit) in &self.commit_times {
             let newest = (*commit).max(self.heartbeat_time.unwrap_or(i64::MIN));
-            gauge!(m::LOADER_LAG_SECONDS, "table" => label(table))
+            gauge!(m::LOADER_LAG_SECONDS, "table" => table.to_string())
                 .set((now - newest).max(0) as f64 / 1e6);
         }
     }

@@ -26,13 +26,14 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_proto::v1;
 
 pub use decode::Batch;
 pub use resync::SHADOW_SUFFIX;
 
-use crate::chain::{Chains, TableName};
+use crate::chain::Chains;
 use crate::clickhouse::schema::{TargetTable, ensure_table};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
@@ -121,9 +122,9 @@ impl Loader {
         let mut chains = self.chains.clone();
         let plan = plan::plan(&batch.decoded, &mut chains);
         for gap in &plan.gaps {
-            counter!(m::GAPS_DETECTED, "table" => label(&gap.table)).increment(1);
+            counter!(m::GAPS_DETECTED, "table" => gap.table.to_string()).increment(1);
             tracing::error!(
-                table = %label(&gap.table),
+                table = %gap.table,
                 expected = %gap.expected.map_or("a first package (sequence 1)".to_owned(), |p| p.to_string()),
                 got = %gap.got,
                 "gap in the table's chain; not applying past it, requesting a resync"
@@ -147,7 +148,7 @@ impl Loader {
                     // stop the table and rebuild it from Postgres.
                     Recovery::ResyncTable => {
                         let reason = sluice_broker::error_chain(&error);
-                        tracing::error!(table = %label(table), error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                        tracing::error!(table = %table, error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
                         chains.block(table);
                         for &message in &table_plan.messages {
                             dead.push(DeadLetter {
@@ -202,7 +203,7 @@ impl Loader {
             self.request_resync(table).await;
         }
         for table in self.chains.blocked() {
-            gauge!(m::TABLE_BLOCKED, "table" => label(&table)).set(1.0);
+            gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(1.0);
             self.request_resync(&table).await;
         }
         self.check_stalled_resyncs().await;
@@ -212,7 +213,7 @@ impl Loader {
         }
         for table in &changed {
             if !self.chains.is_blocked(table) {
-                gauge!(m::TABLE_BLOCKED, "table" => label(table)).set(0.0);
+                gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(0.0);
             }
         }
         Ok(())
@@ -265,7 +266,7 @@ impl Loader {
             )
             .await?;
         }
-        tracing::info!(table = %label(table), "truncate applied");
+        tracing::info!(table = %table, "truncate applied");
         Ok(())
     }
 
@@ -276,12 +277,14 @@ impl Loader {
         package: &v1::Package,
     ) -> Result<TargetTable, ChError> {
         let relation = package.relation.clone().unwrap_or_default();
-        let target = TargetTable::from_relation(&self.database, &table.0, &table.1, &relation)?;
+        let target =
+            TargetTable::from_relation(&self.database, &table.schema, &table.name, &relation)?;
         if self.ensured.get(&target.table) != Some(&relation) {
             let drift = ensure_table(&self.ch, &target).await?;
             for d in &drift {
-                counter!(m::SCHEMA_DRIFT, "table" => label(table), "kind" => d.kind()).increment(1);
-                tracing::error!(table = %label(table), drift = ?d, "schema change in Postgres that ClickHouse cannot follow by ADD COLUMN; see README \"Schema changes\"");
+                counter!(m::SCHEMA_DRIFT, "table" => table.to_string(), "kind" => d.kind())
+                    .increment(1);
+                tracing::error!(table = %table, drift = ?d, "schema change in Postgres that ClickHouse cannot follow by ADD COLUMN; see README \"Schema changes\"");
             }
             self.ensured.insert(target.table.clone(), relation);
         }
@@ -375,11 +378,11 @@ impl Loader {
         histogram!(m::BATCH_ROWS).record(rows as f64);
         for (op, count) in OpCounts::NAMES.into_iter().zip(ops.0) {
             if count > 0 {
-                counter!(m::LOADED_ROWS, "table" => label(table), "op" => op).increment(count);
+                counter!(m::LOADED_ROWS, "table" => table.to_string(), "op" => op).increment(count);
             }
         }
         for (column, count) in &report.clamped.0 {
-            counter!(m::VALUE_CLAMPED, "table" => label(table), "column" => column.clone())
+            counter!(m::VALUE_CLAMPED, "table" => table.to_string(), "column" => column.clone())
                 .increment(*count);
         }
         Ok(())
@@ -392,9 +395,4 @@ impl Loader {
             .await
             .map_err(|source| ChError::ClickHouse { what, source })
     }
-}
-
-/// `schema.table`, as in logs and metric labels.
-fn label(table: &TableName) -> String {
-    format!("{}.{}", table.0, table.1)
 }

@@ -14,11 +14,12 @@
 //!   same relation become one [`Step::Insert`]; TRUNCATE, RESYNC_BEGIN and
 //!   RESYNC_END split runs and take effect in order.
 
+use sluice_broker::TableName;
 use sluice_proto::v1;
 
 use super::dead_letter::DeadLetter;
 use super::decode::Decoded;
-use crate::chain::{Chains, Position, TableName, Verdict};
+use crate::chain::{Chains, Position, Verdict};
 
 /// What one batch does, table by table.
 pub(super) struct Plan<'b> {
@@ -97,7 +98,7 @@ pub(super) fn plan<'b>(
             plan.heartbeat = Some(package.commit_time_us);
             continue;
         }
-        let table = (package.schema.clone(), package.table.clone());
+        let table = TableName::new(&package.schema, &package.table);
         match chains.classify(&table, package) {
             Verdict::Apply => {
                 let position = match plan.tables.iter().position(|t| t.table == table) {
@@ -193,7 +194,7 @@ mod tests {
     }
 
     fn t(table: &str) -> TableName {
-        ("public".into(), table.into())
+        TableName::new("public", table)
     }
 
     fn at(generation: u64, sequence: u64) -> Position {
@@ -370,7 +371,13 @@ mod tests {
         let summary: Vec<_> = plan
             .tables
             .iter()
-            .map(|table| (table.table.1.clone(), steps(table), table.messages.clone()))
+            .map(|table| {
+                (
+                    table.table.name.clone(),
+                    steps(table),
+                    table.messages.clone(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,

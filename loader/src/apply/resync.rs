@@ -21,11 +21,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use metrics::counter;
+use sluice_broker::TableName;
 use sluice_broker::topology;
 use sluice_proto::{Message as _, v1};
 
-use super::{Loader, label};
-use crate::chain::TableName;
+use super::Loader;
 use crate::clickhouse::Error as ChError;
 use crate::clickhouse::schema::{VERSION_COLUMN, ensure_table, quote_ident};
 use crate::metrics as m;
@@ -70,7 +70,7 @@ impl Loader {
             }
         }
         for table in stalled {
-            tracing::warn!(table = %label(&table), "resync made no progress for a minute; asking for it again");
+            tracing::warn!(table = %table, "resync made no progress for a minute; asking for it again");
             self.request_resync(&table).await;
             self.shadow_progress.insert(table, now);
         }
@@ -116,7 +116,7 @@ impl Loader {
             .as_ref()
             .map(|r| r.reason.clone())
             .unwrap_or_default();
-        tracing::info!(table = %label(table), reason = %reason, "resync started: filling shadow table");
+        tracing::info!(table = %table, reason = %reason, "resync started: filling shadow table");
         Ok(())
     }
 
@@ -145,8 +145,8 @@ impl Loader {
                 "drop old table",
             )
             .await?;
-            counter!(m::RESYNCS_COMPLETED, "table" => label(table)).increment(1);
-            tracing::info!(table = %label(table), "resync complete: shadow table swapped in");
+            counter!(m::RESYNCS_COMPLETED, "table" => table.to_string()).increment(1);
+            tracing::info!(table = %table, "resync complete: shadow table swapped in");
         }
         Ok(())
     }
@@ -163,7 +163,7 @@ impl Loader {
         self.last_resync_request
             .insert(table.clone(), Instant::now());
         let request = v1::ResyncRequest {
-            tables: vec![label(table)],
+            tables: vec![table.to_string()],
             all: false,
             reason: "gap".into(),
         };
@@ -176,20 +176,20 @@ impl Loader {
         match reply {
             Ok(Ok(reply)) => match v1::ResyncReply::decode(reply.payload) {
                 Ok(reply) if reply.error.is_empty() => {
-                    tracing::info!(table = %label(table), "resync requested from the replicator");
+                    tracing::info!(table = %table, "resync requested from the replicator");
                 }
                 Ok(reply) => {
-                    tracing::error!(table = %label(table), error = %reply.error, "replicator refused the resync; table stays blocked");
+                    tracing::error!(table = %table, error = %reply.error, "replicator refused the resync; table stays blocked");
                 }
                 Err(error) => {
-                    tracing::error!(table = %label(table), error = %error, "unreadable resync reply")
+                    tracing::error!(table = %table, error = %error, "unreadable resync reply")
                 }
             },
             Ok(Err(error)) => {
-                tracing::error!(table = %label(table), error = %error, "no replicator answered the resync request; table stays blocked (run `sluice-replicator resync --table {}`)", label(table));
+                tracing::error!(table = %table, error = %error, "no replicator answered the resync request; table stays blocked (run `sluice-replicator resync --table {table}`)");
             }
             Err(_) => {
-                tracing::error!(table = %label(table), "resync request timed out; table stays blocked");
+                tracing::error!(table = %table, "resync request timed out; table stays blocked");
             }
         }
     }

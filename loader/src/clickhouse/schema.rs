@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use clickhouse::Client;
 use serde::Deserialize;
+use sluice_broker::TableName;
 use sluice_proto::v1;
 
 use super::error::Error;
@@ -112,7 +113,7 @@ impl TargetTable {
                 .collect(),
         };
         if !target.columns.iter().any(|c| c.key) {
-            return Err(Error::NoKey(format!("{schema}.{table}")));
+            return Err(Error::NoKey(TableName::new(schema, table).to_string()));
         }
         Ok(target)
     }
@@ -127,11 +128,8 @@ impl TargetTable {
 
     /// `` `database`.`table` ``.
     pub fn qualified(&self) -> String {
-        format!(
-            "{}.{}",
-            quote_ident(&self.database),
-            quote_ident(&self.table)
-        )
+        let (database, table) = (quote_ident(&self.database), quote_ident(&self.table));
+        format!("{database}.{table}")
     }
 
     /// The columns the loader writes, quoted and comma-separated: the
@@ -162,7 +160,7 @@ impl TargetTable {
         let mut cols: Vec<String> = self
             .columns
             .iter()
-            .map(|c| format!("{} {}", quote_ident(&c.name), c.ch_type))
+            .map(|c| format!("{} {ty}", quote_ident(&c.name), ty = c.ch_type))
             .collect();
         cols.push(format!("{} UInt128", quote_ident(VERSION_COLUMN)));
         cols.push(format!("{} UInt8", quote_ident(DELETED_COLUMN)));

@@ -131,7 +131,7 @@ pub async fn fetch_current(
         .join(", ");
     let structure = keys
         .iter()
-        .map(|c| format!("{} {}", quote_ident(&c.name), c.ch_type))
+        .map(|c| format!("{} {ty}", quote_ident(&c.name), ty = c.ch_type))
         .collect::<Vec<_>>()
         .join(", ");
     let mut data = String::with_capacity(request.keys.iter().map(|k| k.len() * 4).sum());

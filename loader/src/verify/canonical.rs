@@ -8,6 +8,7 @@ use crate::clickhouse::encode::{
     DATE32_MAX_DAYS, DATE32_MIN_DAYS, DATETIME64_MAX_US, DATETIME64_MIN_US,
 };
 use crate::clickhouse::schema::quote_ident;
+use sluice_broker::table::quote_ident as pg_quote_ident;
 
 /// How a column's values are read and canonicalised on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +99,9 @@ fn decimal_max(precision: u32, scale: u32) -> String {
     }
 }
 
-pub(super) fn pg_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The Postgres select expression of a column, applying the loader's clamps.
 pub(super) fn pg_expr(column: &Column) -> String {
-    let q = pg_ident(&column.name);
+    let q = pg_quote_ident(&column.name);
     let clamp = |low: &str, high: &str, ty: &str| {
         format!(
             "CASE WHEN {q} IS NULL THEN NULL ELSE greatest(least({q}, '{high}'::{ty}), '{low}'::{ty}) END"

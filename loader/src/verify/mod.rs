@@ -35,10 +35,11 @@ mod report;
 
 use std::collections::BTreeMap;
 
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 
 use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident, target_table_name};
-use canonical::{Column, canonical, ch_expr, classify, pg_expr, pg_ident};
+use canonical::{Column, canonical, ch_expr, classify, pg_expr};
 use read::{clickhouse_client, clickhouse_rows, connect_postgres};
 pub use report::{
     ColumnDifference, Difference, DifferenceKind, MAX_REPORTED_DIFFERENCES, TableReport,
@@ -90,7 +91,10 @@ pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableRep
                     context: format!("listing publication {}", config.postgres.publication),
                     source,
                 })?;
-            let tables: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let tables: Vec<TableName> = rows
+                .iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
             if tables.is_empty() {
                 return Err(VerifyError::NoTables(config.postgres.publication.clone()));
             }
@@ -98,20 +102,20 @@ pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableRep
         }
     };
     let mut reports = Vec::with_capacity(tables.len());
-    for (schema, name) in tables {
-        reports.push(verify_table(&pg, &ch, &database, &schema, &name).await?);
+    for table in tables {
+        reports.push(verify_table(&pg, &ch, &database, &table).await?);
     }
     Ok(reports)
 }
 
-fn split_table_name(name: &str) -> Result<(String, String), VerifyError> {
-    match name.split_once('.') {
-        Some((schema, table)) if !schema.is_empty() && !table.is_empty() => {
-            Ok((schema.to_owned(), table.to_owned()))
-        }
-        None if !name.is_empty() => Ok(("public".to_owned(), name.to_owned())),
-        _ => Err(VerifyError::BadTableName(name.to_owned())),
+/// `schema.table` (or `table` in `public`) as [`TableName::parse`] reads it;
+/// an empty schema or table is refused.
+fn split_table_name(name: &str) -> Result<TableName, VerifyError> {
+    let table = TableName::parse(name);
+    if table.schema.is_empty() || table.name.is_empty() {
+        return Err(VerifyError::BadTableName(name.to_owned()));
     }
+    Ok(table)
 }
 
 type Row = Vec<Option<String>>;
@@ -120,10 +124,10 @@ async fn verify_table(
     pg: &tokio_postgres::Client,
     ch: &clickhouse::Client,
     database: &str,
-    schema: &str,
-    table: &str,
+    source: &TableName,
 ) -> Result<TableReport, VerifyError> {
-    let qualified = format!("{schema}.{table}");
+    let qualified = source.to_string();
+    let (schema, table) = (source.schema.as_str(), source.name.as_str());
     let target = target_table_name(schema, table);
     let pg_context = |what: &str| format!("{what} of {qualified}");
     let pg_columns = pg
@@ -163,14 +167,7 @@ async fn verify_table(
         .collect();
 
     let pg_count: i64 = pg
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {}.{}",
-                pg_ident(schema),
-                pg_ident(table)
-            ),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*) FROM {}", source.quoted()), &[])
         .await
         .map_err(|source| VerifyError::Postgres {
             context: pg_context("counting the rows"),
@@ -231,10 +228,9 @@ async fn verify_table(
     }
 
     let pg_sql = format!(
-        "SELECT {} FROM {}.{}",
+        "SELECT {} FROM {}",
         columns.iter().map(pg_expr).collect::<Vec<_>>().join(", "),
-        pg_ident(schema),
-        pg_ident(table)
+        source.quoted()
     );
     let messages = pg
         .simple_query(&pg_sql)
@@ -337,4 +333,19 @@ async fn verify_table(
 fn format_key(key: &[Option<String>]) -> String {
     let parts: Vec<&str> = key.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
     format!("({})", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_option_reads_schema_dot_table() {
+        let parse = |name: &str| split_table_name(name).map_err(|e| e.to_string());
+        assert_eq!(parse("sales.orders"), Ok(TableName::new("sales", "orders")));
+        assert_eq!(parse("orders"), Ok(TableName::new("public", "orders")));
+        for bad in ["", ".orders", "sales."] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }
