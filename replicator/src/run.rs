@@ -8,9 +8,9 @@
 //! 2. Postgres: the publication (created from `postgres.tables` if asked) and
 //!    its tables; a table that cannot be replicated (no replica identity) is
 //!    reported once by name and left out, the others go on.
-//! 3. The slot and the generation (see [`Generation`]): a new slot exports a
-//!    snapshot, every table is snapshotted, then streaming starts from the
-//!    slot's consistent point. An existing slot resumes from its confirmed LSN;
+//! 3. The slot ([`crate::slot`] decides) and the generation: a new slot
+//!    exports a snapshot, every table is snapshotted in the generation of the
+//!    slot's consistent point, then streaming starts from that point. An existing slot resumes from its confirmed LSN;
 //!    each table's chain resumes after its last package in the stream.
 //! 4. A start at least `catchup_min_lag_bytes` behind reads the backlog
 //!    through SQL first ([`crate::backlog`]).
@@ -19,7 +19,6 @@
 //!    re-reads from the confirmed LSN: nothing acknowledged is lost, nothing
 //!    re-sent is duplicated.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -27,7 +26,6 @@ use metrics::counter;
 use sluice_broker::config::Config;
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
-use sluice_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::Backlog;
@@ -136,10 +134,6 @@ pub async fn supervise(
         }
     }
 }
-
-/// What generation new chains start in, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Generation(pub u64);
 
 async fn run_once(
     config: &Config,
@@ -371,6 +365,3 @@ pub async fn replicable_tables(
     }
     Ok(tables)
 }
-
-/// Shared relation map handed to the stream: table name → relation.
-pub type Relations = std::collections::HashMap<u32, Arc<v1::Relation>>;

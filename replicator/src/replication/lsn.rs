@@ -12,16 +12,6 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
-impl Lsn {
-    /// The invalid LSN, `0/0`.
-    pub const INVALID: Lsn = Lsn(0);
-
-    /// Whether this is the invalid LSN `0/0`.
-    pub fn is_invalid(self) -> bool {
-        self.0 == 0
-    }
-}
-
 impl From<u64> for Lsn {
     fn from(value: u64) -> Self {
         Lsn(value)
