@@ -371,6 +371,7 @@ impl Config {
         }
         check_url(&self.postgres.url, &["postgres", "postgresql"])
             .map_err(|reason| invalid("postgres.url", reason))?;
+        check_sslmode(&self.postgres.url).map_err(|reason| invalid("postgres.url", reason))?;
         for (key, value) in [
             ("postgres.publication", &self.postgres.publication),
             ("postgres.slot", &self.postgres.slot),
@@ -504,6 +505,33 @@ fn check_url(value: &str, schemes: &[&str]) -> Result<(), String> {
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{:?} has no host", redact_url(value)));
+    }
+    Ok(())
+}
+
+/// The `sslmode` values sluice knows. A misspelt one (`verify_full`) must not
+/// quietly become `prefer`, which checks no certificate and falls back to
+/// plaintext.
+pub const SSLMODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+fn check_sslmode(value: &str) -> Result<(), String> {
+    let Ok(url) = url::Url::parse(value) else {
+        return Ok(()); // check_url reported it
+    };
+    for (key, mode) in url.query_pairs() {
+        if key == "sslmode" && !SSLMODES.contains(&mode.as_ref()) {
+            return Err(format!(
+                "sslmode={mode} is not one of {}",
+                SSLMODES.join(", ")
+            ));
+        }
     }
     Ok(())
 }
@@ -710,6 +738,22 @@ mod tests {
             assert_eq!(config.source, "inventory");
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_a_config_error_naming_the_key() {
+        let file = write("[postgres]\nurl = \"postgres://u@h:5432/db?sslmode=verify_full\"\n");
+        let err = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres.url"), "{err}");
+        assert!(err.contains("sslmode=verify_full"), "{err}");
+        for mode in SSLMODES {
+            let file = write(&format!(
+                "[postgres]\nurl = \"postgres://u@h:5432/db?sslmode={mode}\"\n"
+            ));
+            Config::load_with_env(file.path(), no_env()).expect("a known sslmode loads");
+        }
     }
 
     #[test]
