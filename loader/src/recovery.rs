@@ -11,6 +11,8 @@
 //! acked (ARCHITECTURE.md invariant 1), all others are definite (retrying
 //! the same bytes cannot succeed).
 
+use sluice_broker::connect::ConnectError;
+
 use crate::apply::ApplyError;
 use crate::clickhouse::{Error as ChError, ResponseCode};
 use crate::run::RunError;
@@ -38,7 +40,7 @@ impl Recovery {
     pub fn of(error: &RunError) -> Recovery {
         match error {
             // NATS unreachable, restarting or slow.
-            RunError::NatsConnect(_)
+            RunError::NatsConnect(ConnectError::Connect { .. })
             | RunError::Consumer { .. }
             | RunError::ConsumerReset { .. }
             | RunError::Fetch { .. }
@@ -52,6 +54,13 @@ impl Recovery {
                 // Nothing was acked; the dead letters are sent again.
                 ApplyError::DeadLetter(_) => Recovery::Retry,
             },
+            // Configuration: a credentials or password file that cannot be
+            // read, a password without a user.
+            RunError::NatsConnect(
+                ConnectError::Credentials { .. }
+                | ConnectError::PasswordFile(_)
+                | ConnectError::MissingUser(_),
+            ) => Recovery::Stop,
             RunError::Metrics { .. } | RunError::Recorder(_) => Recovery::Stop,
         }
     }
@@ -182,9 +191,10 @@ mod tests {
     fn errors_that_end_a_batch_or_the_run() {
         use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
         for retry in [
-            RunError::NatsConnect(sluice_broker::connect::ConnectError::MissingUser(
-                "password",
-            )),
+            RunError::NatsConnect(ConnectError::Connect {
+                url: "nats://localhost:4222".into(),
+                source: async_nats::ConnectError::new(async_nats::ConnectErrorKind::Io),
+            }),
             RunError::Consumer {
                 stream: "s".into(),
                 consumer: "c".into(),
@@ -212,6 +222,33 @@ mod tests {
             ),
         ] {
             assert_eq!(Recovery::of(&stop), Recovery::Stop, "{stop:?}");
+        }
+    }
+
+    #[test]
+    fn nats_configuration_errors_stop_and_only_an_unreachable_server_retries() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        for stop in [
+            ConnectError::Credentials {
+                path: "/etc/sluice/loader.creds".into(),
+                source: io(),
+            },
+            ConnectError::PasswordFile(io()),
+            ConnectError::MissingUser("password"),
+        ] {
+            let error = RunError::NatsConnect(stop);
+            assert_eq!(Recovery::of(&error), Recovery::Stop, "{error:?}");
+        }
+        for kind in [
+            async_nats::ConnectErrorKind::Io,
+            async_nats::ConnectErrorKind::TimedOut,
+            async_nats::ConnectErrorKind::ServerParse,
+        ] {
+            let error = RunError::NatsConnect(ConnectError::Connect {
+                url: "nats://localhost:4222".into(),
+                source: async_nats::ConnectError::new(kind),
+            });
+            assert_eq!(Recovery::of(&error), Recovery::Retry, "{error:?}");
         }
     }
 

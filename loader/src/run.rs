@@ -24,6 +24,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use sluice_broker::config::Config;
+use sluice_broker::supervise::{self, Next, Restart};
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
 use tokio_util::sync::CancellationToken;
@@ -87,31 +88,40 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     result
 }
 
-/// Restarts [`run_once`] after transient failures with capped backoff.
+/// Delays between runs: 250 ms after the first failure, doubled up to 30 s;
+/// a run that lasted a minute starts the delays over.
+const RESTART: Restart = Restart {
+    first_delay: Duration::from_millis(250),
+    max_delay: Duration::from_secs(30),
+    reset_after: Duration::from_secs(60),
+};
+
+/// Restarts [`run_once`] after failures [`Recovery::of`] calls `Retry`, with
+/// capped backoff (`sluice_broker::supervise`); returns any other error.
 pub async fn supervise(
     config: &Config,
     shutdown: &CancellationToken,
     readiness: &Readiness,
 ) -> Result<(), RunError> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let started = std::time::Instant::now();
-        match run_once(config, shutdown, readiness).await {
-            Ok(()) => return Ok(()),
-            Err(error) if Recovery::of(&error) == Recovery::Retry && !shutdown.is_cancelled() => {
-                readiness.set(false);
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_millis(250);
-                }
-                tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "transient failure; restarting (nothing unapplied was acked)");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(error) => return Err(error),
+    supervise::supervise(
+        shutdown,
+        RESTART,
+        || run_once(config, shutdown, readiness),
+        |error, delay| restart_or_stop(error, delay, readiness),
+    )
+    .await
+}
+
+/// The supervise loop's decision for a failed run: retry (not ready
+/// meanwhile, logged) or stop.
+fn restart_or_stop(error: &RunError, delay: Duration, readiness: &Readiness) -> Next {
+    match Recovery::of(error) {
+        Recovery::Retry => {
+            readiness.set(false);
+            tracing::warn!(error = %sluice_broker::error_chain(error), retry_in = ?delay, "transient failure; restarting (nothing unapplied was acked)");
+            Next::Retry
         }
+        Recovery::ResyncTable | Recovery::FailTable | Recovery::Stop => Next::Stop,
     }
 }
 
@@ -389,5 +399,32 @@ fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>) -> Vec<jetstre
     match reassembler.oldest_open() {
         Some(first) => messages.split_off(first),
         None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retryable_failure_restarts_not_ready_and_anything_else_stops() {
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let unreachable = RunError::Fetch {
+            stream: "SLUICE_APP".into(),
+            source: "the pull ended".into(),
+        };
+        assert_eq!(
+            restart_or_stop(&unreachable, RESTART.first_delay, &readiness),
+            Next::Retry
+        );
+        assert!(!readiness.get(), "not ready while restarting");
+        let config = RunError::NatsConnect(sluice_broker::connect::ConnectError::MissingUser(
+            "password",
+        ));
+        assert_eq!(
+            restart_or_stop(&config, RESTART.first_delay, &readiness),
+            Next::Stop
+        );
     }
 }
