@@ -1,4 +1,21 @@
-//! Metric names of the loader (listed with their meaning and alerts in the README).
+//! Metric names of the loader (listed with their meaning and alerts in the
+//! README), and their registration at 0.
+//!
+//! Prometheus' `increase()` cannot see the first event of a counter that
+//! did not exist before it (the series appears at 1, with no earlier
+//! sample), so every counter is exported at 0 before its first event:
+//! [`counters_at_zero`] at start-up, for the unlabelled ones and those
+//! labelled by a fixed set (`reason`); [`table_counters_at_zero`] as soon as
+//! the loader knows a table (its row in `_sluice_positions` at start-up, or
+//! its first package), for those labelled by `table` (with every `op` and
+//! `kind`). `sluice_value_clamped_total{table,column}` is the exception: its
+//! columns are not a fixed set, so it appears with its first clamp.
+
+use metrics::counter;
+use sluice_broker::TableName;
+
+use crate::apply::dead_letter;
+use crate::clickhouse::{OpCounts, SchemaDrift};
 
 /// Now minus the commit time of the newest change applied (or heartbeat seen
 /// once everything before it was applied), by `table` (gauge).
@@ -25,3 +42,26 @@ pub const TABLE_BLOCKED: &str = "sluice_loader_table_blocked";
 pub const BATCH_RETRIES: &str = "sluice_loader_batch_retries_total";
 /// Resyncs swapped in (shadow table exchanged), by `table` (counter).
 pub const RESYNCS_COMPLETED: &str = "sluice_loader_resyncs_completed_total";
+
+/// Registers the counters without a `table` label at 0 (idempotent: an
+/// existing counter keeps its value).
+pub fn counters_at_zero() {
+    counter!(BATCH_RETRIES).increment(0);
+    for reason in dead_letter::REASONS {
+        counter!(DEAD_LETTERS, "reason" => reason).increment(0);
+    }
+}
+
+/// Registers the counters labelled by `table` at 0 for `table`, with every
+/// value of their other fixed label (idempotent).
+pub fn table_counters_at_zero(table: &TableName) {
+    let label = table.to_string();
+    counter!(GAPS_DETECTED, "table" => label.clone()).increment(0);
+    counter!(RESYNCS_COMPLETED, "table" => label.clone()).increment(0);
+    for op in OpCounts::NAMES {
+        counter!(LOADED_ROWS, "table" => label.clone(), "op" => op).increment(0);
+    }
+    for kind in SchemaDrift::KINDS {
+        counter!(SCHEMA_DRIFT, "table" => label.clone(), "kind" => kind).increment(0);
+    }
+}

@@ -75,6 +75,7 @@ pub enum RunError {
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
     let handle = telemetry::install_metrics()?;
+    m::counters_at_zero();
     let readiness = Readiness::default();
     let listen = config.loader.metrics_listen;
     let server = telemetry::serve_metrics(listen, handle, readiness.clone(), shutdown.clone())

@@ -16,13 +16,13 @@
 //! ([`dead_letter`]); the refused table is blocked and resynced, other tables
 //! go on (ARCHITECTURE.md invariants 6 and 10). [`lag`] keeps the lag gauge.
 
-mod dead_letter;
+pub(crate) mod dead_letter;
 mod decode;
 mod lag;
 mod plan;
 mod resync;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
@@ -72,6 +72,8 @@ pub struct Loader {
     lag: Lag,
     /// When each shadow table last received snapshot rows (or was restored).
     shadow_progress: HashMap<TableName, Instant>,
+    /// Tables whose counters were registered at 0 (see [`crate::metrics`]).
+    counted: HashSet<TableName>,
 }
 
 impl Loader {
@@ -86,6 +88,11 @@ impl Loader {
                 .iter()
                 .map(|(t, s)| (t.clone(), s.position, s.blocked)),
         );
+        // Counters of every table the loader knows exist at 0 from now on.
+        let counted: HashSet<TableName> = stored.keys().cloned().collect();
+        for table in &counted {
+            m::table_counters_at_zero(table);
+        }
         let shadows = stored
             .into_iter()
             .filter(|(_, s)| !s.shadow.is_empty())
@@ -103,6 +110,7 @@ impl Loader {
             last_resync_request: HashMap::new(),
             lag: Lag::default(),
             shadow_progress: HashMap::new(),
+            counted,
         })
     }
 
@@ -121,6 +129,12 @@ impl Loader {
         let messages = &batch.messages;
         let mut chains = self.chains.clone();
         let plan = plan::plan(&batch.decoded, &mut chains);
+        for table in &plan.seen {
+            if !self.counted.contains(table) {
+                m::table_counters_at_zero(table);
+                self.counted.insert(table.clone());
+            }
+        }
         for gap in &plan.gaps {
             counter!(m::GAPS_DETECTED, "table" => gap.table.to_string()).increment(1);
             tracing::error!(

@@ -14,6 +14,8 @@
 //!   same relation become one [`Step::Insert`]; TRUNCATE, RESYNC_BEGIN and
 //!   RESYNC_END split runs and take effect in order.
 
+use std::collections::HashSet;
+
 use sluice_broker::TableName;
 use sluice_proto::v1;
 
@@ -32,6 +34,8 @@ pub(super) struct Plan<'b> {
     /// Breaks found in tables' chains: each table is now blocked and needs
     /// a resync.
     pub(super) gaps: Vec<Gap>,
+    /// Every table with a package in the batch, whatever its verdict.
+    pub(super) seen: HashSet<TableName>,
 }
 
 /// One table's steps, in stream order.
@@ -79,6 +83,7 @@ pub(super) fn plan<'b>(
         heartbeat: None,
         dead_letters: Vec::new(),
         gaps: Vec::new(),
+        seen: HashSet::new(),
     };
     for (index, decoded) in decoded {
         let index = *index;
@@ -99,6 +104,9 @@ pub(super) fn plan<'b>(
             continue;
         }
         let table = TableName::new(&package.schema, &package.table);
+        if !plan.seen.contains(&table) {
+            plan.seen.insert(table.clone());
+        }
         match chains.classify(&table, package) {
             Verdict::Apply => {
                 let position = match plan.tables.iter().position(|t| t.table == table) {
@@ -329,6 +337,7 @@ mod tests {
         let plan = plan(&decoded, &mut chains);
         assert!(plan.tables.is_empty());
         assert!(plan.gaps.is_empty(), "already blocked: no new gap");
+        assert_eq!(plan.seen, HashSet::from([t("a")]), "seen all the same");
         assert!(chains.is_blocked(&t("a")));
     }
 

@@ -224,6 +224,9 @@ impl SchemaDrift {
         )
     }
 
+    /// Every [`SchemaDrift::kind`].
+    pub const KINDS: [&'static str; 4] = ["dropped", "renamed", "type_changed", "key_changed"];
+
     /// Short label for metrics (`sluice_schema_drift_total{table,kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -361,6 +364,31 @@ pub async fn ensure_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_drift_kind_is_listed() {
+        for drift in [
+            SchemaDrift::Dropped {
+                column: "c".into(),
+                ch_type: "String".into(),
+            },
+            SchemaDrift::PossiblyRenamed {
+                from: "a".into(),
+                to: "b".into(),
+            },
+            SchemaDrift::TypeChanged {
+                column: "c".into(),
+                expected: "Int32".into(),
+                actual: "Int64".into(),
+            },
+            SchemaDrift::KeyChanged {
+                expected: vec!["id".into()],
+                actual: vec![],
+            },
+        ] {
+            assert!(SchemaDrift::KINDS.contains(&drift.kind()), "{drift:?}");
+        }
+    }
 
     #[test]
     fn quoting() {
