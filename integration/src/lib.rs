@@ -12,6 +12,9 @@
 //! | `SLUICE_TEST_NATS_ADMIN` | `admin:admin-dev`: `USER:PASSWORD` of the harness's own NATS clients (none: anonymous) |
 //! | `SLUICE_TEST_NATS_PRODUCER` | `producer:producer-dev`: the replicator's NATS user (none: anonymous) |
 //! | `SLUICE_TEST_NATS_CONSUMER` | `consumer:consumer-dev`: the loader's NATS user (none: anonymous) |
+//! | `SLUICE_TEST_TLS_CA` | CA (PEM) that signed the servers' certificates (Postgres `ssl = on`, the HTTPS endpoint) |
+//! | `SLUICE_TEST_TLS_CLIENT_CERT`, `SLUICE_TEST_TLS_CLIENT_KEY` | a client certificate Postgres accepts for the role `sluice_cert` |
+//! | `SLUICE_TEST_CLICKHOUSE_HTTPS_URL` | `https://127.0.0.1:8443`, the same ClickHouse over TLS |
 //!
 //! When any of the first three is missing, the harness runs `scripts/stack start --nats-cluster`
 //! in a temporary directory, once per test process, with a guardian that stops those servers and
@@ -44,6 +47,31 @@ pub struct Servers {
     pub clickhouse_url: String,
     /// Who connects to NATS.
     pub nats_users: NatsUsers,
+    /// TLS endpoints and certificates, when the servers have them.
+    pub tls: TlsEnv,
+}
+
+/// The TLS side of the test servers (`scripts/stack` always provides it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsEnv {
+    /// CA certificate (PEM) of the servers' certificates.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) that Postgres accepts for the role `sluice_cert`.
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+    /// The ClickHouse HTTP interface over TLS.
+    pub clickhouse_https_url: Option<String>,
+}
+
+impl TlsEnv {
+    fn from_lookup(value: impl Fn(&str) -> Option<String>) -> TlsEnv {
+        TlsEnv {
+            ca: value("SLUICE_TEST_TLS_CA").map(Into::into),
+            client_cert: value("SLUICE_TEST_TLS_CLIENT_CERT").map(Into::into),
+            client_key: value("SLUICE_TEST_TLS_CLIENT_KEY").map(Into::into),
+            clickhouse_https_url: value("SLUICE_TEST_CLICKHOUSE_HTTPS_URL"),
+        }
+    }
 }
 
 /// A NATS user name and password.
@@ -116,6 +144,7 @@ impl Servers {
                 nats_cluster_urls: cluster,
                 clickhouse_url: clickhouse_url.clone(),
                 nats_users: NatsUsers::from_lookup(var)?,
+                tls: TlsEnv::from_lookup(var),
             });
         }
         let started = stack::start_for_this_process()?;
@@ -126,12 +155,18 @@ impl Servers {
         } else {
             started.nats_users
         };
+        let tls = if pg.is_some() || ch.is_some() {
+            TlsEnv::from_lookup(var)
+        } else {
+            started.tls
+        };
         Ok(Servers {
             pg_url: pg.unwrap_or(started.pg_url),
             nats_url: nats.unwrap_or(started.nats_url),
             nats_cluster_urls: cluster.or(started.nats_cluster_urls),
             clickhouse_url: ch.unwrap_or(started.clickhouse_url),
             nats_users,
+            tls,
         })
     }
 
