@@ -26,9 +26,15 @@ pub enum LogFormat {
 /// text or JSON lines on stderr. Text has colour codes only when stderr is a
 /// terminal, so log files and journald stay plain.
 pub fn init_logging(format: LogFormat) {
+    init_logging_with_default(format, "info");
+}
+
+/// [`init_logging`] with another filter when `RUST_LOG` is unset, e.g. `warn`
+/// for one-shot commands (`status`, `verify`) whose output is the answer.
+pub fn init_logging_with_default(format: LogFormat, default_directive: &str) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_directive));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
