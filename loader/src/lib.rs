@@ -8,6 +8,8 @@
 //! - [`recovery`]: what the loader does about each error (retry, resync a table, stop).
 //! - [`positions`]: the loader's applied positions, stored in ClickHouse.
 //! - [`clickhouse`]: type mapping, schema management and RowBinary inserts.
+//! - [`verify`]: `sluice-loader verify`, Postgres compared with ClickHouse.
+//! - [`status`]: `sluice-loader status`, each table's state and position.
 
 pub mod apply;
 pub mod chain;
@@ -16,4 +18,5 @@ pub mod metrics;
 pub mod positions;
 pub mod recovery;
 pub mod run;
+pub mod status;
 pub mod verify;

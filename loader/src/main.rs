@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_broker::config::Config;
-use sluice_broker::telemetry::{self, LogFormat};
 
 /// Many small, short-lived allocations per row (decoded values, packages):
 /// mimalloc frees them far more cheaply than glibc malloc.
@@ -16,9 +15,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "sluice-loader", version, about, long_about = None)]
 struct Cli {
-    /// Log format on stderr (RUST_LOG filters, default `info`).
+    /// Log format on stderr (RUST_LOG filters; default `info` for `run`,
+    /// `warn` for the other commands unless `-v`).
     #[arg(long, global = true, value_enum, default_value_t = Format::Text, env = "SLUICE_LOG_FORMAT")]
     log_format: Format,
+    /// Log at `info` in `status` and `verify` too (without RUST_LOG).
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,18 +51,58 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Per table the loader knows: state (streaming, resyncing, blocked),
+    /// last applied chain position and commit LSN, last published package;
+    /// the consumer's pending and ack-pending counts.
+    Status {
+        /// Configuration file (TOML); `SLUICE_<SECTION>__<KEY>` variables override it.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `main` does after loading the config.
+enum Work {
+    Run,
+    Verify(Option<String>),
+    Status { json: bool },
+}
+
+/// Installs the log subscriber on stderr: `RUST_LOG` if set, else `info`
+/// for `run` (and with `-v`) and `warn` for the one-shot commands, whose
+/// output is on stdout. Text has colour codes only when stderr is a
+/// terminal (as `sluice_broker::telemetry::init_logging`, which has no
+/// default-level parameter).
+fn init_logging(format: Format, default_level: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        Format::Text => builder.try_init(),
+        Format::Json => builder.json().try_init(),
+    };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(match cli.log_format {
-        Format::Text => LogFormat::Text,
-        Format::Json => LogFormat::Json,
-    });
-    let (path, table) = match cli.command {
-        Command::Run { config } => (config, None),
-        Command::Verify { config, table } => (config, Some(table)),
+    let (path, work) = match cli.command {
+        Command::Run { config } => (config, Work::Run),
+        Command::Verify { config, table } => (config, Work::Verify(table)),
+        Command::Status { config, json } => (config, Work::Status { json }),
     };
+    let default_level = match work {
+        Work::Run => "info",
+        Work::Verify(_) | Work::Status { .. } if cli.verbose => "info",
+        Work::Verify(_) | Work::Status { .. } => "warn",
+    };
+    init_logging(cli.log_format, default_level);
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
@@ -74,8 +117,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Some(table) = table {
-        return runtime.block_on(verify(&config, table.as_deref()));
+    match work {
+        Work::Run => {}
+        Work::Verify(table) => return runtime.block_on(verify(&config, table.as_deref())),
+        Work::Status { json } => return runtime.block_on(status(&config, json)),
     }
     match runtime.block_on(sluice_loader::run::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +151,33 @@ async fn verify(config: &Config, table: Option<&str>) -> ExitCode {
         Err(error) => {
             eprintln!(
                 "sluice-loader: verify: {}",
+                sluice_broker::error_chain(&error)
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `sluice-loader status`: text or (`--json`) JSON on stdout.
+async fn status(config: &Config, json: bool) -> ExitCode {
+    match sluice_loader::status::gather(config).await {
+        Ok(status) if json => match serde_json::to_string_pretty(&status) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("sluice-loader: status: {error}");
+                ExitCode::from(1)
+            }
+        },
+        Ok(status) => {
+            print!("{}", sluice_loader::status::render_text(&status));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "sluice-loader: status: {}",
                 sluice_broker::error_chain(&error)
             );
             ExitCode::from(1)

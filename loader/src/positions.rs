@@ -1,5 +1,6 @@
 //! The loader's own state in ClickHouse: per table, the last applied chain
-//! position and, during a resync, the shadow table being filled.
+//! position and its commit LSN, whether the table waits for a resync and,
+//! during a resync, the shadow table being filled.
 //!
 //! Positions are written after the batch's rows were inserted and before the
 //! batch is acked. A crash between insert and position write replays rows that
@@ -27,6 +28,10 @@ pub struct Stored {
     /// The table waits for a resync (gap or rows that could not be written):
     /// nothing is applied to it until a new chain starts, across restarts too.
     pub blocked: bool,
+    /// Commit LSN of the package at `position` (for a snapshot package: the
+    /// snapshot's consistent point); 0 when unknown (written before the
+    /// column existed). For operators (`status`); nothing decides on it.
+    pub commit_lsn: u64,
 }
 
 fn table_sql(database: &str) -> String {
@@ -50,17 +55,18 @@ pub async fn ensure(client: &Client, database: &str) -> Result<(), Error> {
     client
         .query_raw(&format!(
             "CREATE TABLE IF NOT EXISTS {} (schema String, table String, generation UInt64, sequence UInt64, \
-             shadow String, blocked UInt8, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             shadow String, blocked UInt8, commit_lsn UInt64, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
              ENGINE = ReplacingMergeTree(version) ORDER BY (schema, table)",
             table_sql(database)
         ))
         .execute()
         .await
         .map_err(|source| Error::ClickHouse { what: "create positions table", source })?;
-    // Positions tables made before `blocked` existed.
+    // Positions tables made before `blocked` or `commit_lsn` existed.
     client
         .query_raw(&format!(
-            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS blocked UInt8 AFTER shadow",
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS blocked UInt8 AFTER shadow, \
+             ADD COLUMN IF NOT EXISTS commit_lsn UInt64 AFTER blocked",
             table_sql(database)
         ))
         .execute()
@@ -80,6 +86,7 @@ struct Row {
     sequence: u64,
     shadow: String,
     blocked: u8,
+    commit_lsn: u64,
     version: u64,
 }
 
@@ -90,7 +97,8 @@ pub async fn load(
 ) -> Result<(HashMap<TableName, Stored>, u64), Error> {
     let rows: Vec<Row> = client
         .query(&format!(
-            "SELECT schema, table, generation, sequence, shadow, blocked, version FROM {} FINAL",
+            "SELECT schema, table, generation, sequence, shadow, blocked, commit_lsn, version \
+             FROM {} FINAL",
             table_sql(database)
         ))
         .fetch_all()
@@ -112,6 +120,7 @@ pub async fn load(
                     },
                     shadow: r.shadow,
                     blocked: r.blocked != 0,
+                    commit_lsn: r.commit_lsn,
                 },
             )
         })
@@ -134,13 +143,14 @@ pub async fn save(
         .map(|(table, stored)| {
             *version += 1;
             format!(
-                "({}, {}, {}, {}, {}, {}, {})",
+                "({}, {}, {}, {}, {}, {}, {}, {})",
                 quote_literal(&table.schema),
                 quote_literal(&table.name),
                 stored.position.generation,
                 stored.position.sequence,
                 quote_literal(&stored.shadow),
                 u8::from(stored.blocked),
+                stored.commit_lsn,
                 version
             )
         })
@@ -148,7 +158,8 @@ pub async fn save(
     client
         // `query_raw`: literals may contain `?`, which `query` would bind.
         .query_raw(&format!(
-            "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, version) VALUES {}",
+            "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, commit_lsn, version) \
+             VALUES {}",
             table_sql(database),
             values.join(", ")
         ))

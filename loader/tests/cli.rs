@@ -11,7 +11,27 @@ fn help_names_the_commands() {
         .expect("runs sluice-loader");
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("run"), "{text}");
+    for command in ["run", "verify", "status"] {
+        assert!(text.contains(command), "{command}: {text}");
+    }
+}
+
+#[test]
+fn status_config_error_exits_2() {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(b"[loader]\nbatch_max_messages = 0\n")
+        .expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice-loader"))
+        .args([
+            "status",
+            "--json",
+            "-v",
+            "--config",
+            &file.path().display().to_string(),
+        ])
+        .output()
+        .expect("runs sluice-loader");
+    assert_eq!(output.status.code(), Some(2));
 }
 
 #[test]

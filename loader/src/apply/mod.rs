@@ -74,6 +74,8 @@ pub struct Loader {
     shadow_progress: HashMap<TableName, Instant>,
     /// Tables whose counters were registered at 0 (see [`crate::metrics`]).
     counted: HashSet<TableName>,
+    /// Commit LSN of each table's last applied package (stored with its position).
+    commit_lsns: HashMap<TableName, u64>,
 }
 
 impl Loader {
@@ -90,6 +92,10 @@ impl Loader {
         );
         // Counters of every table the loader knows exist at 0 from now on.
         let counted: HashSet<TableName> = stored.keys().cloned().collect();
+        let commit_lsns = stored
+            .iter()
+            .map(|(t, s)| (t.clone(), s.commit_lsn))
+            .collect();
         for table in &counted {
             m::table_counters_at_zero(table);
         }
@@ -111,6 +117,7 @@ impl Loader {
             lag: Lag::default(),
             shadow_progress: HashMap::new(),
             counted,
+            commit_lsns,
         })
     }
 
@@ -184,6 +191,11 @@ impl Loader {
             }
         }
 
+        let batch_lsns: HashMap<&TableName, u64> = plan
+            .tables
+            .iter()
+            .map(|t| (&t.table, t.last_commit_lsn))
+            .collect();
         let states: Vec<(TableName, Stored)> = changed
             .iter()
             .chain(&gaps)
@@ -195,6 +207,11 @@ impl Loader {
                             position,
                             shadow: shadows.get(t).cloned().unwrap_or_default(),
                             blocked: chains.is_blocked(t),
+                            commit_lsn: batch_lsns
+                                .get(t)
+                                .or_else(|| self.commit_lsns.get(t))
+                                .copied()
+                                .unwrap_or(0),
                         },
                     )
                 })
@@ -213,6 +230,9 @@ impl Loader {
         self.chains = chains;
         self.shadows = shadows;
         self.lag.adopt(commit_times, plan.heartbeat);
+        for (table, lsn) in batch_lsns {
+            self.commit_lsns.insert(table.clone(), lsn);
+        }
         for table in gaps.iter().chain(blocked_now.iter().map(|(t, _)| t)) {
             self.request_resync(table).await;
         }

@@ -48,6 +48,8 @@ pub(super) struct TablePlan<'b> {
     /// Whether the table's shadow gets snapshot rows (or is created) in this
     /// batch: the resync is making progress.
     pub(super) fills_shadow: bool,
+    /// Commit LSN of the last applied package (stored with the position).
+    pub(super) last_commit_lsn: u64,
 }
 
 /// One thing to do to a table.
@@ -117,6 +119,7 @@ pub(super) fn plan<'b>(
                             steps: Vec::new(),
                             messages: Vec::new(),
                             fills_shadow: false,
+                            last_commit_lsn: 0,
                         });
                         plan.tables.len() - 1
                     }
@@ -143,6 +146,7 @@ impl<'b> TablePlan<'b> {
     fn push(&mut self, index: usize, decoded: &'b Decoded) {
         self.messages.push(index);
         let package = &decoded.package;
+        self.last_commit_lsn = package.commit_lsn;
         let kind = v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified);
         if matches!(kind, v1::Kind::Snapshot | v1::Kind::ResyncBegin) {
             self.fills_shadow = true;
@@ -197,6 +201,7 @@ mod tests {
             }),
             relation: Some(relation(&["id"])),
             commit_time_us: 1_000 * sequence as i64,
+            commit_lsn: 100 * sequence,
             ..Default::default()
         }
     }
@@ -260,6 +265,7 @@ mod tests {
         );
         assert!(a.fills_shadow);
         assert_eq!(a.messages, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(a.last_commit_lsn, 600, "the last applied package's");
         assert!(plan.gaps.is_empty() && plan.dead_letters.is_empty());
         assert_eq!(chains.position(&t("a")), Some(at(1, 6)));
     }
