@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_broker::config::Config;
+use sluice_broker::telemetry::{self, LogFormat};
 
 /// Many small, short-lived allocations per row (decoded values, packages):
 /// mimalloc frees them far more cheaply than glibc malloc.
@@ -71,25 +72,6 @@ enum Work {
     Status { json: bool },
 }
 
-/// Installs the log subscriber on stderr: `RUST_LOG` if set, else `info`
-/// for `run` (and with `-v`) and `warn` for the one-shot commands, whose
-/// output is on stdout. Text has colour codes only when stderr is a
-/// terminal (as `sluice_broker::telemetry::init_logging`, which has no
-/// default-level parameter).
-fn init_logging(format: Format, default_level: &str) {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        Format::Text => builder.try_init(),
-        Format::Json => builder.json().try_init(),
-    };
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (path, work) = match cli.command {
@@ -102,7 +84,15 @@ fn main() -> ExitCode {
         Work::Verify(_) | Work::Status { .. } if cli.verbose => "info",
         Work::Verify(_) | Work::Status { .. } => "warn",
     };
-    init_logging(cli.log_format, default_level);
+    // RUST_LOG if set, else `default_level`: the one-shot commands print
+    // their answer on stdout and log only warnings unless `-v`.
+    telemetry::init_logging_with_default(
+        match cli.log_format {
+            Format::Text => LogFormat::Text,
+            Format::Json => LogFormat::Json,
+        },
+        default_level,
+    );
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
