@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use sluice_broker::TableName;
 use sluice_proto::v1;
 
 /// Well-known OIDs of built-in scalar types (fixed in `pg_type.dat`, never
@@ -166,17 +167,17 @@ pub enum CatalogError {
     TypeNotResolved { oid: u32 },
     #[error("domain or array type chain of oid {oid} is too deep or cyclic")]
     TypeChainTooDeep { oid: u32 },
-    #[error("table {schema}.{table} does not exist")]
-    TableNotFound { schema: String, table: String },
+    #[error("table {table} does not exist")]
+    TableNotFound { table: TableName },
     #[error("publication {publication} does not exist")]
     PublicationNotFound { publication: String },
     /// UPDATE and DELETE of this table cannot be keyed: set a primary key or
     /// `ALTER TABLE … REPLICA IDENTITY FULL | USING INDEX …`.
     #[error(
-        "table {schema}.{table} has no usable replica identity \
+        "table {table} has no usable replica identity \
          (needs a primary key, REPLICA IDENTITY USING INDEX, or REPLICA IDENTITY FULL)"
     )]
-    NoReplicaIdentity { schema: String, table: String },
+    NoReplicaIdentity { table: TableName },
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
@@ -361,34 +362,31 @@ pub struct ColumnInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
     pub oid: u32,
-    pub schema: String,
-    pub name: String,
+    pub table: TableName,
     /// `relreplident`: `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
     /// Columns in `attnum` order (dropped columns left out).
     pub columns: Vec<ColumnInfo>,
 }
 
-/// Reads the columns of `schema.table` and decides its key columns:
+/// Reads the columns of `table` and decides its key columns:
 /// - REPLICA IDENTITY DEFAULT: the primary key;
 /// - USING INDEX: that index's columns;
 /// - FULL: the primary key if there is one, else every column;
 /// - NOTHING, or DEFAULT without a primary key: [`CatalogError::NoReplicaIdentity`].
 pub async fn table_columns(
     client: &tokio_postgres::Client,
-    schema: &str,
-    table: &str,
+    table: &TableName,
 ) -> Result<TableInfo, CatalogError> {
     let not_found = || CatalogError::TableNotFound {
-        schema: schema.to_owned(),
-        table: table.to_owned(),
+        table: table.clone(),
     };
     let rel = client
         .query_opt(
             "SELECT c.oid, c.relreplident FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
-            &[&schema, &table],
+            &[&table.schema, &table.name],
         )
         .await
         .map_err(query_err("reading pg_class"))?
@@ -423,8 +421,7 @@ pub async fn table_columns(
         'f' => vec![true; rows.len()],
         _ => {
             return Err(CatalogError::NoReplicaIdentity {
-                schema: schema.to_owned(),
-                table: table.to_owned(),
+                table: table.clone(),
             });
         }
     };
@@ -443,18 +440,17 @@ pub async fn table_columns(
         .collect();
     Ok(TableInfo {
         oid: rel_oid,
-        schema: schema.to_owned(),
-        name: table.to_owned(),
+        table: table.clone(),
         replica_identity,
         columns,
     })
 }
 
-/// The `(schema, table)` pairs published by `publication`, sorted.
+/// The tables published by `publication`, sorted.
 pub async fn published_tables(
     client: &tokio_postgres::Client,
     publication: &str,
-) -> Result<Vec<(String, String)>, CatalogError> {
+) -> Result<Vec<TableName>, CatalogError> {
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
@@ -475,7 +471,10 @@ pub async fn published_tables(
         )
         .await
         .map_err(query_err("reading pg_publication_tables"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// The wire-format description of `table`; every column type must have been
@@ -522,8 +521,7 @@ mod tests {
     fn relation_needs_resolved_types() {
         let table = TableInfo {
             oid: 42,
-            schema: "public".into(),
-            name: "t".into(),
+            table: TableName::new("public", "t"),
             replica_identity: 'd',
             columns: vec![ColumnInfo {
                 name: "id".into(),

@@ -200,6 +200,8 @@ mod tests {
     use std::io;
     use std::str::FromStr;
 
+    use sluice_broker::TableName;
+
     use super::*;
     use crate::pgoutput::DecodeError;
     use crate::replication::{AuthError, Lsn, ProtocolError};
@@ -300,8 +302,7 @@ mod tests {
         };
         assert_eq!(of_catalog(&query), Retry);
         let no_identity = CatalogError::NoReplicaIdentity {
-            schema: "s".to_owned(),
-            table: "t".to_owned(),
+            table: TableName::new("s", "t"),
         };
         assert_eq!(of_catalog(&no_identity), FailTable);
         for error in [
@@ -309,8 +310,7 @@ mod tests {
             CatalogError::TypeNotResolved { oid: 1 },
             CatalogError::TypeChainTooDeep { oid: 1 },
             CatalogError::TableNotFound {
-                schema: "s".to_owned(),
-                table: "t".to_owned(),
+                table: TableName::new("s", "t"),
             },
             CatalogError::PublicationNotFound {
                 publication: "p".to_owned(),
@@ -348,8 +348,7 @@ mod tests {
         assert_eq!(of_stream(&decode), Stop);
         assert_eq!(of_stream(&StreamError::StreamingNotSupported), Stop);
         let no_identity = StreamError::Catalog(CatalogError::NoReplicaIdentity {
-            schema: "s".to_owned(),
-            table: "t".to_owned(),
+            table: TableName::new("s", "t"),
         });
         assert_eq!(of_stream(&no_identity), FailTable);
     }

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use metrics::counter;
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
+use sluice_broker::table::quote_ident;
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backlog::Backlog;
 use crate::catalog::{self, CatalogError, TypeCatalog};
 use crate::metrics as m;
-use crate::packager::{Limits, Packager, Resume, StreamReadError, TableName, last_package};
+use crate::packager::{Limits, Packager, Resume, StreamReadError, last_package};
 use crate::pg::{self, PgError, PgSettings};
 use crate::publish::{heartbeat_outgoing, heartbeat_package};
 use crate::recovery::{self, Recovery, recovery};
@@ -186,7 +188,7 @@ async fn run_once(
             let mut packager = Packager::new(&config.source, slot, generation, limits);
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             for table in &tables {
-                let subject = topology::table_subject(&config.source, &table.0, &table.1);
+                let subject = topology::table_subject(&config.source, &table.schema, &table.name);
                 if let Some(package) = last_package(&stream_handle, &subject).await?
                     && let Some(resume) = Resume::from_package(&package)
                 {
@@ -307,18 +309,11 @@ async fn ensure_publication(
         .postgres
         .tables
         .iter()
-        .map(|t| match t.split_once('.') {
-            Some((schema, table)) => format!(
-                "{}.{}",
-                crate::replication::quote_identifier(schema),
-                crate::replication::quote_identifier(table)
-            ),
-            None => crate::replication::quote_identifier(t),
-        })
+        .map(|t| TableName::parse(t).quoted())
         .collect();
     let sql = format!(
         "CREATE PUBLICATION {} FOR TABLE {}",
-        crate::replication::quote_identifier(publication),
+        quote_ident(publication),
         tables.join(", ")
     );
     client
@@ -340,20 +335,20 @@ pub async fn replicable_tables(
 ) -> Result<Vec<TableName>, RunError> {
     let published = catalog::published_tables(client, publication).await?;
     let mut tables = Vec::new();
-    for (schema, table) in published {
-        if schema == topology::CONTROL_TOKEN {
-            tracing::error!(schema = %schema, table = %table, "schema name `_control` is reserved by sluice; table skipped");
+    for table in published {
+        if table.schema == topology::CONTROL_TOKEN {
+            tracing::error!(schema = %table.schema, table = %table.name, "schema name `_control` is reserved by sluice; table skipped");
             continue;
         }
-        match catalog::table_columns(client, &schema, &table).await {
+        match catalog::table_columns(client, &table).await {
             Ok(info) => {
                 types.resolve_table(client, &info).await?;
-                metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(0.0);
-                tables.push((schema, table));
+                metrics::gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(0.0);
+                tables.push(table);
             }
             Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => {
-                tracing::error!(table = %format!("{schema}.{table}"), error = %error, "table cannot be replicated; skipped");
-                metrics::gauge!(m::TABLE_ERRORS, "table" => format!("{schema}.{table}")).set(1.0);
+                tracing::error!(table = %table, error = %error, "table cannot be replicated; skipped");
+                metrics::gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
             }
             Err(error) => return Err(error.into()),
         }

@@ -15,18 +15,20 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, gauge};
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_broker::publish::PublishError;
+use sluice_broker::table::quote_ident;
 use sluice_proto::v1;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
-use crate::packager::{Packager, TableName, value_size};
+use crate::packager::{Packager, value_size};
 use crate::pg::{PgError, PgSettings};
 use crate::publish::{Publisher, now_us};
-use crate::replication::{Lsn, ReplicationError, quote_identifier, quote_literal};
+use crate::replication::{Lsn, ReplicationError, quote_literal};
 use crate::values;
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +149,7 @@ pub async fn initial(
                 estimate,
                 ..
             } => {
-                let label = format!("{}.{}", table.0, table.1);
+                let label = table.to_string();
                 tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
                 counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone())
@@ -171,7 +173,7 @@ pub async fn initial(
                 relation,
                 rows,
             } => {
-                let label = format!("{}.{}", table.0, table.1);
+                let label = table.to_string();
                 let package = marker(
                     &source,
                     &table,
@@ -206,15 +208,15 @@ pub(crate) fn marker(
 ) -> v1::Package {
     v1::Package {
         source: source.to_owned(),
-        schema: table.0.clone(),
-        table: table.1.clone(),
+        schema: table.schema.clone(),
+        table: table.name.clone(),
         kind: kind as i32,
         relation: Some((**relation).clone()),
         commit_lsn: spec.consistent_point.0,
         commit_time_us: now_us(),
         resync: Some(v1::Resync {
             resync_id: if spec.resync_id.is_empty() {
-                format!("{generation:X}-{}.{}", table.0, table.1)
+                format!("{generation:X}-{table}")
             } else {
                 spec.resync_id.clone()
             },
@@ -233,7 +235,7 @@ pub(crate) async fn read_table(
     (max_rows, max_bytes): (usize, usize),
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
 ) -> Result<(), SnapshotError> {
-    let label = format!("{}.{}", table.0, table.1);
+    let label = table.to_string();
     let conn = settings.connect("a snapshot").await?;
     let client = &conn.client;
     client
@@ -245,7 +247,7 @@ pub(crate) async fn read_table(
         ))
         .await
         .map_err(PgError::sql(format!("cannot import snapshot for {label}")))?;
-    let info = catalog::table_columns(client, &table.0, &table.1).await?;
+    let info = catalog::table_columns(client, table).await?;
     let mut types = TypeCatalog::new();
     types.resolve_table(client, &info).await?;
     let relation = Arc::new(catalog::to_relation(&info, &types)?);
@@ -263,7 +265,7 @@ pub(crate) async fn read_table(
         .query_one(
             "SELECT greatest(c.reltuples, 0)::real FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.0, &table.1],
+            &[&table.schema, &table.name],
         )
         .await
         .map_err(PgError::sql(format!("cannot estimate the size of {label}")))?
@@ -281,16 +283,11 @@ pub(crate) async fn read_table(
     })
     .await?;
 
-    let columns: Vec<String> = info
-        .columns
-        .iter()
-        .map(|c| quote_identifier(&c.name))
-        .collect();
+    let columns: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let copy = format!(
-        "COPY (SELECT {} FROM {}.{}) TO STDOUT",
+        "COPY (SELECT {} FROM {}) TO STDOUT",
         columns.join(", "),
-        quote_identifier(&table.0),
-        quote_identifier(&table.1)
+        table.quoted()
     );
     let stream = client
         .copy_out(copy.as_str())
@@ -310,8 +307,8 @@ pub(crate) async fn read_table(
         |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
             let package = v1::Package {
                 source: source.to_owned(),
-                schema: table.0.clone(),
-                table: table.1.clone(),
+                schema: table.schema.clone(),
+                table: table.name.clone(),
                 kind: v1::Kind::Snapshot as i32,
                 relation: Some((*relation).clone()),
                 commit_lsn: spec.consistent_point.0,

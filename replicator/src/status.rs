@@ -62,11 +62,11 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
                 .await
                 .unwrap_or_default();
             let _ = &mut types;
-            for (schema, table) in tables {
-                let subject = topology::table_subject(&config.source, &schema, &table);
+            for table in tables {
+                let subject = topology::table_subject(&config.source, &table.schema, &table.name);
                 let last = last_package(&stream, &subject).await.ok().flatten();
                 tables_json.push(json!({
-                    "table": format!("{schema}.{table}"),
+                    "table": table.to_string(),
                     "last_published": last.as_ref().and_then(|p| p.position).map(|p| format!("{}/{}", p.generation, p.sequence)),
                     "last_commit_lsn": last.as_ref().map(|p| crate::replication::Lsn(p.commit_lsn).to_string()),
                 }));

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
+use sluice_broker::TableName;
 use sluice_proto::v1;
 use sluice_proto::v1::value::Kind;
 use sluice_replicator::catalog::{self, CatalogError, TypeCatalog, TypeCategory, TypeInfo};
@@ -667,7 +668,7 @@ async fn catalog_describes_tables_and_types() -> Result<()> {
     )
     .await?;
 
-    let t = catalog::table_columns(c, "My Schema", "t_pk").await?;
+    let t = catalog::table_columns(c, &TableName::new("My Schema", "t_pk")).await?;
     assert_eq!(t.replica_identity, 'd');
     let names: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["id", "d", "m", "a", "da", "n", "b", "v", "c"]);
@@ -765,25 +766,25 @@ async fn catalog_describes_tables_and_types() -> Result<()> {
     assert_eq!(b.elements.len(), 1);
 
     // Replica identities.
-    let full_pk = catalog::table_columns(c, "public", "t_full_pk").await?;
+    let full_pk = catalog::table_columns(c, &TableName::new("public", "t_full_pk")).await?;
     assert_eq!(full_pk.replica_identity, 'f');
     assert_eq!(
         full_pk.columns.iter().map(|c| c.key).collect::<Vec<_>>(),
         [false, true]
     );
-    let full = catalog::table_columns(c, "public", "t_full").await?;
+    let full = catalog::table_columns(c, &TableName::new("public", "t_full")).await?;
     assert_eq!(
         full.columns.iter().map(|c| c.key).collect::<Vec<_>>(),
         [true, true]
     );
-    let idx = catalog::table_columns(c, "public", "t_idx").await?;
+    let idx = catalog::table_columns(c, &TableName::new("public", "t_idx")).await?;
     assert_eq!(idx.replica_identity, 'i');
     assert_eq!(
         idx.columns.iter().map(|c| c.key).collect::<Vec<_>>(),
         [true, true, false]
     );
     for table in ["t_nothing", "t_nokey"] {
-        match catalog::table_columns(c, "public", table).await {
+        match catalog::table_columns(c, &TableName::new("public", table)).await {
             Err(e @ CatalogError::NoReplicaIdentity { .. }) => {
                 assert!(e.to_string().contains(&format!("public.{table}")), "{e}");
                 assert_eq!(recovery::of_catalog(&e), Recovery::FailTable);
@@ -792,7 +793,7 @@ async fn catalog_describes_tables_and_types() -> Result<()> {
         }
     }
     assert!(matches!(
-        catalog::table_columns(c, "public", "missing").await,
+        catalog::table_columns(c, &TableName::new("public", "missing")).await,
         Err(CatalogError::TableNotFound { .. })
     ));
 
@@ -800,9 +801,9 @@ async fn catalog_describes_tables_and_types() -> Result<()> {
     assert_eq!(
         catalog::published_tables(c, "pub").await?,
         [
-            ("My Schema".to_owned(), "t_pk".to_owned()),
-            ("public".to_owned(), "t_full".to_owned()),
-            ("public".to_owned(), "t_idx".to_owned()),
+            TableName::new("My Schema", "t_pk"),
+            TableName::new("public", "t_full"),
+            TableName::new("public", "t_idx"),
         ]
     );
     assert!(catalog::published_tables(c, "empty_pub").await?.is_empty());

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sluice_broker::TableName;
 use sluice_broker::publish::Outgoing;
 use sluice_broker::topology;
 use sluice_proto::v1;
@@ -27,9 +28,6 @@ use sluice_proto::v1;
 mod resume;
 
 pub use resume::{Resume, StreamReadError, last_package};
-
-/// A table's identity in the chain maps: `(schema, table)`.
-pub type TableName = (String, String);
 
 #[derive(Debug)]
 struct Chain {
@@ -169,11 +167,6 @@ impl Packager {
                 skip_through: None,
             },
         );
-    }
-
-    /// Last sequence published for a table in the current generation (0 if none).
-    pub fn last_sequence(&self, table: &TableName) -> u64 {
-        self.chains.get(table).map_or(0, |c| c.last_sequence)
     }
 
     /// Starts a transaction (pgoutput BEGIN: final LSN, commit time, xid).
@@ -320,8 +313,8 @@ impl Packager {
     ) -> v1::Package {
         v1::Package {
             source: self.source.clone(),
-            schema: table.0.clone(),
-            table: table.1.clone(),
+            schema: table.schema.clone(),
+            table: table.name.clone(),
             kind: kind as i32,
             relation: Some((**relation).clone()),
             position: None,
@@ -370,7 +363,7 @@ impl Packager {
     /// Appends a package built elsewhere (snapshot, resync markers) to a
     /// table's chain; its dedup ID is derived from generation and sequence.
     pub fn chain_package(&mut self, mut package: v1::Package) -> Outgoing {
-        let table = (package.schema.clone(), package.table.clone());
+        let table = TableName::new(&package.schema, &package.table);
         let generation = self.fresh_generation;
         let chain = self.chains.entry(table).or_insert(Chain {
             generation,
@@ -435,7 +428,7 @@ mod tests {
     }
 
     fn table(name: &str) -> TableName {
-        ("public".into(), name.into())
+        TableName::new("public", name)
     }
 
     /// Runs one transaction of `rows` rows on table `t`, returning what was published.

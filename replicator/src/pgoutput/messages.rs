@@ -4,15 +4,12 @@
 
 use bytes::Bytes;
 
-use super::DecodeError;
-
-/// Microseconds from 1970-01-01 (UNIX epoch) to 2000-01-01 (Postgres epoch).
-pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+use crate::replication::PG_EPOCH_UNIX_MICROS;
 
 /// Converts a Postgres `TimestampTz` (microseconds since 2000-01-01 UTC) to microseconds since the UNIX
 /// epoch, saturating instead of overflowing.
 pub fn pg_time_to_unix_us(pg_time_us: i64) -> i64 {
-    pg_time_us.saturating_add(PG_EPOCH_OFFSET_US)
+    pg_time_us.saturating_add(PG_EPOCH_UNIX_MICROS)
 }
 
 /// One decoded pgoutput message.
@@ -47,28 +44,6 @@ pub enum LogicalMessage {
     StreamCommit(StreamCommit),
     /// `A` (v2): a streamed transaction or one of its subtransactions aborted.
     StreamAbort(StreamAbort),
-}
-
-impl LogicalMessage {
-    /// The message kind, for logs and errors.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Begin(_) => "Begin",
-            Self::Commit(_) => "Commit",
-            Self::Origin(_) => "Origin",
-            Self::Relation(_) => "Relation",
-            Self::Type(_) => "Type",
-            Self::Insert(_) => "Insert",
-            Self::Update(_) => "Update",
-            Self::Delete(_) => "Delete",
-            Self::Truncate(_) => "Truncate",
-            Self::Message(_) => "Message",
-            Self::StreamStart(_) => "Stream Start",
-            Self::StreamStop => "Stream Stop",
-            Self::StreamCommit(_) => "Stream Commit",
-            Self::StreamAbort(_) => "Stream Abort",
-        }
-    }
 }
 
 /// `B`: start of a transaction.
@@ -119,22 +94,6 @@ pub struct Relation {
     pub replica_identity: u8,
     /// The published columns, in the order tuples list their values.
     pub columns: Vec<RelationColumn>,
-}
-
-impl Relation {
-    /// Checks that `tuple` has one value per column of this relation (old key tuples too: pgoutput
-    /// sends the non-key columns of a key tuple as nulls).
-    pub fn check_tuple(&self, tuple: &TupleData) -> Result<(), DecodeError> {
-        if tuple.len() == self.columns.len() {
-            Ok(())
-        } else {
-            Err(DecodeError::ColumnCountMismatch {
-                relation_oid: self.oid,
-                expected: self.columns.len(),
-                found: tuple.len(),
-            })
-        }
-    }
 }
 
 /// One column of a [`Relation`].

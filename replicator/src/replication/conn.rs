@@ -8,6 +8,7 @@ use std::path::Path;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
+use sluice_broker::table::quote_ident;
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
@@ -174,7 +175,7 @@ impl ReplicationClient {
         const CMD: &str = "CREATE_REPLICATION_SLOT";
         let sql = format!(
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_identifier(name),
+            quote_ident(name),
             if temporary { " TEMPORARY" } else { "" },
         );
         let rows = self.simple_query(&sql).await?;
@@ -192,7 +193,7 @@ impl ReplicationClient {
     pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<(), ReplicationError> {
         let sql = format!(
             "DROP_REPLICATION_SLOT {}{}",
-            quote_identifier(name),
+            quote_ident(name),
             if wait { " WAIT" } else { "" }
         );
         self.simple_query(&sql).await.map(drop)
@@ -247,12 +248,12 @@ impl ReplicationClient {
     ) -> Result<ReplicationStream, ReplicationError> {
         let mut sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start}",
-            quote_identifier(slot)
+            quote_ident(slot)
         );
         if !options.is_empty() {
             let list: Vec<String> = options
                 .iter()
-                .map(|(name, value)| format!("{} {}", quote_identifier(name), quote_literal(value)))
+                .map(|(name, value)| format!("{} {}", quote_ident(name), quote_literal(value)))
                 .collect();
             sql.push_str(" (");
             sql.push_str(&list.join(", "));
@@ -297,19 +298,14 @@ impl ReplicationClient {
 }
 
 /// Formats publication names as the value of the `publication_names`
-/// option: a comma-separated list of double-quoted identifiers.
+/// option: a comma-separated list of double-quoted identifiers (the
+/// replication command grammar quotes identifiers as SQL does).
 pub fn publication_names<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     names
         .into_iter()
-        .map(quote_identifier)
+        .map(quote_ident)
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Double-quotes an identifier for the replication command grammar
-/// (`"` doubled inside).
-pub fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Single-quotes a literal for the replication command grammar. The
@@ -386,8 +382,7 @@ mod tests {
 
     #[test]
     fn quotes_identifiers_and_literals() {
-        assert_eq!(quote_identifier("slot"), "\"slot\"");
-        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+        // Identifiers are quoted by `sluice_broker::table::quote_ident`, as in SQL.
         assert_eq!(quote_literal("1"), "'1'");
         assert_eq!(quote_literal("it's \\ ok"), "'it''s \\ ok'");
         assert_eq!(publication_names(["p1", "we\"ird"]), "\"p1\",\"we\"\"ird\"");

@@ -12,7 +12,8 @@ use super::lsn::Lsn;
 use super::wire::{Backend, unexpected};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC),
-/// in which the replication protocol counts its timestamps.
+/// in which the replication protocol and pgoutput count their timestamps
+/// (the one copy of this constant; [`crate::pgoutput`] converts with it).
 pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// The current time in microseconds since 2000-01-01 UTC.
@@ -21,17 +22,6 @@ pub fn pg_now_micros() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
     i64::try_from(unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_UNIX_MICROS
-}
-
-/// Converts a protocol timestamp (microseconds since 2000-01-01 UTC) to a
-/// `SystemTime`.
-pub fn pg_micros_to_system_time(micros: i64) -> SystemTime {
-    let unix = micros.saturating_add(PG_EPOCH_UNIX_MICROS);
-    if unix >= 0 {
-        UNIX_EPOCH + Duration::from_micros(unix.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_micros(unix.unsigned_abs())
-    }
 }
 
 /// One message of the replication stream.
@@ -343,10 +333,7 @@ mod tests {
 
     #[test]
     fn converts_postgres_epoch() {
-        assert_eq!(
-            pg_micros_to_system_time(0),
-            UNIX_EPOCH + Duration::from_secs(946_684_800)
-        );
+        assert_eq!(PG_EPOCH_UNIX_MICROS, 946_684_800 * 1_000_000);
         assert!(pg_now_micros() > 700_000_000_000_000);
     }
 }

@@ -31,6 +31,7 @@ use std::collections::HashSet;
 
 use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, gauge};
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_broker::publish::PublishError;
 use sluice_broker::topology;
@@ -40,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backlog::{Backlog, BacklogEvent};
 use crate::catalog::{CatalogError, TypeCatalog};
 use crate::metrics as m;
-use crate::packager::{Packager, TableName};
+use crate::packager::Packager;
 use crate::pg::{PgError, PgSettings, SqlConn};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::publish::{Mark, Publisher, heartbeat_outgoing, heartbeat_package, now_us};

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use metrics::{counter, gauge};
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_broker::topology;
 use sluice_proto::Message as _;
@@ -21,7 +22,6 @@ use tokio::sync::mpsc;
 
 use super::{Loop, StreamError};
 use crate::metrics as m;
-use crate::packager::TableName;
 use crate::pg::PgSettings;
 use crate::publish::now_us;
 use crate::replication::{Lsn, ReplicationClient};
@@ -71,10 +71,7 @@ fn requested_tables(
     } else {
         let mut tables = Vec::new();
         for name in &request.tables {
-            let table = match name.split_once('.') {
-                Some((schema, table)) => (schema.to_owned(), table.to_owned()),
-                None => ("public".to_owned(), name.clone()),
-            };
+            let table = TableName::parse(name);
             if !published.contains(&table) {
                 return Err(format!("table {name} is not in publication {publication}"));
             }
@@ -97,7 +94,6 @@ fn resync_reason(request: &v1::ResyncRequest) -> String {
 }
 
 impl Loop<'_> {
-    /// Answers a resync request: starts (or joins) a resync per table.
     /// Answers a resync request: starts (or joins) a resync per table.
     pub(super) async fn resync_request(&mut self, request: async_nats::Message) {
         let reply = match v1::ResyncRequest::decode(request.payload.clone()) {
@@ -134,7 +130,7 @@ impl Loop<'_> {
         let reason = resync_reason(request);
         let mut started = Vec::new();
         for table in tables {
-            let label = format!("{}.{}", table.0, table.1);
+            let label = table.to_string();
             if let Some(active) = self.resyncs.active.get(&table) {
                 // Concurrent requests for the same table coalesce.
                 started.push(v1::ResyncStarted {
@@ -181,7 +177,7 @@ impl Loop<'_> {
         table: TableName,
         event: Result<Event, SnapshotError>,
     ) -> Result<(), StreamError> {
-        let label = format!("{}.{}", table.0, table.1);
+        let label = table.to_string();
         let Some(active) = self.resyncs.active.get_mut(&table) else {
             return Ok(());
         };
@@ -270,7 +266,7 @@ impl Loop<'_> {
         };
         let event = serde_json::json!({
             "resync_id": active.id,
-            "table": format!("{}.{}", table.0, table.1),
+            "table": table.to_string(),
             "rows": active.rows,
             "done": done,
             "error": error,
@@ -305,7 +301,7 @@ async fn resync_task(
 ) {
     let result = async {
         let slot_failed = |source| SnapshotError::ResyncSlot {
-            table: format!("{}.{}", table.0, table.1),
+            table: table.to_string(),
             source,
         };
         let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
@@ -364,7 +360,7 @@ mod tests {
     fn published() -> HashSet<TableName> {
         [("public", "a"), ("public", "b"), ("s", "c")]
             .into_iter()
-            .map(|(s, t)| (s.to_owned(), t.to_owned()))
+            .map(|(s, t)| TableName::new(s, t))
             .collect()
     }
 
@@ -377,10 +373,7 @@ mod tests {
     }
 
     fn names(tables: Vec<TableName>) -> Vec<String> {
-        tables
-            .into_iter()
-            .map(|(s, t)| format!("{s}.{t}"))
-            .collect()
+        tables.iter().map(TableName::to_string).collect()
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use metrics::counter;
+use sluice_broker::TableName;
 use sluice_proto::v1;
 
 use super::StreamError;
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
-use crate::packager::TableName;
 use crate::pgoutput::{self, LogicalMessage, OldTuple, TupleData, TupleValue};
 use crate::replication::Lsn;
 use crate::values;
@@ -65,8 +65,8 @@ impl Translator {
         client: &tokio_postgres::Client,
         relation: pgoutput::Relation,
     ) -> Result<(), StreamError> {
-        let table = (relation.namespace.clone(), relation.name.clone());
-        let info = catalog::table_columns(client, &table.0, &table.1).await;
+        let table = TableName::new(&relation.namespace, &relation.name);
+        let info = catalog::table_columns(client, &table).await;
         let mut types = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
             types.push(self.types.resolve(client, column.type_oid).await?.clone());
@@ -97,7 +97,7 @@ impl Translator {
         relation: v1::Relation,
         types: Vec<TypeInfo>,
     ) {
-        let label = format!("{}.{}", table.0, table.1);
+        let label = table.to_string();
         if !self.published.contains(&table) {
             tracing::info!(table = %label, "new table in the publication; streaming its changes (run `sluice-replicator resync --table {label}` to load its existing rows)");
             self.published.insert(table.clone());
@@ -293,7 +293,7 @@ mod tests {
     fn translator() -> Translator {
         let mut t = Translator::new(TypeCatalog::new(), HashSet::new());
         let relation = message_relation(&message(), &types());
-        t.register(OID, ("public".into(), "t".into()), relation, types());
+        t.register(OID, TableName::new("public", "t"), relation, types());
         t
     }
 
@@ -314,7 +314,7 @@ mod tests {
             new: vec![text("42"), TupleValue::Null],
         });
         let (rel, row) = t.row(Lsn(1), &insert).unwrap().unwrap();
-        assert_eq!(rel.table, ("public".to_owned(), "t".to_owned()));
+        assert_eq!(rel.table, TableName::new("public", "t"));
         assert_eq!(row.op, v1::Op::Insert as i32);
         assert_eq!(
             kinds(&row.values),
@@ -412,6 +412,6 @@ mod tests {
         );
         // A table new to the publication is added to it.
         let t = translator();
-        assert!(t.published.contains(&("public".to_owned(), "t".to_owned())));
+        assert!(t.published.contains(&TableName::new("public", "t")));
     }
 }
