@@ -18,6 +18,7 @@ use sluice_broker::config::Config;
 use sluice_broker::topology;
 use sluice_proto::v1;
 
+use crate::chain::Position;
 use crate::clickhouse::Error as ChError;
 use crate::clickhouse::schema::quote_ident;
 use crate::positions::{self, POSITIONS_TABLE, Stored};
@@ -191,10 +192,7 @@ pub async fn gather(config: &Config) -> Result<Status, StatusError> {
             applied_position: stored.position.to_string(),
             applied_commit_lsn: (stored.commit_lsn != 0).then(|| format_lsn(stored.commit_lsn)),
             shadow: (!stored.shadow.is_empty()).then_some(stored.shadow),
-            published_position: last
-                .as_ref()
-                .and_then(|p| p.position)
-                .map(|p| format!("{}/{}", p.generation, p.sequence)),
+            published_position: last.as_ref().and_then(Position::of).map(|p| p.to_string()),
             published_commit_lsn: last.as_ref().map(|p| format_lsn(p.commit_lsn)),
         })
         .collect();
@@ -316,7 +314,6 @@ pub fn render_text(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::Position;
 
     fn stored(shadow: &str, blocked: bool) -> Stored {
         Stored {
