@@ -14,6 +14,8 @@
 
 use std::io;
 
+use sluice_broker::connect::ConnectError;
+
 use crate::catalog::CatalogError;
 use crate::pg::PgError;
 use crate::replication::{ReplicationError, ServerError, TlsError};
@@ -53,10 +55,18 @@ pub fn recovery(error: &RunError) -> Recovery {
         RunError::Replication(e) => of_replication(e),
         RunError::Stream(e) => of_stream(e),
         RunError::Snapshot(e) => of_snapshot(e),
-        RunError::NatsConnect(_)
+        // NATS unreachable, restarting or slow.
+        RunError::NatsConnect(ConnectError::Connect { .. })
         | RunError::Topology(_)
         | RunError::StreamRead(_)
         | RunError::Publish(_) => Recovery::Retry,
+        // Configuration: a credentials or password file that cannot be
+        // read, a password without a user. Retrying cannot fix them.
+        RunError::NatsConnect(
+            ConnectError::Credentials { .. }
+            | ConnectError::PasswordFile(_)
+            | ConnectError::MissingUser(_),
+        ) => Recovery::Stop,
         // Another replicator holds the slot: wait as a standby.
         RunError::Slot(SlotError::Busy { .. }) => Recovery::Retry,
         RunError::Slot(SlotError::WrongPlugin { .. })
@@ -401,8 +411,24 @@ mod tests {
             source: async_nats::jetstream::context::CreateStreamErrorKind::TimedOut.into(),
         };
         assert_eq!(recovery(&RunError::Topology(topology)), Retry);
-        let nats = sluice_broker::connect::ConnectError::MissingUser("password");
-        assert_eq!(recovery(&RunError::NatsConnect(nats)), Retry);
+        let unreachable = ConnectError::Connect {
+            url: "nats://localhost:4222".to_owned(),
+            source: async_nats::ConnectError::new(async_nats::ConnectErrorKind::Io),
+        };
+        assert_eq!(recovery(&RunError::NatsConnect(unreachable)), Retry);
+        // NATS configuration errors stop: a retry cannot fix them.
+        let file = || io::Error::from(io::ErrorKind::NotFound);
+        for config in [
+            ConnectError::Credentials {
+                path: "/etc/sluice/replicator.creds".into(),
+                source: file(),
+            },
+            ConnectError::PasswordFile(file()),
+            ConnectError::MissingUser("password"),
+        ] {
+            let error = RunError::NatsConnect(config);
+            assert_eq!(recovery(&error), Stop, "{error:?}");
+        }
         let busy = SlotError::Busy {
             slot: "s".to_owned(),
             pid: Some(1),

@@ -15,9 +15,10 @@
 //! 4. A start at least `catchup_min_lag_bytes` behind reads the backlog
 //!    through SQL first ([`crate::backlog`]).
 //! 5. Streaming until shutdown; transient failures (connection loss, NATS
-//!    outage) restart from step 1 with capped exponential backoff, which
+//!    outage) restart from step 1 with capped exponential backoff
+//!    ([`sluice_broker::supervise`], decided by [`crate::recovery`]), which
 //!    re-reads from the confirmed LSN: nothing acknowledged is lost, nothing
-//!    re-sent is duplicated.
+//!    re-sent is duplicated (ARCHITECTURE.md invariants 1 and 2).
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use async_nats::jetstream;
 use metrics::counter;
 use sluice_broker::TableName;
 use sluice_broker::config::Config;
+use sluice_broker::supervise::{self, Next, Restart};
 use sluice_broker::table::quote_ident;
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
@@ -94,46 +96,56 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     result
 }
 
-/// Restarts [`run_once`] with capped exponential backoff when the failure's
-/// [`Recovery`] is [`Recovery::Retry`]; any other recovery returns the error
-/// (at this level there is no single table to fail or resync: the tables'
-/// own recoveries happen inside `run_once`).
+/// Delays between attempts of [`run_once`]: 250 ms, doubled after each
+/// further failure up to 30 s, back to 250 ms after a run of 60 s.
+pub const RESTART: Restart = Restart {
+    first_delay: Duration::from_millis(250),
+    max_delay: Duration::from_secs(30),
+    reset_after: Duration::from_secs(60),
+};
+
+/// Restarts [`run_once`] with capped exponential backoff ([`RESTART`]) when
+/// the failure's [`Recovery`] is [`Recovery::Retry`]; any other recovery
+/// returns the error (at this level there is no single table to fail or
+/// resync: the tables' own recoveries happen inside `run_once`). Shutdown
+/// during the wait ends with `Ok(())`.
 pub async fn supervise(
     config: &Config,
     shutdown: &CancellationToken,
     readiness: &Readiness,
 ) -> Result<(), RunError> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let started = std::time::Instant::now();
-        match run_once(config, shutdown, readiness).await {
-            Ok(()) => return Ok(()),
-            Err(error) if recovery(&error) == Recovery::Retry && !shutdown.is_cancelled() => {
-                readiness.set(false);
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_millis(250);
-                }
-                let reason = match &error {
-                    RunError::Slot(SlotError::Busy { .. }) => "slot_busy",
-                    RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => {
-                        "nats"
-                    }
-                    _ => "postgres",
-                };
-                counter!(m::RECONNECTS, "reason" => reason).increment(1);
-                if matches!(error, RunError::Slot(SlotError::Busy { .. })) {
-                    tracing::info!(error = %error, "standby: another replicator holds the slot; retrying");
-                } else {
-                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(error) => return Err(error),
-        }
+    supervise::supervise(
+        shutdown,
+        RESTART,
+        || run_once(config, shutdown, readiness),
+        |error, delay| restart_or_stop(error, delay, readiness),
+    )
+    .await
+}
+
+/// The supervise loop's decision for a failed run: retry (not ready
+/// meanwhile, counted by reason, logged) or stop.
+fn restart_or_stop(error: &RunError, delay: Duration, readiness: &Readiness) -> Next {
+    if recovery(error) != Recovery::Retry {
+        return Next::Stop;
+    }
+    readiness.set(false);
+    counter!(m::RECONNECTS, "reason" => reconnect_reason(error)).increment(1);
+    if matches!(error, RunError::Slot(SlotError::Busy { .. })) {
+        tracing::info!(error = %error, "standby: another replicator holds the slot; retrying");
+    } else {
+        tracing::warn!(error = %sluice_broker::error_chain(error), retry_in = ?delay, "transient failure; restarting from the confirmed LSN");
+    }
+    Next::Retry
+}
+
+/// The `reason` label of `sluice_replicator_reconnects_total` for a retried
+/// failure: `slot_busy`, `nats` or `postgres`.
+fn reconnect_reason(error: &RunError) -> &'static str {
+    match error {
+        RunError::Slot(SlotError::Busy { .. }) => "slot_busy",
+        RunError::Publish(_) | RunError::NatsConnect(_) | RunError::Topology(_) => "nats",
+        _ => "postgres",
     }
 }
 
@@ -359,4 +371,52 @@ pub async fn replicable_tables(
         });
     }
     Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retried_failures_clear_readiness_and_config_errors_stop() {
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let closed = RunError::Replication(ReplicationError::Closed);
+        assert_eq!(reconnect_reason(&closed), "postgres");
+        assert_eq!(
+            restart_or_stop(&closed, Duration::from_millis(250), &readiness),
+            Next::Retry
+        );
+        assert!(!readiness.get());
+
+        readiness.set(true);
+        let busy = RunError::Slot(SlotError::Busy {
+            slot: "s".to_owned(),
+            pid: Some(1),
+        });
+        assert_eq!(reconnect_reason(&busy), "slot_busy");
+        assert_eq!(
+            restart_or_stop(&busy, RESTART.first_delay, &readiness),
+            Next::Retry
+        );
+
+        readiness.set(true);
+        let no_user = RunError::NatsConnect(sluice_broker::connect::ConnectError::MissingUser(
+            "password",
+        ));
+        assert_eq!(
+            restart_or_stop(&no_user, RESTART.first_delay, &readiness),
+            Next::Stop
+        );
+        assert!(readiness.get(), "a stop leaves readiness to the caller");
+        let unreachable = RunError::NatsConnect(sluice_broker::connect::ConnectError::Connect {
+            url: "nats://localhost:4222".to_owned(),
+            source: async_nats::ConnectError::new(async_nats::ConnectErrorKind::Io),
+        });
+        assert_eq!(reconnect_reason(&unreachable), "nats");
+        assert_eq!(
+            restart_or_stop(&unreachable, RESTART.first_delay, &readiness),
+            Next::Retry
+        );
+    }
 }
