@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .await
         .map_err(|source| RunError::Metrics { listen, source })?;
     tracing::info!(%listen, "metrics endpoint listening");
+    m::counters_at_zero();
     let result = supervise(&config, &shutdown, &readiness).await;
     shutdown.cancel();
     let _ = server.await;
@@ -140,7 +141,7 @@ fn restart_or_stop(error: &RunError, delay: Duration, readiness: &Readiness) -> 
 }
 
 /// The `reason` label of `sluice_replicator_reconnects_total` for a retried
-/// failure: `slot_busy`, `nats` or `postgres`.
+/// failure: one of [`m::RECONNECT_REASONS`].
 fn reconnect_reason(error: &RunError) -> &'static str {
     match error {
         RunError::Slot(SlotError::Busy { .. }) => "slot_busy",
@@ -338,8 +339,10 @@ async fn ensure_publication(
     Ok(())
 }
 
-/// Published tables that can be replicated. Tables without a usable replica
-/// identity are reported (one line and a metric each) and left out.
+/// Published tables that can be replicated. Every published table's series
+/// start at 0 ([`m::table_series_at_zero`]); tables without a usable replica
+/// identity are reported (one line, `sluice_replicator_table_errors` 1) and
+/// left out (ARCHITECTURE.md invariant 10).
 pub async fn replicable_tables(
     client: &tokio_postgres::Client,
     publication: &str,
@@ -352,10 +355,10 @@ pub async fn replicable_tables(
             tracing::error!(schema = %table.schema, table = %table.name, "schema name `_control` is reserved by sluice; table skipped");
             continue;
         }
+        m::table_series_at_zero(&table);
         match catalog::table_columns(client, &table).await {
             Ok(info) => {
                 types.resolve_table(client, &info).await?;
-                metrics::gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(0.0);
                 tables.push(table);
             }
             Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => {

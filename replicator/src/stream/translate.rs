@@ -100,6 +100,7 @@ impl Translator {
         let label = table.to_string();
         if !self.published.contains(&table) {
             tracing::info!(table = %label, "new table in the publication; streaming its changes (run `sluice-replicator resync --table {label}` to load its existing rows)");
+            m::table_series_at_zero(&table);
             self.published.insert(table.clone());
         }
         self.relations.insert(
