@@ -16,9 +16,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "sluice-replicator", version, about, long_about = None)]
 struct Cli {
-    /// Log format on stderr (RUST_LOG filters, default `info`).
+    /// Log format on stderr (RUST_LOG filters; without it `run` logs at
+    /// `info`, `status` and `resync` only warnings).
     #[arg(long, global = true, value_enum, default_value_t = Format::Text, env = "SLUICE_LOG_FORMAT")]
     log_format: Format,
+    /// Log at `info` in `status` and `resync` too (without RUST_LOG).
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,7 +67,9 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Show slot, stream, consumer and per-table state.
+    /// Show slot, stream, consumer and per published table its state
+    /// (snapshotting, streaming, resyncing, failed), last published position
+    /// and lag.
     Status {
         #[command(flatten)]
         config: ConfigArg,
@@ -75,10 +81,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(match cli.log_format {
-        Format::Text => LogFormat::Text,
-        Format::Json => LogFormat::Json,
-    });
+    // RUST_LOG if set, else this level: the one-shot commands print their
+    // answer on stdout and log only warnings unless `-v`.
+    let default_level = match cli.command {
+        Command::Run { .. } => "info",
+        Command::Resync { .. } | Command::Status { .. } if cli.verbose => "info",
+        Command::Resync { .. } | Command::Status { .. } => "warn",
+    };
+    telemetry::init_logging_with_default(
+        match cli.log_format {
+            Format::Text => LogFormat::Text,
+            Format::Json => LogFormat::Json,
+        },
+        default_level,
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -1,13 +1,41 @@
-//! `sluice-replicator status`: slot, stream, consumer and per-table chains,
-//! for a terminal or (`--json`) for scripts. Secrets are never printed.
+//! `sluice-replicator status`: slot, stream, consumer and, per published
+//! table, its state, last published position and lag, for a terminal or
+//! (`--json`) for scripts. Read-only; secrets are never printed (both URLs
+//! go through [`redact_url`]).
+//!
+//! A table's state is derived from durable state only, so it is the same
+//! whether or not a replicator runs ([`table_state`]):
+//! - `failed: <reason>`: the catalog says it cannot be replicated (no usable
+//!   replica identity, ARCHITECTURE.md invariant 10; or the reserved schema
+//!   `_control`);
+//! - `snapshotting`: the initial snapshot (of a new or recreated slot) has not
+//!   finished: no heartbeat in the stream yet, or the table's chain ends in a
+//!   snapshot started at the slot's own consistent point;
+//! - `resyncing`: the table's chain ends in a RESYNC_BEGIN or SNAPSHOT
+//!   package of a resync (a resync that failed shows so until the table's
+//!   next change, which continues its chain);
+//! - `streaming`: anything else (the chain ends in changes, a truncate or a
+//!   RESYNC_END, or the table has no package in the stream).
+//!
+//! The lag of a table is now minus the commit time of its last published
+//! package: its replication lag while it changes, the time since its last
+//! change when it is idle (the slot's `lag_bytes` is the WAL not yet
+//! published and confirmed, for all tables). The loader's applied positions
+//! are `sluice-loader status`'s to show (the replicator has no ClickHouse
+//! client).
 
 use serde_json::{Value, json};
+use sluice_broker::TableName;
 use sluice_broker::config::{Config, redact_url};
 use sluice_broker::topology;
+use sluice_proto::v1;
 
-use crate::catalog::{self, TypeCatalog};
+use crate::catalog;
 use crate::packager::last_package;
 use crate::pg::{self, PgError, PgSettings};
+use crate::publish::now_us;
+use crate::recovery::{self, Recovery};
+use crate::replication::Lsn;
 
 /// Why the status could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +60,91 @@ pub async fn print(config: &Config, as_json: bool) -> Result<(), StatusError> {
     Ok(())
 }
 
+/// A table's state from what is durable: whether the catalog lets it be
+/// replicated (`Err(reason)` if not), the last package on its subject, the
+/// last heartbeat of the source and the slot's confirmed flush LSN. See the
+/// module docs.
+pub fn table_state(
+    replicable: Result<(), &str>,
+    last: Option<&v1::Package>,
+    heartbeat: Option<&v1::Package>,
+    slot_confirmed: Option<Lsn>,
+) -> String {
+    if let Err(reason) = replicable {
+        return format!("failed: {reason}");
+    }
+    let kind = last.map(|p| v1::Kind::try_from(p.kind).unwrap_or(v1::Kind::Unspecified));
+    let generation = last.and_then(|p| p.position).map(|p| p.generation);
+    match kind {
+        // No complete initial snapshot in the stream yet.
+        _ if heartbeat.is_none() => "snapshotting".to_owned(),
+        Some(v1::Kind::ResyncBegin | v1::Kind::Snapshot) => {
+            // The initial snapshot of a recreated slot runs in the slot's
+            // generation, its consistent point, which the slot keeps as its
+            // confirmed LSN until streaming starts; a resync's chain starts
+            // at a generation of its own.
+            if generation.is_some() && generation == slot_confirmed.map(|lsn| lsn.0) {
+                "snapshotting".to_owned()
+            } else {
+                "resyncing".to_owned()
+            }
+        }
+        _ => "streaming".to_owned(),
+    }
+}
+
+/// One published table's entry.
+async fn table_status(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    stream: &async_nats::jetstream::stream::Stream,
+    table: &TableName,
+    heartbeat: Option<&v1::Package>,
+    slot_confirmed: Option<Lsn>,
+) -> Value {
+    let replicable = replicable(client, table).await;
+    let subject = topology::table_subject(&config.source, &table.schema, &table.name);
+    let (last, read_error) = match last_package(stream, &subject).await {
+        Ok(last) => (last, None),
+        Err(error) => (None, Some(sluice_broker::error_chain(&error))),
+    };
+    let state = table_state(
+        replicable.as_ref().map(|_| ()).map_err(String::as_str),
+        last.as_ref(),
+        heartbeat,
+        slot_confirmed,
+    );
+    entry(table, state, last.as_ref(), read_error)
+}
+
+/// The JSON of one table.
+fn entry(
+    table: &TableName,
+    state: String,
+    last: Option<&v1::Package>,
+    read_error: Option<String>,
+) -> Value {
+    let position = last.and_then(|p| p.position);
+    // Chunk positions carry no commit time.
+    let commit_time_us = last.map(|p| p.commit_time_us).filter(|&t| t > 0);
+    json!({
+        "table": table.to_string(),
+        "state": state,
+        "generation": position.map(|p| p.generation),
+        "sequence": position.map(|p| p.sequence),
+        "last_published": position.map(|p| format!("{}/{}", p.generation, p.sequence)),
+        "last_commit_lsn": last.map(|p| Lsn(p.commit_lsn).to_string()),
+        "lag_seconds": commit_time_us.map(|t| lag_seconds(now_us(), t)),
+        "stream_error": read_error,
+    })
+}
+
+/// Now minus a commit time (microseconds since the UNIX epoch), in seconds,
+/// never negative.
+fn lag_seconds(now_us: i64, commit_time_us: i64) -> f64 {
+    (now_us.saturating_sub(commit_time_us).max(0) as f64) / 1e6
+}
+
 async fn gather(config: &Config) -> Result<Value, StatusError> {
     let settings = PgSettings::from_config(&config.postgres)?;
     let sql = settings.connect("status").await?;
@@ -49,6 +162,11 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
         }),
         None => json!({"name": config.postgres.slot, "exists": false}),
     };
+    let (published, publication_error) =
+        match catalog::published_tables(&sql.client, &config.postgres.publication).await {
+            Ok(tables) => (tables, None),
+            Err(error) => (Vec::new(), Some(error.to_string())),
+        };
 
     let nats = sluice_broker::connect::connect(&config.nats, "sluice-replicator status").await?;
     let js = async_nats::jetstream::new(nats);
@@ -57,19 +175,23 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
     let stream_json = match js.get_stream(&stream_name).await {
         Ok(mut stream) => {
             let info = stream.info().await.ok().cloned();
-            let mut types = TypeCatalog::new();
-            let tables = catalog::published_tables(&sql.client, &config.postgres.publication)
+            let heartbeat = last_package(&stream, &topology::heartbeat_subject(&config.source))
                 .await
-                .unwrap_or_default();
-            let _ = &mut types;
-            for table in tables {
-                let subject = topology::table_subject(&config.source, &table.schema, &table.name);
-                let last = last_package(&stream, &subject).await.ok().flatten();
-                tables_json.push(json!({
-                    "table": table.to_string(),
-                    "last_published": last.as_ref().and_then(|p| p.position).map(|p| format!("{}/{}", p.generation, p.sequence)),
-                    "last_commit_lsn": last.as_ref().map(|p| crate::replication::Lsn(p.commit_lsn).to_string()),
-                }));
+                .ok()
+                .flatten();
+            let confirmed = slot.as_ref().map(|s| s.confirmed_flush);
+            for table in &published {
+                tables_json.push(
+                    table_status(
+                        config,
+                        &sql.client,
+                        &stream,
+                        table,
+                        heartbeat.as_ref(),
+                        confirmed,
+                    )
+                    .await,
+                );
             }
             let consumer = match stream
                 .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
@@ -106,17 +228,50 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
                 None => json!({"name": stream_name, "exists": true}),
             }
         }
-        Err(_) => json!({"name": stream_name, "exists": false}),
+        Err(_) => {
+            // No stream: nothing published yet; every table waits for its
+            // snapshot unless the catalog says it cannot be replicated.
+            for table in &published {
+                tables_json.push(table_status_without_stream(&sql.client, table).await);
+            }
+            json!({"name": stream_name, "exists": false})
+        }
     };
     Ok(json!({
         "source": config.source,
         "postgres": redact_url(&config.postgres.url),
-        "nats": config.nats.url,
+        "nats": redact_url(&config.nats.url),
+        "publication": config.postgres.publication,
+        "publication_error": publication_error,
         "server_wal_lsn": wal.to_string(),
         "slot": slot_json,
         "stream": stream_json,
         "tables": tables_json,
     }))
+}
+
+/// Whether the catalog lets `table` be replicated; the reason if not.
+async fn replicable(client: &tokio_postgres::Client, table: &TableName) -> Result<(), String> {
+    if table.schema == topology::CONTROL_TOKEN {
+        return Err("schema name `_control` is reserved by sluice".to_owned());
+    }
+    match catalog::table_columns(client, table).await {
+        Ok(_) => Ok(()),
+        Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => Err(error.to_string()),
+        Err(error) => Err(format!("cannot read the catalog: {error}")),
+    }
+}
+
+/// A table's entry when the stream does not exist.
+async fn table_status_without_stream(client: &tokio_postgres::Client, table: &TableName) -> Value {
+    let replicable = replicable(client, table).await;
+    let state = table_state(
+        replicable.as_ref().map(|_| ()).map_err(String::as_str),
+        None,
+        None,
+        None,
+    );
+    entry(table, state, None, None)
 }
 
 fn print_text(status: &Value) {
@@ -170,15 +325,89 @@ fn print_text(status: &Value) {
         s(&consumer["ack_pending"]),
         s(&consumer["ack_floor_stream_seq"])
     );
-    println!("tables");
+    println!("tables of publication {}", s(&status["publication"]));
+    if let Some(error) = status["publication_error"].as_str() {
+        println!("  {error}");
+    }
     if let Some(tables) = status["tables"].as_array() {
         for table in tables {
+            let lag = table["lag_seconds"]
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |lag| format!("{lag:.1}s"));
             println!(
-                "  {:<40} last_published={} commit_lsn={}",
+                "  {:<40} {:<12} last_published={} commit_lsn={} lag={}",
                 s(&table["table"]),
+                s(&table["state"]),
                 s(&table["last_published"]),
-                s(&table["last_commit_lsn"])
+                s(&table["last_commit_lsn"]),
+                lag
+            );
+            if let Some(error) = table["stream_error"].as_str() {
+                println!("    cannot read its last package: {error}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn package(kind: v1::Kind, generation: u64, sequence: u64) -> v1::Package {
+        v1::Package {
+            kind: kind as i32,
+            position: Some(v1::ChainPosition {
+                generation,
+                sequence,
+            }),
+            commit_lsn: generation,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn state_comes_from_the_chain_the_heartbeat_and_the_slot() {
+        let hb = package(v1::Kind::Heartbeat, 100, 0);
+        let hb = Some(&hb);
+        let slot = Some(Lsn(500));
+        assert_eq!(
+            table_state(Err("no replica identity"), None, hb, slot),
+            "failed: no replica identity"
+        );
+        // Before the first heartbeat the initial snapshot is not complete.
+        let begin = package(v1::Kind::ResyncBegin, 100, 1);
+        assert_eq!(
+            table_state(Ok(()), Some(&begin), None, Some(Lsn(100))),
+            "snapshotting"
+        );
+        assert_eq!(table_state(Ok(()), None, None, None), "snapshotting");
+        // Streaming: changes, a truncate, the end of a snapshot, or nothing yet.
+        for kind in [v1::Kind::Changes, v1::Kind::Truncate, v1::Kind::ResyncEnd] {
+            assert_eq!(
+                table_state(Ok(()), Some(&package(kind, 100, 7)), hb, slot),
+                "streaming"
             );
         }
+        assert_eq!(table_state(Ok(()), None, hb, slot), "streaming");
+        // A resync's chain has a generation of its own.
+        for kind in [v1::Kind::ResyncBegin, v1::Kind::Snapshot] {
+            assert_eq!(
+                table_state(Ok(()), Some(&package(kind, 900, 2)), hb, slot),
+                "resyncing"
+            );
+        }
+        // A recreated slot snapshots in its own generation while an old
+        // heartbeat is still the last one.
+        let recreated = package(v1::Kind::Snapshot, 500, 3);
+        assert_eq!(
+            table_state(Ok(()), Some(&recreated), hb, slot),
+            "snapshotting"
+        );
+    }
+
+    #[test]
+    fn lag_is_never_negative() {
+        assert_eq!(lag_seconds(3_500_000, 1_000_000), 2.5);
+        assert_eq!(lag_seconds(1_000_000, 3_000_000), 0.0);
     }
 }

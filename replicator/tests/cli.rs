@@ -32,10 +32,18 @@ fn help_lists_the_commands_and_their_options() {
     }
     let resync = replicator(&["resync", "--help"]);
     let text = String::from_utf8_lossy(&resync.stdout);
-    for option in ["--config", "--table", "--all", "--no-wait"] {
+    for option in ["--config", "--table", "--all", "--no-wait", "--verbose"] {
         assert!(
             text.contains(option),
             "resync --help lacks {option}: {text}"
+        );
+    }
+    let status = replicator(&["status", "--help"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    for option in ["--config", "--json", "--verbose"] {
+        assert!(
+            text.contains(option),
+            "status --help lacks {option}: {text}"
         );
     }
 }
