@@ -104,6 +104,11 @@ pub struct PostgresConfig {
     /// CA certificate (PEM) used to verify the server with `sslmode=verify-ca`
     /// or `verify-full`.
     pub ssl_root_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that authenticate by certificate;
+    /// needs `ssl_key`.
+    pub ssl_cert: Option<PathBuf>,
+    /// Private key (PEM) of `ssl_cert`.
+    pub ssl_key: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -116,6 +121,8 @@ impl Default for PostgresConfig {
             slot: "sluice".into(),
             tables: Vec::new(),
             ssl_root_cert: None,
+            ssl_cert: None,
+            ssl_key: None,
         }
     }
 }
@@ -372,6 +379,21 @@ impl Config {
         check_url(&self.postgres.url, &["postgres", "postgresql"])
             .map_err(|reason| invalid("postgres.url", reason))?;
         check_sslmode(&self.postgres.url).map_err(|reason| invalid("postgres.url", reason))?;
+        match (&self.postgres.ssl_cert, &self.postgres.ssl_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "postgres.ssl_key",
+                    "is required with `postgres.ssl_cert`".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "postgres.ssl_cert",
+                    "is required with `postgres.ssl_key`".into(),
+                ));
+            }
+            _ => {}
+        }
         for (key, value) in [
             ("postgres.publication", &self.postgres.publication),
             ("postgres.slot", &self.postgres.slot),

@@ -252,20 +252,28 @@ ack_wait = "30s"
     /// of the config (replacing the key's earlier value), for the binaries
     /// started after this call.
     pub fn set_config(&mut self, section: &str, key: &str, value: &str) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(&self.config_path)?;
-        let header = format!("[{section}]\n");
-        let at = text
-            .find(&header)
-            .with_context(|| format!("no [{section}] in the config"))?
-            + header.len();
-        let end = text[at..].find("\n[").map_or(text.len(), |i| at + i + 1);
-        let assignment = format!("{key} =");
-        let kept: String = text[at..end]
-            .lines()
-            .filter(|line| !line.trim_start().starts_with(&assignment))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        let text = format!("{}{key} = {value}\n{kept}{}", &text[..at], &text[end..]);
+        self.set_configs(section, &[(key, value)])
+    }
+
+    /// [`Self::set_config`] for several keys at once, for keys that are valid
+    /// only together (e.g. `ssl_cert` and `ssl_key`).
+    pub fn set_configs(&mut self, section: &str, pairs: &[(&str, &str)]) -> anyhow::Result<()> {
+        let mut text = std::fs::read_to_string(&self.config_path)?;
+        for (key, value) in pairs {
+            let header = format!("[{section}]\n");
+            let at = text
+                .find(&header)
+                .with_context(|| format!("no [{section}] in the config"))?
+                + header.len();
+            let end = text[at..].find("\n[").map_or(text.len(), |i| at + i + 1);
+            let assignment = format!("{key} =");
+            let kept: String = text[at..end]
+                .lines()
+                .filter(|line| !line.trim_start().starts_with(&assignment))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            text = format!("{}{key} = {value}\n{kept}{}", &text[..at], &text[end..]);
+        }
         std::fs::write(&self.config_path, text)?;
         self.config = Config::load(&self.config_path)?;
         Ok(())

@@ -126,6 +126,9 @@ pub fn of_catalog(error: &CatalogError) -> Recovery {
 pub fn of_pg(error: &PgError) -> Recovery {
     match error {
         PgError::Url(_) | PgError::PasswordFile(_) | PgError::Tls(_) => Recovery::Stop,
+        // An untrusted server certificate (unknown CA, wrong host name) stays
+        // untrusted however often we retry.
+        PgError::Sql { .. } if error.is_untrusted_certificate() => Recovery::Stop,
         PgError::Sql { .. } => of_sqlstate(error.sqlstate()),
     }
 }

@@ -50,8 +50,8 @@ pub use report::{
 pub enum VerifyError {
     #[error("cannot read a password file")]
     PasswordFile(#[source] std::io::Error),
-    #[error("invalid `postgres.url`")]
-    PostgresUrl(#[source] tokio_postgres::Error),
+    #[error("cannot connect to Postgres")]
+    Connect(#[source] sluice_postgres::PgError),
     #[error("postgres: {context}")]
     Postgres {
         context: String,
@@ -74,7 +74,8 @@ pub enum VerifyError {
 
 /// Compares every table of the publication (or only `table`, `schema.table`).
 pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableReport>, VerifyError> {
-    let pg = connect_postgres(config).await?;
+    let conn = connect_postgres(config).await?;
+    let pg = &conn.client;
     let ch = clickhouse_client(config)?;
     let database = config.clickhouse_database();
     let tables = match table {
@@ -103,7 +104,7 @@ pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableRep
     };
     let mut reports = Vec::with_capacity(tables.len());
     for table in tables {
-        reports.push(verify_table(&pg, &ch, &database, &table).await?);
+        reports.push(verify_table(pg, &ch, &database, &table).await?);
     }
     Ok(reports)
 }

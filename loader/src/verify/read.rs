@@ -2,40 +2,21 @@
 //! round-trip floats, ISO 8601 intervals, hex bytea, so values print
 //! canonically) and ClickHouse query results as TabSeparated text.
 
-use secrecy::ExposeSecret;
-use sluice_broker::config::{Config, read_secret};
+use sluice_broker::config::Config;
+use sluice_postgres::{PgSettings, SqlConn};
 
 use super::VerifyError;
 
-pub(super) async fn connect_postgres(
-    config: &Config,
-) -> Result<tokio_postgres::Client, VerifyError> {
-    let mut pg_config: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
-        .map_err(VerifyError::PostgresUrl)?;
-    if let Some(password) = read_secret(&config.postgres.password, &config.postgres.password_file)
-        .map_err(VerifyError::PasswordFile)?
-    {
-        pg_config.password(password.expose_secret());
-    }
-    pg_config.application_name("sluice-verify");
-    let (client, connection) =
-        pg_config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| VerifyError::Postgres {
-                context: "connecting".into(),
-                source,
-            })?;
-    // Ends when the client is dropped.
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(error = %error, "verify: postgres connection ended");
-        }
-    });
-    client
+/// A Postgres session through the connector the replicator uses, so `verify`
+/// honours `sslmode`, `ssl_root_cert` and the client certificate like it.
+pub(super) async fn connect_postgres(config: &Config) -> Result<SqlConn, VerifyError> {
+    let mut settings = PgSettings::from_config(&config.postgres).map_err(VerifyError::Connect)?;
+    settings.config.application_name("sluice-verify");
+    let conn = settings
+        .connect("verify")
+        .await
+        .map_err(VerifyError::Connect)?;
+    conn.client
         .batch_execute(
             "SET timezone = 'UTC'; SET datestyle = 'ISO'; SET extra_float_digits = 3; \
              SET intervalstyle = 'iso_8601'; SET bytea_output = 'hex'",
@@ -45,7 +26,7 @@ pub(super) async fn connect_postgres(
             context: "setting session parameters".into(),
             source,
         })?;
-    Ok(client)
+    Ok(conn)
 }
 
 pub(super) fn clickhouse_client(config: &Config) -> Result<clickhouse::Client, VerifyError> {

@@ -16,9 +16,9 @@ use super::copy_both::ReplicationStream;
 use super::error::{ProtocolError, ReplicationError};
 use super::lsn::Lsn;
 use super::startup::{negotiate_tls, startup};
-use super::tls::{SslMode, TlsOptions};
 use super::wire::{AsyncIo, Backend, Connection, server_error, unexpected};
 use crate::recovery::{self, Recovery};
+use sluice_postgres::tls::{SslMode, TlsOptions};
 
 /// What `IDENTIFY_SYSTEM` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl ReplicationClient {
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
         let tls = TlsOptions {
             mode: SslMode::from(config.get_ssl_mode()),
-            root_cert: None,
+            ..TlsOptions::default()
         };
         Self::connect_with_tls(config, &tls).await
     }

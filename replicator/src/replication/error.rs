@@ -130,32 +130,7 @@ pub enum AuthError {
     Scram(#[source] io::Error),
 }
 
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// `sslmode=require` (or stricter) and the server answered `N` to SSLRequest.
-    #[error("the server does not support TLS")]
-    NotSupported,
-    /// The host is not a valid TLS server name (needed for verify-full).
-    #[error("invalid server name for TLS")]
-    InvalidServerName,
-    /// The root certificates could not be loaded.
-    #[error("cannot load root certificates from {path}")]
-    RootCerts {
-        /// The file or store that failed.
-        path: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Building the TLS client configuration failed.
-    #[error("TLS configuration")]
-    Config(#[source] tokio_rustls::rustls::Error),
-    /// The TLS handshake failed (including certificate verification, whose
-    /// details are in the source chain).
-    #[error("TLS handshake")]
-    Io(#[source] io::Error),
-}
+pub use sluice_postgres::TlsError;
 
 /// The server violated the protocol, or sent bytes that we cannot decode.
 #[derive(Debug, thiserror::Error)]

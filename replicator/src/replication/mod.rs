@@ -67,12 +67,10 @@ mod copy_both;
 mod error;
 mod lsn;
 mod startup;
-mod tls;
 mod wire;
 
 pub use conn::{CreatedSlot, ReplicationClient, SystemIdentity, publication_names, quote_literal};
 pub use copy_both::{PG_EPOCH_UNIX_MICROS, ReplicationEvent, ReplicationStream, pg_now_micros};
 pub use error::{AuthError, ProtocolError, ReplicationError, ServerError, TlsError};
 pub use lsn::{Lsn, ParseLsnError};
-pub(crate) use tls::client_config as tls_client_config;
-pub use tls::{SslMode, TlsOptions};
+pub use sluice_postgres::tls::{SslMode, TlsOptions};

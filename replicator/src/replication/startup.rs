@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::{AuthError, ProtocolError, ReplicationError, TlsError};
-use super::tls::{self, SslMode, TlsOptions};
 use super::wire::{AsyncIo, Connection, server_error, unexpected};
+use sluice_postgres::tls::{self, SslMode, TlsOptions};
 
 pub(super) async fn negotiate_tls(
     mut tcp: TcpStream,

@@ -1,4 +1,6 @@
-//! TLS for the replication connection, on rustls (ring provider).
+//! TLS for both Postgres connections (replication and SQL), on rustls (ring
+//! provider), following libpq's `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey`.
 //!
 //! Postgres negotiates TLS in-band: the client sends an `SSLRequest` and the
 //! server answers one byte, `S` (go ahead with the handshake) or `N` (no TLS).
@@ -8,7 +10,8 @@
 //! man-in-the-middle injects in plain text can be taken for TLS-protected data
 //! (CVE-2021-23222).
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::rustls::client::danger::{
@@ -18,12 +21,60 @@ use tokio_rustls::rustls::crypto::{
     CryptoProvider, ring, verify_tls12_signature, verify_tls13_signature,
 };
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{
     self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use super::error::TlsError;
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `sslmode=require` (or stricter) and the server answered `N` to SSLRequest.
+    #[error("the server does not support TLS")]
+    NotSupported,
+    /// The host is not a valid TLS server name (needed for verify-full).
+    #[error("invalid server name for TLS")]
+    InvalidServerName,
+    /// The root certificates could not be loaded.
+    #[error("cannot load root certificates from {path}")]
+    RootCerts {
+        /// The file or store that failed.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The client certificate or its key could not be loaded.
+    #[error("cannot load the client certificate or key from {path}")]
+    ClientCert {
+        /// The file that failed.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Building the TLS client configuration failed.
+    #[error("TLS configuration")]
+    Config(#[source] tokio_rustls::rustls::Error),
+    /// The TLS handshake failed (including certificate verification, whose
+    /// details are in the source chain).
+    #[error("TLS handshake")]
+    Io(#[source] io::Error),
+}
+
+impl TlsError {
+    /// Whether the handshake failed because the server's certificate was not
+    /// trusted (unknown issuer, wrong name, expired): a retry cannot fix it.
+    pub fn is_untrusted_certificate(&self) -> bool {
+        match self {
+            TlsError::Io(e) => e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_))),
+            _ => false,
+        }
+    }
+}
 
 /// How to use TLS, following libpq's `sslmode` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +105,9 @@ pub struct TlsOptions {
     /// PEM file of the roots to trust for `VerifyFull` (libpq's `sslrootcert`);
     /// `None` uses the operating system's trust store.
     pub root_cert: Option<PathBuf>,
+    /// PEM client certificate (chain) and its private key, for servers that
+    /// authenticate the client by certificate (libpq's `sslcert`, `sslkey`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl From<tokio_postgres::config::SslMode> for SslMode {
@@ -67,7 +121,8 @@ impl From<tokio_postgres::config::SslMode> for SslMode {
     }
 }
 
-pub(crate) fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
+/// The rustls client configuration for `options`.
+pub fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -101,17 +156,62 @@ pub(crate) fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, T
                     roots.add_parsable_certificates(loaded.certs);
                 }
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let builder = builder.with_root_certificates(roots);
+            match &options.client_cert {
+                Some((cert, key)) => {
+                    let (chain, key) = load_client_cert(cert, key)?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(TlsError::Config)?
+                }
+                None => builder.with_no_client_auth(),
+            }
         }
-        SslMode::Prefer | SslMode::Require | SslMode::Disable => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)))
-            .with_no_client_auth(),
+        SslMode::Prefer | SslMode::Require | SslMode::Disable => {
+            let builder = builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)));
+            match &options.client_cert {
+                Some((cert, key)) => {
+                    let (chain, key) = load_client_cert(cert, key)?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(TlsError::Config)?
+                }
+                None => builder.with_no_client_auth(),
+            }
+        }
     };
     Ok(Arc::new(config))
 }
 
-pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+fn load_client_cert(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let failed = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: tokio_rustls::rustls::pki_types::pem::Error| TlsError::ClientCert {
+            path: path.clone(),
+            source: io::Error::other(e),
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(failed(cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed(cert))?;
+    if chain.is_empty() {
+        return Err(TlsError::ClientCert {
+            path: cert.display().to_string(),
+            source: io::Error::other("no certificate in the file"),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(failed(key))?;
+    Ok((chain, key))
+}
+
+/// The TLS server name of `host` (a DNS name or an IP address).
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_owned()).map_err(|_| TlsError::InvalidServerName)
 }
 

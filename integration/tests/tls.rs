@@ -1,0 +1,174 @@
+//! TLS to the servers of the test stack (`scripts/stack` always starts them with TLS: Postgres
+//! `ssl = on` with a certificate of the stack's own CA).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sluice_integration::pipeline::Pipeline;
+
+/// Both Postgres connections of the replicator (replication and SQL) verify the server's
+/// certificate against `postgres.ssl_root_cert` and the host name, and the pipeline converges.
+#[tokio::test]
+async fn the_pipeline_runs_over_verified_postgres_tls() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_pg").await?;
+    let ca =
+        p.servers().tls.ca.clone().context(
+            "SLUICE_TEST_TLS_CA must name the test servers' CA (scripts/stack writes it)",
+        )?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    let mut url = url::Url::parse(&p.pg_url)?;
+    url.set_host(Some("localhost"))?;
+    url.query_pairs_mut().append_pair("sslmode", "verify-full");
+    p.set_config("postgres", "url", &format!("\"{url}\""))?;
+    p.set_config(
+        "postgres",
+        "ssl_root_cert",
+        &format!("{:?}", ca.display().to_string()),
+    )?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute(
+        "UPDATE items SET v = 'changed' WHERE id <= 10; DELETE FROM items WHERE id > 90;",
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+
+    // The walsender streaming the slot and every SQL connection of the replicator use TLS.
+    let row = pg
+        .query_one(
+            "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_replication_slots r
+             JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1",
+            &[&p.config.postgres.slot],
+        )
+        .await?;
+    let (walsenders, walsender_tls): (i64, bool) = (row.get(0), row.get(1));
+    assert_eq!(walsenders, 1, "the slot is not being streamed");
+    assert!(walsender_tls, "the replication connection is not encrypted");
+    let plaintext: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.datname = current_database() AND a.application_name = 'sluice'
+               AND NOT s.ssl",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(plaintext, 0, "a replicator SQL connection without TLS");
+    Ok(())
+}
+
+/// `sslmode=verify-full` against a CA that did not sign the server's certificate: the replicator
+/// stops with one message naming the certificate problem, instead of retrying forever.
+#[tokio::test]
+async fn an_untrusted_postgres_certificate_stops_the_replicator() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_untrusted").await?;
+    let not_the_ca = p
+        .servers()
+        .tls
+        .client_cert
+        .clone()
+        .context("SLUICE_TEST_TLS_CLIENT_CERT must be set (scripts/stack writes it)")?;
+    p.pg()
+        .await?
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY); CREATE PUBLICATION sluice FOR TABLE items;")
+        .await?;
+    let mut url = url::Url::parse(&p.pg_url)?;
+    url.set_host(Some("localhost"))?;
+    url.query_pairs_mut().append_pair("sslmode", "verify-full");
+    p.set_config("postgres", "url", &format!("\"{url}\""))?;
+    // A certificate that is not a CA, so it anchors nothing.
+    p.set_config(
+        "postgres",
+        "ssl_root_cert",
+        &format!("{:?}", not_the_ca.display().to_string()),
+    )?;
+    let mut child = p.replicator_command(&["run"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "the replicator kept retrying an untrusted certificate:\n{}",
+                p.log_tail("replicator-cli", 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = p.log_tail("replicator-cli", 20);
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the error does not name the certificate: {log}"
+    );
+    Ok(())
+}
+
+/// Certificate authentication: the stack's Postgres lets the role `sluice_cert` in only over TLS
+/// with a client certificate of its CA (`pg_hba.conf`: `hostssl … cert`). The replicator's
+/// replication and SQL connections and the loader's `verify` present `postgres.ssl_cert`.
+#[tokio::test]
+async fn the_pipeline_authenticates_to_postgres_with_a_client_certificate() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_cert").await?;
+    let tls = p.servers().tls.clone();
+    let (ca, cert, key) = match (tls.ca, tls.client_cert, tls.client_key) {
+        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+        _ => anyhow::bail!(
+            "SLUICE_TEST_TLS_CA/CLIENT_CERT/CLIENT_KEY must be set (scripts/stack writes them)"
+        ),
+    };
+    let pg = p.pg().await?;
+    // The role is cluster-wide and shared by every test that needs it.
+    pg.batch_execute(
+        "DO $$ BEGIN CREATE ROLE sluice_cert LOGIN REPLICATION;
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         GRANT SELECT ON items TO sluice_cert;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    let mut url = url::Url::parse(&p.pg_url)?;
+    url.set_host(Some("localhost"))?;
+    url.set_username("sluice_cert")
+        .map_err(|()| anyhow::anyhow!("cannot set the user"))?;
+    url.query_pairs_mut().append_pair("sslmode", "verify-full");
+    p.set_config("postgres", "url", &format!("\"{url}\""))?;
+    let quoted = |path: &std::path::PathBuf| format!("{:?}", path.display().to_string());
+    let (ca, cert, key) = (quoted(&ca), quoted(&cert), quoted(&key));
+    p.set_configs(
+        "postgres",
+        &[
+            ("ssl_root_cert", &ca),
+            ("ssl_cert", &cert),
+            ("ssl_key", &key),
+        ],
+    )?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute("UPDATE items SET v = 'changed' WHERE id <= 5")
+        .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    let row = pg
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots r JOIN pg_stat_activity a ON a.pid = r.active_pid
+             WHERE r.slot_name = $1 AND a.usename = 'sluice_cert'",
+            &[&p.config.postgres.slot],
+        )
+        .await?;
+    assert_eq!(
+        row.get::<_, i64>(0),
+        1,
+        "the slot is not streamed by sluice_cert"
+    );
+    Ok(())
+}
