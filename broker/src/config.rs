@@ -214,6 +214,13 @@ pub struct ClickHouseConfig {
     pub password_file: Option<PathBuf>,
     /// Compression of the loader's INSERT bodies.
     pub compression: ClickHouseCompression,
+    /// CA certificate (PEM) to trust for an `https://` URL, besides the
+    /// system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ClickHouseConfig {
@@ -225,6 +232,9 @@ impl Default for ClickHouseConfig {
             password: None,
             password_file: None,
             compression: ClickHouseCompression::default(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -379,6 +389,24 @@ impl Config {
         check_url(&self.postgres.url, &["postgres", "postgresql"])
             .map_err(|reason| invalid("postgres.url", reason))?;
         check_sslmode(&self.postgres.url).map_err(|reason| invalid("postgres.url", reason))?;
+        match (
+            &self.clickhouse.tls_cert_file,
+            &self.clickhouse.tls_key_file,
+        ) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "clickhouse.tls_key_file",
+                    "is required with `clickhouse.tls_cert_file`".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "clickhouse.tls_cert_file",
+                    "is required with `clickhouse.tls_key_file`".into(),
+                ));
+            }
+            _ => {}
+        }
         match (&self.postgres.ssl_cert, &self.postgres.ssl_key) {
             (Some(_), None) => {
                 return Err(invalid(

@@ -388,6 +388,13 @@ ack_wait = "30s"
         self.spawn_logged("replicator", "replicator-cli", args)
     }
 
+    /// Runs another `sluice-loader` command (e.g. `run` watched by the test
+    /// itself) against this pipeline's config; output goes to
+    /// `loader-cli.N.log`.
+    pub fn loader_command(&mut self, args: &[&str]) -> anyhow::Result<Child> {
+        self.spawn_logged("loader", "loader-cli", args)
+    }
+
     /// Starts `sluice-replicator run` (which must not be running).
     pub fn spawn_replicator(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.replicator.is_none(), "replicator already running");

@@ -172,3 +172,75 @@ async fn the_pipeline_authenticates_to_postgres_with_a_client_certificate() -> a
     );
     Ok(())
 }
+
+/// The loader (and `verify`) load through ClickHouse's HTTPS endpoint, trusting the stack's CA
+/// through `clickhouse.tls_ca_file`.
+#[tokio::test]
+async fn the_loader_writes_through_clickhouse_over_https() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_ch").await?;
+    let tls = p.servers().tls.clone();
+    let (Some(ca), Some(https)) = (tls.ca, tls.clickhouse_https_url) else {
+        anyhow::bail!(
+            "SLUICE_TEST_TLS_CA and SLUICE_TEST_CLICKHOUSE_HTTPS_URL must be set (scripts/stack writes them)"
+        );
+    };
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    let url = format!("\"{https}\"");
+    let ca = format!("{:?}", ca.display().to_string());
+    p.set_configs("clickhouse", &[("url", &url), ("tls_ca_file", &ca)])?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute("DELETE FROM items WHERE id > 40; UPDATE items SET v = 'x' WHERE id < 5")
+        .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    Ok(())
+}
+
+/// An `https://` ClickHouse whose certificate no trusted CA signed: the loader stops with one
+/// message naming the certificate instead of retrying forever.
+#[tokio::test]
+async fn an_untrusted_clickhouse_certificate_stops_the_loader() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_ch_untrusted").await?;
+    let https = p
+        .servers()
+        .tls
+        .clickhouse_https_url
+        .clone()
+        .context("SLUICE_TEST_CLICKHOUSE_HTTPS_URL must be set (scripts/stack writes it)")?;
+    p.pg()
+        .await?
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY); CREATE PUBLICATION sluice FOR TABLE items;")
+        .await?;
+    // The system's roots only: the stack's own CA is not among them.
+    p.set_config("clickhouse", "url", &format!("\"{https}\""))?;
+    p.spawn_replicator()?;
+    let mut child = p.loader_command(&["run"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "the loader kept retrying an untrusted certificate:\n{}",
+                p.log_tail("loader-cli", 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = p.log_tail("loader-cli", 20);
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the error does not name the certificate: {log}"
+    );
+    Ok(())
+}

@@ -50,7 +50,7 @@ impl Recovery {
                 // error here is not one table's to pay for.
                 ApplyError::ClickHouse(error) if clickhouse_transient(error) => Recovery::Retry,
                 ApplyError::ClickHouse(_) => Recovery::Stop,
-                ApplyError::PasswordFile(_) => Recovery::Stop,
+                ApplyError::Client(_) => Recovery::Stop,
                 // Nothing was acked; the dead letters are sent again.
                 ApplyError::DeadLetter(_) => Recovery::Retry,
             },
@@ -104,6 +104,8 @@ const TRANSIENT_SERVER_CODES: &[u32] = &[
 fn clickhouse_transient(error: &ChError) -> bool {
     use clickhouse::error::Error as E;
     match error {
+        // An untrusted server certificate stays untrusted.
+        ChError::ClickHouse { source, .. } if untrusted_certificate(source) => false,
         ChError::ClickHouse { source, .. } => match source {
             E::Network(_) | E::TimedOut | E::Other(_) => true,
             E::BadResponse(_) => match error.response_code() {
@@ -124,9 +126,49 @@ fn clickhouse_transient(error: &ChError) -> bool {
     }
 }
 
+/// Whether the TLS handshake refused the server's certificate (unknown
+/// issuer, wrong name, expired), somewhere in `error`'s causes.
+fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<rustls::Error>()
+            .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+        {
+            return true;
+        }
+        // An `io::Error`'s `source()` skips the error it wraps (TLS layers
+        // wrap rustls' errors, sometimes twice): descend into it instead.
+        cause = match error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_untrusted_clickhouse_certificate_stops_and_a_refused_connection_retries() {
+        let wrapped = |inner: std::io::Error| ChError::ClickHouse {
+            what: "create database",
+            source: clickhouse::error::Error::Network(Box::new(std::io::Error::other(inner))),
+        };
+        let untrusted = wrapped(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let refused = wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let of = |e| Recovery::of(&RunError::Apply(ApplyError::ClickHouse(e)));
+        assert_eq!(of(untrusted), Recovery::Stop);
+        assert_eq!(of(refused), Recovery::Retry);
+    }
     use crate::clickhouse::ValueError;
 
     fn ch(source: clickhouse::error::Error) -> ChError {
@@ -272,9 +314,11 @@ mod tests {
             Recovery::Stop
         );
         assert_eq!(
-            apply(ApplyError::PasswordFile(std::io::Error::from(
-                std::io::ErrorKind::NotFound
-            ))),
+            apply(ApplyError::Client(
+                crate::clickhouse::ClientError::PasswordFile(std::io::Error::from(
+                    std::io::ErrorKind::NotFound
+                ))
+            )),
             Recovery::Stop
         );
         assert_eq!(

@@ -26,8 +26,8 @@ use crate::positions::{self, POSITIONS_TABLE, Stored};
 /// Why the status could not be gathered.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("cannot read `clickhouse.password_file`")]
-    PasswordFile(#[source] std::io::Error),
+    #[error("clickhouse client")]
+    Client(#[source] crate::clickhouse::ClientError),
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] ChError),
     #[error(transparent)]
@@ -121,7 +121,7 @@ const LAST_PACKAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Gathers the status.
 pub async fn gather(config: &Config) -> Result<Status, StatusError> {
-    let ch = crate::clickhouse::client(&config.clickhouse).map_err(StatusError::PasswordFile)?;
+    let ch = crate::clickhouse::client(&config.clickhouse).map_err(StatusError::Client)?;
     let database = config.clickhouse_database();
     let mut notes = Vec::new();
     let stored = if positions_exist(&ch, &database).await? {

@@ -66,23 +66,20 @@ impl PgError {
         };
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
         while let Some(error) = cause {
-            if let Some(io) = error.downcast_ref::<std::io::Error>()
-                && io
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
-                    .is_some_and(|e| {
-                        matches!(e, tokio_rustls::rustls::Error::InvalidCertificate(_))
-                    })
-            {
-                return true;
-            }
             if error
                 .downcast_ref::<tokio_rustls::rustls::Error>()
                 .is_some_and(|e| matches!(e, tokio_rustls::rustls::Error::InvalidCertificate(_)))
             {
                 return true;
             }
-            cause = error.source();
+            // An `io::Error`'s `source()` skips the error it wraps: descend.
+            cause = match error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+            {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => error.source(),
+            };
         }
         false
     }

@@ -51,8 +51,8 @@ use plan::{Step, TablePlan};
 pub enum ApplyError {
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] ChError),
-    #[error("cannot read `clickhouse.password_file`")]
-    PasswordFile(#[source] std::io::Error),
+    #[error("clickhouse client")]
+    Client(#[source] crate::clickhouse::ClientError),
     #[error("cannot publish a dead letter")]
     DeadLetter(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -81,7 +81,7 @@ pub struct Loader {
 impl Loader {
     /// Connects to ClickHouse and restores the positions.
     pub async fn connect(config: &Config, nats: async_nats::Client) -> Result<Loader, ApplyError> {
-        let ch = crate::clickhouse::client(&config.clickhouse).map_err(ApplyError::PasswordFile)?;
+        let ch = crate::clickhouse::client(&config.clickhouse).map_err(ApplyError::Client)?;
         let database = config.clickhouse_database();
         positions::ensure(&ch, &database).await?;
         let (stored, version) = positions::load(&ch, &database).await?;

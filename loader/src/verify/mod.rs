@@ -48,8 +48,8 @@ pub use report::{
 /// Verification could not run (as opposed to: it ran and found differences).
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("cannot read a password file")]
-    PasswordFile(#[source] std::io::Error),
+    #[error("clickhouse client")]
+    Client(#[source] crate::clickhouse::ClientError),
     #[error("cannot connect to Postgres")]
     Connect(#[source] sluice_postgres::PgError),
     #[error("postgres: {context}")]

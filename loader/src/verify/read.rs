@@ -30,7 +30,7 @@ pub(super) async fn connect_postgres(config: &Config) -> Result<SqlConn, VerifyE
 }
 
 pub(super) fn clickhouse_client(config: &Config) -> Result<clickhouse::Client, VerifyError> {
-    crate::clickhouse::client(&config.clickhouse).map_err(VerifyError::PasswordFile)
+    crate::clickhouse::client(&config.clickhouse).map_err(VerifyError::Client)
 }
 
 pub(super) async fn clickhouse_rows(
