@@ -6,6 +6,26 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sluice_integration::pipeline::Pipeline;
 
+/// Waits for `child` to exit; kills it and fails with `log()` when it runs past `timeout`.
+async fn exits_within(
+    mut child: std::process::Child,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("still running after {timeout:?}:\n{}", log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Both Postgres connections of the replicator (replication and SQL) verify the server's
 /// certificate against `postgres.ssl_root_cert` and the host name, and the pipeline converges.
 #[tokio::test]
@@ -88,22 +108,12 @@ async fn an_untrusted_postgres_certificate_stops_the_replicator() -> anyhow::Res
         "ssl_root_cert",
         &format!("{:?}", not_the_ca.display().to_string()),
     )?;
-    let mut child = p.replicator_command(&["run"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!(
-                "the replicator kept retrying an untrusted certificate:\n{}",
-                p.log_tail("replicator-cli", 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let child = p.replicator_command(&["run"])?;
+    let status = exits_within(child, Duration::from_secs(30), || {
+        p.log_tail("replicator-cli", 20)
+    })
+    .await
+    .context("the replicator kept retrying an untrusted certificate")?;
     assert_eq!(status.code(), Some(1), "{status:?}");
     let log = p.log_tail("replicator-cli", 20);
     assert!(
@@ -220,22 +230,12 @@ async fn an_untrusted_clickhouse_certificate_stops_the_loader() -> anyhow::Resul
     // The system's roots only: the stack's own CA is not among them.
     p.set_config("clickhouse", "url", &format!("\"{https}\""))?;
     p.spawn_replicator()?;
-    let mut child = p.loader_command(&["run"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!(
-                "the loader kept retrying an untrusted certificate:\n{}",
-                p.log_tail("loader-cli", 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let child = p.loader_command(&["run"])?;
+    let status = exits_within(child, Duration::from_secs(60), || {
+        p.log_tail("loader-cli", 20)
+    })
+    .await
+    .context("the loader kept retrying an untrusted certificate")?;
     assert_eq!(status.code(), Some(1), "{status:?}");
     let log = p.log_tail("loader-cli", 20);
     assert!(

@@ -105,7 +105,11 @@ fn clickhouse_transient(error: &ChError) -> bool {
     use clickhouse::error::Error as E;
     match error {
         // An untrusted server certificate stays untrusted.
-        ChError::ClickHouse { source, .. } if untrusted_certificate(source) => false,
+        ChError::ClickHouse { source, .. }
+            if sluice_postgres::tls::is_untrusted_certificate(source) =>
+        {
+            false
+        }
         ChError::ClickHouse { source, .. } => match source {
             E::Network(_) | E::TimedOut | E::Other(_) => true,
             E::BadResponse(_) => match error.response_code() {
@@ -124,30 +128,6 @@ fn clickhouse_transient(error: &ChError) -> bool {
         | ChError::Decode(_)
         | ChError::NoKey(_) => false,
     }
-}
-
-/// Whether the TLS handshake refused the server's certificate (unknown
-/// issuer, wrong name, expired), somewhere in `error`'s causes.
-fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error
-            .downcast_ref::<rustls::Error>()
-            .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
-        {
-            return true;
-        }
-        // An `io::Error`'s `source()` skips the error it wraps (TLS layers
-        // wrap rustls' errors, sometimes twice): descend into it instead.
-        cause = match error
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => error.source(),
-        };
-    }
-    false
 }
 
 #[cfg(test)]

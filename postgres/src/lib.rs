@@ -61,27 +61,10 @@ impl PgError {
     /// Whether the server's certificate was refused (unknown issuer, wrong
     /// host name): a retry cannot fix it.
     pub fn is_untrusted_certificate(&self) -> bool {
-        let PgError::Sql { source, .. } = self else {
-            return false;
-        };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(error) = cause {
-            if error
-                .downcast_ref::<tokio_rustls::rustls::Error>()
-                .is_some_and(|e| matches!(e, tokio_rustls::rustls::Error::InvalidCertificate(_)))
-            {
-                return true;
-            }
-            // An `io::Error`'s `source()` skips the error it wraps: descend.
-            cause = match error
-                .downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::get_ref)
-            {
-                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-                None => error.source(),
-            };
+        match self {
+            PgError::Sql { source, .. } => tls::is_untrusted_certificate(source),
+            _ => false,
         }
-        false
     }
 }
 

@@ -62,18 +62,30 @@ pub enum TlsError {
     Io(#[source] io::Error),
 }
 
-impl TlsError {
-    /// Whether the handshake failed because the server's certificate was not
-    /// trusted (unknown issuer, wrong name, expired): a retry cannot fix it.
-    pub fn is_untrusted_certificate(&self) -> bool {
-        match self {
-            TlsError::Io(e) => e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_))),
-            _ => false,
+/// Whether `error` or one of its causes is rustls refusing the server's
+/// certificate (unknown issuer, wrong name, expired): a retry cannot fix it.
+/// Works for any client on rustls (Postgres here, ClickHouse's HTTPS in the
+/// loader).
+pub fn is_untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<rustls::Error>()
+            .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+        {
+            return true;
         }
+        // An `io::Error`'s `source()` skips the error it wraps (TLS layers
+        // wrap rustls' errors, sometimes twice): descend into it instead.
+        cause = match error
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
+    false
 }
 
 /// How to use TLS, following libpq's `sslmode` names.
@@ -127,7 +139,7 @@ pub fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?;
-    let config = match options.mode {
+    let builder = match options.mode {
         SslMode::VerifyFull => {
             let mut roots = RootCertStore::empty();
             match &options.root_cert {
@@ -156,31 +168,20 @@ pub fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError
                     roots.add_parsable_certificates(loaded.certs);
                 }
             }
-            let builder = builder.with_root_certificates(roots);
-            match &options.client_cert {
-                Some((cert, key)) => {
-                    let (chain, key) = load_client_cert(cert, key)?;
-                    builder
-                        .with_client_auth_cert(chain, key)
-                        .map_err(TlsError::Config)?
-                }
-                None => builder.with_no_client_auth(),
-            }
+            builder.with_root_certificates(roots)
         }
-        SslMode::Prefer | SslMode::Require | SslMode::Disable => {
-            let builder = builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)));
-            match &options.client_cert {
-                Some((cert, key)) => {
-                    let (chain, key) = load_client_cert(cert, key)?;
-                    builder
-                        .with_client_auth_cert(chain, key)
-                        .map_err(TlsError::Config)?
-                }
-                None => builder.with_no_client_auth(),
-            }
+        SslMode::Prefer | SslMode::Require | SslMode::Disable => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider))),
+    };
+    let config = match &options.client_cert {
+        Some((cert, key)) => {
+            let (chain, key) = load_client_cert(cert, key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(TlsError::Config)?
         }
+        None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
