@@ -12,8 +12,6 @@
 //! Names are escaped into subject tokens: bytes outside `[A-Za-z0-9_-]` become
 //! `%HH`, so `public."Order Items"` cannot break or widen a subject.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, stream};
 
 use crate::config::Config;
@@ -264,10 +262,6 @@ fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
         || current.max_bytes != wanted.max_bytes
         || current.discard != wanted.discard
 }
-
-/// Default ack timeout for a publish: long enough for an R3 stream to elect a
-/// new leader after a node dies.
-pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
