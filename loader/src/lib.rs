@@ -5,6 +5,7 @@
 //! - [`run`]: wiring: consumer, batch loop, retries, shutdown.
 //! - [`apply`]: what a batch does to ClickHouse (inserts, truncate, resync swap, dead letters).
 //! - [`chain`]: gap detection per table chain.
+//! - [`error`]: the loader's error types.
 //! - [`recovery`]: what the loader does about each error (retry, resync a table, stop).
 //! - [`positions`]: the loader's applied positions, stored in ClickHouse.
 //! - [`clickhouse`]: type mapping, schema management and RowBinary inserts.
@@ -14,6 +15,7 @@
 pub mod apply;
 pub mod chain;
 pub mod clickhouse;
+pub mod error;
 pub mod metrics;
 pub mod positions;
 pub mod recovery;

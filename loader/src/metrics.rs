@@ -14,7 +14,6 @@
 use metrics::counter;
 use sluice_broker::TableName;
 
-use crate::apply::dead_letter;
 use crate::clickhouse::{OpCounts, SchemaDrift};
 
 /// Now minus the commit time of the newest change applied (or heartbeat seen
@@ -32,6 +31,8 @@ pub const INSERT_SECONDS: &str = "sluice_clickhouse_insert_seconds";
 pub const GAPS_DETECTED: &str = "sluice_gaps_detected_total";
 /// Messages moved to the dead-letter subject, by `reason` (counter).
 pub const DEAD_LETTERS: &str = "sluice_dead_letters_total";
+/// Every `reason` label of [`DEAD_LETTERS`].
+pub const DEAD_LETTER_REASONS: [&str; 3] = ["decode", "unpositioned", "insert"];
 /// Values clamped to ClickHouse's range, by `table` and `column` (counter).
 pub const VALUE_CLAMPED: &str = "sluice_value_clamped_total";
 /// Schema differences ADD COLUMN cannot repair, by `table` and `kind` (counter).
@@ -47,7 +48,7 @@ pub const RESYNCS_COMPLETED: &str = "sluice_loader_resyncs_completed_total";
 /// existing counter keeps its value).
 pub fn counters_at_zero() {
     counter!(BATCH_RETRIES).increment(0);
-    for reason in dead_letter::REASONS {
+    for reason in DEAD_LETTER_REASONS {
         counter!(DEAD_LETTERS, "reason" => reason).increment(0);
     }
 }

@@ -13,9 +13,8 @@
 
 use sluice_broker::connect::ConnectError;
 
-use crate::apply::ApplyError;
 use crate::clickhouse::{Error as ChError, ResponseCode};
-use crate::run::RunError;
+use crate::error::{ApplyError, RunError};
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

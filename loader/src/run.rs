@@ -29,47 +29,10 @@ use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyError, Batch, Loader};
+use crate::apply::{Batch, Loader};
+pub use crate::error::RunError;
 use crate::metrics as m;
 use crate::recovery::Recovery;
-
-/// Why the loader stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    NatsConnect(#[from] sluice_broker::connect::ConnectError),
-    #[error("cannot create the durable consumer {consumer} on stream {stream}")]
-    Consumer {
-        stream: String,
-        consumer: String,
-        #[source]
-        source: async_nats::jetstream::stream::ConsumerError,
-    },
-    #[error("cannot reset the durable consumer {consumer} to its first unacked message")]
-    ConsumerReset {
-        consumer: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("cannot fetch a batch from stream {stream}")]
-    Fetch {
-        stream: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("cannot acknowledge the batch")]
-    Ack(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error(transparent)]
-    Apply(#[from] ApplyError),
-    #[error("cannot serve metrics on {listen}")]
-    Metrics {
-        listen: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot install the metrics recorder")]
-    Recorder(#[from] metrics_exporter_prometheus::BuildError),
-}
 
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {

@@ -25,6 +25,7 @@
 //!
 //! Running:
 //! - [`slot`]: what to do with the slot at start-up (resume, create, recreate).
+//! - [`error`]: why the replicator stops or restarts.
 //! - [`recovery`]: what to do about each failure (retry, resync or fail a
 //!   table, stop), decided in one place; the replication connection also
 //!   asks it whether to try the next host.
@@ -35,6 +36,7 @@
 pub mod backlog;
 pub mod catalog;
 pub mod control;
+pub mod error;
 pub mod metrics;
 pub mod packager;
 pub mod pg;

@@ -17,9 +17,9 @@ use std::io;
 use sluice_broker::connect::ConnectError;
 
 use crate::catalog::CatalogError;
+use crate::error::RunError;
 use crate::pg::PgError;
 use crate::replication::{ReplicationError, ServerError, TlsError};
-use crate::run::RunError;
 use crate::slot::SlotError;
 use crate::snapshot::SnapshotError;
 use crate::stream::StreamError;

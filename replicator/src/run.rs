@@ -33,51 +33,17 @@ use sluice_broker::topology;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::Backlog;
-use crate::catalog::{self, CatalogError, TypeCatalog};
+use crate::catalog::{self, TypeCatalog};
+pub use crate::error::RunError;
 use crate::metrics as m;
-use crate::packager::{Limits, Packager, Resume, StreamReadError, last_package};
+use crate::packager::{Limits, Packager, Resume, last_package};
 use crate::pg::{self, PgError, PgSettings};
 use crate::publish::{heartbeat_outgoing, heartbeat_package};
 use crate::recovery::{self, Recovery, recovery};
-use crate::replication::{Lsn, ReplicationClient, ReplicationError};
+use crate::replication::{Lsn, ReplicationClient};
 use crate::slot::{self, SlotError, Start};
 use crate::snapshot;
-use crate::stream::{self, Source, StreamError};
-
-/// Why the replicator stopped or must restart.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Pg(#[from] PgError),
-    #[error(transparent)]
-    Catalog(#[from] CatalogError),
-    #[error(transparent)]
-    Replication(#[from] ReplicationError),
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
-    #[error(transparent)]
-    NatsConnect(#[from] sluice_broker::connect::ConnectError),
-    #[error(transparent)]
-    Topology(#[from] topology::TopologyError),
-    #[error(transparent)]
-    StreamRead(#[from] StreamReadError),
-    #[error("cannot publish to the stream")]
-    Publish(#[from] sluice_broker::publish::PublishError),
-    #[error(transparent)]
-    Slot(#[from] SlotError),
-    #[error("publication {publication} has no table that can be replicated")]
-    NothingToReplicate { publication: String },
-    #[error("cannot serve metrics on {listen}")]
-    Metrics {
-        listen: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot install the metrics recorder")]
-    Recorder(#[from] metrics_exporter_prometheus::BuildError),
-}
+use crate::stream::{self, Source};
 
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -379,6 +345,7 @@ pub async fn replicable_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::ReplicationError;
 
     #[test]
     fn retried_failures_clear_readiness_and_config_errors_stop() {

@@ -15,15 +15,12 @@ use sluice_broker::topology;
 use super::{ApplyError, Loader};
 use crate::metrics as m;
 
-/// Every `reason` of a dead letter.
-pub(crate) const REASONS: [&str; 3] = ["decode", "unpositioned", "insert"];
-
 /// A message of the batch to move to the dead-letter subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct DeadLetter {
     /// Index of the message in the batch.
     pub(super) message: usize,
-    /// One of [`REASONS`]: `decode`, `unpositioned` or `insert` (the
+    /// One of [`crate::metrics::DEAD_LETTER_REASONS`]: `decode`, `unpositioned` or `insert` (the
     /// metric's `reason` label).
     pub(super) reason: &'static str,
     /// The error, for the `Sluice-Dead-Letter-Error` header and the log.

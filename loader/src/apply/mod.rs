@@ -38,6 +38,7 @@ use crate::clickhouse::schema::{TargetTable, ensure_table};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
 };
+pub use crate::error::ApplyError;
 use crate::metrics as m;
 use crate::positions::{self, Stored};
 use crate::recovery::Recovery;
@@ -45,17 +46,6 @@ use dead_letter::DeadLetter;
 use decode::Decoded;
 use lag::Lag;
 use plan::{Step, TablePlan};
-
-/// A batch could not be applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("clickhouse: {0}")]
-    ClickHouse(#[from] ChError),
-    #[error("clickhouse client")]
-    Client(#[source] crate::clickhouse::ClientError),
-    #[error("cannot publish a dead letter")]
-    DeadLetter(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
 
 /// The loader's state across batches.
 pub struct Loader {

@@ -12,11 +12,10 @@ use sluice_broker::table::quote_ident;
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
-use super::copy_both::ReplicationStream;
 use super::error::{ProtocolError, ReplicationError};
 use super::lsn::Lsn;
 use super::startup::{negotiate_tls, startup};
-use super::wire::{AsyncIo, Backend, Connection, server_error, unexpected};
+use super::wire::{AsyncIo, Connection, server_error, unexpected};
 use crate::recovery::{self, Recovery};
 use sluice_postgres::tls::{SslMode, TlsOptions};
 
@@ -229,53 +228,6 @@ impl ReplicationClient {
         match error {
             Some(e) => Err(ReplicationError::Server(e)),
             None => Ok(rows),
-        }
-    }
-
-    /// `START_REPLICATION SLOT "slot" LOGICAL X/Y ("option" 'value', …)`, then
-    /// CopyBoth streaming.
-    ///
-    /// Option names are quoted as identifiers and values as literals, so pass
-    /// them unquoted, e.g. `[("proto_version", "1"), ("publication_names",
-    /// &publication_names(["pub"]))]`. `start` is where decoding may begin; the
-    /// server starts from the later of it and the slot's `confirmed_flush_lsn`
-    /// (use `Lsn(0)` to resume exactly from the slot).
-    pub async fn start_replication(
-        mut self,
-        slot: &str,
-        start: Lsn,
-        options: &[(&str, &str)],
-    ) -> Result<ReplicationStream, ReplicationError> {
-        let mut sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start}",
-            quote_ident(slot)
-        );
-        if !options.is_empty() {
-            let list: Vec<String> = options
-                .iter()
-                .map(|(name, value)| format!("{} {}", quote_ident(name), quote_literal(value)))
-                .collect();
-            sql.push_str(" (");
-            sql.push_str(&list.join(", "));
-            sql.push(')');
-        }
-        frontend::query(&sql, &mut self.conn.write_buf)
-            .map_err(|_| ReplicationError::Config("START_REPLICATION contains a NUL byte"))?;
-        self.conn.flush().await?;
-        loop {
-            match self.conn.read_backend().await? {
-                Backend::CopyBothResponse => return Ok(ReplicationStream::new(self)),
-                Backend::Message(Message::ErrorResponse(body)) => {
-                    let e = server_error(&body);
-                    // Best effort: the caller gets the server's error either way.
-                    let _ = self.conn.drain_to_ready().await;
-                    return Err(ReplicationError::Server(e));
-                }
-                Backend::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {}
-                Backend::Message(other) => {
-                    return Err(unexpected(&other, "starting replication"));
-                }
-            }
         }
     }
 

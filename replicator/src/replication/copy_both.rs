@@ -6,10 +6,12 @@ use bytes::{Buf, BufMut, Bytes};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
-use super::conn::ReplicationClient;
+use sluice_broker::table::quote_ident;
+
+use super::conn::{ReplicationClient, quote_literal};
 use super::error::{ProtocolError, ReplicationError, ServerError};
 use super::lsn::Lsn;
-use super::wire::{Backend, unexpected};
+use super::wire::{Backend, server_error, unexpected};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC),
 /// in which the replication protocol and pgoutput count their timestamps
@@ -49,6 +51,57 @@ pub enum ReplicationEvent {
         /// unless it gets a status update: answer right away.
         reply_requested: bool,
     },
+}
+
+/// Entering CopyBoth lives here, beside the stream it yields, so that the
+/// client ([`super::conn`]) does not depend on the stream.
+impl ReplicationClient {
+    /// `START_REPLICATION SLOT "slot" LOGICAL X/Y ("option" 'value', …)`, then
+    /// CopyBoth streaming.
+    ///
+    /// Option names are quoted as identifiers and values as literals, so pass
+    /// them unquoted, e.g. `[("proto_version", "1"), ("publication_names",
+    /// &publication_names(["pub"]))]`. `start` is where decoding may begin; the
+    /// server starts from the later of it and the slot's `confirmed_flush_lsn`
+    /// (use `Lsn(0)` to resume exactly from the slot).
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let mut sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start}",
+            quote_ident(slot)
+        );
+        if !options.is_empty() {
+            let list: Vec<String> = options
+                .iter()
+                .map(|(name, value)| format!("{} {}", quote_ident(name), quote_literal(value)))
+                .collect();
+            sql.push_str(" (");
+            sql.push_str(&list.join(", "));
+            sql.push(')');
+        }
+        frontend::query(&sql, &mut self.conn.write_buf)
+            .map_err(|_| ReplicationError::Config("START_REPLICATION contains a NUL byte"))?;
+        self.conn.flush().await?;
+        loop {
+            match self.conn.read_backend().await? {
+                Backend::CopyBothResponse => return Ok(ReplicationStream::new(self)),
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    let e = server_error(&body);
+                    // Best effort: the caller gets the server's error either way.
+                    let _ = self.conn.drain_to_ready().await;
+                    return Err(ReplicationError::Server(e));
+                }
+                Backend::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {}
+                Backend::Message(other) => {
+                    return Err(unexpected(&other, "starting replication"));
+                }
+            }
+        }
+    }
 }
 
 /// A replication connection in CopyBoth mode, after `START_REPLICATION`.
