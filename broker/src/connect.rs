@@ -66,9 +66,16 @@ pub async fn connect(
     if config.tls_required {
         options = options.require_tls(true);
     }
-    let servers: Vec<String> = config.url.split(',').map(|s| s.trim().to_owned()).collect();
-    let addrs: Vec<async_nats::ServerAddr> =
-        servers.iter().filter_map(|s| s.parse().ok()).collect();
+    let (addrs, url_credentials) = servers_without_credentials(&config.url);
+    match url_credentials {
+        Some(UrlCredentials::UserPassword(user, password)) if config.user.is_none() => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlCredentials::Token(token)) if config.token.is_none() => {
+            options = options.token(token);
+        }
+        _ => {}
+    }
     options
         .name(client_name)
         .custom_inbox_prefix(config.inbox_prefix.clone())
@@ -79,4 +86,94 @@ pub async fn connect(
             url: redact_url(&config.url),
             source,
         })
+}
+
+/// Credentials given in a server URL: `nats://user:password@host` or `nats://token@host`.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The server addresses of `urls` (comma-separated) with their credentials taken out, and the
+/// first URL's credentials. async-nats neither authenticates with a URL's credentials nor keeps
+/// them out of its debug log (it logs each address with its `Debug`, password included), so
+/// they go through [`ConnectOptions`] instead (`nats.user` and `nats.token` take precedence).
+fn servers_without_credentials(
+    urls: &str,
+) -> (Vec<async_nats::ServerAddr>, Option<UrlCredentials>) {
+    let mut credentials = None;
+    let mut addrs = Vec::new();
+    for one in urls.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Ok(addr) = one.parse::<async_nats::ServerAddr>() else {
+            continue;
+        };
+        let mut url = addr.into_inner();
+        if !url.username().is_empty() {
+            let user = percent_decode(url.username());
+            let found = match url.password() {
+                Some(password) => UrlCredentials::UserPassword(user, percent_decode(password)),
+                None => UrlCredentials::Token(user),
+            };
+            credentials.get_or_insert(found);
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+        }
+        if let Ok(addr) = async_nats::ServerAddr::from_url(url) {
+            addrs.push(addr);
+        }
+    }
+    (addrs, credentials)
+}
+
+/// `%XX` escapes of a URL's user or password decoded (invalid escapes are kept as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(Some(hi)), Some(Some(lo))) = (
+                bytes.get(i + 1).map(|&b| hex(b)),
+                bytes.get(i + 2).map(|&b| hex(b)),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_taken_out_of_the_server_addresses() {
+        let (addrs, credentials) =
+            servers_without_credentials("nats://producer:p%40ss@a:4222, tls://b:4223");
+        assert_eq!(
+            credentials,
+            Some(UrlCredentials::UserPassword(
+                "producer".into(),
+                "p@ss".into()
+            ))
+        );
+        let urls: Vec<&str> = addrs.iter().map(|a| a.as_url_str()).collect();
+        assert_eq!(urls, ["nats://a:4222", "tls://b:4223"]);
+        assert!(!format!("{addrs:?}").contains("p%40ss"));
+
+        let (addrs, credentials) = servers_without_credentials("nats://s3cret@a:4222");
+        assert_eq!(credentials, Some(UrlCredentials::Token("s3cret".into())));
+        assert!(!format!("{addrs:?}").contains("s3cret"));
+
+        let (addrs, credentials) = servers_without_credentials("a:4222");
+        assert_eq!(credentials, None);
+        assert_eq!(addrs[0].as_url_str(), "nats://a:4222");
+    }
 }

@@ -15,6 +15,7 @@
 //! | `SLUICE_TEST_TLS_CA` | CA (PEM) that signed the servers' certificates (Postgres `ssl = on`, the HTTPS endpoint) |
 //! | `SLUICE_TEST_TLS_CLIENT_CERT`, `SLUICE_TEST_TLS_CLIENT_KEY` | a client certificate Postgres accepts for the role `sluice_cert` |
 //! | `SLUICE_TEST_CLICKHOUSE_HTTPS_URL` | `https://127.0.0.1:8443`, the same ClickHouse over TLS |
+//! | `SLUICE_TEST_NATS_TLS_URL` | `tls://127.0.0.1:4443`: a single JetStream node that requires TLS (certificate of `SLUICE_TEST_TLS_CA`, same users; not the server of `SLUICE_TEST_NATS_URL`) |
 //!
 //! When any of the first three is missing, the harness runs `scripts/stack start --nats-cluster`
 //! in a temporary directory, once per test process, with a guardian that stops those servers and
@@ -61,6 +62,9 @@ pub struct TlsEnv {
     pub client_key: Option<std::path::PathBuf>,
     /// The ClickHouse HTTP interface over TLS.
     pub clickhouse_https_url: Option<String>,
+    /// A NATS server (JetStream, the same users) that requires TLS. `scripts/stack` runs it as a
+    /// node of its own, beside the plaintext one: nats-server 2.9 serves one or the other per port.
+    pub nats_url: Option<String>,
 }
 
 impl TlsEnv {
@@ -70,6 +74,7 @@ impl TlsEnv {
             client_cert: value("SLUICE_TEST_TLS_CLIENT_CERT").map(Into::into),
             client_key: value("SLUICE_TEST_TLS_CLIENT_KEY").map(Into::into),
             clickhouse_https_url: value("SLUICE_TEST_CLICKHOUSE_HTTPS_URL"),
+            nats_url: value("SLUICE_TEST_NATS_TLS_URL"),
         }
     }
 }

@@ -56,9 +56,9 @@ pub struct Pipeline {
 }
 
 /// Paths of the two binaries, built once per test process.
-struct Binaries {
-    replicator: PathBuf,
-    loader: PathBuf,
+pub struct Binaries {
+    pub replicator: PathBuf,
+    pub loader: PathBuf,
 }
 
 /// Builds `sluice-replicator` and `sluice-loader` with the profile and target
@@ -71,7 +71,7 @@ struct Binaries {
 /// benches (any profile but `dev`, never built by CI) get one:
 /// `<target>/sluice-bins`. Sharing `<target>/release` made every `cargo
 /// bench` and the build here undo each other's artifacts, minutes per run.
-fn binaries() -> anyhow::Result<&'static Binaries> {
+pub fn binaries() -> anyhow::Result<&'static Binaries> {
     static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
     BINARIES
         .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))

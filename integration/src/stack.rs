@@ -186,10 +186,12 @@ mod tests {
              SLUICE_TEST_NATS_CLUSTER_URLS=nats://127.0.0.1:3,nats://127.0.0.1:4\n\
              SLUICE_TEST_CLICKHOUSE_URL=http://127.0.0.1:5\n\
              SLUICE_TEST_CLICKHOUSE_TCP_PORT=6\n\
-             SLUICE_TEST_NATS_PRODUCER=producer:pw:with:colons\n",
+             SLUICE_TEST_NATS_PRODUCER=producer:pw:with:colons\n\
+             SLUICE_TEST_NATS_TLS_URL=tls://127.0.0.1:7\n",
         )
         .unwrap();
         assert_eq!(env.nats_url, "nats://127.0.0.1:2");
+        assert_eq!(env.tls.nats_url.as_deref(), Some("tls://127.0.0.1:7"));
         let producer = env.nats_users.producer.unwrap();
         assert_eq!(
             (producer.user.as_str(), producer.password.as_str()),
