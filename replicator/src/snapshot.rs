@@ -116,19 +116,21 @@ pub async fn initial(
     let queue = Arc::new(tokio::sync::Mutex::new(tables.to_vec()));
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..parallelism.min(tables.len()).max(1) {
-        let (tx, queue, settings, spec, source) = (
+        let (tx, queue, settings, spec, source, publication) = (
             tx.clone(),
             queue.clone(),
             settings.clone(),
             spec.clone(),
             source.clone(),
+            config.postgres.publication.clone(),
         );
         readers.spawn(async move {
             loop {
                 let Some(table) = queue.lock().await.pop() else {
                     return;
                 };
-                if let Err(error) = read_table(&settings, &spec, &source, &table, limits, &tx).await
+                if let Err(error) =
+                    read_table(&settings, &spec, &source, &publication, &table, limits, &tx).await
                 {
                     let _ = tx.send(Err(error)).await;
                     return;
@@ -231,6 +233,7 @@ pub(crate) async fn read_table(
     settings: &PgSettings,
     spec: &SnapshotSpec,
     source: &str,
+    publication: &str,
     table: &TableName,
     (max_rows, max_bytes): (usize, usize),
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
@@ -247,7 +250,11 @@ pub(crate) async fn read_table(
         ))
         .await
         .map_err(PgError::sql(format!("cannot import snapshot for {label}")))?;
-    let info = catalog::table_columns(client, table).await?;
+    // Only what the publication publishes: its column list and row filter
+    // (the stream carries the same, pgoutput applies them).
+    let view = catalog::published_view(client, publication, table).await?;
+    let mut info = catalog::table_columns(client, table).await?;
+    view.restrict(&mut info);
     let mut types = TypeCatalog::new();
     types.resolve_table(client, &info).await?;
     let relation = Arc::new(catalog::to_relation(&info, &types)?);
@@ -285,9 +292,10 @@ pub(crate) async fn read_table(
 
     let columns: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let copy = format!(
-        "COPY (SELECT {} FROM {}) TO STDOUT",
+        "COPY (SELECT {} FROM {}{}) TO STDOUT",
         columns.join(", "),
-        table.quoted()
+        table.quoted(),
+        view.where_clause()
     );
     let stream = client
         .copy_out(copy.as_str())

@@ -324,12 +324,23 @@ async fn resync_task(
             config.replicator.package_max_bytes,
         );
         let reader = {
-            let (settings, source, table) =
-                (settings.clone(), config.source.clone(), table.clone());
+            let (settings, source, publication, table) = (
+                settings.clone(),
+                config.source.clone(),
+                config.postgres.publication.clone(),
+                table.clone(),
+            );
             async move {
-                let read =
-                    snapshot::read_table(&settings, &spec, &source, &table, limits, &inner_tx)
-                        .await;
+                let read = snapshot::read_table(
+                    &settings,
+                    &spec,
+                    &source,
+                    &publication,
+                    &table,
+                    limits,
+                    &inner_tx,
+                )
+                .await;
                 // Ends the forwarding loop below.
                 drop(inner_tx);
                 read

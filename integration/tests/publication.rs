@@ -1,0 +1,278 @@
+//! Faithful to the publication (ARCHITECTURE invariant 7, Postgres 15+): a
+//! publication's column list and row filter hold for the snapshot (initial and
+//! resync) as for the stream, and `verify` compares with what is published.
+//! An excluded column never reaches NATS or ClickHouse; rows the filter does
+//! not admit never reach ClickHouse.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sluice_integration::pipeline::{self, Pipeline};
+use sluice_proto::Message as _;
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// Skips (returns true) on a Postgres without column lists and row filters.
+async fn before_postgres_15(pg: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let version: i32 = pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 150000 {
+        eprintln!("skipped: Postgres {version} has no publication column lists or row filters");
+    }
+    Ok(version < 150000)
+}
+
+/// Every data package of the pipeline's stream, decoded.
+async fn stream_packages(p: &Pipeline) -> anyhow::Result<Vec<sluice_proto::v1::Package>> {
+    let js = p.jetstream().await?;
+    let mut stream = js.get_stream(p.config.stream_name()).await?;
+    let info = stream.info().await?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut chunks = sluice_broker::chunk::Reassembler::default();
+    let mut packages = Vec::new();
+    for seq in first..=last {
+        let message = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e) if e.to_string().contains("not found") => continue,
+            Err(e) => return Err(e).context(format!("reading stream sequence {seq}")),
+        };
+        let encoding = message
+            .headers
+            .get(sluice_proto::ENCODING_HEADER)
+            .map(|v| v.as_str().to_owned());
+        let payload = match chunks
+            .push(&message.subject, Some(&message.headers), &message.payload)
+            .with_context(|| format!("chunk headers of stream sequence {seq}"))?
+        {
+            sluice_broker::chunk::Piece::Whole(payload) => payload,
+            sluice_broker::chunk::Piece::Part => continue,
+        };
+        // Control messages (status, resync requests) are not packages.
+        if let Ok(package) = sluice_proto::decode(&payload, encoding.as_deref()) {
+            packages.push(package);
+        }
+    }
+    Ok(packages)
+}
+
+/// Fails if any message of the stream carries `marker` or describes a column
+/// named `column` of `table`.
+async fn assert_stream_never_carries(
+    p: &Pipeline,
+    table: &str,
+    column: &str,
+    marker: &str,
+) -> anyhow::Result<()> {
+    let packages = stream_packages(p).await?;
+    anyhow::ensure!(!packages.is_empty(), "the stream holds no packages");
+    let mut relations = 0;
+    for package in &packages {
+        let bytes = package.encode_to_vec();
+        anyhow::ensure!(
+            !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "a {:?} package of {}.{} carries the excluded value {marker:?}",
+            package.kind(),
+            package.schema,
+            package.table
+        );
+        if package.table == table
+            && let Some(relation) = &package.relation
+        {
+            relations += 1;
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            anyhow::ensure!(
+                !names.contains(&column),
+                "a {:?} package describes {table} with the excluded column {column}: {names:?}",
+                package.kind()
+            );
+        }
+    }
+    anyhow::ensure!(relations > 0, "no package described {table}");
+    Ok(())
+}
+
+async fn clickhouse_columns(p: &Pipeline, table: &str) -> anyhow::Result<Vec<String>> {
+    let sql = format!(
+        "SELECT name FROM system.columns WHERE database = '{}' AND table = '{table}' \
+         ORDER BY position",
+        p.config.clickhouse_database()
+    );
+    Ok(p.servers()
+        .clickhouse_sql(&sql)
+        .await?
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `people (id, name, ssn)` published without `ssn`; every ssn holds `marker`.
+async fn people_pipeline(name: &str, marker: &str) -> anyhow::Result<Option<Pipeline>> {
+    let p = Pipeline::start(name).await?;
+    let pg = p.pg().await?;
+    if before_postgres_15(&pg).await? {
+        return Ok(None);
+    }
+    pg.batch_execute(&format!(
+        "CREATE TABLE people (id bigint PRIMARY KEY, name text NOT NULL, ssn text);
+         INSERT INTO people SELECT g, 'person ' || g, '{marker}-' || g
+             FROM generate_series(1, 1200) g;
+         CREATE PUBLICATION sluice FOR TABLE people (id, name);"
+    ))
+    .await?;
+    Ok(Some(p))
+}
+
+#[tokio::test]
+async fn a_column_list_keeps_the_excluded_column_out_of_nats_and_clickhouse() -> anyhow::Result<()>
+{
+    let marker = sluice_integration::unique_name("SECRETSSN");
+    let Some(mut p) = people_pipeline("pub_cols", &marker).await? else {
+        return Ok(());
+    };
+    let pg = p.pg().await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute(&format!(
+        "INSERT INTO people SELECT g, 'late ' || g, '{marker}-late-' || g
+             FROM generate_series(5001, 5100) g;
+         UPDATE people SET name = 'renamed', ssn = '{marker}-updated' WHERE id % 10 = 0;
+         DELETE FROM people WHERE id % 17 = 0;"
+    ))
+    .await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    assert_eq!(reports.len(), 1);
+    let expected: i64 = pg
+        .query_one("SELECT count(*) FROM people", &[])
+        .await?
+        .get(0);
+    assert_eq!(reports[0].postgres_rows, expected as u64);
+    assert_eq!(reports[0].clickhouse_rows, expected as u64);
+
+    let columns = clickhouse_columns(&p, "people").await?;
+    assert!(
+        columns.iter().any(|c| c == "name"),
+        "no people table in clickhouse: {columns:?}"
+    );
+    assert!(
+        !columns.iter().any(|c| c == "ssn"),
+        "the excluded column ssn is in clickhouse: {columns:?}"
+    );
+    assert_stream_never_carries(&p, "people", "ssn", &marker).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resync_of_a_column_listed_table_keeps_the_excluded_column_out() -> anyhow::Result<()> {
+    let marker = sluice_integration::unique_name("SECRETSSN");
+    let Some(mut p) = people_pipeline("pub_resync", &marker).await? else {
+        return Ok(());
+    };
+    let pg = p.pg().await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    // Values the resync's snapshot (not only the initial one) must leave out.
+    pg.batch_execute(&format!(
+        "UPDATE people SET ssn = '{marker}-before-resync' WHERE id % 3 = 0;
+         INSERT INTO people VALUES (9001, 'new', '{marker}-new');"
+    ))
+    .await?;
+    let status = p
+        .replicator_command(&["resync", "--table", "public.people"])?
+        .wait()?;
+    assert!(status.success(), "resync command failed: {status}");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let metrics = p.loader_metrics().await?;
+        let swapped = pipeline::metric(
+            &metrics,
+            "sluice_loader_resyncs_completed_total{table=\"public.people\"}",
+        )
+        .unwrap_or(0.0);
+        // The initial snapshot is the first.
+        if swapped >= 2.0 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the resync was never swapped in:\n{}",
+            p.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg.batch_execute(&format!(
+        "UPDATE people SET name = 'after', ssn = '{marker}-after' WHERE id % 7 = 0"
+    ))
+    .await?;
+    p.wait_until_equal(CONVERGE).await?;
+    let columns = clickhouse_columns(&p, "people").await?;
+    assert!(
+        columns.iter().any(|c| c == "name") && !columns.iter().any(|c| c == "ssn"),
+        "clickhouse columns after the resync: {columns:?}"
+    );
+    assert_stream_never_carries(&p, "people", "ssn", &marker).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_row_filter_holds_for_the_snapshot_and_rows_moving_in_and_out() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("pub_rows").await?;
+    let pg = p.pg().await?;
+    if before_postgres_15(&pg).await? {
+        return Ok(());
+    }
+    // A filter on a non-key column needs the old row's value: REPLICA IDENTITY FULL.
+    pg.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, region text NOT NULL, amount int NOT NULL);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         INSERT INTO orders SELECT g, CASE WHEN g % 3 = 0 THEN 'eu' ELSE 'us' END, g
+             FROM generate_series(1, 1500) g;
+         CREATE PUBLICATION sluice FOR TABLE orders WHERE (region = 'eu');",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute(
+        "UPDATE orders SET region = 'eu' WHERE id % 3 = 1 AND id <= 300;   -- move in
+         UPDATE orders SET region = 'us' WHERE id % 3 = 0 AND id <= 150;   -- move out
+         UPDATE orders SET amount = -amount WHERE id % 5 = 0;              -- both sides
+         INSERT INTO orders SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g
+             FROM generate_series(2001, 2100) g;
+         DELETE FROM orders WHERE id % 11 = 0;",
+    )
+    .await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    let filtered: i64 = pg
+        .query_one("SELECT count(*) FROM orders WHERE region = 'eu'", &[])
+        .await?
+        .get(0);
+    let all: i64 = pg
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await?
+        .get(0);
+    assert!(filtered > 0 && filtered < all);
+    assert_eq!(reports[0].postgres_rows, filtered as u64, "{}", reports[0]);
+    let in_clickhouse: u64 = p
+        .servers()
+        .clickhouse_sql(&format!(
+            "SELECT count() FROM `{}`.orders FINAL WHERE _sluice_deleted = 0",
+            p.config.clickhouse_database()
+        ))
+        .await?
+        .trim()
+        .parse()?;
+    assert_eq!(in_clickhouse, filtered as u64);
+    let outside: u64 = p
+        .servers()
+        .clickhouse_sql(&format!(
+            "SELECT count() FROM `{}`.orders FINAL WHERE _sluice_deleted = 0 AND region != 'eu'",
+            p.config.clickhouse_database()
+        ))
+        .await?
+        .trim()
+        .parse()?;
+    assert_eq!(outside, 0, "rows outside the filter in clickhouse");
+    Ok(())
+}
