@@ -337,32 +337,12 @@ ack_wait = "30s"
         log: &'static str,
         args: &[&str],
     ) -> anyhow::Result<Child> {
-        let binaries = binaries()?;
-        let bin = if which == "replicator" {
-            &binaries.replicator
-        } else {
-            &binaries.loader
-        };
         let run = self.runs.entry(log).or_default();
         *run += 1;
         let log_path = self.dir.join(format!("{log}.{run}.log"));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        // Each program as its least-privilege NATS user, so a permission the
-        // program needs and `broker/nats/accounts.conf` lacks fails a test.
-        let users = &self.servers.nats_users;
-        let nats_user = if which == "replicator" {
-            &users.producer
-        } else {
-            &users.consumer
-        };
-        let mut command = Command::new(bin);
-        if let Some(user) = nats_user {
-            command
-                .env("SLUICE_NATS__USER", &user.user)
-                .env("SLUICE_NATS__PASSWORD", &user.password)
-                .env("SLUICE_NATS__INBOX_PREFIX", user.inbox_prefix());
-        }
+        let mut command = self.command(which)?;
         command
             .args(args)
             .arg("--config")
@@ -375,7 +355,91 @@ ack_wait = "30s"
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))
+            .with_context(|| format!("starting sluice-{which}"))
+    }
+
+    /// `sluice-replicator` (`which == "replicator"`) or `sluice-loader` as its
+    /// least-privilege NATS user, so a permission the program needs and
+    /// `broker/nats/accounts.conf` lacks fails a test.
+    fn command(&self, which: &str) -> anyhow::Result<Command> {
+        let binaries = binaries()?;
+        let users = &self.servers.nats_users;
+        let (bin, nats_user) = if which == "replicator" {
+            (&binaries.replicator, &users.producer)
+        } else {
+            (&binaries.loader, &users.consumer)
+        };
+        let mut command = Command::new(bin);
+        if let Some(user) = nats_user {
+            command
+                .env("SLUICE_NATS__USER", &user.user)
+                .env("SLUICE_NATS__PASSWORD", &user.password)
+                .env("SLUICE_NATS__INBOX_PREFIX", user.inbox_prefix());
+        }
+        Ok(command)
+    }
+
+    /// Runs a one-shot command (`status`, `verify`, ...) of `sluice-replicator`
+    /// (`which == "replicator"`) or `sluice-loader` to its end with this
+    /// pipeline's config and without `RUST_LOG` (the command's own default
+    /// log level); returns stdout and stderr, failing on a non-zero exit.
+    pub fn cli(&self, which: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
+        let output = self
+            .command(which)?
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("RUST_LOG")
+            .output()
+            .with_context(|| format!("running sluice-{which}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        anyhow::ensure!(
+            output.status.success(),
+            "sluice-{which} {args:?} exited {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            output.status.code()
+        );
+        Ok((stdout, stderr))
+    }
+
+    /// Scrapes `which` (`"replicator"` or `"loader"`) until every series of
+    /// `expected` (name and labels, e.g. `sluice_gaps_detected_total{table="public.t"}`)
+    /// is exported, then checks each is exactly 0. `when` names the moment in
+    /// the failure message.
+    pub async fn assert_metrics_at_zero(
+        &self,
+        which: &str,
+        expected: &[&str],
+        when: &str,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = if which == "replicator" {
+                self.replicator_metrics().await
+            } else {
+                self.loader_metrics().await
+            }
+            .unwrap_or_default();
+            let missing: Vec<&&str> = expected
+                .iter()
+                .filter(|series| !has_sample(&text, series))
+                .collect();
+            if missing.is_empty() {
+                for series in expected {
+                    anyhow::ensure!(
+                        metric(&text, &format!("{series} ")) == Some(0.0),
+                        "{when}: {series} is not 0\n{text}"
+                    );
+                }
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{when}: sluice-{which} never exported {missing:?}\n{text}\n--- log tail:\n{}",
+                self.log_tail(which, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     fn spawn(&mut self, which: &'static str) -> anyhow::Result<Child> {
@@ -843,6 +907,34 @@ async fn http_get(url: &str) -> anyhow::Result<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     Ok(response)
+}
+
+/// Whether Prometheus `text` has a sample line for exactly `series` (name and labels).
+pub fn has_sample(text: &str, series: &str) -> bool {
+    text.lines().any(|line| {
+        line.strip_prefix(series)
+            .is_some_and(|rest| rest.starts_with(' '))
+    })
+}
+
+/// The innermost `{ ... }` of pretty-printed JSON `text` (a `status --json`
+/// output) holding `needle`.
+pub fn json_object_with<'a>(text: &'a str, needle: &str) -> Option<&'a str> {
+    let at = text.find(needle)?;
+    let start = text[..at].rfind('{')?;
+    let end = at + text[at..].find('}')?;
+    Some(&text[start..=end])
+}
+
+/// The value text of `"key": value` in a pretty-printed JSON object
+/// (strings keep their quotes).
+pub fn json_field<'a>(object: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("\"{key}\": ");
+    object.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(&prefix)
+            .map(|value| value.trim_end_matches(','))
+    })
 }
 
 /// The sum of the samples in Prometheus text `text` whose line starts with

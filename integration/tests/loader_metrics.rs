@@ -4,9 +4,9 @@
 //! start-up, ones labelled by table once the loader knows the table (its
 //! first package, or its row in `_sluice_positions` after a restart).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sluice_integration::pipeline::{self, Pipeline};
+use sluice_integration::pipeline::Pipeline;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -23,44 +23,6 @@ const AT_ZERO: &[&str] = &[
     "sluice_loader_batch_retries_total",
 ];
 
-/// Scrapes the loader until every series of `AT_ZERO` is there (the
-/// endpoint may not listen yet), then checks each is exactly 0.
-async fn assert_counters_at_zero(p: &Pipeline, when: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = p.loader_metrics().await.unwrap_or_default();
-        let missing: Vec<&str> = AT_ZERO
-            .iter()
-            .copied()
-            .filter(|series| !has_sample(&text, series))
-            .collect();
-        if missing.is_empty() {
-            for series in AT_ZERO {
-                assert_eq!(
-                    pipeline::metric(&text, series),
-                    Some(0.0),
-                    "{when}: {series}\n{text}"
-                );
-            }
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{when}: the loader never exported {missing:?}\n{text}\n--- loader log tail:\n{}",
-            p.log_tail("loader", 30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Whether `text` has a sample line for exactly `series` (name and labels).
-fn has_sample(text: &str, series: &str) -> bool {
-    text.lines().any(|line| {
-        line.strip_prefix(series)
-            .is_some_and(|rest| rest.starts_with(' '))
-    })
-}
-
 #[tokio::test]
 async fn loader_counters_exist_at_zero_for_a_fresh_table_and_after_a_restart() -> anyhow::Result<()>
 {
@@ -76,13 +38,15 @@ async fn loader_counters_exist_at_zero_for_a_fresh_table_and_after_a_restart() -
     p.spawn_loader()?;
     // The snapshot was applied.
     p.wait_until_equal(CONVERGE).await?;
-    assert_counters_at_zero(&p, "after the snapshot").await?;
+    p.assert_metrics_at_zero("loader", AT_ZERO, "after the snapshot")
+        .await?;
 
     // A restarted loader knows the table from `_sluice_positions` before any
     // new package of it arrives.
     p.stop_loader().await?;
     p.spawn_loader()?;
-    assert_counters_at_zero(&p, "after a restart").await?;
+    p.assert_metrics_at_zero("loader", AT_ZERO, "after a restart")
+        .await?;
     p.check_alive()?;
     Ok(())
 }

@@ -5,9 +5,9 @@
 //! publication's tables (or saw a table added to it later), for every value
 //! of their other label. The per-table gauges start at 0 too.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sluice_integration::pipeline::{self, Pipeline};
+use sluice_integration::pipeline::Pipeline;
 
 const READY: Duration = Duration::from_secs(120);
 
@@ -41,43 +41,6 @@ const GLOBAL_AT_ZERO: &[&str] = &[
     "sluice_replicator_reconnects_total{reason=\"slot_busy\"}",
 ];
 
-/// Scrapes the replicator until every series of `expected` is there, then
-/// checks each is exactly 0.
-async fn assert_at_zero(p: &Pipeline, expected: &[String], when: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = p.replicator_metrics().await.unwrap_or_default();
-        let missing: Vec<&String> = expected
-            .iter()
-            .filter(|series| !has_sample(&text, series))
-            .collect();
-        if missing.is_empty() {
-            for series in expected {
-                assert_eq!(
-                    pipeline::metric(&text, &format!("{series} ")),
-                    Some(0.0),
-                    "{when}: {series}\n{text}"
-                );
-            }
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{when}: the replicator never exported {missing:?}\n{text}\n--- replicator log tail:\n{}",
-            p.log_tail("replicator", 30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Whether `text` has a sample line for exactly `series` (name and labels).
-fn has_sample(text: &str, series: &str) -> bool {
-    text.lines().any(|line| {
-        line.strip_prefix(series)
-            .is_some_and(|rest| rest.starts_with(' '))
-    })
-}
-
 #[tokio::test]
 async fn replicator_counters_exist_at_zero_for_published_tables() -> anyhow::Result<()> {
     let mut p = Pipeline::start("replicator_metrics").await?;
@@ -93,7 +56,9 @@ async fn replicator_counters_exist_at_zero_for_published_tables() -> anyhow::Res
     p.wait_replicator_ready(READY).await?;
     let mut expected: Vec<String> = GLOBAL_AT_ZERO.iter().map(|s| (*s).to_owned()).collect();
     expected.extend(table_series_at_zero("public.t"));
-    assert_at_zero(&p, &expected, "after start-up").await?;
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    p.assert_metrics_at_zero("replicator", &expected, "after start-up")
+        .await?;
 
     // A table added to the publication later gets its series with its first
     // change (the only moment the replicator learns of it).
@@ -102,12 +67,10 @@ async fn replicator_counters_exist_at_zero_for_published_tables() -> anyhow::Res
          INSERT INTO later VALUES (1, 'one');",
     )
     .await?;
-    assert_at_zero(
-        &p,
-        &table_series_at_zero("public.later"),
-        "after a table was added",
-    )
-    .await?;
+    let later = table_series_at_zero("public.later");
+    let later: Vec<&str> = later.iter().map(String::as_str).collect();
+    p.assert_metrics_at_zero("replicator", &later, "after a table was added")
+        .await?;
     p.check_alive()?;
     Ok(())
 }
