@@ -25,6 +25,15 @@ pub enum ConnectError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The server refused our credentials (wrong password, unknown user or
+    /// key): a retry with the same configuration cannot succeed.
+    #[error("NATS at {url} refused the configured credentials")]
+    Refused {
+        /// Redacted: no password or token.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
 }
 
 /// Connects to the servers in `config.url` (comma-separated).
@@ -82,9 +91,15 @@ pub async fn connect(
         .connection_timeout(std::time::Duration::from_secs(5))
         .connect(addrs)
         .await
-        .map_err(|source| ConnectError::Connect {
-            url: redact_url(&config.url),
-            source,
+        .map_err(|source| {
+            let url = redact_url(&config.url);
+            match source.kind() {
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => {
+                    ConnectError::Refused { url, source }
+                }
+                _ => ConnectError::Connect { url, source },
+            }
         })
 }
 

@@ -58,7 +58,8 @@ impl Recovery {
             RunError::NatsConnect(
                 ConnectError::Credentials { .. }
                 | ConnectError::PasswordFile(_)
-                | ConnectError::MissingUser(_),
+                | ConnectError::MissingUser(_)
+                | ConnectError::Refused { .. },
             ) => Recovery::Stop,
             RunError::Metrics { .. } | RunError::Recorder(_) => Recovery::Stop,
         }
@@ -256,6 +257,12 @@ mod tests {
             },
             ConnectError::PasswordFile(io()),
             ConnectError::MissingUser("password"),
+            ConnectError::Refused {
+                url: "nats://h".into(),
+                source: async_nats::ConnectError::new(
+                    async_nats::ConnectErrorKind::AuthorizationViolation,
+                ),
+            },
         ] {
             let error = RunError::NatsConnect(stop);
             assert_eq!(Recovery::of(&error), Recovery::Stop, "{error:?}");

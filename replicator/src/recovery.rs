@@ -65,7 +65,8 @@ pub fn recovery(error: &RunError) -> Recovery {
         RunError::NatsConnect(
             ConnectError::Credentials { .. }
             | ConnectError::PasswordFile(_)
-            | ConnectError::MissingUser(_),
+            | ConnectError::MissingUser(_)
+            | ConnectError::Refused { .. },
         ) => Recovery::Stop,
         // Another replicator holds the slot: wait as a standby.
         RunError::Slot(SlotError::Busy { .. }) => Recovery::Retry,
@@ -428,6 +429,12 @@ mod tests {
             },
             ConnectError::PasswordFile(file()),
             ConnectError::MissingUser("password"),
+            ConnectError::Refused {
+                url: "nats://h".into(),
+                source: async_nats::ConnectError::new(
+                    async_nats::ConnectErrorKind::AuthorizationViolation,
+                ),
+            },
         ] {
             let error = RunError::NatsConnect(config);
             assert_eq!(recovery(&error), Stop, "{error:?}");
