@@ -53,6 +53,61 @@ async fn the_pipeline_runs_over_verified_nats_tls() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Production's shape: TLS on all three connections at once, each verifying the server against
+/// the stack's CA (Postgres `verify-full`, NATS `tls://` + `tls_ca`, ClickHouse `https://` +
+/// `tls_ca_file`), both programs as their least-privilege NATS users; the pipeline converges,
+/// survives a loader restart, and `verify` (over the same TLS) finds ClickHouse equal.
+#[tokio::test]
+async fn the_pipeline_runs_with_tls_on_all_three_connections() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_all").await?;
+    let (nats_url, ca) = nats_tls(p.servers())?;
+    let https = p
+        .servers()
+        .tls
+        .clickhouse_https_url
+        .clone()
+        .context("SLUICE_TEST_CLICKHOUSE_HTTPS_URL must be set (scripts/stack writes it)")?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text, b bytea);
+         INSERT INTO items SELECT g, 'v' || g, '\\x00ff' FROM generate_series(1, 200) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    let ca = format!("{:?}", ca.display().to_string());
+    let mut pg_url = url::Url::parse(&p.pg_url)?;
+    pg_url.set_host(Some("localhost"))?;
+    pg_url
+        .query_pairs_mut()
+        .append_pair("sslmode", "verify-full");
+    let pg_url = format!("\"{pg_url}\"");
+    p.set_configs("postgres", &[("url", &pg_url), ("ssl_root_cert", &ca)])?;
+    p.set_configs(
+        "nats",
+        &[("url", &format!("{nats_url:?}")), ("tls_ca", &ca)],
+    )?;
+    p.set_configs(
+        "clickhouse",
+        &[("url", &format!("{https:?}")), ("tls_ca_file", &ca)],
+    )?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    pg.batch_execute(
+        "UPDATE items SET v = 'changed' WHERE id <= 20; DELETE FROM items WHERE id > 180;
+         INSERT INTO items SELECT g, 'new', NULL FROM generate_series(201, 260) g;",
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    p.stop_loader().await?;
+    pg.batch_execute("UPDATE items SET v = 'after restart' WHERE id BETWEEN 100 AND 120")
+        .await?;
+    p.spawn_loader()?;
+    let reports = p.wait_until_equal(Duration::from_secs(90)).await?;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].postgres_rows, 240);
+    Ok(())
+}
+
 fn nats_config(dir: &Path, name: &str, nats: &str) -> anyhow::Result<Config> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, format!("source = \"tls\"\n[nats]\n{nats}\n"))?;
