@@ -22,6 +22,7 @@ use secrecy::ExposeSecret;
 use sluice_broker::config::{PostgresConfig, read_secret};
 use tokio_postgres::NoTls;
 
+pub mod publication;
 pub mod tls;
 
 pub use tls::{SslMode, TlsError, TlsOptions};

@@ -446,33 +446,11 @@ pub async fn table_columns(
     })
 }
 
-/// What a publication publishes of one table (Postgres 15+): its column list
-/// and its row filter. Both `None` when the publication publishes every
-/// column and every row, or on Postgres before 15 (which has neither).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublishedView {
-    /// `pg_publication_tables.attnames`: the published columns.
-    pub columns: Option<Vec<String>>,
-    /// `pg_publication_tables.rowfilter`: a boolean SQL expression over the
-    /// table's columns, as `pg_get_expr` prints it (trusted catalog text).
-    pub row_filter: Option<String>,
-}
+pub use sluice_postgres::publication::PublishedView;
 
-impl PublishedView {
-    /// Keeps only the published columns of `info` (in `attnum` order).
-    pub fn restrict(&self, info: &mut TableInfo) {
-        if let Some(names) = &self.columns {
-            info.columns.retain(|c| names.iter().any(|n| n == &c.name));
-        }
-    }
-
-    /// ` WHERE (<row filter>)`, or nothing.
-    pub fn where_clause(&self) -> String {
-        match &self.row_filter {
-            Some(filter) => format!(" WHERE ({filter})"),
-            None => String::new(),
-        }
-    }
+/// Keeps only the columns of `info` that `view` publishes (in `attnum` order).
+pub fn restrict(view: &PublishedView, info: &mut TableInfo) {
+    info.columns.retain(|c| view.publishes(&c.name));
 }
 
 /// The column list and row filter `publication` applies to `table`
@@ -483,29 +461,9 @@ pub async fn published_view(
     publication: &str,
     table: &TableName,
 ) -> Result<PublishedView, CatalogError> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    sluice_postgres::publication::published_view(client, publication, table)
         .await
-        .map_err(query_err("reading server_version_num"))?
-        .get(0);
-    if version < 150000 {
-        return Ok(PublishedView::default());
-    }
-    let row = client
-        .query_opt(
-            "SELECT attnames::text[], rowfilter FROM pg_catalog.pg_publication_tables \
-             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(query_err("reading pg_publication_tables"))?;
-    Ok(match row {
-        Some(row) => PublishedView {
-            columns: row.get(0),
-            row_filter: row.get(1),
-        },
-        None => PublishedView::default(),
-    })
+        .map_err(query_err("reading pg_publication_tables"))
 }
 
 /// The tables published by `publication`, sorted.
@@ -627,14 +585,14 @@ mod tests {
                 column("name", false),
             ],
         };
-        PublishedView::default().restrict(&mut table);
+        restrict(&PublishedView::default(), &mut table);
         assert_eq!(table.columns.len(), 3);
         assert_eq!(PublishedView::default().where_clause(), "");
         let view = PublishedView {
             columns: Some(vec!["name".into(), "id".into()]),
             row_filter: Some("(region = 'eu'::text)".into()),
         };
-        view.restrict(&mut table);
+        restrict(&view, &mut table);
         let names: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["id", "name"]);
         assert_eq!(view.where_clause(), " WHERE ((region = 'eu'::text))");

@@ -254,7 +254,7 @@ pub(crate) async fn read_table(
     // (the stream carries the same, pgoutput applies them).
     let view = catalog::published_view(client, publication, table).await?;
     let mut info = catalog::table_columns(client, table).await?;
-    view.restrict(&mut info);
+    catalog::restrict(&view, &mut info);
     let mut types = TypeCatalog::new();
     types.resolve_table(client, &info).await?;
     let relation = Arc::new(catalog::to_relation(&info, &types)?);

@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 
 use sluice_broker::TableName;
 use sluice_broker::config::Config;
+use sluice_postgres::publication::PublishedView;
 
 use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident, target_table_name};
 use canonical::{Column, canonical, ch_expr, classify, pg_expr};
@@ -126,59 +127,19 @@ fn split_table_name(name: &str) -> Result<TableName, VerifyError> {
 
 type Row = Vec<Option<String>>;
 
-/// What the publication publishes of a table (Postgres 15+): its column list
-/// (`None`: every column) and its row filter (`None`: every row), read from
-/// `pg_publication_tables` as the replicator's snapshot reads them.
-#[derive(Debug, Default)]
-struct PublishedView {
-    columns: Option<Vec<String>>,
-    row_filter: Option<String>,
-}
-
-impl PublishedView {
-    fn where_clause(&self) -> String {
-        match &self.row_filter {
-            Some(filter) => format!(" WHERE ({filter})"),
-            None => String::new(),
-        }
-    }
-}
-
+/// What the publication publishes of `table`, read as the replicator's
+/// snapshot reads it (one lookup, in `sluice_postgres`).
 async fn published_view(
     pg: &tokio_postgres::Client,
     publication: &str,
     table: &TableName,
 ) -> Result<PublishedView, VerifyError> {
-    let context = || format!("reading what {publication} publishes of {table}");
-    let version: i32 = pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    sluice_postgres::publication::published_view(pg, publication, table)
         .await
         .map_err(|source| VerifyError::Postgres {
-            context: context(),
+            context: format!("reading what {publication} publishes of {table}"),
             source,
-        })?
-        .get(0);
-    if version < 150000 {
-        return Ok(PublishedView::default());
-    }
-    let row = pg
-        .query_opt(
-            "SELECT attnames::text[], rowfilter FROM pg_catalog.pg_publication_tables \
-             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(|source| VerifyError::Postgres {
-            context: context(),
-            source,
-        })?;
-    Ok(match row {
-        Some(row) => PublishedView {
-            columns: row.get(0),
-            row_filter: row.get(1),
-        },
-        None => PublishedView::default(),
-    })
+        })
 }
 
 async fn verify_table(
@@ -208,9 +169,7 @@ async fn verify_table(
             context: pg_context("reading the columns"),
             source,
         })?;
-    if let Some(published) = &view.columns {
-        pg_columns.retain(|row| published.contains(&row.get::<_, String>(0)));
-    }
+    pg_columns.retain(|row| view.publishes(&row.get::<_, String>(0)));
     let ch_context = format!("columns of {database}.{target}");
     let ch_columns = clickhouse_rows(
         ch,
