@@ -736,47 +736,63 @@ ack_wait = "30s"
         }
     }
 
-    /// Reads every message of the stream and checks that each data subject's
-    /// chain holds every sequence of each generation exactly once (1..N, no
-    /// repeats, in stream order). Returns the number of data packages.
-    pub async fn check_chains_have_no_duplicates(&self) -> anyhow::Result<u64> {
+    /// Every message of the pipeline's stream in order, chunk sets
+    /// reassembled, each decoded as a package (control messages too; a
+    /// message that is no package keeps its decode error). Deleted or absent
+    /// sequences are passed over.
+    pub async fn stream_messages(&self) -> anyhow::Result<Vec<StreamMessage>> {
         let js = self.jetstream().await?;
         let mut stream = js.get_stream(self.config.stream_name()).await?;
         let info = stream.info().await?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        let control = format!("sluice.{}._control.", self.config.source);
-        let mut chains: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
-        let mut packages = 0;
         let mut chunks = sluice_broker::chunk::Reassembler::default();
-        for seq in first..=last {
-            let message = match stream.get_raw_message(seq).await {
+        let mut messages = Vec::new();
+        for sequence in first..=last {
+            let message = match stream.get_raw_message(sequence).await {
                 Ok(m) => m,
-                // Deleted/absent sequences (none expected; the chains will tell).
                 Err(e) if e.to_string().contains("not found") => continue,
-                Err(e) => return Err(e).context(format!("reading stream sequence {seq}")),
+                Err(e) => return Err(e).context(format!("reading stream sequence {sequence}")),
             };
-            if message.subject.starts_with(&control) {
-                continue;
-            }
             let encoding = message
                 .headers
                 .get(sluice_proto::ENCODING_HEADER)
                 .map(|v| v.as_str().to_owned());
             let payload = match chunks
                 .push(&message.subject, Some(&message.headers), &message.payload)
-                .with_context(|| format!("chunk headers of stream sequence {seq}"))?
+                .with_context(|| format!("chunk headers of stream sequence {sequence}"))?
             {
                 sluice_broker::chunk::Piece::Whole(payload) => payload,
                 sluice_broker::chunk::Piece::Part => continue,
             };
-            let package = sluice_proto::decode(&payload, encoding.as_deref())
-                .with_context(|| format!("decoding stream sequence {seq}"))?;
+            messages.push(StreamMessage {
+                sequence,
+                subject: message.subject.to_string(),
+                package: sluice_proto::decode(&payload, encoding.as_deref()),
+            });
+        }
+        Ok(messages)
+    }
+
+    /// Reads every message of the stream and checks that each data subject's
+    /// chain holds every sequence of each generation exactly once (1..N, no
+    /// repeats, in stream order). Returns the number of data packages.
+    pub async fn check_chains_have_no_duplicates(&self) -> anyhow::Result<u64> {
+        let control = format!("sluice.{}._control.", self.config.source);
+        let mut chains: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+        let mut packages = 0;
+        for message in self.stream_messages().await? {
+            if message.subject.starts_with(&control) {
+                continue;
+            }
+            let package = message
+                .package
+                .with_context(|| format!("decoding stream sequence {}", message.sequence))?;
             let Some(position) = package.position else {
                 continue;
             };
             packages += 1;
             chains
-                .entry((message.subject.to_string(), position.generation))
+                .entry((message.subject, position.generation))
                 .or_default()
                 .push(position.sequence);
         }
@@ -800,6 +816,14 @@ ack_wait = "30s"
         }
         Ok(packages)
     }
+}
+
+/// One message of a pipeline's stream ([`Pipeline::stream_messages`]).
+pub struct StreamMessage {
+    /// Stream sequence (of the last chunk, for a chunked package).
+    pub sequence: u64,
+    pub subject: String,
+    pub package: Result<sluice_proto::v1::Package, sluice_proto::DecodeError>,
 }
 
 fn kill_9(child: Option<Child>) -> anyhow::Result<()> {

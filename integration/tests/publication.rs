@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use sluice_integration::pipeline::{self, Pipeline};
 use sluice_proto::Message as _;
 
@@ -24,37 +23,14 @@ async fn before_postgres_15(pg: &tokio_postgres::Client) -> anyhow::Result<bool>
     Ok(version < 150000)
 }
 
-/// Every data package of the pipeline's stream, decoded.
+/// Every package of the pipeline's stream, decoded (control messages that
+/// are no package are left out).
 async fn stream_packages(p: &Pipeline) -> anyhow::Result<Vec<sluice_proto::v1::Package>> {
-    let js = p.jetstream().await?;
-    let mut stream = js.get_stream(p.config.stream_name()).await?;
-    let info = stream.info().await?;
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut chunks = sluice_broker::chunk::Reassembler::default();
-    let mut packages = Vec::new();
-    for seq in first..=last {
-        let message = match stream.get_raw_message(seq).await {
-            Ok(m) => m,
-            Err(e) if e.to_string().contains("not found") => continue,
-            Err(e) => return Err(e).context(format!("reading stream sequence {seq}")),
-        };
-        let encoding = message
-            .headers
-            .get(sluice_proto::ENCODING_HEADER)
-            .map(|v| v.as_str().to_owned());
-        let payload = match chunks
-            .push(&message.subject, Some(&message.headers), &message.payload)
-            .with_context(|| format!("chunk headers of stream sequence {seq}"))?
-        {
-            sluice_broker::chunk::Piece::Whole(payload) => payload,
-            sluice_broker::chunk::Piece::Part => continue,
-        };
-        // Control messages (status, resync requests) are not packages.
-        if let Ok(package) = sluice_proto::decode(&payload, encoding.as_deref()) {
-            packages.push(package);
-        }
-    }
-    Ok(packages)
+    Ok(p.stream_messages()
+        .await?
+        .into_iter()
+        .filter_map(|message| message.package.ok())
+        .collect())
 }
 
 /// Fails if any message of the stream carries `marker` or describes a column
