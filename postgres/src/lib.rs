@@ -24,6 +24,7 @@ use tokio_postgres::NoTls;
 
 pub mod publication;
 pub mod tls;
+pub mod version;
 
 pub use tls::{SslMode, TlsError, TlsOptions};
 

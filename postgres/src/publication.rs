@@ -40,11 +40,8 @@ pub async fn published_view(
     publication: &str,
     table: &TableName,
 ) -> Result<PublishedView, tokio_postgres::Error> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
-    if version < 150000 {
+    let version = crate::version::server_version_num(client).await?;
+    if !crate::version::has_publication_column_lists(version) {
         return Ok(PublishedView::default());
     }
     let row = client

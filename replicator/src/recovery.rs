@@ -173,7 +173,7 @@ pub fn of_replication(error: &ReplicationError) -> Recovery {
         ReplicationError::Io(_)
         | ReplicationError::Closed
         | ReplicationError::ConnectTimeout { .. } => Recovery::Retry,
-        ReplicationError::Server(e) => of_server(e),
+        ReplicationError::Server(e) | ReplicationError::Command { error: e, .. } => of_server(e),
         // A handshake cut off by the network is worth retrying; a certificate
         // that does not verify (InvalidData from rustls) is not.
         ReplicationError::Tls {
@@ -266,6 +266,25 @@ mod tests {
         for code in ["42704", "55006", "58P01", "55000", "42501", "57P04"] {
             assert_eq!(of_replication(&server(code)), Stop, "{code}");
         }
+        // A refused command is classified by its server error alone.
+        let command = |code: &str| {
+            let ReplicationError::Server(error) = server(code) else {
+                unreachable!()
+            };
+            ReplicationError::Command {
+                command: "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+                    .to_owned(),
+                server_version: Some("13.23".to_owned()),
+                error,
+            }
+        };
+        assert_eq!(of_replication(&command("42601")), Stop);
+        assert_eq!(of_replication(&command("57P01")), Retry);
+        assert_eq!(command("42601").sqlstate(), Some("42601"));
+        assert_eq!(
+            command("42601").to_string(),
+            "`CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT` failed on Postgres 13.23: ERROR 42601: m"
+        );
         let tls = |reason| ReplicationError::Tls {
             host: "h".to_owned(),
             reason,

@@ -1,10 +1,12 @@
-//! The replication connection against a real Postgres 15+.
+//! The replication connection against a real Postgres (13 or newer).
 //!
 //! Uses `SLUICE_TEST_PG_URL` (e.g. `postgres://postgres@127.0.0.1:5432/postgres`,
 //! a superuser or a role with REPLICATION and CREATE on the database, server
 //! with `wal_level=logical`) when set; otherwise starts a throw-away cluster
-//! with `initdb` from `SLUICE_PG_BIN` (default `/usr/lib/postgresql/15/bin`),
-//! run as user `postgres` when the test runs as root.
+//! with `initdb` from `SLUICE_PG_BIN`, else `SLUICE_TEST_PG_BIN` (the binaries
+//! of the `scripts/stack` stack, whatever its version), else
+//! `/usr/lib/postgresql/15/bin`, run as user `postgres` when the test runs as
+//! root. Tests that need their own `pg_hba.conf` always start such a cluster.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,7 +34,9 @@ impl TempPostgres {
     /// server certificate for `localhost` and `127.0.0.1`, and `ssl=on`.
     fn start(tls: bool) -> Result<Self> {
         let bin = PathBuf::from(
-            std::env::var("SLUICE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+            std::env::var("SLUICE_PG_BIN")
+                .or_else(|_| std::env::var("SLUICE_TEST_PG_BIN"))
+                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
         let as_postgres = is_root()?;
         let dir = tempfile::Builder::new()
@@ -338,6 +342,35 @@ async fn replication_connection_against_postgres() -> Result<()> {
     snapshot_reader.batch_execute("SELECT 1; COMMIT").await?;
     drop(snapshot_reader);
 
+    // The connection knows the server's version (the slot command's syntax
+    // depends on it), and a refused command names itself and that version.
+    let (version, version_num): (String, String) = {
+        let row = sql
+            .query_one(
+                "SELECT current_setting('server_version'), current_setting('server_version_num')",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    let mut other = ReplicationClient::connect(&config).await?;
+    assert_eq!(other.server_version(), Some(version.as_str()));
+    assert_eq!(other.server_version_num().await?.to_string(), version_num);
+    let err = other
+        .create_logical_slot(&slot, false)
+        .await
+        .expect_err("a second slot of the same name");
+    assert_eq!(err.sqlstate(), Some("42710"), "{err:?}");
+    assert_eq!(recovery::of_replication(&err), Recovery::Stop);
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "`CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput "
+        )) && text.contains(&format!("` failed on Postgres {version}: ERROR 42710: ")),
+        "{text}"
+    );
+    other.close().await?;
+
     // Changes after the consistent point.
     sql.batch_execute(&format!(
         "CREATE TABLE {table} (id int PRIMARY KEY, v text);
@@ -569,9 +602,13 @@ async fn tls_modes() -> Result<()> {
 
     // SCRAM over TLS: the server also offers SCRAM-SHA-256-PLUS; plain SCRAM
     // without channel binding must still be accepted.
+    // (Postgres 13 stores new passwords as md5 unless told otherwise.)
     let sql = sql_client(&config).await?;
-    sql.batch_execute("CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-secret'")
-        .await?;
+    sql.batch_execute(
+        "SET password_encryption = 'scram-sha-256';
+         CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-secret'",
+    )
+    .await?;
     drop(sql);
     let config: Config = format!(
         "{}?sslmode=require",

@@ -33,7 +33,7 @@ pub struct SystemIdentity {
     pub dbname: Option<String>,
 }
 
-/// What `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')` reports.
+/// What `CREATE_REPLICATION_SLOT … LOGICAL pgoutput` (exporting a snapshot) reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedSlot {
     /// The slot's name.
@@ -51,6 +51,8 @@ pub struct CreatedSlot {
 pub struct ReplicationClient {
     pub(crate) conn: Connection,
     backend_pid: i32,
+    /// `server_version_num`, once asked ([`ReplicationClient::server_version_num`]).
+    server_version_num: Option<i32>,
 }
 
 impl std::fmt::Debug for ReplicationClient {
@@ -138,7 +140,11 @@ impl ReplicationClient {
         };
         let mut conn = Connection::new(io);
         let backend_pid = startup(&mut conn, config).await?;
-        Ok(ReplicationClient { conn, backend_pid })
+        Ok(ReplicationClient {
+            conn,
+            backend_pid,
+            server_version_num: None,
+        })
     }
 
     /// The server process id of this connection's walsender (`pid` in
@@ -147,10 +153,32 @@ impl ReplicationClient {
         self.backend_pid
     }
 
+    /// The server's version as it reported it at startup (`server_version`,
+    /// e.g. `13.23`), for messages; [`ReplicationClient::server_version_num`]
+    /// is the one to compare.
+    pub fn server_version(&self) -> Option<&str> {
+        self.conn.server_version.as_deref()
+    }
+
+    /// `SHOW server_version_num` (e.g. `130023` for 13.23), asked once per
+    /// connection. Where the walsender's commands differ between versions,
+    /// this decides which form is sent.
+    pub async fn server_version_num(&mut self) -> Result<i32, ReplicationError> {
+        if let Some(version) = self.server_version_num {
+            return Ok(version);
+        }
+        const CMD: &str = "SHOW server_version_num";
+        let rows = self.command(CMD).await?;
+        let row = single_row(CMD, rows)?;
+        let version = parse_col(CMD, "server_version_num", &row, 0, |s| s.parse().ok())?;
+        self.server_version_num = Some(version);
+        Ok(version)
+    }
+
     /// `IDENTIFY_SYSTEM`.
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
         const CMD: &str = "IDENTIFY_SYSTEM";
-        let rows = self.simple_query(CMD).await?;
+        let rows = self.command(CMD).await?;
         let row = single_row(CMD, rows)?;
         Ok(SystemIdentity {
             system_id: parse_col(CMD, "systemid", &row, 0, |s| s.parse().ok())?,
@@ -160,8 +188,10 @@ impl ReplicationClient {
         })
     }
 
-    /// `CREATE_REPLICATION_SLOT "name" [TEMPORARY] LOGICAL pgoutput (SNAPSHOT 'export')`
-    /// (Postgres 15+ syntax).
+    /// Creates a logical pgoutput slot that exports a snapshot:
+    /// `CREATE_REPLICATION_SLOT "name" [TEMPORARY] LOGICAL pgoutput` with
+    /// `(SNAPSHOT 'export')` on Postgres 15+, `EXPORT_SNAPSHOT` before (the
+    /// only form 13 and 14 know; see [`create_slot_command`]).
     ///
     /// The exported snapshot stays valid only while this connection stays
     /// idle: the next command on it (or closing it) ends the snapshot. A
@@ -172,12 +202,9 @@ impl ReplicationClient {
         temporary: bool,
     ) -> Result<CreatedSlot, ReplicationError> {
         const CMD: &str = "CREATE_REPLICATION_SLOT";
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(name),
-            if temporary { " TEMPORARY" } else { "" },
-        );
-        let rows = self.simple_query(&sql).await?;
+        let version = self.server_version_num().await?;
+        let sql = create_slot_command(name, temporary, version);
+        let rows = self.command(&sql).await?;
         let row = single_row(CMD, rows)?;
         Ok(CreatedSlot {
             slot_name: parse_col(CMD, "slot_name", &row, 0, |s| Some(s.to_owned()))?,
@@ -195,7 +222,27 @@ impl ReplicationClient {
             quote_ident(name),
             if wait { " WAIT" } else { "" }
         );
-        self.simple_query(&sql).await.map(drop)
+        self.command(&sql).await.map(drop)
+    }
+
+    /// Runs a replication command; a server error names it and the server's
+    /// version ([`ReplicationError::Command`]).
+    async fn command(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        self.simple_query(sql)
+            .await
+            .map_err(|e| self.command_error(sql, e))
+    }
+
+    /// Turns a server error of the command `sql` into [`ReplicationError::Command`].
+    pub(crate) fn command_error(&self, sql: &str, error: ReplicationError) -> ReplicationError {
+        match error {
+            ReplicationError::Server(error) => ReplicationError::Command {
+                command: sql.to_owned(),
+                server_version: self.conn.server_version.clone(),
+                error,
+            },
+            other => other,
+        }
     }
 
     /// Runs a command with the simple-query protocol and returns the text
@@ -236,6 +283,7 @@ impl ReplicationClient {
         ReplicationClient {
             conn: Connection::new(io),
             backend_pid: 0,
+            server_version_num: None,
         }
     }
 
@@ -247,6 +295,24 @@ impl ReplicationClient {
         self.conn.shutdown().await?;
         Ok(())
     }
+}
+
+/// The `CREATE_REPLICATION_SLOT` command for a logical pgoutput slot that
+/// exports its snapshot, in the syntax of the server's `server_version_num`:
+/// Postgres 15 introduced the option list `(SNAPSHOT 'export')`; 13 and 14
+/// accept only the older keyword `EXPORT_SNAPSHOT` (which 15–18 still take,
+/// but as the legacy form).
+pub fn create_slot_command(name: &str, temporary: bool, server_version_num: i32) -> String {
+    let snapshot = if sluice_postgres::version::has_create_slot_options(server_version_num) {
+        "(SNAPSHOT 'export')"
+    } else {
+        "EXPORT_SNAPSHOT"
+    };
+    format!(
+        "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {snapshot}",
+        quote_ident(name),
+        if temporary { " TEMPORARY" } else { "" },
+    )
 }
 
 /// Formats publication names as the value of the `publication_names`
@@ -338,5 +404,30 @@ mod tests {
         assert_eq!(quote_literal("1"), "'1'");
         assert_eq!(quote_literal("it's \\ ok"), "'it''s \\ ok'");
         assert_eq!(publication_names(["p1", "we\"ird"]), "\"p1\",\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn create_slot_command_follows_the_server_version() {
+        // 13 and 14 know only EXPORT_SNAPSHOT; 15 added the option list.
+        for version in [130000, 130023, 140023, 149999] {
+            assert_eq!(
+                create_slot_command("s", false, version),
+                "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+            );
+            assert_eq!(
+                create_slot_command("s", true, version),
+                "CREATE_REPLICATION_SLOT \"s\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+            );
+        }
+        for version in [150000, 150018, 160014, 170010, 180004] {
+            assert_eq!(
+                create_slot_command("s", false, version),
+                "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export')"
+            );
+            assert_eq!(
+                create_slot_command("we\"ird", true, version),
+                "CREATE_REPLICATION_SLOT \"we\"\"ird\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+            );
+        }
     }
 }

@@ -93,7 +93,7 @@ impl ReplicationClient {
                     let e = server_error(&body);
                     // Best effort: the caller gets the server's error either way.
                     let _ = self.conn.drain_to_ready().await;
-                    return Err(ReplicationError::Server(e));
+                    return Err(self.command_error(&sql, ReplicationError::Server(e)));
                 }
                 Backend::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {}
                 Backend::Message(other) => {

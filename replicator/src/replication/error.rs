@@ -39,6 +39,21 @@ pub enum ReplicationError {
     #[error("{0}")]
     Server(Box<ServerError>),
 
+    /// The server refused a replication command (`CREATE_REPLICATION_SLOT`,
+    /// `START_REPLICATION`, …) with an `ErrorResponse`: names the command and
+    /// the server's version, since the commands' syntax and options depend on
+    /// it. Recovery treats it like [`ReplicationError::Server`].
+    #[error("`{command}` failed{}: {error}", on_version(.server_version.as_deref()))]
+    Command {
+        /// The command as sent (identifiers and option values only; no
+        /// secrets travel in replication commands).
+        command: String,
+        /// `server_version` as the server reported it at startup.
+        server_version: Option<String>,
+        /// The server's error.
+        error: Box<ServerError>,
+    },
+
     /// The server rejected the credentials (SQLSTATE class 28, e.g. 28P01
     /// invalid_password), or our side of the exchange could not proceed.
     #[error("authentication failed for user {user:?}")]
@@ -74,7 +89,9 @@ impl ReplicationError {
     /// The SQLSTATE of a server error (also of a server-side auth failure).
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            ReplicationError::Server(e) => Some(&e.code),
+            ReplicationError::Server(e) | ReplicationError::Command { error: e, .. } => {
+                Some(&e.code)
+            }
             ReplicationError::Auth {
                 reason: AuthError::Rejected(e),
                 ..
@@ -86,7 +103,7 @@ impl ReplicationError {
     /// The server error, if this is one.
     pub fn server_error(&self) -> Option<&ServerError> {
         match self {
-            ReplicationError::Server(e) => Some(e),
+            ReplicationError::Server(e) | ReplicationError::Command { error: e, .. } => Some(e),
             ReplicationError::Auth {
                 reason: AuthError::Rejected(e),
                 ..
@@ -94,6 +111,12 @@ impl ReplicationError {
             _ => None,
         }
     }
+}
+
+fn on_version(version: Option<&str>) -> String {
+    version
+        .map(|v| format!(" on Postgres {v}"))
+        .unwrap_or_default()
 }
 
 impl From<io::Error> for ReplicationError {

@@ -69,7 +69,10 @@ mod lsn;
 mod startup;
 mod wire;
 
-pub use conn::{CreatedSlot, ReplicationClient, SystemIdentity, publication_names, quote_literal};
+pub use conn::{
+    CreatedSlot, ReplicationClient, SystemIdentity, create_slot_command, publication_names,
+    quote_literal,
+};
 pub use copy_both::{PG_EPOCH_UNIX_MICROS, ReplicationEvent, ReplicationStream, pg_now_micros};
 pub use error::{AuthError, ProtocolError, ReplicationError, ServerError, TlsError};
 pub use lsn::{Lsn, ParseLsnError};

@@ -34,6 +34,10 @@ pub(crate) struct Connection {
     io: Box<dyn AsyncIo>,
     read_buf: BytesMut,
     pub(crate) write_buf: BytesMut,
+    /// `server_version` as the server reported it (a `ParameterStatus` at
+    /// startup), e.g. `13.23` or `15.18 (Debian 15.18-0+deb12u1)`: for error
+    /// messages.
+    pub(crate) server_version: Option<String>,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -44,6 +48,7 @@ impl Connection {
             io,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(1024),
+            server_version: None,
         }
     }
 
@@ -66,7 +71,8 @@ impl Connection {
     }
 
     /// Reads the next message that matters to the protocol state machine,
-    /// logging notices and skipping parameter status reports.
+    /// logging notices and skipping parameter status reports (but keeping
+    /// `server_version`).
     pub(crate) async fn read_message(
         &mut self,
         state: &'static str,
@@ -86,7 +92,11 @@ impl Connection {
                         );
                     }
                 }
-                Backend::Message(Message::ParameterStatus(_)) => {}
+                Backend::Message(Message::ParameterStatus(body)) => {
+                    if body.name().ok() == Some("server_version") {
+                        self.server_version = body.value().ok().map(str::to_owned);
+                    }
+                }
                 Backend::Message(message) => return Ok(message),
             }
         }

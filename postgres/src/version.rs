@@ -1,0 +1,66 @@
+//! What differs between the Postgres versions sluice supports (13 to 18), in
+//! one place. Each difference is decided by the server's own
+//! `server_version_num` (e.g. `130023` for 13.23), never by configuration.
+//!
+//! | since | what | who cares |
+//! |---|---|---|
+//! | 15 | `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`; before: `EXPORT_SNAPSHOT` | the replicator's replication connection |
+//! | 15 | publication column lists and row filters (`pg_publication_tables.attnames`, `rowfilter`) | snapshots, resyncs, `verify` ([`crate::publication`]) |
+//! | 14 | `numeric` holds `±Infinity` (13 refuses the literal) | `verify`'s clamp of `Decimal` columns |
+
+/// The oldest Postgres sluice supports: 13 (`pg_replication_slots.wal_status`).
+pub const OLDEST_SUPPORTED: i32 = 130000;
+
+/// `current_setting('server_version_num')` of the server `client` is connected to.
+pub async fn server_version_num(
+    client: &tokio_postgres::Client,
+) -> Result<i32, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0))
+}
+
+/// Whether `CREATE_REPLICATION_SLOT` takes the option list `(SNAPSHOT 'export')`
+/// (15+). Before, only the keyword `EXPORT_SNAPSHOT`, which 15–18 still accept
+/// as the legacy form.
+pub fn has_create_slot_options(server_version_num: i32) -> bool {
+    server_version_num >= 150000
+}
+
+/// Whether publications have column lists and row filters (15+).
+pub fn has_publication_column_lists(server_version_num: i32) -> bool {
+    server_version_num >= 150000
+}
+
+/// Whether `numeric` has `Infinity` and `-Infinity` (14+).
+pub fn has_numeric_infinity(server_version_num: i32) -> bool {
+    server_version_num >= 140000
+}
+
+/// `13.23` for `130023` (the versions sluice supports number themselves
+/// major × 10000 + minor).
+pub fn label(server_version_num: i32) -> String {
+    format!(
+        "{}.{}",
+        server_version_num / 10000,
+        server_version_num % 10000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_decide_each_difference() {
+        assert!(!has_create_slot_options(140023));
+        assert!(has_create_slot_options(150000));
+        assert!(!has_publication_column_lists(140023));
+        assert!(has_publication_column_lists(180004));
+        assert!(!has_numeric_infinity(130023));
+        assert!(has_numeric_infinity(140000));
+        assert_eq!(label(130023), "13.23");
+        assert_eq!(label(180004), "18.4");
+    }
+}
