@@ -9,6 +9,7 @@ use crate::clickhouse::encode::{
 };
 use crate::clickhouse::schema::quote_ident;
 use sluice_broker::table::quote_ident as pg_quote_ident;
+use sluice_postgres::version::has_numeric_infinity;
 
 /// How a column's values are read and canonicalised on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,8 +100,9 @@ fn decimal_max(precision: u32, scale: u32) -> String {
     }
 }
 
-/// The Postgres select expression of a column, applying the loader's clamps.
-pub(super) fn pg_expr(column: &Column) -> String {
+/// The Postgres select expression of a column, applying the loader's clamps,
+/// for a server of `server_version_num` (whose `numeric` may lack `±Infinity`).
+pub(super) fn pg_expr(column: &Column, server_version_num: i32) -> String {
     let q = pg_quote_ident(&column.name);
     let clamp = |low: &str, high: &str, ty: &str| {
         format!(
@@ -118,11 +120,16 @@ pub(super) fn pg_expr(column: &Column) -> String {
             precision, scale, ..
         } => {
             let max = decimal_max(*precision, *scale);
-            format!(
-                "CASE WHEN {q} = 'NaN'::numeric THEN 0::numeric \
-                 WHEN {q} = 'Infinity'::numeric THEN {max}::numeric \
-                 WHEN {q} = '-Infinity'::numeric THEN -{max}::numeric ELSE {q} END"
-            )
+            // Postgres 13 has no numeric infinity and refuses the literal.
+            let infinities = if has_numeric_infinity(server_version_num) {
+                format!(
+                    "WHEN {q} = 'Infinity'::numeric THEN {max}::numeric \
+                     WHEN {q} = '-Infinity'::numeric THEN -{max}::numeric "
+                )
+            } else {
+                String::new()
+            };
+            format!("CASE WHEN {q} = 'NaN'::numeric THEN 0::numeric {infinities}ELSE {q} END")
         }
         ColumnKind::Date => clamp(
             &date_literal(DATE32_MIN_DAYS),
@@ -427,13 +434,29 @@ mod tests {
             missing: false,
         };
         assert_eq!(
-            pg_expr(&column(ColumnKind::Date)),
+            pg_expr(&column(ColumnKind::Date), 150000),
             "CASE WHEN \"c\" IS NULL THEN NULL ELSE greatest(least(\"c\", '2299-12-31'::date), \
              '1900-01-01'::date) END"
         );
         assert!(
-            pg_expr(&column(ColumnKind::Timestamp { utc: true }))
+            pg_expr(&column(ColumnKind::Timestamp { utc: true }), 150000)
                 .contains("least(\"c\", '2299-12-31 23:59:59.999999+00'::timestamptz), '1900-01-01 00:00:00.000000+00'::timestamptz)")
+        );
+        // Numeric ±Infinity exists from Postgres 14 on; 13 refuses the literal.
+        let decimal = column(ColumnKind::Decimal {
+            precision: 4,
+            scale: 1,
+            money: false,
+        });
+        assert_eq!(
+            pg_expr(&decimal, 140000),
+            "CASE WHEN \"c\" = 'NaN'::numeric THEN 0::numeric \
+             WHEN \"c\" = 'Infinity'::numeric THEN 999.9::numeric \
+             WHEN \"c\" = '-Infinity'::numeric THEN -999.9::numeric ELSE \"c\" END"
+        );
+        assert_eq!(
+            pg_expr(&decimal, 130023),
+            "CASE WHEN \"c\" = 'NaN'::numeric THEN 0::numeric ELSE \"c\" END"
         );
     }
 }

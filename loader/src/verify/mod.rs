@@ -107,10 +107,16 @@ pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableRep
             tables
         }
     };
+    let version = sluice_postgres::version::server_version_num(pg)
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: "reading server_version_num".into(),
+            source,
+        })?;
     let mut reports = Vec::with_capacity(tables.len());
     for table in tables {
         let view = published_view(pg, &config.postgres.publication, &table).await?;
-        reports.push(verify_table(pg, &ch, &database, &table, &view).await?);
+        reports.push(verify_table(pg, version, &ch, &database, &table, &view).await?);
     }
     Ok(reports)
 }
@@ -144,6 +150,7 @@ async fn published_view(
 
 async fn verify_table(
     pg: &tokio_postgres::Client,
+    server_version_num: i32,
     ch: &clickhouse::Client,
     database: &str,
     source: &TableName,
@@ -260,7 +267,11 @@ async fn verify_table(
 
     let pg_sql = format!(
         "SELECT {} FROM {}{}",
-        columns.iter().map(pg_expr).collect::<Vec<_>>().join(", "),
+        columns
+            .iter()
+            .map(|c| pg_expr(c, server_version_num))
+            .collect::<Vec<_>>()
+            .join(", "),
         source.quoted(),
         view.where_clause()
     );
