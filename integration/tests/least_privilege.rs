@@ -81,3 +81,68 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
     assert_eq!(tables.len(), 1, "only the published table: {tables:?}");
     Ok(())
 }
+
+/// Without `tables`, setup.sql publishes every table of the schema: `FOR TABLES IN SCHEMA` on
+/// Postgres 15+, the schema's current tables on 13 and 14 (which lack it). Asks the server which.
+#[tokio::test]
+async fn the_setup_sql_without_tables_publishes_the_schema_on_every_version() -> anyhow::Result<()>
+{
+    let (url, _) = sluice_integration::Servers::get()
+        .fresh_pg_database("setup_schema")
+        .await?;
+    let pg = sluice_integration::Servers::pg_connect(&url).await?;
+    pg.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.orders (id bigint PRIMARY KEY);
+         CREATE TABLE app.\"Line Items\" (id bigint PRIMARY KEY);
+         CREATE TABLE public.elsewhere (id bigint PRIMARY KEY);",
+    )
+    .await?;
+    let role = unique_name("sluice_role");
+    let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/postgres/setup.sql");
+    let output = Command::new("psql")
+        .arg("-X")
+        .arg("-q")
+        .args(["-d", &url, "-f", setup])
+        .args(["-v", "schema=app", "-v", &format!("role={role}")])
+        .output()
+        .context("running psql (Postgres client tools)")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    anyhow::ensure!(
+        output.status.success(),
+        "setup.sql failed: {}{stderr}",
+        String::from_utf8_lossy(&output.stdout),
+    );
+    let version = sluice_postgres::version::server_version_num(&pg).await?;
+    let published: Vec<String> = pg
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables \
+             WHERE pubname = 'sluice' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        published,
+        ["app.Line Items", "app.orders"],
+        "Postgres {version}"
+    );
+    let in_schema: bool = pg
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = 'sluice') \
+                 AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r \
+                     JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = 'sluice')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if sluice_postgres::version::has_publication_tables_in_schema(version) {
+        assert!(in_schema, "Postgres {version}: not FOR TABLES IN SCHEMA");
+    } else {
+        assert!(!in_schema, "Postgres {version}: tables listed one by one");
+        assert!(stderr.contains("no FOR TABLES IN SCHEMA"), "{stderr}");
+    }
+    Ok(())
+}

@@ -11,16 +11,15 @@ use sluice_proto::Message as _;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-/// Skips (returns true) on a Postgres without column lists and row filters.
+/// Skips (returns true) on a Postgres without column lists and row filters (before 15).
+/// `scripts/test-matrix` does not run these tests there at all and reports them as skipped.
 async fn before_postgres_15(pg: &tokio_postgres::Client) -> anyhow::Result<bool> {
-    let version: i32 = pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
-    if version < 150000 {
+    let version = sluice_postgres::version::server_version_num(pg).await?;
+    let before = !sluice_postgres::version::has_publication_column_lists(version);
+    if before {
         eprintln!("skipped: Postgres {version} has no publication column lists or row filters");
     }
-    Ok(version < 150000)
+    Ok(before)
 }
 
 /// Every package of the pipeline's stream, decoded (control messages that

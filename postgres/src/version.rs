@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | 15 | `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`; before: `EXPORT_SNAPSHOT` | the replicator's replication connection |
 //! | 15 | publication column lists and row filters (`pg_publication_tables.attnames`, `rowfilter`) | snapshots, resyncs, `verify` ([`crate::publication`]) |
+//! | 15 | `CREATE PUBLICATION … FOR TABLES IN SCHEMA` | `sql/postgres/setup.sql` without `tables` |
 //! | 14 | `numeric` holds `±Infinity` (13 refuses the literal) | `verify`'s clamp of `Decimal` columns |
 
 /// The oldest Postgres sluice supports: 13 (`pg_replication_slots.wal_status`).
@@ -30,6 +31,11 @@ pub fn has_create_slot_options(server_version_num: i32) -> bool {
 
 /// Whether publications have column lists and row filters (15+).
 pub fn has_publication_column_lists(server_version_num: i32) -> bool {
+    server_version_num >= 150000
+}
+
+/// Whether publications can publish a whole schema, `FOR TABLES IN SCHEMA` (15+).
+pub fn has_publication_tables_in_schema(server_version_num: i32) -> bool {
     server_version_num >= 150000
 }
 
@@ -58,6 +64,8 @@ mod tests {
         assert!(has_create_slot_options(150000));
         assert!(!has_publication_column_lists(140023));
         assert!(has_publication_column_lists(180004));
+        assert!(!has_publication_tables_in_schema(130023));
+        assert!(has_publication_tables_in_schema(150018));
         assert!(!has_numeric_infinity(130023));
         assert!(has_numeric_infinity(140000));
         assert_eq!(label(130023), "13.23");

@@ -5,8 +5,10 @@
 --        -v tables=public.orders,public.customers [-v publication=sluice] [-v schema=public] \
 --        [-v role=sluice] [-v password=SECRET]
 --
--- Every variable is optional: `tables` defaults to every table in `schema` (FOR TABLES IN SCHEMA,
--- Postgres 15+: tables created there later are published too). With `tables`, the role may read
+-- Every variable is optional: `tables` defaults to every table in `schema` (FOR TABLES IN SCHEMA
+-- on Postgres 15+: tables created there later are published too; Postgres 13 and 14 have no such
+-- publication, so there it lists the schema's tables as they are now, and a table created later
+-- must be added with ALTER PUBLICATION ... ADD TABLE). With `tables`, the role may read
 -- exactly those tables; without, every table of `schema`, now and created later; `password` defaults to the
 -- environment variable SLUICE_ROLE_PASSWORD of psql (docker-compose.yml uses that), else the
 -- password is left unset (set it with ALTER ROLE, or use certificate authentication). Running the file
@@ -74,12 +76,24 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA :"schema" GRANT SELECT ON TABLES TO :"role";
 --    Add tables later with: ALTER PUBLICATION sluice ADD TABLE public.new_table;
 --    Partitioned tables: add the parent and set WITH (publish_via_partition_root = true) so
 --    changes arrive under the parent's name.
-SELECT NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication') AS create_publication \gset
+SELECT NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication') AS create_publication,
+       current_setting('server_version_num')::int >= 150000 AS has_tables_in_schema \gset
 \if :create_publication
 \if :{?tables}
 CREATE PUBLICATION :"publication" FOR TABLE :tables;
-\else
+\elif :has_tables_in_schema
 CREATE PUBLICATION :"publication" FOR TABLES IN SCHEMA :"schema";
+\else
+-- Postgres 13 and 14: the schema's tables (and partitioned tables) as they are now.
+SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY c.relname) AS schema_tables
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p') AND NOT c.relispartition \gset
+\if :{?schema_tables}
+CREATE PUBLICATION :"publication" FOR TABLE :schema_tables;
+\else
+CREATE PUBLICATION :"publication";
+\endif
+\warn 'Postgres before 15 has no FOR TABLES IN SCHEMA: the publication lists the schema''s tables of now; add tables created later with ALTER PUBLICATION ... ADD TABLE'
 \endif
 \endif
 
