@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_integration::pipeline::{Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload, workload_table_sql};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -61,6 +61,19 @@ async fn mixed_types_and_workload_arrive_equal() -> anyhow::Result<()> {
     p.spawn_replicator()?;
     p.spawn_loader()?;
     pg.batch_execute(ALL_TYPES_ROWS).await?;
+    // Values only some versions have: numeric ±Infinity (14+), interval ±infinity (17+).
+    let version = sluice_postgres::version::server_version_num(&pg).await?;
+    if sluice_postgres::version::has_numeric_infinity(version) {
+        pg.batch_execute("UPDATE alltypes SET n = '-Infinity' WHERE id = 3")
+            .await?;
+    }
+    if sluice_postgres::version::has_interval_infinity(version) {
+        pg.batch_execute(
+            "UPDATE alltypes SET iv = 'infinity' WHERE id = 3;
+             UPDATE alltypes SET iv = '-infinity' WHERE id = 4;",
+        )
+        .await?;
+    }
     pg.batch_execute(
         "INSERT INTO orders SELECT g, g % 17, g * 1.25, 'note ' || g FROM generate_series(1, 200) g;
          INSERT INTO events SELECT g, 'event ' || g FROM generate_series(1, 100) g;",
@@ -98,6 +111,16 @@ async fn mixed_types_and_workload_arrive_equal() -> anyhow::Result<()> {
     let counts: Vec<u64> = reports.iter().map(|r| r.postgres_rows).collect();
     // alltypes: 1, 3, 4, 100; events: 50 + 1; orders: 200 - 20.
     assert_eq!(counts, [4, 51, 180], "{reports:?}");
+    // Every value of the type matrix decoded as its type (none fell back to text).
+    let metrics = p.replicator_metrics().await?;
+    for table in ["public.alltypes", "public.orders", "public.events"] {
+        let series = format!("sluice_value_decode_errors_total{{table=\"{table}\"}}");
+        assert_eq!(
+            pipeline::metric(&metrics, &series),
+            Some(0.0),
+            "{series} on Postgres {version}"
+        );
+    }
     p.stop_loader().await?;
     p.stop_replicator().await?;
     Ok(())

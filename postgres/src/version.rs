@@ -7,6 +7,7 @@
 //! | 15 | `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`; before: `EXPORT_SNAPSHOT` | the replicator's replication connection |
 //! | 15 | publication column lists and row filters (`pg_publication_tables.attnames`, `rowfilter`) | snapshots, resyncs, `verify` ([`crate::publication`]) |
 //! | 15 | `CREATE PUBLICATION … FOR TABLES IN SCHEMA` | `sql/postgres/setup.sql` without `tables` |
+//! | 17 | `interval` holds `±infinity` (the former extreme values) | the value decoder: carried as text |
 //! | 14 | `numeric` holds `±Infinity` (13 refuses the literal) | `verify`'s clamp of `Decimal` columns |
 
 /// The oldest Postgres sluice supports: 13 (`pg_replication_slots.wal_status`).
@@ -44,6 +45,12 @@ pub fn has_numeric_infinity(server_version_num: i32) -> bool {
     server_version_num >= 140000
 }
 
+/// Whether `interval` has `infinity` and `-infinity` (17+), which take the
+/// place of the largest and the smallest interval of earlier versions.
+pub fn has_interval_infinity(server_version_num: i32) -> bool {
+    server_version_num >= 170000
+}
+
 /// `13.23` for `130023` (the versions sluice supports number themselves
 /// major × 10000 + minor).
 pub fn label(server_version_num: i32) -> String {
@@ -68,6 +75,8 @@ mod tests {
         assert!(has_publication_tables_in_schema(150018));
         assert!(!has_numeric_infinity(130023));
         assert!(has_numeric_infinity(140000));
+        assert!(!has_interval_infinity(160014));
+        assert!(has_interval_infinity(170000));
         assert_eq!(label(130023), "13.23");
         assert_eq!(label(180004), "18.4");
     }

@@ -539,9 +539,16 @@ async fn values_agree_with_postgres() -> Result<()> {
         "1 day -00:00:00.000001",
         "100 hours",
     ];
-    // The extremes: Postgres 13's interval input refuses more than 2^31 hours
-    // (its output prints them all the same), so they are checked from 14 on.
-    if version >= 140000 {
+    // The extremes: the input of Postgres 13 and 14 refuses more than 2^31
+    // hours (their output prints them all the same), so they are checked from
+    // 15 on. From 17 on the former extremes are ±infinity, and the finite ones
+    // end a microsecond earlier.
+    if sluice_postgres::version::has_interval_infinity(version) {
+        intervals.extend([
+            "178956970 years 7 mons 2147483647 days 2562047788:00:54.775806",
+            "-178956970 years -8 mons -2147483648 days -2562047788:00:54.775807",
+        ]);
+    } else if version >= 150000 {
         intervals.extend([
             "178956970 years 7 mons 2147483647 days 2562047788:00:54.775807",
             // Postgres's input cannot parse its own minimum; build it.
@@ -571,6 +578,14 @@ async fn values_agree_with_postgres() -> Result<()> {
             micros: row.get(3),
         });
         assert_eq!(decoded(&interval, row.get(0))?, want, "interval {lit}");
+    }
+    // Postgres 17+: infinite intervals travel as their text.
+    if sluice_postgres::version::has_interval_infinity(version) {
+        for lit in ["infinity", "-infinity"] {
+            let text = text_of(c, "interval", &format!("'{lit}'")).await?;
+            assert_eq!(text, lit);
+            assert_eq!(decoded(&interval, &text)?, Kind::Text(text.clone()));
+        }
     }
 
     // Arrays: shape from array_lower/array_length, elements from unnest.

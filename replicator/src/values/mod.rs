@@ -108,6 +108,12 @@ pub fn decode_scalar(category: TypeCategory, text: &str) -> Result<Kind, &'stati
             Some(inf) => Kind::TimestamptzInfinity(inf as i32),
             None => Kind::Timestamptz(parse_timestamp(text, true)?),
         },
+        // Postgres 17+ has infinite intervals. The wire's Interval has no
+        // room for them, and ClickHouse keeps intervals as text anyway: they
+        // travel as the text Postgres prints, which the loader stores as is.
+        TypeCategory::Interval if matches!(text, "infinity" | "-infinity") => {
+            Kind::Text(text.to_owned())
+        }
         TypeCategory::Interval => Kind::Interval(parse_interval(text)?),
     })
 }
@@ -807,6 +813,13 @@ mod tests {
     #[test]
     fn intervals() {
         assert_eq!(kind(C::Interval, "00:00:00"), interval(0, 0, 0));
+        // Postgres 17+.
+        assert_eq!(kind(C::Interval, "infinity"), Kind::Text("infinity".into()));
+        assert_eq!(
+            kind(C::Interval, "-infinity"),
+            Kind::Text("-infinity".into())
+        );
+        assert!(decode_scalar(C::Interval, "+infinity").is_err());
         assert_eq!(
             kind(C::Interval, "1 year 2 mons 3 days 04:05:06.789"),
             interval(14, 3, 14_706_789_000)
