@@ -189,7 +189,9 @@ impl Pipeline {
         // Built now, so that no caller's clock (a benchmark's) includes the
         // build of the first spawn.
         binaries()?;
-        let name = unique_name(name);
+        // `sluice_`: the loader's least-privilege ClickHouse user may touch only the databases
+        // so named (scripts/clickhouse-server.py), and the database is the source name.
+        let name = unique_name(&format!("sluice_{name}"));
         let (pg_url, _) = servers.fresh_pg_database(&name).await?;
         let dir = tempfile::Builder::new()
             .prefix("sluice-pipeline-")
@@ -213,6 +215,7 @@ max_age = "1h"
 [clickhouse]
 url = "{ch}"
 database = "{name}"
+{ch_login}
 
 [replicator]
 metrics_listen = "127.0.0.1:{rport}"
@@ -227,6 +230,15 @@ batch_max_wait = "200ms"
 ack_wait = "30s"
 "#,
             ch = servers.clickhouse_url,
+            ch_login = servers
+                .clickhouse_loader
+                .as_ref()
+                .map_or(String::new(), |login| {
+                    format!(
+                        "user = \"{}\"\npassword = \"{}\"",
+                        login.user, login.password
+                    )
+                }),
             rport = free_port()?,
             lport = free_port()?,
         );
