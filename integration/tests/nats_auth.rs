@@ -183,3 +183,123 @@ async fn a_client_certificate_for_mutual_tls() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A JWT of the NATS decentralised-auth model (`alg: ed25519-nkey`): `claims` (without `iss`,
+/// `sub`, `iat`, `jti`) for `subject`, signed by `issuer`.
+fn nats_jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    name: &str,
+    claims: serde_json::Value,
+) -> anyhow::Result<String> {
+    use data_encoding::BASE64URL_NOPAD as B64;
+    let header = B64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let body = serde_json::json!({
+        "jti": sluice_integration::unique_name("jti").to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": claims,
+    });
+    let payload = B64.encode(serde_json::to_vec(&body)?.as_slice());
+    let signed = format!("{header}.{payload}");
+    let signature = issuer.sign(signed.as_bytes())?;
+    Ok(format!("{signed}.{}", B64.encode(&signature)))
+}
+
+/// A `.creds` file (user JWT + seed) as `nsc` writes it.
+fn creds_file(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
+}
+
+/// `nats.creds_file` against a server in operator mode (decentralised JWT authentication): a
+/// user of the operator's account connects; a user signed by an account the operator does not
+/// know is refused for good; an unreadable file is a configuration error naming it.
+#[tokio::test]
+async fn a_creds_file_in_operator_mode() -> anyhow::Result<()> {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let system = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1
+    });
+    let account_claims = serde_json::json!({
+        "limits": unlimited, "default_permissions": {"pub": {}, "sub": {}},
+        "type": "account", "version": 2
+    });
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "sluice-test",
+        serde_json::json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    )?;
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "app",
+        account_claims.clone(),
+    )?;
+    let system_jwt = nats_jwt(&operator, &system.public_key(), "SYS", account_claims)?;
+    let user_claims = serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2
+    });
+    let user_jwt = nats_jwt(&account, &user.public_key(), "loader", user_claims.clone())?;
+    let server = Server::start(&format!(
+        "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {}: {account_jwt}\n  {}: {system_jwt}\n}}",
+        system.public_key(),
+        account.public_key(),
+        system.public_key(),
+    ))
+    .await?;
+    let write = |name: &str, text: String| -> anyhow::Result<String> {
+        let path = server.dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(format!("{:?}", path.display().to_string()))
+    };
+
+    let good = write("loader.creds", creds_file(&user_jwt, &user.seed()?))?;
+    round_trip(&server.config("nats", "creds", &format!("creds_file = {good}"))?)
+        .await
+        .context("connecting with the .creds file")?;
+
+    // Signed by an account the operator never issued.
+    let stranger = nkeys::KeyPair::new_account();
+    let other = nkeys::KeyPair::new_user();
+    let other_jwt = nats_jwt(&stranger, &other.public_key(), "other", user_claims)?;
+    let bad = write("other.creds", creds_file(&other_jwt, &other.seed()?))?;
+    match sluice_broker::connect::connect(
+        &server
+            .config("nats", "stranger", &format!("creds_file = {bad}"))?
+            .nats,
+        "auth-test",
+    )
+    .await
+    {
+        Err(ConnectError::Refused { .. }) => {}
+        Err(other) => anyhow::bail!("a foreign user's .creds failed otherwise: {other:?}"),
+        Ok(_) => anyhow::bail!("connected with a user of an unknown account"),
+    }
+
+    let missing = server.config("nats", "missing", "creds_file = \"/nonexistent/x.creds\"")?;
+    match sluice_broker::connect::connect(&missing.nats, "auth-test").await {
+        Err(ConnectError::Credentials { path, .. }) => {
+            assert_eq!(path, std::path::Path::new("/nonexistent/x.creds"));
+        }
+        Err(other) => anyhow::bail!("a missing .creds file failed otherwise: {other:?}"),
+        Ok(_) => anyhow::bail!("connected without the .creds file"),
+    }
+    Ok(())
+}
