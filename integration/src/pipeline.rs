@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ pub struct Pipeline {
     replicator: Option<Child>,
     loader: Option<Child>,
     runs: BTreeMap<&'static str, u32>,
+    /// `FAILPOINTS` of the next programs started (`None`: unset).
+    failpoints: Option<String>,
 }
 
 /// Paths of the two binaries, built once per test process.
@@ -114,6 +116,13 @@ fn build_binaries() -> anyhow::Result<Binaries> {
             "sluice-loader",
         ])
         .args(["--profile", &profile])
+        // Failpoints for the crash tests (inert unless FAILPOINTS is set); not in the benches'
+        // builds, which measure what ships.
+        .args(if profile == "dev" {
+            &["--features", "sluice-loader/failpoints"][..]
+        } else {
+            &[]
+        })
         .status()
         .with_context(|| format!("running {cargo} build"))?;
     if !status.success() {
@@ -257,6 +266,7 @@ ack_wait = "30s"
             replicator: None,
             loader: None,
             runs: BTreeMap::new(),
+            failpoints: None,
         }))
     }
 
@@ -365,9 +375,22 @@ ack_wait = "30s"
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        match &self.failpoints {
+            Some(spec) => command.env("FAILPOINTS", spec),
+            None => command.env_remove("FAILPOINTS"),
+        };
+        command
             .spawn()
             .with_context(|| format!("starting sluice-{which}"))
+    }
+
+    /// Sets (or with `None` clears) the failpoints of the programs started from now on, in the
+    /// `fail` crate's `FAILPOINTS` syntax (`name=return;other=return`). The loader's points:
+    /// `loader::resync::after_exchange`, `loader::resync::after_drop`; `return` exits the
+    /// program there at once (code 86), like a kill.
+    pub fn set_failpoints(&mut self, spec: Option<&str>) {
+        self.failpoints = spec.map(str::to_owned);
     }
 
     /// `sluice-replicator` (`which == "replicator"`) or `sluice-loader` as its
@@ -509,6 +532,26 @@ ack_wait = "30s"
     /// SIGTERMs the loader and waits (at most 30 s, then SIGKILL).
     pub async fn stop_loader(&mut self) -> anyhow::Result<()> {
         stop(self.loader.take(), "loader").await
+    }
+
+    /// Waits for the loader to exit on its own (a failpoint, a fatal error) and returns its exit
+    /// status; fails with its log tail if it still runs after `timeout`.
+    pub async fn wait_loader_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self.loader.as_mut().context("loader not running")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.loader = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the loader still runs after {timeout:?}:\n{}",
+                    self.log_tail("loader", 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Fails if a started child has exited on its own (with its log tail).
