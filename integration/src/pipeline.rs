@@ -55,6 +55,8 @@ pub struct Pipeline {
     runs: BTreeMap<&'static str, u32>,
     /// `FAILPOINTS` of the next programs started (`None`: unset).
     failpoints: Option<String>,
+    /// Environment of the next program started, on top of the usual.
+    extra_env: Vec<(&'static str, String)>,
 }
 
 /// Paths of the two binaries, built once per test process.
@@ -267,6 +269,7 @@ ack_wait = "30s"
             loader: None,
             runs: BTreeMap::new(),
             failpoints: None,
+            extra_env: Vec::new(),
         }))
     }
 
@@ -380,6 +383,7 @@ ack_wait = "30s"
             Some(spec) => command.env("FAILPOINTS", spec),
             None => command.env_remove("FAILPOINTS"),
         };
+        command.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         command
             .spawn()
             .with_context(|| format!("starting sluice-{which}"))
@@ -485,6 +489,16 @@ ack_wait = "30s"
     /// pipeline's config; output goes to `replicator-cli.N.log`.
     pub fn replicator_command(&mut self, args: &[&str]) -> anyhow::Result<Child> {
         self.spawn_logged("replicator", "replicator-cli", args)
+    }
+
+    /// A second `sluice-replicator run` of this pipeline (a standby), on its own metrics
+    /// port; output goes to `replicator-cli.N.log`.
+    pub fn spawn_second_replicator(&mut self) -> anyhow::Result<Child> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        self.extra_env = vec![("SLUICE_REPLICATOR__METRICS_LISTEN", listen)];
+        let child = self.spawn_logged("replicator", "replicator-cli", &["run"]);
+        self.extra_env.clear();
+        child
     }
 
     /// Runs another `sluice-loader` command (e.g. `run` watched by the test
