@@ -3,6 +3,11 @@
 
 Usage: clickhouse-server.py --dir DIR --http-port N --tcp-port N
 
+Users (DIR/users.xml): `default` (no password, may manage access: the test harness's own
+client) and `sluice_loader` (password `loader-dev`), the least-privilege user the loader runs as.
+It holds exactly the grants README "Security" asks for, on every database whose name starts
+with `sluice_` (the test harness names each pipeline's database so), and nothing else.
+
 chdb-core (26.x) embeds the full clickhouse-local engine. Its low-level entry point
 `chdb._chdb.query(sql, format, path=DATA_DIR)` loads `config.xml` from the current working
 directory, so this script writes one into DIR (listen host, ports) and chdirs there.
@@ -22,10 +27,36 @@ CONFIG = """<clickhouse>
     <http_port>{http_port}</http_port>
     <tcp_port>{tcp_port}</tcp_port>
     <path>{data}/</path>
+    <users_config>{workdir}/users.xml</users_config>
     <logger>
         <level>warning</level>
         <console>1</console>
     </logger>
+</clickhouse>
+"""
+
+# The grants match sql/clickhouse/setup.sql (statement for statement), here for a wildcard
+# database `sluice_*` instead of one named database.
+USERS = """<clickhouse>
+    <profiles><default/></profiles>
+    <quotas><default/></quotas>
+    <users>
+        <default>
+            <password></password>
+            <profile>default</profile>
+            <quota>default</quota>
+            <access_management>1</access_management>
+        </default>
+        <sluice_loader>
+            <password>loader-dev</password>
+            <profile>default</profile>
+            <quota>default</quota>
+            <grants>
+                <query>GRANT CREATE DATABASE, CREATE TABLE, DROP TABLE, ALTER TABLE, INSERT, SELECT, TRUNCATE ON sluice_*.*</query>
+                <query>GRANT TABLE ENGINE ON ReplacingMergeTree</query>
+            </grants>
+        </sluice_loader>
+    </users>
 </clickhouse>
 """
 
@@ -50,7 +81,11 @@ def main() -> int:
     data = os.path.join(workdir, "data")
     os.makedirs(data, exist_ok=True)
     with open(os.path.join(workdir, "config.xml"), "w") as f:
-        f.write(CONFIG.format(http_port=args.http_port, tcp_port=args.tcp_port, data=data))
+        f.write(
+            CONFIG.format(http_port=args.http_port, tcp_port=args.tcp_port, data=data, workdir=workdir)
+        )
+    with open(os.path.join(workdir, "users.xml"), "w") as f:
+        f.write(USERS)
     os.chdir(workdir)
 
     import chdb._chdb as engine

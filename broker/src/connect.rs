@@ -25,6 +25,16 @@ pub enum ConnectError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// A certificate was refused: the server's by us (not signed by a
+    /// trusted CA, wrong host name, expired) or ours, or its absence, by the
+    /// server (mutual TLS). A retry with the same configuration cannot succeed.
+    #[error("TLS to NATS at {url} failed on a certificate")]
+    Certificate {
+        /// Redacted: no password or token.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// The server refused our credentials (wrong password, unknown user or
     /// key): a retry with the same configuration cannot succeed.
     #[error("NATS at {url} refused the configured credentials")]
@@ -97,6 +107,9 @@ pub async fn connect(
                 async_nats::ConnectErrorKind::AuthorizationViolation
                 | async_nats::ConnectErrorKind::Authentication => {
                     ConnectError::Refused { url, source }
+                }
+                _ if crate::tls::is_certificate_failure(&source) => {
+                    ConnectError::Certificate { url, source }
                 }
                 _ => ConnectError::Connect { url, source },
             }

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod publish;
 pub mod supervise;
 pub mod table;
+pub mod tls;
 
 pub use table::TableName;
 pub mod telemetry;

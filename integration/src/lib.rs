@@ -15,6 +15,8 @@
 //! | `SLUICE_TEST_TLS_CA` | CA (PEM) that signed the servers' certificates (Postgres `ssl = on`, the HTTPS endpoint) |
 //! | `SLUICE_TEST_TLS_CLIENT_CERT`, `SLUICE_TEST_TLS_CLIENT_KEY` | a client certificate Postgres accepts for the role `sluice_cert` |
 //! | `SLUICE_TEST_CLICKHOUSE_HTTPS_URL` | `https://127.0.0.1:8443`, the same ClickHouse over TLS |
+//! | `SLUICE_TEST_CLICKHOUSE_MTLS_URL` | `https://127.0.0.1:8444`, the same, requiring a client certificate of `SLUICE_TEST_TLS_CA` |
+//! | `SLUICE_TEST_CLICKHOUSE_LOADER` | `sluice_loader:loader-dev`: the loader's ClickHouse user, with grants on the databases `sluice_*` only (none: `default`) |
 //! | `SLUICE_TEST_NATS_TLS_URL` | `tls://127.0.0.1:4443`: a single JetStream node that requires TLS (certificate of `SLUICE_TEST_TLS_CA`, same users; not the server of `SLUICE_TEST_NATS_URL`) |
 //!
 //! When any of the first three is missing, the harness runs `scripts/stack start --nats-cluster`
@@ -48,6 +50,9 @@ pub struct Servers {
     pub clickhouse_url: String,
     /// Who connects to NATS.
     pub nats_users: NatsUsers,
+    /// The ClickHouse user the loader runs as (`None`: `default`). The harness's own
+    /// ClickHouse clients stay `default`.
+    pub clickhouse_loader: Option<Login>,
     /// TLS endpoints and certificates, when the servers have them.
     pub tls: TlsEnv,
 }
@@ -62,6 +67,8 @@ pub struct TlsEnv {
     pub client_key: Option<std::path::PathBuf>,
     /// The ClickHouse HTTP interface over TLS.
     pub clickhouse_https_url: Option<String>,
+    /// The same, accepting only clients with a certificate of `ca` (`client_cert` is one).
+    pub clickhouse_mtls_url: Option<String>,
     /// A NATS server (JetStream, the same users) that requires TLS. `scripts/stack` runs it as a
     /// node of its own, beside the plaintext one: nats-server 2.9 serves one or the other per port.
     pub nats_url: Option<String>,
@@ -74,24 +81,25 @@ impl TlsEnv {
             client_cert: value("SLUICE_TEST_TLS_CLIENT_CERT").map(Into::into),
             client_key: value("SLUICE_TEST_TLS_CLIENT_KEY").map(Into::into),
             clickhouse_https_url: value("SLUICE_TEST_CLICKHOUSE_HTTPS_URL"),
+            clickhouse_mtls_url: value("SLUICE_TEST_CLICKHOUSE_MTLS_URL"),
             nats_url: value("SLUICE_TEST_NATS_TLS_URL"),
         }
     }
 }
 
-/// A NATS user name and password.
+/// A user name and password (NATS, ClickHouse).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatsUser {
+pub struct Login {
     pub user: String,
     pub password: String,
 }
 
-impl NatsUser {
-    fn parse(key: &str, text: &str) -> anyhow::Result<NatsUser> {
+impl Login {
+    pub fn parse(key: &str, text: &str) -> anyhow::Result<Login> {
         let (user, password) = text
             .split_once(':')
             .with_context(|| format!("{key} must be USER:PASSWORD"))?;
-        Ok(NatsUser {
+        Ok(Login {
             user: user.to_owned(),
             password: password.to_owned(),
         })
@@ -103,18 +111,24 @@ impl NatsUser {
     }
 }
 
+/// `SLUICE_TEST_CLICKHOUSE_LOADER` (`USER:PASSWORD`), when set.
+fn clickhouse_loader(value: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Login>> {
+    const KEY: &str = "SLUICE_TEST_CLICKHOUSE_LOADER";
+    value(KEY).map(|v| Login::parse(KEY, &v)).transpose()
+}
+
 /// The NATS users of the tests: the harness's own clients (`admin`), the replicator
 /// (`producer`) and the loader (`consumer`); `None` connects without credentials.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatsUsers {
-    pub admin: Option<NatsUser>,
-    pub producer: Option<NatsUser>,
-    pub consumer: Option<NatsUser>,
+    pub admin: Option<Login>,
+    pub producer: Option<Login>,
+    pub consumer: Option<Login>,
 }
 
 impl NatsUsers {
     fn from_lookup(value: impl Fn(&str) -> Option<String>) -> anyhow::Result<NatsUsers> {
-        let user = |key: &str| value(key).map(|v| NatsUser::parse(key, &v)).transpose();
+        let user = |key: &str| value(key).map(|v| Login::parse(key, &v)).transpose();
         Ok(NatsUsers {
             admin: user("SLUICE_TEST_NATS_ADMIN")?,
             producer: user("SLUICE_TEST_NATS_PRODUCER")?,
@@ -149,6 +163,7 @@ impl Servers {
                 nats_cluster_urls: cluster,
                 clickhouse_url: clickhouse_url.clone(),
                 nats_users: NatsUsers::from_lookup(var)?,
+                clickhouse_loader: clickhouse_loader(var)?,
                 tls: TlsEnv::from_lookup(var),
             });
         }
@@ -159,6 +174,11 @@ impl Servers {
             NatsUsers::from_lookup(var)?
         } else {
             started.nats_users
+        };
+        let clickhouse_loader = if ch.is_some() {
+            clickhouse_loader(var)?
+        } else {
+            started.clickhouse_loader
         };
         let tls = if pg.is_some() || ch.is_some() {
             TlsEnv::from_lookup(var)
@@ -171,6 +191,7 @@ impl Servers {
             nats_cluster_urls: cluster.or(started.nats_cluster_urls),
             clickhouse_url: ch.unwrap_or(started.clickhouse_url),
             nats_users,
+            clickhouse_loader,
             tls,
         })
     }

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,10 @@ pub struct Pipeline {
     replicator: Option<Child>,
     loader: Option<Child>,
     runs: BTreeMap<&'static str, u32>,
+    /// `FAILPOINTS` of the next programs started (`None`: unset).
+    failpoints: Option<String>,
+    /// Environment of the next program started, on top of the usual.
+    extra_env: Vec<(&'static str, String)>,
 }
 
 /// Paths of the two binaries, built once per test process.
@@ -114,6 +118,13 @@ fn build_binaries() -> anyhow::Result<Binaries> {
             "sluice-loader",
         ])
         .args(["--profile", &profile])
+        // Failpoints for the crash tests (inert unless FAILPOINTS is set); not in the benches'
+        // builds, which measure what ships.
+        .args(if profile == "dev" {
+            &["--features", "sluice-loader/failpoints"][..]
+        } else {
+            &[]
+        })
         .status()
         .with_context(|| format!("running {cargo} build"))?;
     if !status.success() {
@@ -189,7 +200,9 @@ impl Pipeline {
         // Built now, so that no caller's clock (a benchmark's) includes the
         // build of the first spawn.
         binaries()?;
-        let name = unique_name(name);
+        // `sluice_`: the loader's least-privilege ClickHouse user may touch only the databases
+        // so named (scripts/clickhouse-server.py), and the database is the source name.
+        let name = unique_name(&format!("sluice_{name}"));
         let (pg_url, _) = servers.fresh_pg_database(&name).await?;
         let dir = tempfile::Builder::new()
             .prefix("sluice-pipeline-")
@@ -213,6 +226,7 @@ max_age = "1h"
 [clickhouse]
 url = "{ch}"
 database = "{name}"
+{ch_login}
 
 [replicator]
 metrics_listen = "127.0.0.1:{rport}"
@@ -227,6 +241,15 @@ batch_max_wait = "200ms"
 ack_wait = "30s"
 "#,
             ch = servers.clickhouse_url,
+            ch_login = servers
+                .clickhouse_loader
+                .as_ref()
+                .map_or(String::new(), |login| {
+                    format!(
+                        "user = \"{}\"\npassword = \"{}\"",
+                        login.user, login.password
+                    )
+                }),
             rport = free_port()?,
             lport = free_port()?,
         );
@@ -245,6 +268,8 @@ ack_wait = "30s"
             replicator: None,
             loader: None,
             runs: BTreeMap::new(),
+            failpoints: None,
+            extra_env: Vec::new(),
         }))
     }
 
@@ -353,9 +378,23 @@ ack_wait = "30s"
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        match &self.failpoints {
+            Some(spec) => command.env("FAILPOINTS", spec),
+            None => command.env_remove("FAILPOINTS"),
+        };
+        command.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
+        command
             .spawn()
             .with_context(|| format!("starting sluice-{which}"))
+    }
+
+    /// Sets (or with `None` clears) the failpoints of the programs started from now on, in the
+    /// `fail` crate's `FAILPOINTS` syntax (`name=return;other=return`). The loader's points:
+    /// `loader::resync::after_exchange`, `loader::resync::after_drop`; `return` exits the
+    /// program there at once (code 86), like a kill.
+    pub fn set_failpoints(&mut self, spec: Option<&str>) {
+        self.failpoints = spec.map(str::to_owned);
     }
 
     /// `sluice-replicator` (`which == "replicator"`) or `sluice-loader` as its
@@ -452,6 +491,16 @@ ack_wait = "30s"
         self.spawn_logged("replicator", "replicator-cli", args)
     }
 
+    /// A second `sluice-replicator run` of this pipeline (a standby), on its own metrics
+    /// port; output goes to `replicator-cli.N.log`.
+    pub fn spawn_second_replicator(&mut self) -> anyhow::Result<Child> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        self.extra_env = vec![("SLUICE_REPLICATOR__METRICS_LISTEN", listen)];
+        let child = self.spawn_logged("replicator", "replicator-cli", &["run"]);
+        self.extra_env.clear();
+        child
+    }
+
     /// Runs another `sluice-loader` command (e.g. `run` watched by the test
     /// itself) against this pipeline's config; output goes to
     /// `loader-cli.N.log`.
@@ -497,6 +546,26 @@ ack_wait = "30s"
     /// SIGTERMs the loader and waits (at most 30 s, then SIGKILL).
     pub async fn stop_loader(&mut self) -> anyhow::Result<()> {
         stop(self.loader.take(), "loader").await
+    }
+
+    /// Waits for the loader to exit on its own (a failpoint, a fatal error) and returns its exit
+    /// status; fails with its log tail if it still runs after `timeout`.
+    pub async fn wait_loader_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self.loader.as_mut().context("loader not running")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.loader = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the loader still runs after {timeout:?}:\n{}",
+                    self.log_tail("loader", 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Fails if a started child has exited on its own (with its log tail).

@@ -18,6 +18,7 @@ pub struct StackEnv {
     pub nats_cluster_urls: Option<Vec<String>>,
     pub clickhouse_url: String,
     pub nats_users: crate::NatsUsers,
+    pub clickhouse_loader: Option<crate::Login>,
     pub tls: crate::TlsEnv,
 }
 
@@ -81,6 +82,7 @@ fn parse_env(text: &str) -> anyhow::Result<StackEnv> {
         nats_cluster_urls: value("SLUICE_TEST_NATS_CLUSTER_URLS").map(|v| super::split_urls(&v)),
         clickhouse_url: required("SLUICE_TEST_CLICKHOUSE_URL")?,
         nats_users: crate::NatsUsers::from_lookup(|key| value(key))?,
+        clickhouse_loader: crate::clickhouse_loader(|key| value(key))?,
         tls: crate::TlsEnv::from_lookup(|key| value(key)),
     })
 }
@@ -125,6 +127,7 @@ impl PrivateStack {
             nats_cluster_urls: env.nats_cluster_urls,
             clickhouse_url: env.clickhouse_url,
             nats_users: env.nats_users,
+            clickhouse_loader: env.clickhouse_loader,
             tls: env.tls,
         }));
         Ok(PrivateStack { dir, servers })

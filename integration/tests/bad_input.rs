@@ -140,3 +140,73 @@ async fn a_missing_publication_is_one_clear_error() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A dead letter is terminated in the data stream only once the dead-letter stream stored the
+/// copy: with that stream gone, the loader retries the batch and terminates nothing (before,
+/// a core-NATS publish nobody stored "succeeded" and the message was lost); once the stream is
+/// back, the copy lands there and the table goes on.
+#[tokio::test]
+async fn a_dead_letter_is_terminated_only_after_its_stream_has_the_copy() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("dead_letter_ack").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{}; CREATE PUBLICATION sluice FOR TABLE items;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 5, 10, Rng::new(31)).await?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    // The dead-letter stream disappears (an operator, a purge of the wrong stream).
+    let js = p.jetstream().await?;
+    let dead_letters = format!("{}_DEAD_LETTERS", p.config.stream_name());
+    js.delete_stream(&dead_letters).await?;
+    let subject = sluice_broker::topology::table_subject(&p.name, "public", "items");
+    js.publish(subject.clone(), "not a package".into())
+        .await?
+        .await
+        .context("the stream did not take the poison message")?;
+    // The loader tries, fails to store the copy, and keeps the batch.
+    let deadline = Instant::now() + CONVERGE;
+    while p
+        .log_lines_containing("loader", "cannot publish a dead letter")
+        .is_empty()
+    {
+        p.check_alive()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the loader never tried the dead letter:\n{}",
+            p.log_tail("loader", 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = p.loader_metrics().await?;
+    assert_eq!(
+        pipeline::metric(&metrics, "sluice_dead_letters_total{reason=\"decode\"}"),
+        Some(0.0),
+        "a dead letter nobody stored was counted"
+    );
+
+    // The stream is back (as the replicator makes it at start); the retried batch stores the
+    // copy and terminates the original.
+    js.create_stream(sluice_broker::topology::dead_letter_stream_config(
+        &p.config,
+    ))
+    .await?;
+    wait_for_metric("sluice_dead_letters_total{reason=\"decode\"}", 1.0, || {
+        p.loader_metrics()
+    })
+    .await?;
+    let dead = js
+        .get_stream(&dead_letters)
+        .await?
+        .get_last_raw_message_by_subject(&sluice_broker::topology::dead_letter_subject(&p.name))
+        .await
+        .context("the dead letter is not in the dead-letter stream")?;
+    assert_eq!(dead.payload.as_ref(), b"not a package");
+    run_workload(&pg, "items", 5, 10, Rng::new(32)).await?;
+    p.wait_until_equal(CONVERGE).await?;
+    Ok(())
+}

@@ -1,12 +1,15 @@
 //! The Postgres role `sql/postgres/setup.sql` creates is enough for sluice and no more: the
-//! pipeline runs end to end as that role, which may read only the tables it was given.
+//! pipeline runs end to end as that role, which may read only the tables it was given. The same
+//! for ClickHouse: the loader's user of `sql/clickhouse/setup.sql` may touch its own database
+//! only, and that is enough.
 
+use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sluice_integration::pipeline::Pipeline;
-use sluice_integration::unique_name;
+use sluice_integration::{Servers, unique_name};
 
 #[tokio::test]
 async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> anyhow::Result<()> {
@@ -87,10 +90,8 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
 #[tokio::test]
 async fn the_setup_sql_without_tables_publishes_the_schema_on_every_version() -> anyhow::Result<()>
 {
-    let (url, _) = sluice_integration::Servers::get()
-        .fresh_pg_database("setup_schema")
-        .await?;
-    let pg = sluice_integration::Servers::pg_connect(&url).await?;
+    let (url, _) = Servers::get().fresh_pg_database("setup_schema").await?;
+    let pg = Servers::pg_connect(&url).await?;
     pg.batch_execute(
         "CREATE SCHEMA app;
          CREATE TABLE app.orders (id bigint PRIMARY KEY);
@@ -144,5 +145,151 @@ async fn the_setup_sql_without_tables_publishes_the_schema_on_every_version() ->
         assert!(!in_schema, "Postgres {version}: tables listed one by one");
         assert!(stderr.contains("no FOR TABLES IN SCHEMA"), "{stderr}");
     }
+    Ok(())
+}
+
+/// The grants of every `GRANT … ON target` statement in `text` (one per line, SQL or the
+/// `<query>` elements of a users.d file, or `SHOW GRANTS` output) as (privilege, target) pairs,
+/// with the database `app` of the shipped files replaced by `database`.
+fn grants(text: &str, database: &str) -> BTreeSet<(String, String)> {
+    let mut set = BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim().trim_start_matches("<query>");
+        let Some(statement) = line.strip_prefix("GRANT ") else {
+            continue;
+        };
+        let statement = statement.trim_end_matches("</query>").trim_end_matches(';');
+        let (privileges, rest) = statement.split_once(" ON ").expect("GRANT … ON …");
+        let target = rest.split(" TO ").next().unwrap_or(rest).trim();
+        let target = match target.strip_prefix("app.") {
+            Some(tail) => format!("{database}.{tail}"),
+            None => target.to_owned(),
+        };
+        for privilege in privileges.split(',') {
+            set.insert((privilege.trim().to_owned(), target.clone()));
+        }
+    }
+    set
+}
+
+/// `sql/clickhouse/setup.sql`, `deploy/clickhouse/sluice-loader.xml` (docker-compose) and the
+/// test stack's user all grant the same, so the suite (whose loaders all run as the stack's
+/// user) proves the documented grants are enough.
+#[tokio::test]
+async fn the_documented_clickhouse_grants_are_the_ones_the_suite_runs_with() -> anyhow::Result<()> {
+    let servers = Servers::get();
+    let login = servers.clickhouse_loader.as_ref().context(
+        "no least-privilege ClickHouse user (scripts/stack sets SLUICE_TEST_CLICKHOUSE_LOADER)",
+    )?;
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let sql = std::fs::read_to_string(format!("{repo}/sql/clickhouse/setup.sql"))?;
+    let xml = std::fs::read_to_string(format!("{repo}/deploy/clickhouse/sluice-loader.xml"))?;
+    let shown = servers
+        .clickhouse_sql(&format!("SHOW GRANTS FOR {}", login.user))
+        .await?;
+    let stack = grants(&shown, "sluice_*");
+    assert!(
+        stack.contains(&("INSERT".into(), "sluice_*.*".into())),
+        "unexpected SHOW GRANTS output: {shown}"
+    );
+    assert_eq!(grants(&sql, "sluice_*"), stack, "setup.sql vs the stack");
+    assert_eq!(
+        grants(&xml, "sluice_*"),
+        stack,
+        "sluice-loader.xml vs the stack"
+    );
+    assert!(
+        sql.contains(&format!("CREATE USER IF NOT EXISTS {} ", login.user)),
+        "setup.sql names another user"
+    );
+    Ok(())
+}
+
+/// The loader runs as the least-privilege user through a schema change, a TRUNCATE and a
+/// resync (every grant used), may not read outside its database, and stops (no retry, no
+/// resync loop) with ClickHouse's message when pointed at a database it has no grant on.
+#[tokio::test]
+async fn the_loader_runs_as_its_clickhouse_user_and_stops_on_a_missing_grant() -> anyhow::Result<()>
+{
+    let mut p = Pipeline::start("ch_least_priv").await?;
+    let login = p
+        .servers()
+        .clickhouse_loader
+        .clone()
+        .context("no least-privilege ClickHouse user (SLUICE_TEST_CLICKHOUSE_LOADER)")?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text);
+         INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    pg.batch_execute(
+        "ALTER TABLE items ADD COLUMN price numeric(10, 2);
+         UPDATE items SET price = id WHERE id <= 20;
+         TRUNCATE items;
+         INSERT INTO items SELECT g, 'again ' || g, g FROM generate_series(1, 30) g;",
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    let status = p
+        .replicator_command(&["resync", "--table", "public.items"])?
+        .wait()?;
+    assert!(status.success(), "resync command failed: {status}");
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    p.check_alive()?;
+
+    // The same login, directly: nothing outside its databases.
+    let as_loader = p
+        .servers()
+        .clickhouse()
+        .with_user(&login.user)
+        .with_password(&login.password);
+    let outside = unique_name("outside");
+    p.servers()
+        .clickhouse_sql(&format!("CREATE DATABASE `{outside}`"))
+        .await?;
+    p.servers()
+        .clickhouse_sql(&format!(
+            "CREATE TABLE `{outside}`.secret (a Int32) ENGINE = MergeTree ORDER BY a"
+        ))
+        .await?;
+    let denied = sluice_integration::clickhouse_sql(
+        &as_loader,
+        &format!("SELECT * FROM `{outside}`.secret"),
+    )
+    .await
+    .expect_err("the loader's user read a database outside its grants");
+    assert!(
+        format!("{denied:#}").contains("ACCESS_DENIED"),
+        "{denied:#}"
+    );
+
+    // Pointed at that database, the loader stops on the missing grant instead of retrying.
+    p.stop_loader().await?;
+    p.set_config("clickhouse", "database", &format!("\"{outside}\""))?;
+    p.spawn_loader()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if let Err(exited) = p.check_alive() {
+            break format!("{exited:#}");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the loader kept running without a grant on its database:\n{}",
+            p.log_tail("loader", 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        exited.contains("Not enough privileges") && exited.contains(&outside),
+        "the loader's exit does not name the missing grant:\n{exited}"
+    );
+    p.servers()
+        .clickhouse_sql(&format!("DROP DATABASE `{outside}`"))
+        .await?;
     Ok(())
 }

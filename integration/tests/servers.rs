@@ -120,7 +120,7 @@ async fn nats_single_node_has_jetstream() -> anyhow::Result<()> {
 #[tokio::test]
 async fn nats_users_have_least_privilege() -> anyhow::Result<()> {
     let servers = Servers::get();
-    let connect = |user: Option<&sluice_integration::NatsUser>| {
+    let connect = |user: Option<&sluice_integration::Login>| {
         let user = user
             .cloned()
             .context("SLUICE_TEST_NATS_PRODUCER/CONSUMER must name the least-privilege users");

@@ -244,3 +244,64 @@ async fn an_untrusted_clickhouse_certificate_stops_the_loader() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// A ClickHouse endpoint that requires a client certificate (mutual TLS): with
+/// `clickhouse.tls_cert_file`/`tls_key_file` the loader and `verify` load through it; without,
+/// the loader stops with one message naming the certificate instead of retrying forever.
+#[tokio::test]
+async fn the_loader_presents_a_client_certificate_to_clickhouse() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("tls_ch_mtls").await?;
+    let tls = p.servers().tls.clone();
+    let (Some(ca), Some(mtls), Some(cert), Some(key)) = (
+        tls.ca,
+        tls.clickhouse_mtls_url,
+        tls.client_cert,
+        tls.client_key,
+    ) else {
+        anyhow::bail!(
+            "SLUICE_TEST_TLS_CA, SLUICE_TEST_CLICKHOUSE_MTLS_URL and SLUICE_TEST_TLS_CLIENT_CERT/KEY \
+             must be set (scripts/stack writes them)"
+        );
+    };
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    let quoted = |path: &std::path::Path| format!("{:?}", path.display().to_string());
+    let url = format!("\"{mtls}\"");
+    p.set_configs(
+        "clickhouse",
+        &[("url", &url), ("tls_ca_file", &quoted(&ca))],
+    )?;
+    p.spawn_replicator()?;
+
+    // No client certificate: refused by the server, for good.
+    let child = p.loader_command(&["run"])?;
+    let status = exits_within(child, Duration::from_secs(60), || {
+        p.log_tail("loader-cli", 20)
+    })
+    .await
+    .context("the loader kept retrying without the client certificate the server requires")?;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = p.log_tail("loader-cli", 20);
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the error does not name the certificate: {log}"
+    );
+
+    p.set_configs(
+        "clickhouse",
+        &[
+            ("tls_cert_file", &quoted(&cert)),
+            ("tls_key_file", &quoted(&key)),
+        ],
+    )?;
+    p.spawn_loader()?;
+    pg.batch_execute("DELETE FROM items WHERE id > 40; UPDATE items SET v = 'x' WHERE id < 5")
+        .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    Ok(())
+}

@@ -73,6 +73,9 @@ enum Work {
 }
 
 fn main() -> ExitCode {
+    // Failpoints named in FAILPOINTS (test builds with the `failpoints` feature only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let (path, work) = match cli.command {
         Command::Run { config } => (config, Work::Run),

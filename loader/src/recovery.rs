@@ -59,17 +59,25 @@ impl Recovery {
                 ConnectError::Credentials { .. }
                 | ConnectError::PasswordFile(_)
                 | ConnectError::MissingUser(_)
-                | ConnectError::Refused { .. },
+                | ConnectError::Refused { .. }
+                | ConnectError::Certificate { .. },
             ) => Recovery::Stop,
             RunError::Metrics { .. } | RunError::Recorder(_) => Recovery::Stop,
         }
     }
 
     /// The action for a ClickHouse error while applying one table's steps of
-    /// a batch: [`Recovery::Retry`] or [`Recovery::ResyncTable`].
+    /// a batch: [`Recovery::Retry`], [`Recovery::ResyncTable`], or
+    /// [`Recovery::Stop`] when the loader's ClickHouse user lacks a grant or
+    /// cannot log in (a resync would hit the same wall, forever).
     pub fn of_insert(error: &ChError) -> Recovery {
         if clickhouse_transient(error) {
             Recovery::Retry
+        } else if matches!(
+            error.response_code(),
+            Some(ResponseCode::Server(code)) if ACCESS_CODES.contains(&code)
+        ) {
+            Recovery::Stop
         } else {
             Recovery::ResyncTable
         }
@@ -100,13 +108,23 @@ const TRANSIENT_SERVER_CODES: &[u32] = &[
     999, // KEEPER_EXCEPTION
 ];
 
+/// ClickHouse exception codes that mean "the loader's user may not do this":
+/// an operator must grant or fix the login (README "Security").
+const ACCESS_CODES: &[u32] = &[
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    194, // REQUIRED_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
 /// Whether repeating the same ClickHouse request later may succeed.
 fn clickhouse_transient(error: &ChError) -> bool {
     use clickhouse::error::Error as E;
     match error {
-        // An untrusted server certificate stays untrusted.
+        // An untrusted certificate (theirs or ours) stays untrusted.
         ChError::ClickHouse { source, .. }
-            if sluice_postgres::tls::is_untrusted_certificate(source) =>
+            if sluice_postgres::tls::is_certificate_failure(source) =>
         {
             false
         }
@@ -145,8 +163,13 @@ mod tests {
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         ));
         let refused = wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        // Mutual TLS: the server wants a client certificate we did not send.
+        let no_client_cert = wrapped(std::io::Error::other(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateRequired,
+        )));
         let of = |e| Recovery::of(&RunError::Apply(ApplyError::ClickHouse(e)));
         assert_eq!(of(untrusted), Recovery::Stop);
+        assert_eq!(of(no_client_cert), Recovery::Stop);
         assert_eq!(of(refused), Recovery::Retry);
     }
     use crate::clickhouse::ValueError;
@@ -207,6 +230,13 @@ mod tests {
                 "{resync:?}"
             );
         }
+        // A missing grant or a refused login: a resync would fail the same way.
+        for stop in [
+            bad("Code: 497. DB::Exception: sluice_loader: Not enough privileges. (ACCESS_DENIED)"),
+            bad("Code: 516. DB::Exception: sluice_loader: Authentication failed"),
+        ] {
+            assert_eq!(Recovery::of_insert(&stop), Recovery::Stop, "{stop:?}");
+        }
     }
 
     #[test]
@@ -262,6 +292,10 @@ mod tests {
                 source: async_nats::ConnectError::new(
                     async_nats::ConnectErrorKind::AuthorizationViolation,
                 ),
+            },
+            ConnectError::Certificate {
+                url: "tls://h".into(),
+                source: async_nats::ConnectError::new(async_nats::ConnectErrorKind::Tls),
             },
         ] {
             let error = RunError::NatsConnect(stop);

@@ -60,11 +60,11 @@ impl PgError {
         move |source| PgError::Sql { what, source }
     }
 
-    /// Whether the server's certificate was refused (unknown issuer, wrong
-    /// host name): a retry cannot fix it.
-    pub fn is_untrusted_certificate(&self) -> bool {
+    /// Whether a certificate was refused, the server's by us (unknown
+    /// issuer, wrong host name) or ours by the server: a retry cannot fix it.
+    pub fn is_certificate_failure(&self) -> bool {
         match self {
-            PgError::Sql { source, .. } => tls::is_untrusted_certificate(source),
+            PgError::Sql { source, .. } => tls::is_certificate_failure(source),
             _ => false,
         }
     }

@@ -62,31 +62,7 @@ pub enum TlsError {
     Io(#[source] io::Error),
 }
 
-/// Whether `error` or one of its causes is rustls refusing the server's
-/// certificate (unknown issuer, wrong name, expired): a retry cannot fix it.
-/// Works for any client on rustls (Postgres here, ClickHouse's HTTPS in the
-/// loader).
-pub fn is_untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error
-            .downcast_ref::<rustls::Error>()
-            .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
-        {
-            return true;
-        }
-        // An `io::Error`'s `source()` skips the error it wraps (TLS layers
-        // wrap rustls' errors, sometimes twice): descend into it instead.
-        cause = match error
-            .downcast_ref::<io::Error>()
-            .and_then(io::Error::get_ref)
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => error.source(),
-        };
-    }
-    false
-}
+pub use sluice_broker::tls::is_certificate_failure;
 
 /// How to use TLS, following libpq's `sslmode` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

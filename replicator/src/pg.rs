@@ -46,6 +46,38 @@ pub async fn slot_state(
     }))
 }
 
+/// Takes this session's advisory lock of `slot` (keyed on the slot's name, in
+/// this database), which no other replicator of the slot can then take: the
+/// start-up steps (look at the slot, create, drop or recreate it, snapshot)
+/// run in one replicator at a time. `Ok(None)` when taken (held until the
+/// connection closes); `Ok(Some(pid))` when another session holds it (its
+/// backend pid, when visible).
+pub async fn try_lock_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Option<i32>>, PgError> {
+    let row = client
+        .query_one(
+            "WITH k AS (SELECT hashtextextended($1, 0) AS key)
+             SELECT pg_try_advisory_lock(key),
+                    (SELECT l.pid FROM pg_locks l
+                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                        AND l.classid::bigint = (key >> 32) & 4294967295
+                        AND l.objid::bigint = key & 4294967295
+                        AND l.pid <> pg_backend_pid()
+                      LIMIT 1)
+               FROM k",
+            &[&format!("sluice-replicator slot {slot}")],
+        )
+        .await
+        .map_err(PgError::sql("cannot take the slot's advisory lock"))?;
+    Ok(if row.get::<_, bool>(0) {
+        None
+    } else {
+        Some(row.get::<_, Option<i32>>(1))
+    })
+}
+
 /// The server's current WAL insert position.
 pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> Result<Lsn, PgError> {
     let row = client

@@ -66,7 +66,8 @@ pub fn recovery(error: &RunError) -> Recovery {
             ConnectError::Credentials { .. }
             | ConnectError::PasswordFile(_)
             | ConnectError::MissingUser(_)
-            | ConnectError::Refused { .. },
+            | ConnectError::Refused { .. }
+            | ConnectError::Certificate { .. },
         ) => Recovery::Stop,
         // Another replicator holds the slot: wait as a standby.
         RunError::Slot(SlotError::Busy { .. }) => Recovery::Retry,
@@ -129,7 +130,7 @@ pub fn of_pg(error: &PgError) -> Recovery {
         PgError::Url(_) | PgError::PasswordFile(_) | PgError::Tls(_) => Recovery::Stop,
         // An untrusted server certificate (unknown CA, wrong host name) stays
         // untrusted however often we retry.
-        PgError::Sql { .. } if error.is_untrusted_certificate() => Recovery::Stop,
+        PgError::Sql { .. } if error.is_certificate_failure() => Recovery::Stop,
         PgError::Sql { .. } => of_sqlstate(error.sqlstate()),
     }
 }
@@ -453,6 +454,10 @@ mod tests {
                 source: async_nats::ConnectError::new(
                     async_nats::ConnectErrorKind::AuthorizationViolation,
                 ),
+            },
+            ConnectError::Certificate {
+                url: "tls://h".into(),
+                source: async_nats::ConnectError::new(async_nats::ConnectErrorKind::Tls),
             },
         ] {
             let error = RunError::NatsConnect(config);

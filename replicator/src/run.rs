@@ -127,11 +127,22 @@ async fn run_once(
     let stream_handle = topology::ensure_stream(&js, config).await?;
 
     let sql = settings.connect("catalog queries").await?;
+    let slot = &config.postgres.slot;
+    // One replicator of the slot past this point (the other waits as a
+    // standby): two started together used to both find the slot free and
+    // drop or create it under each other. The lock lives as long as `sql`,
+    // which `stream::run` keeps for the whole run.
+    if let Some(pid) = pg::try_lock_slot(&sql.client, slot).await? {
+        return Err(SlotError::Busy {
+            slot: slot.clone(),
+            pid,
+        }
+        .into());
+    }
     ensure_publication(&sql.client, config).await?;
     let mut types = TypeCatalog::new();
     let tables = replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
 
-    let slot = &config.postgres.slot;
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
     let state = pg::slot_state(&sql.client, slot).await?;

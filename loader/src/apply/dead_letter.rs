@@ -28,17 +28,15 @@ pub(super) struct DeadLetter {
 }
 
 impl Loader {
-    /// Publishes `message` to the dead-letter subject (and waits for the
-    /// server to have it), then terminates it.
+    /// Publishes `message` to the dead-letter subject, waits for the
+    /// dead-letter stream to acknowledge it, then terminates it.
     pub(super) async fn dead_letter(
         &self,
         message: &jetstream::Message,
         reason: &'static str,
         detail: &str,
     ) -> Result<(), ApplyError> {
-        counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
         let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        tracing::error!(subject = %message.subject, stream_sequence, reason, error = %detail, "message moved to the dead-letter subject");
         let mut headers = HeaderMap::new();
         headers.insert("Sluice-Dead-Letter-Reason", reason);
         headers.insert(
@@ -57,22 +55,26 @@ impl Loader {
                 }
             }
         }
-        self.nats
+        // Through JetStream, awaiting the dead-letter stream's acknowledgement:
+        // the original is terminated only once the copy is stored. Without
+        // that stream (or with it unreachable) this fails, the batch is
+        // retried, and nothing is terminated.
+        jetstream::new(self.nats.clone())
             .publish_with_headers(
                 topology::dead_letter_subject(&self.source),
                 headers,
                 message.payload.clone(),
             )
             .await
-            .map_err(|e| ApplyError::DeadLetter(Box::new(e)))?;
-        self.nats
-            .flush()
+            .map_err(|e| ApplyError::DeadLetter(Box::new(e)))?
             .await
             .map_err(|e| ApplyError::DeadLetter(Box::new(e)))?;
         message
             .ack_with(AckKind::Term)
             .await
             .map_err(ApplyError::DeadLetter)?;
+        counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+        tracing::error!(subject = %message.subject, stream_sequence, reason, error = %detail, "message moved to the dead-letter stream");
         Ok(())
     }
 }

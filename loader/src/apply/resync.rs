@@ -5,7 +5,11 @@
 //! shadow, live changes to both the live table and the shadow (see
 //! [`super::Loader::apply`]), so readers of the live table stay fresh;
 //! RESYNC_END swaps them with `EXCHANGE TABLES` (atomic) and drops the old
-//! table. Changes committed after the snapshot's consistent point that
+//! table. The swap is idempotent: the shadow carries its resync's id as its
+//! table comment, which moves with it, so a RESYNC_END replayed after a crash
+//! between EXCHANGE and DROP (or after the DROP, before the positions write)
+//! finds the new table already live and only drops what is left, instead of
+//! exchanging the old table back. Changes committed after the snapshot's consistent point that
 //! reached the live table before RESYNC_BEGIN (the replicator's stream may be
 //! ahead of the resync's slot) are copied into the new shadow, selected by
 //! their `_sluice_version`. A half-filled shadow is never swapped in: a crash
@@ -29,6 +33,54 @@ use super::Loader;
 use crate::clickhouse::Error as ChError;
 use crate::clickhouse::schema::{VERSION_COLUMN, ensure_table, quote_ident};
 use crate::metrics as m;
+
+/// The table comment of a resync's shadow: names the resync (unique per
+/// source), so the table that carries it after an EXCHANGE is known to be
+/// that resync's result.
+fn shadow_mark(package: &v1::Package) -> String {
+    let id = package.resync.as_ref().map_or("", |r| r.resync_id.as_str());
+    format!("sluice resync {id}")
+}
+
+/// `text` as a ClickHouse string literal.
+fn sql_string(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The comment of `database.table` (empty when it has none or does not exist).
+async fn table_comment(
+    client: &clickhouse::Client,
+    database: &str,
+    table: &str,
+) -> Result<String, ChError> {
+    let body = client
+        .query_raw(
+            "SELECT comment FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        )
+        .param("db", database)
+        .param("t", table)
+        .fetch_bytes("RawBLOB")
+        .map_err(|source| ChError::ClickHouse {
+            what: "read table comment",
+            source,
+        })?
+        .collect()
+        .await
+        .map_err(|source| ChError::ClickHouse {
+            what: "read table comment",
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A failpoint's crash: exits at once, as a kill would stop the loader (no
+/// acks, no positions written, nothing flushed). Only built with the
+/// `failpoints` feature and only when `FAILPOINTS` names the point.
+#[cfg(feature = "failpoints")]
+fn crash_here() -> Result<(), ChError> {
+    eprintln!("failpoint: exiting");
+    std::process::exit(86)
+}
 
 /// Suffix of a resync's shadow table.
 pub const SHADOW_SUFFIX: &str = "__sluice_resync";
@@ -93,6 +145,16 @@ impl Loader {
         )
         .await?;
         ensure_table(&self.ch, &shadow).await?;
+        // The mark that tells a finished swap from one still to do.
+        self.exec(
+            &format!(
+                "ALTER TABLE {} MODIFY COMMENT {}",
+                shadow.qualified(),
+                sql_string(&shadow_mark(package))
+            ),
+            "mark shadow",
+        )
+        .await?;
         // The replicator's stream can be ahead of the resync's consistent
         // point: changes committed after it may have been published, and
         // applied to the live table only, before this marker. The snapshot
@@ -121,7 +183,9 @@ impl Loader {
     }
 
     /// RESYNC_END: swaps the shadow in (atomically) and drops the old table.
-    /// Without a shadow (already swapped, replayed) it does nothing.
+    /// Without a shadow (already swapped, replayed) it does nothing. When the
+    /// live table already carries this resync's mark, a crash came after the
+    /// EXCHANGE: only the DROP is left to do.
     pub(super) async fn finish_resync(
         &mut self,
         table: &TableName,
@@ -131,22 +195,32 @@ impl Loader {
         let live = self.target(table, package).await?;
         if let Some(shadow_name) = shadows.remove(table) {
             let shadow = live.with_table(&shadow_name);
-            self.exec(
-                &format!(
-                    "EXCHANGE TABLES {} AND {}",
-                    live.qualified(),
-                    shadow.qualified()
-                ),
-                "exchange tables",
-            )
-            .await?;
+            let mark = shadow_mark(package);
+            let swapped = table_comment(&self.ch, &live.database, &live.table).await? == mark;
+            if swapped {
+                tracing::info!(table = %table, "resync's swap was done before a restart; dropping the old table");
+            } else {
+                self.exec(
+                    &format!(
+                        "EXCHANGE TABLES {} AND {}",
+                        live.qualified(),
+                        shadow.qualified()
+                    ),
+                    "exchange tables",
+                )
+                .await?;
+            }
+            fail::fail_point!("loader::resync::after_exchange", |_| crash_here());
             self.exec(
                 &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
                 "drop old table",
             )
             .await?;
-            counter!(m::RESYNCS_COMPLETED, "table" => table.to_string()).increment(1);
-            tracing::info!(table = %table, "resync complete: shadow table swapped in");
+            fail::fail_point!("loader::resync::after_drop", |_| crash_here());
+            if !swapped {
+                counter!(m::RESYNCS_COMPLETED, "table" => table.to_string()).increment(1);
+                tracing::info!(table = %table, "resync complete: shadow table swapped in");
+            }
         }
         Ok(())
     }

@@ -337,10 +337,12 @@ fn parse_time(text: &str) -> Parsed<(i64, &str)> {
     if b.len() < 8 || b[2] != b':' || b[5] != b':' {
         return Err("time is not HH:MM:SS");
     }
-    let h = fixed_digits(&text[0..2], 2)?;
-    let m = fixed_digits(&text[3..5], 2)?;
-    let s = fixed_digits(&text[6..8], 2)?;
-    let (frac, rest) = parse_fraction(&text[8..])?;
+    // `get`, not indexing: byte 8 may fall inside a multi-byte character.
+    let field = |range| text.get(range).ok_or("time is not HH:MM:SS");
+    let h = fixed_digits(field(0..2)?, 2)?;
+    let m = fixed_digits(field(3..5)?, 2)?;
+    let s = fixed_digits(field(6..8)?, 2)?;
+    let (frac, rest) = parse_fraction(text.get(8..).ok_or("time is not HH:MM:SS")?)?;
     if h > 24 || m > 59 || s > 60 {
         return Err("time field out of range");
     }
@@ -484,9 +486,11 @@ fn parse_interval_time(tok: &str) -> Parsed<i128> {
     if b.len() < 5 || b[2] != b':' {
         return Err("bad interval time");
     }
-    let m = fixed_digits(&rest[0..2], 2)?;
-    let s = fixed_digits(&rest[3..5], 2)?;
-    let (frac, tail) = parse_fraction(&rest[5..])?;
+    // `get`, not indexing: byte 5 may fall inside a multi-byte character.
+    let field = |range| rest.get(range).ok_or("bad interval time");
+    let m = fixed_digits(field(0..2)?, 2)?;
+    let s = fixed_digits(field(3..5)?, 2)?;
+    let (frac, tail) = parse_fraction(rest.get(5..).ok_or("bad interval time")?)?;
     if !tail.is_empty() || m > 59 || s > 59 {
         return Err("bad interval time");
     }
@@ -499,6 +503,48 @@ fn parse_interval_time(tok: &str) -> Parsed<i128> {
 mod tests {
     use super::*;
     use crate::catalog::oid;
+
+    /// Hostile text never panics (it did: `"00:00:0é"` sliced a character in
+    /// two): every valid sample of every category with a multi-byte character
+    /// put in, or put in place of, each byte position, as a scalar and inside
+    /// an array.
+    #[test]
+    fn multi_byte_characters_anywhere_never_panic() {
+        use TypeCategory as C;
+        let samples: &[(TypeCategory, &str)] = &[
+            (C::Bool, "t"),
+            (C::Int, "-123"),
+            (C::Float, "1.5e10"),
+            (C::Numeric, "-12.3400"),
+            (C::Money, "$1,234.56"),
+            (C::Bytea, "\\xdeadbeef"),
+            (C::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (C::Json, "{\"a\": [1, 2]}"),
+            (C::Date, "2024-02-29 BC"),
+            (C::Time, "23:59:59.999999"),
+            (C::TimeTz, "04:05:06.789+05:30"),
+            (C::Timestamp, "2024-01-02 03:04:05.678901"),
+            (C::Timestamptz, "2024-01-02 03:04:05.6+02:30:15"),
+            (C::Interval, "1 year 2 mons -3 days +04:05:06.789"),
+            (C::Text, "plain"),
+        ];
+        for &(category, sample) in samples {
+            for bad in ["é", "€", "😀"] {
+                for at in 0..=sample.len() {
+                    let inserted = format!("{}{bad}{}", &sample[..at], &sample[at..]);
+                    let replaced = format!(
+                        "{}{bad}{}",
+                        &sample[..at],
+                        sample.get(at + 1..).unwrap_or("")
+                    );
+                    for text in [inserted, replaced] {
+                        let _ = decode_text(&ty(category), &text);
+                        let _ = decode_text(&arr(category), &format!("{{{text},{text}}}"));
+                    }
+                }
+            }
+        }
+    }
 
     fn ty(category: TypeCategory) -> TypeInfo {
         TypeInfo::scalar(0, "t", category)
