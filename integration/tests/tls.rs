@@ -26,6 +26,24 @@ async fn exits_within(
     }
 }
 
+/// Runs `sluice-loader run` with the pipeline's config and expects it to stop (exit 1) within
+/// a minute with a message naming the certificate, instead of retrying `what` forever.
+async fn loader_stops_naming_the_certificate(p: &mut Pipeline, what: &str) -> anyhow::Result<()> {
+    let child = p.loader_command(&["run"])?;
+    let status = exits_within(child, Duration::from_secs(60), || {
+        p.log_tail("loader-cli", 20)
+    })
+    .await
+    .with_context(|| format!("the loader kept retrying {what}"))?;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = p.log_tail("loader-cli", 20);
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the error does not name the certificate: {log}"
+    );
+    Ok(())
+}
+
 /// Both Postgres connections of the replicator (replication and SQL) verify the server's
 /// certificate against `postgres.ssl_root_cert` and the host name, and the pipeline converges.
 #[tokio::test]
@@ -230,18 +248,7 @@ async fn an_untrusted_clickhouse_certificate_stops_the_loader() -> anyhow::Resul
     // The system's roots only: the stack's own CA is not among them.
     p.set_config("clickhouse", "url", &format!("\"{https}\""))?;
     p.spawn_replicator()?;
-    let child = p.loader_command(&["run"])?;
-    let status = exits_within(child, Duration::from_secs(60), || {
-        p.log_tail("loader-cli", 20)
-    })
-    .await
-    .context("the loader kept retrying an untrusted certificate")?;
-    assert_eq!(status.code(), Some(1), "{status:?}");
-    let log = p.log_tail("loader-cli", 20);
-    assert!(
-        log.to_lowercase().contains("certificate"),
-        "the error does not name the certificate: {log}"
-    );
+    loader_stops_naming_the_certificate(&mut p, "an untrusted certificate").await?;
     Ok(())
 }
 
@@ -279,18 +286,11 @@ async fn the_loader_presents_a_client_certificate_to_clickhouse() -> anyhow::Res
     p.spawn_replicator()?;
 
     // No client certificate: refused by the server, for good.
-    let child = p.loader_command(&["run"])?;
-    let status = exits_within(child, Duration::from_secs(60), || {
-        p.log_tail("loader-cli", 20)
-    })
-    .await
-    .context("the loader kept retrying without the client certificate the server requires")?;
-    assert_eq!(status.code(), Some(1), "{status:?}");
-    let log = p.log_tail("loader-cli", 20);
-    assert!(
-        log.to_lowercase().contains("certificate"),
-        "the error does not name the certificate: {log}"
-    );
+    loader_stops_naming_the_certificate(
+        &mut p,
+        "without the client certificate the server requires",
+    )
+    .await?;
 
     p.set_configs(
         "clickhouse",
