@@ -1,5 +1,6 @@
 //! Two replicators of one source started at the same moment (a deployment that starts its
-//! standby with the active one): one takes the slot and streams, the other waits as a standby.
+//! standby with the active one): one takes the slot and streams, the other waits as a standby,
+//! and takes over when the active one is killed.
 //! Both used to race past the "is the slot free" check and the loser stopped on Postgres'
 //! "replication slot already exists" (42710) or "slot is active" (55006).
 
@@ -58,8 +59,25 @@ async fn replicators_started_together_stream_once_and_the_other_waits() -> anyho
         anyhow::ensure!(active.is_some());
         p.check_alive()?;
         anyhow::ensure!(twin.try_wait()?.is_none(), "round {round}: the twin exited");
-        let _ = twin.kill();
-        let _ = twin.wait();
+        if round < 2 {
+            let _ = twin.kill();
+            let _ = twin.wait();
+            continue;
+        }
+
+        // Takeover: with the first killed, the twin is the one streaming. A new standby starts,
+        // the twin is killed, and the standby takes the slot over and streams what follows.
+        p.kill_9_replicator()?;
+        pg.batch_execute("UPDATE items SET note = 'after the first kill' WHERE id % 5 = 0")
+            .await?;
+        p.wait_until_equal(CONVERGE).await?;
+        anyhow::ensure!(twin.try_wait()?.is_none(), "the twin exited");
+        p.spawn_replicator()?;
+        twin.kill()?;
+        twin.wait()?;
+        pg.batch_execute("UPDATE items SET note = 'after the takeover' WHERE id % 3 = 0")
+            .await?;
+        p.wait_until_equal(CONVERGE).await?;
     }
     Ok(())
 }
