@@ -273,6 +273,11 @@ pub struct ReplicatorConfig {
     /// Interval of heartbeat packages on the control subject.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// How often the publication is read again for tables added to it
+    /// (snapshotted automatically) or removed from it; a Relation message of
+    /// an unknown table reads it at once. `0s` turns the periodic check off.
+    #[serde(with = "humantime_serde")]
+    pub publication_check_interval: Duration,
     /// Tables snapshotted in parallel.
     pub snapshot_parallelism: usize,
     /// A start this many bytes of WAL (or more) behind reads the backlog with
@@ -292,6 +297,7 @@ impl Default for ReplicatorConfig {
             max_in_flight: 256,
             status_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(5),
+            publication_check_interval: Duration::from_secs(30),
             snapshot_parallelism: 2,
             catchup_min_lag_bytes: 64 * 1024 * 1024,
             catchup_chunk_changes: 500_000,

@@ -15,6 +15,7 @@
 use async_nats::jetstream::{self, stream};
 
 use crate::config::Config;
+use crate::table::TableName;
 
 /// Schema name reserved for control subjects.
 pub const CONTROL_TOKEN: &str = "_control";
@@ -39,6 +40,36 @@ pub fn table_subject(source: &str, schema: &str, table: &str) -> String {
         subject_token(schema),
         subject_token(table)
     )
+}
+
+/// The name a subject token stands for: [`subject_token`] undone; `None`
+/// for a token it cannot have made.
+pub fn token_name(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut name = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = token.get(i + 1..i + 3)?;
+            name.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            name.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(name).ok()
+}
+
+/// The table whose packages `subject` carries (`None` for a control subject
+/// or another source's): [`table_subject`] undone.
+pub fn table_of_subject(source: &str, subject: &str) -> Option<TableName> {
+    let rest = subject.strip_prefix(&format!("sluice.{source}."))?;
+    let (schema, table) = rest.split_once('.')?;
+    if schema == CONTROL_TOKEN || table.contains('.') {
+        return None;
+    }
+    Some(TableName::new(&token_name(schema)?, &token_name(table)?))
 }
 
 /// Subject of heartbeat packages.
@@ -277,6 +308,27 @@ mod tests {
             table_subject("app", "public", "a.b"),
             "sluice.app.public.a%2Eb"
         );
+    }
+
+    #[test]
+    fn table_subjects_read_back_into_their_table() {
+        for (schema, table) in [
+            ("public", "orders"),
+            ("Sales Dept", "Order.Items"),
+            ("%41", "é*>"),
+        ] {
+            let subject = table_subject("src", schema, table);
+            assert_eq!(
+                table_of_subject("src", &subject),
+                Some(TableName::new(schema, table))
+            );
+        }
+        assert_eq!(table_of_subject("src", &heartbeat_subject("src")), None);
+        assert_eq!(
+            table_of_subject("other", &table_subject("src", "a", "b")),
+            None
+        );
+        assert_eq!(table_of_subject("src", "sluice.src.a.%4"), None);
     }
 
     #[test]

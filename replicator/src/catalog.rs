@@ -180,6 +180,39 @@ pub enum CatalogError {
     NoReplicaIdentity { table: TableName },
 }
 
+impl CatalogError {
+    /// The table itself cannot be replicated as it is (the other tables can):
+    /// `crate::recovery` fails that table alone (ARCHITECTURE.md invariant 10).
+    pub fn concerns_one_table(&self) -> bool {
+        matches!(self, CatalogError::NoReplicaIdentity { .. })
+    }
+}
+
+/// Whether a published table can be replicated: `Ok(Err(reason))` when it
+/// cannot (the reserved schema `_control`, or a catalog error of that table
+/// alone, [`CatalogError::concerns_one_table`]); its column types are
+/// resolved into `types` when it can. Other catalog errors are `Err`.
+pub async fn replicable(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    types: &mut TypeCatalog,
+) -> Result<Result<(), String>, CatalogError> {
+    if table.schema == sluice_broker::topology::CONTROL_TOKEN {
+        return Ok(Err(format!(
+            "schema name `{}` is reserved by sluice",
+            sluice_broker::topology::CONTROL_TOKEN
+        )));
+    }
+    match table_columns(client, table).await {
+        Ok(info) => {
+            types.resolve_table(client, &info).await?;
+            Ok(Ok(()))
+        }
+        Err(error) if error.concerns_one_table() => Ok(Err(error.to_string())),
+        Err(error) => Err(error),
+    }
+}
+
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }

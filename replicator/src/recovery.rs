@@ -113,8 +113,9 @@ pub fn of_snapshot(error: &SnapshotError) -> Recovery {
 pub fn of_catalog(error: &CatalogError) -> Recovery {
     match error {
         CatalogError::Query { source, .. } if source.as_db_error().is_none() => Recovery::Retry,
-        CatalogError::NoReplicaIdentity { .. } => Recovery::FailTable,
-        CatalogError::Query { .. }
+        error if error.concerns_one_table() => Recovery::FailTable,
+        CatalogError::NoReplicaIdentity { .. }
+        | CatalogError::Query { .. }
         | CatalogError::TypeNotFound { .. }
         | CatalogError::TypeNotResolved { .. }
         | CatalogError::TypeChainTooDeep { .. }

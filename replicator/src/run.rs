@@ -20,6 +20,7 @@
 //!    re-reads from the confirmed LSN: nothing acknowledged is lost, nothing
 //!    re-sent is duplicated (ARCHITECTURE.md invariants 1 and 2).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -39,7 +40,7 @@ use crate::metrics as m;
 use crate::packager::{Limits, Packager, Resume, last_package};
 use crate::pg::{self, PgError, PgSettings};
 use crate::publish::{heartbeat_outgoing, heartbeat_package};
-use crate::recovery::{self, Recovery, recovery};
+use crate::recovery::{Recovery, recovery};
 use crate::replication::{Lsn, ReplicationClient};
 use crate::slot::{self, SlotError, Start};
 use crate::snapshot;
@@ -141,7 +142,8 @@ async fn run_once(
     }
     ensure_publication(&sql.client, config).await?;
     let mut types = TypeCatalog::new();
-    let tables = replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
+    let (tables, unreplicable) =
+        replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
 
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
@@ -169,6 +171,7 @@ async fn run_once(
     };
     let mut publisher = crate::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
 
+    let mut not_in_stream = Vec::new();
     let (client, packager, start) = match state {
         Some(existing) => {
             let generation = last_heartbeat
@@ -179,10 +182,16 @@ async fn run_once(
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             for table in &tables {
                 let subject = topology::table_subject(&config.source, &table.schema, &table.name);
-                if let Some(package) = last_package(&stream_handle, &subject).await?
-                    && let Some(resume) = Resume::from_package(&package)
-                {
-                    packager.resume(table.clone(), resume);
+                match last_package(&stream_handle, &subject).await? {
+                    Some(package) => {
+                        if let Some(resume) = Resume::from_package(&package) {
+                            packager.resume(table.clone(), resume);
+                        }
+                    }
+                    // Never published (every snapshot leaves its markers in the
+                    // stream): added to the publication while stopped, or its
+                    // packages aged out of the stream. Load it (again).
+                    None => not_in_stream.push(table.clone()),
                 }
             }
             tracing::info!(slot = %slot, confirmed_flush = %existing.confirmed_flush, generation, "resuming from the slot");
@@ -265,6 +274,8 @@ async fn run_once(
         sql,
         types,
         published: tables.iter().cloned().collect(),
+        unreplicable,
+        not_in_stream,
         packager,
         publisher,
         start,
@@ -316,33 +327,28 @@ async fn ensure_publication(
     Ok(())
 }
 
-/// Published tables that can be replicated. Every published table's series
-/// start at 0 ([`m::table_series_at_zero`]); tables without a usable replica
-/// identity are reported (one line, `sluice_replicator_table_errors` 1) and
-/// left out (ARCHITECTURE.md invariant 10).
+/// The published tables, split into those that can be replicated and those
+/// that cannot. Every published table's series start at 0
+/// ([`m::table_series_at_zero`]); tables that cannot be replicated are
+/// reported (one line, `sluice_replicator_table_errors` 1) and left out
+/// (ARCHITECTURE.md invariant 10).
 pub async fn replicable_tables(
     client: &tokio_postgres::Client,
     publication: &str,
     types: &mut TypeCatalog,
-) -> Result<Vec<TableName>, RunError> {
+) -> Result<(Vec<TableName>, HashSet<TableName>), RunError> {
     let published = catalog::published_tables(client, publication).await?;
     let mut tables = Vec::new();
+    let mut unreplicable = HashSet::new();
     for table in published {
-        if table.schema == topology::CONTROL_TOKEN {
-            tracing::error!(schema = %table.schema, table = %table.name, "schema name `_control` is reserved by sluice; table skipped");
-            continue;
-        }
         m::table_series_at_zero(&table);
-        match catalog::table_columns(client, &table).await {
-            Ok(info) => {
-                types.resolve_table(client, &info).await?;
-                tables.push(table);
-            }
-            Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => {
-                tracing::error!(table = %table, error = %error, "table cannot be replicated; skipped");
+        match catalog::replicable(client, &table, types).await? {
+            Ok(()) => tables.push(table),
+            Err(reason) => {
+                tracing::error!(table = %table, error = %reason, "table cannot be replicated; skipped");
                 metrics::gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
+                unreplicable.insert(table);
             }
-            Err(error) => return Err(error.into()),
         }
     }
     if tables.is_empty() {
@@ -350,7 +356,7 @@ pub async fn replicable_tables(
             publication: publication.to_owned(),
         });
     }
-    Ok(tables)
+    Ok((tables, unreplicable))
 }
 
 #[cfg(test)]

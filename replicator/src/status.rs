@@ -15,7 +15,9 @@
 //!   package of a resync (a resync that failed shows so until the table's
 //!   next change, which continues its chain);
 //! - `streaming`: anything else (the chain ends in changes, a truncate or a
-//!   RESYNC_END, or the table has no package in the stream).
+//!   RESYNC_END, or the table has no package in the stream);
+//! - `removed: …`: a table with packages in the stream that is no longer in
+//!   the publication (its ClickHouse table is kept, nothing more arrives).
 //!
 //! The lag of a table is now minus the commit time of its last published
 //! package: its replication lag while it changes, the time since its last
@@ -34,7 +36,6 @@ use crate::catalog;
 use crate::packager::last_package;
 use crate::pg::{self, PgError, PgSettings};
 use crate::publish::now_us;
-use crate::recovery::{self, Recovery};
 use crate::replication::Lsn;
 
 /// Why the status could not be gathered.
@@ -193,6 +194,18 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
                     .await,
                 );
             }
+            if publication_error.is_none() {
+                for table in removed_tables(config, &stream, &published).await {
+                    let subject =
+                        topology::table_subject(&config.source, &table.schema, &table.name);
+                    let last = last_package(&stream, &subject).await.ok().flatten();
+                    let state = format!(
+                        "removed: not in publication {} (its ClickHouse table is kept)",
+                        config.postgres.publication
+                    );
+                    tables_json.push(entry(&table, state, last.as_ref(), None));
+                }
+            }
             let consumer = match stream
                 .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
                     &config.loader.consumer,
@@ -250,14 +263,35 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
     }))
 }
 
+/// Tables with packages in the stream that are not in the publication (any
+/// more): removed from it.
+async fn removed_tables(
+    config: &Config,
+    stream: &async_nats::jetstream::stream::Stream,
+    published: &[TableName],
+) -> Vec<TableName> {
+    use futures::TryStreamExt as _;
+    let Ok(subjects) = stream
+        .info_with_subjects(topology::stream_subjects(&config.source))
+        .await
+    else {
+        return Vec::new();
+    };
+    let subjects: Vec<(String, usize)> = subjects.try_collect().await.unwrap_or_default();
+    let mut removed: Vec<TableName> = subjects
+        .iter()
+        .filter_map(|(subject, _)| topology::table_of_subject(&config.source, subject))
+        .filter(|table| !published.contains(table))
+        .collect();
+    removed.sort();
+    removed.dedup();
+    removed
+}
+
 /// Whether the catalog lets `table` be replicated; the reason if not.
 async fn replicable(client: &tokio_postgres::Client, table: &TableName) -> Result<(), String> {
-    if table.schema == topology::CONTROL_TOKEN {
-        return Err("schema name `_control` is reserved by sluice".to_owned());
-    }
-    match catalog::table_columns(client, table).await {
-        Ok(_) => Ok(()),
-        Err(error) if recovery::of_catalog(&error) == Recovery::FailTable => Err(error.to_string()),
+    match catalog::replicable(client, table, &mut catalog::TypeCatalog::new()).await {
+        Ok(replicable) => replicable,
         Err(error) => Err(format!("cannot read the catalog: {error}")),
     }
 }

@@ -24,6 +24,7 @@
 //!   only the walsender's keepalives ever confirm an LSN without a commit.
 
 mod confirm;
+mod publication;
 mod resync;
 mod translate;
 
@@ -93,8 +94,13 @@ pub struct Setup<'a> {
     /// SQL connection for catalog queries (and the backlog's slot moves).
     pub sql: SqlConn,
     pub types: TypeCatalog,
-    /// Tables of the publication.
+    /// Tables of the publication that are replicated.
     pub published: HashSet<TableName>,
+    /// Tables of the publication that cannot be replicated (already reported).
+    pub unreplicable: HashSet<TableName>,
+    /// Replicated tables without a package in the stream: resynced at once
+    /// (reason `not_in_stream`).
+    pub not_in_stream: Vec<TableName>,
     pub packager: Packager,
     pub publisher: Publisher,
     /// The LSN streaming starts from (already confirmed).
@@ -156,6 +162,8 @@ struct Loop<'a> {
     resyncs: Resyncs,
     sql: SqlConn,
     translate: Translator,
+    /// Published tables that cannot be replicated ([`publication`]).
+    unreplicable: HashSet<TableName>,
     packager: Packager,
     publisher: Publisher,
     decoder: pgoutput::Decoder,
@@ -177,6 +185,8 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         sql,
         types,
         published,
+        unreplicable,
+        not_in_stream,
         packager,
         publisher,
         start,
@@ -195,6 +205,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         resyncs,
         sql,
         translate: Translator::new(types, published),
+        unreplicable,
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),
@@ -207,6 +218,19 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(config.replicator.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `0s` turns the periodic check off (a Relation of an unknown table
+    // still checks).
+    let check_every = config.replicator.publication_check_interval;
+    let checking = !check_every.is_zero();
+    let check_every = check_every.max(std::time::Duration::from_millis(100));
+    let mut publication_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
+    publication_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if !not_in_stream.is_empty() {
+        let names: Vec<String> = not_in_stream.iter().map(TableName::to_string).collect();
+        tracing::info!(tables = %names.join(", "), "published tables without a package in the stream (added to the publication while stopped, or aged out of the stream): loading them");
+        state.resync_tables(not_in_stream, "not_in_stream");
+    }
     loop {
         tokio::select! {
             biased;
@@ -234,6 +258,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
             // status updates (wal_sender_timeout) or a resync request.
             _ = status.tick() => state.send_status(&mut source).await?,
             _ = heartbeat.tick() => state.heartbeat().await?,
+            _ = publication_check.tick(), if checking => state.check_publication(None).await?,
             Some(request) = requests.next() => state.resync_request(request).await,
             Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
             acked = state.publisher.wait_one() => acked?,
@@ -385,7 +410,9 @@ impl Loop<'_> {
                 });
             }
             LogicalMessage::Relation(relation) => {
-                self.translate.relation(&self.sql.client, relation).await?;
+                if let Some(table) = self.translate.relation(&self.sql.client, relation).await? {
+                    self.check_publication(Some(&table)).await?;
+                }
             }
             LogicalMessage::Type(t) => self.translate.forget_type(t.oid),
             LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_) => {

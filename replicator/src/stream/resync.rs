@@ -113,7 +113,7 @@ impl Loop<'_> {
         }
     }
 
-    fn start_resyncs(&mut self, request: &v1::ResyncRequest) -> v1::ResyncReply {
+    pub(super) fn start_resyncs(&mut self, request: &v1::ResyncRequest) -> v1::ResyncReply {
         let tables = match requested_tables(
             request,
             &self.translate.published,

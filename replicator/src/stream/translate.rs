@@ -35,7 +35,8 @@ pub(super) struct RelState {
 /// The stream's view of the published tables and their types.
 pub(super) struct Translator {
     types: TypeCatalog,
-    /// Tables of the publication (grows when a table is added to it).
+    /// Tables of the publication that are replicated (kept up to date by
+    /// [`super::publication`]).
     pub(super) published: HashSet<TableName>,
     /// By relation OID, looked up for every row.
     relations: HashMap<u32, RelState, foldhash::fast::RandomState>,
@@ -53,6 +54,16 @@ impl Translator {
         }
     }
 
+    /// Whether `table` can be replicated (`Ok(Err(reason))` if not), its
+    /// types resolved: [`catalog::replicable`].
+    pub(super) async fn replicable(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &TableName,
+    ) -> Result<Result<(), String>, StreamError> {
+        Ok(catalog::replicable(client, table, &mut self.types).await?)
+    }
+
     /// A Type message: the type may have changed, look it up again when used.
     pub(super) fn forget_type(&mut self, oid: u32) {
         self.types.forget(oid);
@@ -60,11 +71,14 @@ impl Translator {
 
     /// A Relation message: (re)describes the table from the catalog, or from
     /// the message itself when the catalog moved on since (later DDL).
+    /// Returns the table when it is not among the published tables the
+    /// stream knows (added to the publication since, or removed from it):
+    /// the caller reads the publication again.
     pub(super) async fn relation(
         &mut self,
         client: &tokio_postgres::Client,
         relation: pgoutput::Relation,
-    ) -> Result<(), StreamError> {
+    ) -> Result<Option<TableName>, StreamError> {
         let table = TableName::new(&relation.namespace, &relation.name);
         let info = catalog::table_columns(client, &table).await;
         let mut types = Vec::with_capacity(relation.columns.len());
@@ -85,8 +99,9 @@ impl Translator {
             }
             Err(error) => return Err(error.into()),
         };
+        let unknown = (!self.published.contains(&table)).then(|| table.clone());
         self.register(relation.oid, table, v1_relation, types);
-        Ok(())
+        Ok(unknown)
     }
 
     /// Records a described table under its relation OID.
@@ -98,11 +113,6 @@ impl Translator {
         types: Vec<TypeInfo>,
     ) {
         let label = table.to_string();
-        if !self.published.contains(&table) {
-            tracing::info!(table = %label, "new table in the publication; streaming its changes (run `sluice-replicator resync --table {label}` to load its existing rows)");
-            m::table_series_at_zero(&table);
-            self.published.insert(table.clone());
-        }
         self.relations.insert(
             oid,
             RelState {

@@ -1,0 +1,164 @@
+//! Following the publication while streaming (ARCHITECTURE.md invariant 7):
+//! tables added to it are snapshotted automatically, tables removed from it
+//! stop being replicated.
+//!
+//! The publication is read again every `replicator.publication_check_interval`
+//! and at once when a Relation message names a table the stream does not
+//! replicate. A table that is in the publication now and can be replicated
+//! joins the replicated tables and gets a resync (reason `added`): its
+//! existing rows arrive through the same shadow-and-swap as any resync, its
+//! changes from then on through the stream. A table in the publication that
+//! cannot be replicated (no usable replica identity, the reserved schema
+//! `_control`) is reported once and checked again at every later read, so it
+//! joins once its cause is fixed. A table no longer in the publication leaves
+//! the replicated tables: Postgres stops sending its changes at the
+//! `ALTER PUBLICATION`, the changes before it still arrive (the stream may be
+//! behind) and are loaded, and its ClickHouse table is kept.
+//!
+//! A table added while the replicator was stopped is found at start-up
+//! instead: it has no package in the stream (see [`crate::run`], reason
+//! `not_in_stream`).
+
+use std::collections::HashSet;
+
+use metrics::gauge;
+use sluice_broker::TableName;
+use sluice_proto::v1;
+
+use super::{Loop, StreamError};
+use crate::catalog;
+use crate::metrics as m;
+
+/// The publication compared with what the stream replicates: tables to check
+/// (in the publication, not replicated yet: new ones and ones that could not
+/// be replicated before) and tables removed from it, each sorted.
+fn compare(
+    replicated: &HashSet<TableName>,
+    unreplicable: &HashSet<TableName>,
+    publication: &[TableName],
+) -> (Vec<TableName>, Vec<TableName>) {
+    let now: HashSet<&TableName> = publication.iter().collect();
+    let mut candidates: Vec<TableName> = now
+        .iter()
+        .filter(|t| !replicated.contains(**t))
+        .map(|t| (*t).clone())
+        .collect();
+    let mut removed: Vec<TableName> = replicated
+        .iter()
+        .chain(unreplicable.iter())
+        .filter(|t| !now.contains(t))
+        .cloned()
+        .collect();
+    candidates.sort();
+    removed.sort();
+    removed.dedup();
+    (candidates, removed)
+}
+
+impl Loop<'_> {
+    /// Reads the publication again and follows it: added tables are
+    /// resynced, removed ones dropped from the replicated tables. `relation`
+    /// is the table of a Relation message that triggered the check.
+    pub(super) async fn check_publication(
+        &mut self,
+        relation: Option<&TableName>,
+    ) -> Result<(), StreamError> {
+        let publication = &self.config.postgres.publication;
+        let tables = catalog::published_tables(&self.sql.client, publication).await?;
+        let (candidates, removed) = compare(&self.translate.published, &self.unreplicable, &tables);
+        let mut added = Vec::new();
+        for table in candidates {
+            match self.translate.replicable(&self.sql.client, &table).await? {
+                Ok(()) => {
+                    if self.unreplicable.remove(&table) {
+                        tracing::info!(table = %table, "table can be replicated now");
+                    }
+                    added.push(table);
+                }
+                Err(reason) => {
+                    if self.unreplicable.insert(table.clone()) {
+                        tracing::error!(table = %table, error = %reason, "table cannot be replicated; skipped");
+                        gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
+                    }
+                }
+            }
+        }
+        for table in removed {
+            if self.translate.published.remove(&table) {
+                tracing::warn!(table = %table, publication = %publication, "table removed from the publication: its changes up to the removal are loaded, later ones are not; its ClickHouse table is kept");
+            }
+            if self.unreplicable.remove(&table) {
+                gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(0.0);
+            }
+        }
+        if let Some(table) = relation
+            && !self.translate.published.contains(table)
+            && !added.contains(table)
+            && !self.unreplicable.contains(table)
+        {
+            tracing::debug!(table = %table, "changes of a table no longer in the publication: streamed up to its removal");
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        for table in &added {
+            tracing::info!(table = %table, publication = %publication, "table added to the publication: loading its existing rows (resync), then its changes");
+            m::table_series_at_zero(table);
+            gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(0.0);
+            self.translate.published.insert(table.clone());
+        }
+        self.resync_tables(added, "added");
+        Ok(())
+    }
+
+    /// Starts a resync of `tables` for `reason` (as a request would); a
+    /// refusal is logged.
+    pub(super) fn resync_tables(&mut self, tables: Vec<TableName>, reason: &str) {
+        let request = v1::ResyncRequest {
+            tables: tables.iter().map(TableName::to_string).collect(),
+            all: false,
+            reason: reason.to_owned(),
+        };
+        let reply = self.start_resyncs(&request);
+        if !reply.error.is_empty() {
+            tracing::error!(error = %reply.error, reason = %reason, "cannot start the resync");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> HashSet<TableName> {
+        names.iter().map(|n| TableName::parse(n)).collect()
+    }
+
+    fn list(names: &[&str]) -> Vec<TableName> {
+        names.iter().map(|n| TableName::parse(n)).collect()
+    }
+
+    #[test]
+    fn new_tables_are_checked_and_missing_ones_removed() {
+        let (candidates, removed) =
+            compare(&set(&["a", "b"]), &set(&[]), &list(&["b", "c", "s.d"]));
+        assert_eq!(candidates, list(&["c", "s.d"]));
+        assert_eq!(removed, list(&["a"]));
+    }
+
+    #[test]
+    fn unreplicable_tables_are_checked_again_until_they_leave() {
+        let (candidates, removed) = compare(&set(&["a"]), &set(&["x"]), &list(&["a", "x"]));
+        assert_eq!(candidates, list(&["x"]));
+        assert!(removed.is_empty());
+        let (candidates, removed) = compare(&set(&["a"]), &set(&["x"]), &list(&["a"]));
+        assert!(candidates.is_empty());
+        assert_eq!(removed, list(&["x"]));
+    }
+
+    #[test]
+    fn an_unchanged_publication_changes_nothing() {
+        let (candidates, removed) = compare(&set(&["a", "b"]), &set(&[]), &list(&["a", "b"]));
+        assert!(candidates.is_empty() && removed.is_empty());
+    }
+}
