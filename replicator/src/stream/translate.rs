@@ -421,8 +421,5 @@ mod tests {
             columns,
             [("id", "int8", true, false), ("note", "text", false, true)]
         );
-        // A table new to the publication is added to it.
-        let t = translator();
-        assert!(t.published.contains(&TableName::new("public", "t")));
     }
 }
