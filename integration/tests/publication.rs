@@ -251,3 +251,68 @@ async fn a_row_filter_holds_for_the_snapshot_and_rows_moving_in_and_out() -> any
     assert_eq!(outside, 0, "rows outside the filter in clickhouse");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_changed_column_list_or_row_filter_is_followed() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("pub_changed").await?;
+    let pg = p.pg().await?;
+    if before_postgres_15(&pg).await? {
+        return Ok(());
+    }
+    pg.batch_execute(
+        "CREATE TABLE contacts (id bigint PRIMARY KEY, name text NOT NULL, email text);
+         INSERT INTO contacts SELECT g, 'name ' || g, 'mail' || g || '@example.org'
+             FROM generate_series(1, 500) g;
+         CREATE PUBLICATION sluice FOR TABLE contacts (id, name);",
+    )
+    .await?;
+    p.set_config("replicator", "publication_check_interval", "\"1s\"")?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    assert!(
+        !clickhouse_columns(&p, "contacts")
+            .await?
+            .contains(&"email".to_owned())
+    );
+
+    // A column joins the list: ClickHouse gets it, filled for the old rows too.
+    pg.batch_execute(
+        "ALTER PUBLICATION sluice SET TABLE contacts (id, name, email);
+         UPDATE contacts SET name = 'renamed' WHERE id % 10 = 0;",
+    )
+    .await?;
+    p.wait_until_equal(CONVERGE).await?;
+    let columns = clickhouse_columns(&p, "contacts").await?;
+    assert!(columns.contains(&"email".to_owned()), "{columns:?}");
+
+    // The column leaves again and a row filter comes: ClickHouse drops the
+    // column and keeps only the rows the filter admits.
+    pg.batch_execute(
+        "ALTER PUBLICATION sluice SET TABLE contacts (id, name) WHERE (id % 2 = 0);
+         INSERT INTO contacts VALUES (1001, 'odd', 'x@example.org'), (1002, 'even', 'y@example.org');",
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let reports = p.verify().await?;
+        let columns = clickhouse_columns(&p, "contacts").await?;
+        if reports.iter().all(|r| r.is_equal()) && !columns.contains(&"email".to_owned()) {
+            assert_eq!(reports[0].clickhouse_rows, 251);
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the new column list and row filter never held: {columns:?}\n{reports:?}\n{}",
+            p.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let metrics = p.replicator_metrics().await?;
+    let resyncs = pipeline::metric(
+        &metrics,
+        "sluice_resyncs_total{table=\"public.contacts\",reason=\"publication_changed\"}",
+    );
+    assert_eq!(resyncs, Some(2.0));
+    Ok(())
+}

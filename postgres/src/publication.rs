@@ -60,6 +60,42 @@ pub async fn published_view(
     })
 }
 
+/// How a publication narrows one table: its explicit column list (attribute
+/// numbers, `pg_publication_rel.prattrs`) and row filter (`prqual`), as text.
+/// `(None, None)` for a table published whole.
+pub type Narrowing = (Option<String>, Option<String>);
+
+/// The [`Narrowing`] of every table `publication` lists with a column list
+/// or a row filter (Postgres 15+; empty before, and for tables published
+/// whole, `FOR ALL TABLES` or `FOR TABLES IN SCHEMA`). Unlike
+/// `pg_publication_tables.attnames`, it does not change when a column is added
+/// to a table published without a column list: it changes only when the
+/// publication does (`ALTER PUBLICATION … SET TABLE`).
+pub async fn narrowings(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<std::collections::HashMap<TableName, Narrowing>, tokio_postgres::Error> {
+    let version = crate::version::server_version_num(client).await?;
+    if !crate::version::has_publication_column_lists(version) {
+        return Ok(Default::default());
+    }
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, pr.prattrs::text,                     pg_catalog.pg_get_expr(pr.prqual, pr.prrelid)              FROM pg_catalog.pg_publication_rel pr              JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid              JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace              WHERE p.pubname = $1 AND (pr.prattrs IS NOT NULL OR pr.prqual IS NOT NULL)",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+                (row.get(2), row.get(3)),
+            )
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ mod publication;
 mod resync;
 mod translate;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, gauge};
@@ -164,6 +164,9 @@ struct Loop<'a> {
     translate: Translator,
     /// Published tables that cannot be replicated ([`publication`]).
     unreplicable: HashSet<TableName>,
+    /// Column lists and row filters of the publication as last read
+    /// ([`publication`]).
+    narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
     packager: Packager,
     publisher: Publisher,
     decoder: pgoutput::Decoder,
@@ -206,6 +209,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         sql,
         translate: Translator::new(types, published),
         unreplicable,
+        narrowings: HashMap::new(),
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),
@@ -226,6 +230,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
     let mut publication_check =
         tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
     publication_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    state.read_narrowings().await?;
     if !not_in_stream.is_empty() {
         let names: Vec<String> = not_in_stream.iter().map(TableName::to_string).collect();
         tracing::info!(tables = %names.join(", "), "published tables without a package in the stream (added to the publication while stopped, or aged out of the stream): loading them");

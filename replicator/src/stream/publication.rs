@@ -15,18 +15,26 @@
 //! `ALTER PUBLICATION`, the changes before it still arrive (the stream may be
 //! behind) and are loaded, and its ClickHouse table is kept.
 //!
+//! A table whose column list or row filter changed (`ALTER PUBLICATION … SET
+//! TABLE t (cols) WHERE (…)`) is resynced (reason `publication_changed`):
+//! its shadow table is built from the new column list, so added columns are
+//! filled, removed ones dropped and the rows are those the new filter admits.
+//! The baseline is the publication when streaming started; a change made
+//! while the replicator was stopped is not noticed.
+//!
 //! A table added while the replicator was stopped is found at start-up
 //! instead: it has no package in the stream (see [`crate::run`], reason
 //! `not_in_stream`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use metrics::gauge;
 use sluice_broker::TableName;
+use sluice_postgres::publication::Narrowing;
 use sluice_proto::v1;
 
 use super::{Loop, StreamError};
-use crate::catalog;
+use crate::catalog::{self, CatalogError};
 use crate::metrics as m;
 
 /// The publication compared with what the stream replicates: tables to check
@@ -66,6 +74,18 @@ impl Loop<'_> {
         let publication = &self.config.postgres.publication;
         let tables = catalog::published_tables(&self.sql.client, publication).await?;
         let (candidates, removed) = compare(&self.translate.published, &self.unreplicable, &tables);
+        let narrowings = narrowings(&self.sql.client, publication).await?;
+        // A changed column list or row filter of a table replicated so far:
+        // its rows in ClickHouse follow the old one.
+        let mut changed: Vec<TableName> = self
+            .translate
+            .published
+            .iter()
+            .filter(|t| tables.contains(t) && self.narrowings.get(*t) != narrowings.get(*t))
+            .cloned()
+            .collect();
+        changed.sort();
+        self.narrowings = narrowings;
         let mut added = Vec::new();
         for table in candidates {
             match self.translate.replicable(&self.sql.client, &table).await? {
@@ -98,6 +118,12 @@ impl Loop<'_> {
         {
             tracing::debug!(table = %table, "changes of a table no longer in the publication: streamed up to its removal");
         }
+        if !changed.is_empty() {
+            for table in &changed {
+                tracing::info!(table = %table, publication = %publication, "the publication's column list or row filter of the table changed: resyncing it");
+            }
+            self.resync_tables(changed, "publication_changed");
+        }
         if added.is_empty() {
             return Ok(());
         }
@@ -108,6 +134,13 @@ impl Loop<'_> {
             self.translate.published.insert(table.clone());
         }
         self.resync_tables(added, "added");
+        Ok(())
+    }
+
+    /// Reads the column lists and row filters the publication has now, as
+    /// the baseline [`Self::check_publication`] compares with.
+    pub(super) async fn read_narrowings(&mut self) -> Result<(), StreamError> {
+        self.narrowings = narrowings(&self.sql.client, &self.config.postgres.publication).await?;
         Ok(())
     }
 
@@ -124,6 +157,22 @@ impl Loop<'_> {
             tracing::error!(error = %reply.error, reason = %reason, "cannot start the resync");
         }
     }
+}
+
+/// [`sluice_postgres::publication::narrowings`], its error a catalog error.
+async fn narrowings(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<HashMap<TableName, Narrowing>, StreamError> {
+    sluice_postgres::publication::narrowings(client, publication)
+        .await
+        .map_err(|source| {
+            CatalogError::Query {
+                what: "reading the publication's column lists and row filters",
+                source,
+            }
+            .into()
+        })
 }
 
 #[cfg(test)]
