@@ -354,17 +354,23 @@ impl Loader {
         } else {
             live_packages
         };
-        self.insert(table, &live, &live_packages).await?;
+        self.insert(table, &live, None, &live_packages).await?;
         if let Some(shadow) = &shadow {
-            self.insert(table, shadow, &shadow_packages).await?;
+            // A change can reach the shadow before the snapshot brought its
+            // row: its unchanged TOAST values come from the live table then.
+            self.insert(table, shadow, Some(&live), &shadow_packages)
+                .await?;
         }
         Ok(())
     }
 
+    /// One INSERT of `packages` into `target`; unchanged TOAST values are
+    /// read from `target`, then from `fallback` for rows `target` lacks.
     async fn insert(
         &mut self,
         table: &TableName,
         target: &TargetTable,
+        fallback: Option<&TargetTable>,
         packages: &[&Decoded],
     ) -> Result<(), ChError> {
         if packages.is_empty() {
@@ -379,7 +385,7 @@ impl Loader {
         let current = if toast.is_empty() {
             CurrentRows::default()
         } else {
-            fetch_current(&self.ch, target, &toast).await?
+            fetch_current(&self.ch, target, fallback, &toast).await?
         };
         let mut builder = InsertBuilder::new(target);
         let mut ops = OpCounts::default();

@@ -9,6 +9,7 @@
 //! kept in its RowBinary encoding for [`super::InsertBuilder`] to copy.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 
 use bytes::Bytes;
 use clickhouse::Client;
@@ -39,6 +40,8 @@ pub struct ToastRequest {
     pub keys: Vec<Vec<u8>>,
     /// Names of the columns holding unchanged TOAST values.
     pub columns: Vec<String>,
+    /// `keys` as a set: a bulk UPDATE asks for 100,000s of keys.
+    seen: HashSet<Vec<u8>>,
 }
 
 impl ToastRequest {
@@ -69,7 +72,7 @@ impl ToastRequest {
                         row: i,
                         source,
                     })?;
-                if !self.keys.contains(&key) {
+                if self.seen.insert(key.clone()) {
                     self.keys.push(key);
                 }
             }
@@ -94,14 +97,23 @@ pub fn encode_key(
     Ok(out)
 }
 
+/// Escaped key bytes (`\\xHH`, four characters a byte) one read carries at
+/// most: a bulk UPDATE can ask for more keys than fit one query, so they are
+/// read in several. Each query raises its own `max_query_size` to its length.
+const MAX_KEY_LITERAL: usize = 1 << 20;
+
 /// Reads the current (not deleted) values of `request.columns` for the rows
-/// with `request.keys` from `target`, via `SELECT … FINAL`.
+/// with `request.keys` from `target`, via `SELECT … FINAL`; rows `target`
+/// does not have are read from `fallback` (a resync's shadow table falls back
+/// to the live table: an UPDATE can reach a row before the snapshot did).
 ///
 /// The keys travel as RowBinary inside the query (`format(RowBinary, …)`
-/// table function), so any key type matches exactly what the loader wrote.
+/// table function), so any key type matches exactly what the loader wrote;
+/// they are read [`MAX_KEY_LITERAL`] at a time, so any batch size works.
 pub async fn fetch_current(
     client: &Client,
     target: &TargetTable,
+    fallback: Option<&TargetTable>,
     request: &ToastRequest,
 ) -> Result<CurrentRows, Error> {
     let mut current = CurrentRows {
@@ -112,9 +124,70 @@ pub async fn fetch_current(
     if request.keys.is_empty() || request.columns.is_empty() {
         return Ok(current);
     }
+    read_rows(
+        client,
+        target,
+        &request.columns,
+        &request.keys,
+        &mut current,
+    )
+    .await?;
+    if let Some(fallback) = fallback {
+        let missing: Vec<Vec<u8>> = request
+            .keys
+            .iter()
+            .filter(|key| !current.rows.contains_key(*key))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            read_rows(client, fallback, &request.columns, &missing, &mut current).await?;
+        }
+    }
+    Ok(current)
+}
+
+/// The keys in groups whose escaped literal stays within [`MAX_KEY_LITERAL`]
+/// (a single key longer than that gets a group of its own).
+fn key_chunks(keys: &[Vec<u8>]) -> Vec<&[Vec<u8>]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, key) in keys.iter().enumerate() {
+        let len = key.len() * 4;
+        if i > start && size + len > MAX_KEY_LITERAL {
+            chunks.push(&keys[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += len;
+    }
+    if start < keys.len() {
+        chunks.push(&keys[start..]);
+    }
+    chunks
+}
+
+/// Reads `columns` of the rows with `keys` from `target` into `current`.
+async fn read_rows(
+    client: &Client,
+    target: &TargetTable,
+    columns: &[String],
+    keys: &[Vec<u8>],
+    current: &mut CurrentRows,
+) -> Result<(), Error> {
+    for chunk in key_chunks(keys) {
+        read_chunk(client, target, columns, chunk, current).await?;
+    }
+    Ok(())
+}
+
+async fn read_chunk(
+    client: &Client,
+    target: &TargetTable,
+    names: &[String],
+    wanted: &[Vec<u8>],
+    current: &mut CurrentRows,
+) -> Result<(), Error> {
     let keys: Vec<_> = target.key_columns().collect();
-    let columns: Vec<_> = request
-        .columns
+    let columns: Vec<_> = names
         .iter()
         .map(|name| {
             target
@@ -134,9 +207,9 @@ pub async fn fetch_current(
         .map(|c| format!("{} {ty}", quote_ident(&c.name), ty = c.ch_type))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut data = String::with_capacity(request.keys.iter().map(|k| k.len() * 4).sum());
-    for byte in request.keys.iter().flatten() {
-        data.push_str(&format!("\\x{byte:02x}"));
+    let mut data = String::with_capacity(wanted.iter().map(|k| k.len() * 4).sum());
+    for byte in wanted.iter().flatten() {
+        let _ = write!(data, "\\x{byte:02x}");
     }
     let select_list = columns
         .iter()
@@ -153,6 +226,8 @@ pub async fn fetch_current(
     );
     let body = client
         .query_raw(&sql)
+        // The server's default (256 KiB) would refuse a large key list.
+        .with_setting("max_query_size", (sql.len() + 1024).to_string())
         .fetch_bytes("RowBinary")
         .map_err(Error::ch("read current rows"))?
         .collect()
@@ -174,5 +249,71 @@ pub async fn fetch_current(
         }
         current.rows.insert(key, values);
     }
-    Ok(current)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_read_in_chunks_within_the_literal_bound() {
+        let keys: Vec<Vec<u8>> = (0..100_000u64).map(|k| k.to_le_bytes().to_vec()).collect();
+        let chunks = key_chunks(&keys);
+        assert!(chunks.len() > 1, "100,000 keys fit one query");
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.iter().map(|k| k.len() * 4).sum::<usize>() <= MAX_KEY_LITERAL)
+        );
+        let rejoined: Vec<&Vec<u8>> = chunks.iter().flat_map(|c| c.iter()).collect();
+        assert_eq!(rejoined, keys.iter().collect::<Vec<_>>());
+        // A key beyond the bound on its own still gets read.
+        let huge = vec![vec![0u8; MAX_KEY_LITERAL], vec![1]];
+        assert_eq!(key_chunks(&huge).len(), 2);
+        assert!(key_chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_request_keeps_each_key_once() {
+        use super::super::schema::TargetColumn;
+        use super::super::types::ChType;
+        let target = TargetTable {
+            database: "d".into(),
+            table: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    ch_type: ChType::Int64,
+                    key: true,
+                },
+                TargetColumn {
+                    name: "big".into(),
+                    ch_type: ChType::String,
+                    key: false,
+                },
+            ],
+        };
+        let row = |id: i64| v1::Row {
+            op: v1::Op::Update as i32,
+            values: vec![
+                v1::Value {
+                    kind: Some(Kind::Int(id)),
+                },
+                v1::Value {
+                    kind: Some(Kind::UnchangedToast(v1::UnchangedToast {})),
+                },
+            ],
+            old_key: Vec::new(),
+        };
+        let package = v1::Package {
+            rows: vec![row(1), row(2), row(1)],
+            ..Default::default()
+        };
+        let mut request = ToastRequest::default();
+        request.add_package(&target, &package).unwrap();
+        request.add_package(&target, &package).unwrap();
+        assert_eq!(request.keys.len(), 2);
+        assert_eq!(request.columns, ["big"]);
+    }
 }
