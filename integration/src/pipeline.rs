@@ -121,7 +121,10 @@ fn build_binaries() -> anyhow::Result<Binaries> {
         // Failpoints for the crash tests (inert unless FAILPOINTS is set); not in the benches'
         // builds, which measure what ships.
         .args(if profile == "dev" {
-            &["--features", "sluice-loader/failpoints"][..]
+            &[
+                "--features",
+                "sluice-loader/failpoints,sluice-replicator/failpoints",
+            ][..]
         } else {
             &[]
         })
@@ -392,7 +395,9 @@ ack_wait = "30s"
     /// Sets (or with `None` clears) the failpoints of the programs started from now on, in the
     /// `fail` crate's `FAILPOINTS` syntax (`name=return;other=return`). The loader's points:
     /// `loader::resync::after_exchange`, `loader::resync::after_drop`; `return` exits the
-    /// program there at once (code 86), like a kill.
+    /// program there at once (code 86), like a kill. The replicator's:
+    /// `replicator::snapshot::package=return(MS)` sleeps MS milliseconds after each snapshot
+    /// package.
     pub fn set_failpoints(&mut self, spec: Option<&str>) {
         self.failpoints = spec.map(str::to_owned);
     }

@@ -45,11 +45,50 @@ async fn a_bulk_update_of_toasted_rows_during_a_resync_needs_no_other_resync() -
     p.spawn_loader()?;
     wait_resyncs_completed(&p, 1.0).await?;
 
+    // A slow resync snapshot (a pause after each package), so the UPDATE's
+    // rows reach the shadow table before the snapshot brought most of them.
+    p.stop_replicator().await?;
+    p.set_failpoints(Some("replicator::snapshot::package=return(40)"));
+    p.spawn_replicator()?;
+    p.wait_replicator_ready(CONVERGE).await?;
     let status = p
-        .replicator_command(&["resync", "--table", "public.docs"])?
+        .replicator_command(&["resync", "--table", "public.docs", "--no-wait"])?
         .wait()?;
     anyhow::ensure!(status.success(), "resync command failed: {status}");
+    let deadline = Instant::now() + CONVERGE;
+    // The resync's first snapshot rows are out (this replicator's counter
+    // started at 0).
+    loop {
+        let text = p.replicator_metrics().await?;
+        let read = metric(&text, "sluice_snapshot_rows_total{table=\"public.docs\"}");
+        if read.unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the resync's snapshot never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pg.batch_execute("UPDATE docs SET n = n + 1").await?;
+    // The premise: every updated row was published before the snapshot was.
+    loop {
+        let text = p.replicator_metrics().await?;
+        let updated = metric(
+            &text,
+            "sluice_published_rows_total{table=\"public.docs\",op=\"update\"}",
+        );
+        if updated.unwrap_or(0.0) >= rows as f64 {
+            let read = metric(&text, "sluice_snapshot_rows_total{table=\"public.docs\"}");
+            anyhow::ensure!(
+                read.unwrap_or(0.0) < rows as f64,
+                "the snapshot finished before the update was published"
+            );
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the update was never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     wait_resyncs_completed(&p, 2.0).await?;
     let reports = p.wait_until_equal(CONVERGE).await?;
     assert_eq!(reports[0].clickhouse_rows, rows);

@@ -80,6 +80,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Failpoints named in FAILPOINTS (test builds with the `failpoints` feature only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     // RUST_LOG if set, else this level: the one-shot commands print their
     // answer on stdout and log only warnings unless `-v`.

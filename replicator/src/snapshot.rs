@@ -380,6 +380,14 @@ pub(crate) async fn read_table(
                 published.increment(rows.len() as u64);
                 let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
                 send(Event::Package(Box::new(package))).await?;
+                // `return(MS)`: a slow snapshot, so that a test's changes
+                // overtake it.
+                #[cfg(feature = "failpoints")]
+                if let Some(Some(ms)) = fail::eval("replicator::snapshot::package", |arg| {
+                    arg.and_then(|ms| ms.parse::<u64>().ok())
+                }) {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
                 if last_log.elapsed() > std::time::Duration::from_secs(10) {
                     tracing::info!(table = %label, rows = total, estimated_rows = estimate as u64, "snapshot progress");
                     last_log = std::time::Instant::now();
