@@ -154,7 +154,7 @@ async fn insert(
 ) -> sluice_loader::clickhouse::InsertReport {
     let mut request = ToastRequest::default();
     request.add_package(target, package).unwrap();
-    let current = fetch_current(client, target, &request).await.unwrap();
+    let current = fetch_current(client, target, None, &request).await.unwrap();
     let mut builder = InsertBuilder::new(target);
     builder.push_package(package, &current).unwrap();
     builder.send(client).await.unwrap()
