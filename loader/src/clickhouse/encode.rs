@@ -234,6 +234,15 @@ fn encode_array(out: &mut Vec<u8>, ty: &ChType, array: &v1::Array) -> Result<u64
         out.push(0);
         return Ok(0);
     }
+    // Postgres writes no zero dimension (an empty array has no dimensions):
+    // one would let the element count check pass while the outer dimensions
+    // loop billions of times (`[4294967295, 0]`).
+    if array.dims.contains(&0) {
+        return Err(ValueError::ArrayShape(
+            array.dims.clone(),
+            array.elements.len(),
+        ));
+    }
     if array.dims.len() > depth {
         return Err(ValueError::ArrayDimensions {
             value: array.dims.len(),
@@ -495,6 +504,58 @@ fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn int_array(dims: &[u32], count: usize) -> v1::Array {
+        v1::Array {
+            dims: dims.to_vec(),
+            lower_bounds: dims.iter().map(|_| 1).collect(),
+            elements: (0..count)
+                .map(|i| v1::Value {
+                    kind: Some(v1::value::Kind::Int(i as i64)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hostile_array_dimensions_are_refused_at_once() {
+        let column = ChType::Array(Box::new(ChType::Array(Box::new(ChType::Int64))));
+        let started = std::time::Instant::now();
+        // 4,294,967,295 × 0 = 0 elements: used to loop 4×10⁹ times.
+        for dims in [[u32::MAX, 0], [0, u32::MAX], [0, 0]] {
+            let result = encode_array(&mut Vec::new(), &column, &int_array(&dims, 0));
+            assert!(
+                matches!(result, Err(ValueError::ArrayShape(..))),
+                "{dims:?}: {result:?}"
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // A product that does not match the elements, or overflows.
+        assert!(
+            encode_array(
+                &mut Vec::new(),
+                &column,
+                &int_array(&[u32::MAX, u32::MAX], 1)
+            )
+            .is_err()
+        );
+        assert!(encode_array(&mut Vec::new(), &column, &int_array(&[2, 3], 5)).is_err());
+        // More dimensions than the column.
+        assert!(matches!(
+            encode_array(&mut Vec::new(), &column, &int_array(&[1, 1, 1], 1)),
+            Err(ValueError::ArrayDimensions {
+                value: 3,
+                column: 2
+            })
+        ));
+        // Well-formed ones still encode.
+        let mut out = Vec::new();
+        encode_array(&mut out, &column, &int_array(&[2, 3], 6)).unwrap();
+        assert_eq!(out[0], 2);
+        let mut empty = Vec::new();
+        encode_array(&mut empty, &column, &int_array(&[], 0)).unwrap();
+        assert_eq!(empty, [0]);
+    }
 
     fn dec(p: u32, s: u32, text: &str) -> Vec<u8> {
         let mut out = Vec::new();

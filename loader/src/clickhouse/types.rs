@@ -218,9 +218,14 @@ fn scalar_type(type_oid: u32, type_modifier: i32, is_enum: bool) -> ChType {
     }
 }
 
-/// Number of array dimensions spelled in a `format_type` name (`int4[][]` → 2).
+/// Most array dimensions Postgres allows (`MAXDIM`).
+pub const MAX_ARRAY_DIMS: usize = 6;
+
+/// Number of array dimensions spelled in a `format_type` name (`int4[][]` →
+/// 2), at most [`MAX_ARRAY_DIMS`]: the name comes from the package, and a
+/// million `[]` must not nest a type a million deep.
 fn array_depth(type_name: &str) -> usize {
-    type_name.matches("[]").count().max(1)
+    type_name.matches("[]").count().clamp(1, MAX_ARRAY_DIMS)
 }
 
 /// The ClickHouse type of a Postgres column (see the module table).
@@ -250,6 +255,20 @@ pub fn map_column(column: &v1::Column) -> ChType {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_type_name_of_a_million_brackets_nests_no_deeper_than_postgres_allows() {
+        let mut a = col(1007, -1, v1::TypeKind::Array, "x", true);
+        a.type_name = format!("integer{}", "[]".repeat(1_000_000));
+        a.base_type_oid = 23;
+        let mut depth = 0;
+        let mut ty = map_column(&a);
+        while let ChType::Array(inner) = ty {
+            depth += 1;
+            ty = *inner;
+        }
+        assert_eq!(depth, MAX_ARRAY_DIMS);
+    }
+
     use super::*;
 
     fn col(
