@@ -210,3 +210,101 @@ async fn a_dead_letter_is_terminated_only_after_its_stream_has_the_copy() -> any
     p.wait_until_equal(CONVERGE).await?;
     Ok(())
 }
+
+/// A table that loses its replica identity while streaming (ARCHITECTURE
+/// invariant 10): its keyless changes used to be published, dead-lettered by
+/// the loader (no key to deduplicate by) and answered with a resync whose
+/// snapshot failed again, every minute. Now the table fails alone: reported
+/// once, its changes skipped, nothing dead-lettered; once it has a key again
+/// it is resynced, with the rows written meanwhile.
+#[tokio::test]
+async fn a_table_that_loses_its_replica_identity_fails_alone_and_comes_back() -> anyhow::Result<()>
+{
+    let mut p = Pipeline::start("lost_identity").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{};
+         CREATE TABLE keyed (id int PRIMARY KEY, v text);
+         INSERT INTO keyed SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION sluice FOR TABLE items, keyed;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.set_config("replicator", "publication_check_interval", "\"1s\"")?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    // Inserts are still published without a replica identity (UPDATE and
+    // DELETE are refused by Postgres itself).
+    pg.batch_execute(
+        "ALTER TABLE keyed REPLICA IDENTITY NOTHING;
+         INSERT INTO keyed SELECT g, 'while keyless ' || g FROM generate_series(101, 150) g;",
+    )
+    .await?;
+    wait_for_metric(
+        "sluice_replicator_table_errors{table=\"public.keyed\"}",
+        1.0,
+        || p.replicator_metrics(),
+    )
+    .await?;
+    run_workload(&pg, "items", 10, 20, Rng::new(31)).await?;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        p.check_alive()?;
+        let reports = sluice_loader::verify::verify(&p.config, Some("public.items")).await?;
+        if reports.iter().all(|r| r.is_equal()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "items never converged: {reports:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
+    let keyed = pipeline::json_object_with(&stdout, "\"table\": \"public.keyed\"")
+        .with_context(|| format!("public.keyed missing from status:\n{stdout}"))?;
+    let state = pipeline::json_field(keyed, "state").unwrap_or_default();
+    assert!(
+        state.starts_with("\"failed: ") && state.contains("replica identity"),
+        "{stdout}"
+    );
+    assert_eq!(
+        p.log_lines_containing("replicator", "no usable replica identity any more")
+            .len(),
+        1,
+        "reported once:\n{}",
+        p.log_tail("replicator", 30)
+    );
+
+    // Fixed: the table is loaded again, rows written meanwhile included.
+    pg.batch_execute(
+        "ALTER TABLE keyed REPLICA IDENTITY DEFAULT;
+         INSERT INTO keyed SELECT g, 'fixed ' || g FROM generate_series(151, 160) g;
+         UPDATE keyed SET v = 'updated' WHERE id % 10 = 0;",
+    )
+    .await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    let keyed = reports
+        .iter()
+        .find(|r| r.table == "public.keyed")
+        .context("verify did not compare public.keyed")?;
+    assert_eq!(keyed.clickhouse_rows, 160);
+    let loader = p.loader_metrics().await?;
+    assert_eq!(
+        pipeline::metric(&loader, "sluice_dead_letters_total").unwrap_or(0.0),
+        0.0,
+        "dead letters:\n{}",
+        p.log_tail("loader", 30)
+    );
+    let replicator = p.replicator_metrics().await?;
+    assert_eq!(
+        pipeline::metric(
+            &replicator,
+            "sluice_resyncs_total{table=\"public.keyed\",reason=\"added\"}"
+        ),
+        Some(1.0)
+    );
+    Ok(())
+}

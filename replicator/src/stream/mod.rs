@@ -415,9 +415,12 @@ impl Loop<'_> {
                 });
             }
             LogicalMessage::Relation(relation) => {
+                let oid = relation.oid;
+                let table = TableName::new(&relation.namespace, &relation.name);
                 if let Some(table) = self.translate.relation(&self.sql.client, relation).await? {
                     self.check_publication(Some(&table)).await?;
                 }
+                self.check_key(oid, &table);
             }
             LogicalMessage::Type(t) => self.translate.forget_type(t.oid),
             LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_) => {
@@ -430,6 +433,9 @@ impl Loop<'_> {
             LogicalMessage::Truncate(truncate) => {
                 for oid in &truncate.relation_oids {
                     let rel = self.translate.table(*oid, wal_start)?;
+                    if rel.skip {
+                        continue;
+                    }
                     let outs = self.packager.truncate(
                         &rel.table,
                         &rel.relation,

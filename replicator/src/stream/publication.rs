@@ -22,6 +22,11 @@
 //! The baseline is the publication when streaming started; a change made
 //! while the replicator was stopped is not noticed.
 //!
+//! A replicated table whose Relation message comes without a key (it lost
+//! its replica identity) becomes one that cannot be replicated, and the
+//! changes of such tables are skipped: published keyless, the loader could
+//! only dead-letter them and ask for a resync that fails again.
+//!
 //! A table added while the replicator was stopped is found at start-up
 //! instead: it has no package in the stream (see [`crate::run`], reason
 //! `not_in_stream`).
@@ -135,6 +140,22 @@ impl Loop<'_> {
         }
         self.resync_tables(added, "added");
         Ok(())
+    }
+
+    /// After a Relation message of `table` (relation `oid`): a table that
+    /// cannot be replicated has its changes skipped, and a replicated table
+    /// whose relation lost its key (`REPLICA IDENTITY NOTHING`, or the key
+    /// dropped) becomes one that cannot, reported once
+    /// (ARCHITECTURE.md invariant 10). It is checked again at every
+    /// publication check and resynced once it has a key again.
+    pub(super) fn check_key(&mut self, oid: u32, table: &TableName) {
+        let unreplicable = self.unreplicable.contains(table);
+        let keyed = self.translate.set_skip(oid, |keyed| !keyed || unreplicable);
+        if !keyed && self.translate.published.remove(table) {
+            tracing::error!(table = %table, "table has no usable replica identity any more (needs a primary key, REPLICA IDENTITY USING INDEX, or REPLICA IDENTITY FULL): its changes are not loaded until it has one again; it is resynced then");
+            gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
+            self.unreplicable.insert(table.clone());
+        }
     }
 
     /// Reads the column lists and row filters the publication has now, as

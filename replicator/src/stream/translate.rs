@@ -27,6 +27,9 @@ pub(super) struct RelState {
     pub(super) label: String,
     pub(super) relation: Arc<v1::Relation>,
     types: Vec<TypeInfo>,
+    /// The table cannot be replicated (no key to deduplicate its rows by):
+    /// its changes are not published ([`super::publication`]).
+    pub(super) skip: bool,
     /// `sluice_published_rows_total{table}` per op (insert, update, delete),
     /// looked up once rather than per row.
     published_rows: [metrics::Counter; 3],
@@ -122,8 +125,20 @@ impl Translator {
                 label,
                 relation: Arc::new(relation),
                 types,
+                skip: false,
             },
         );
+    }
+
+    /// Marks the changes of relation `oid` as skipped (or not); returns
+    /// whether its relation has a key to deduplicate rows by.
+    pub(super) fn set_skip(&mut self, oid: u32, skip: impl FnOnce(bool) -> bool) -> bool {
+        let Some(rel) = self.relations.get_mut(&oid) else {
+            return false;
+        };
+        let keyed = rel.relation.columns.iter().any(|c| c.key);
+        rel.skip = skip(keyed);
+        keyed
     }
 
     /// The table a relation OID stands for.
@@ -158,6 +173,9 @@ impl Translator {
             ),
             _ => return Ok(None),
         };
+        if self.table(oid, lsn)?.skip {
+            return Ok(None);
+        }
         let values = self.tuple(oid, lsn, new)?;
         let old_key = match old {
             Some(old) => self.tuple(oid, lsn, old)?,
