@@ -31,7 +31,6 @@ use sluice_broker::config::Config;
 use sluice_proto::v1;
 
 pub use decode::Batch;
-pub use resync::SHADOW_SUFFIX;
 
 use crate::chain::Chains;
 use crate::clickhouse::schema::{TargetTable, ensure_table};

@@ -43,7 +43,8 @@ use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_postgres::publication::PublishedView;
 
-use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident, target_table_name};
+use crate::clickhouse::names::{target_column_name, target_table_name};
+use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
 use canonical::{Column, canonical, ch_expr, classify, pg_expr};
 use read::{clickhouse_client, clickhouse_rows, connect_postgres};
 pub use report::{
@@ -232,19 +233,22 @@ async fn verify_table(
         .iter()
         .map(|row| {
             let name: String = row.get(0);
+            let ch_name = target_column_name(&name);
             let base: String = row.get(1);
-            match ch_types.get(&name) {
+            match ch_types.get(&ch_name) {
                 Some((ty, key)) => Column {
                     kind: classify(ty, &base),
                     key: *key,
                     missing: false,
                     name,
+                    ch_name,
                 },
                 None => Column {
                     kind: classify("", &base),
                     key: false,
                     missing: true,
                     name,
+                    ch_name,
                 },
             }
         })
