@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn random_names_are_distinct_and_never_reserved() {
-        let mut names = Names(0x5eed_0f_5a1c);
+        let mut names = Names(0x5eed_0f5a_1c00);
         let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
         for _ in 0..200_000 {
             let (schema, table) = (names.name(), names.name());
