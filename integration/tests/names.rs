@@ -286,3 +286,47 @@ async fn odd_column_names_load_and_verify_equal() -> anyhow::Result<()> {
     p.wait_until_equal(CONVERGE).await?;
     Ok(())
 }
+
+/// An upgrade moves a table whose name was ambiguous to its escaped name
+/// (README "Upgrading"): the loader's positions say the table was loaded,
+/// but its new ClickHouse table does not exist yet. Simulated by renaming the
+/// loaded table back to its old name while the loader is stopped: the loader
+/// must not fill the new table with changes alone, but resync it.
+#[tokio::test]
+async fn a_table_whose_name_changed_with_an_upgrade_is_resynced() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("names_upgrade").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE \"a__b\" (id bigint PRIMARY KEY, note text);
+         INSERT INTO \"a__b\" SELECT g, 'before ' || g FROM generate_series(1, 200) g;
+         CREATE PUBLICATION sluice FOR TABLE \"a__b\";",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    p.stop_loader().await?;
+    let database = p.config.clickhouse_database();
+    p.servers()
+        .clickhouse_sql(&format!(
+            "RENAME TABLE `{database}`.`public.a__b` TO `{database}`.`a__b`"
+        ))
+        .await?;
+    pg.batch_execute(
+        "INSERT INTO \"a__b\" SELECT g, 'after ' || g FROM generate_series(201, 220) g;
+         UPDATE \"a__b\" SET note = 'updated' WHERE id <= 5;",
+    )
+    .await?;
+    p.spawn_loader()?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    assert_eq!(reports[0].clickhouse_rows, 220, "{}", reports[0]);
+    assert!(
+        !p.log_lines_containing("loader", "did not exist although packages")
+            .is_empty(),
+        "the loader did not say why it resynced:\n{}",
+        p.log_tail("loader", 30)
+    );
+    // The old table is left for the operator to drop.
+    assert_eq!(clickhouse_select(&p, "a__b", "count()").await?, "200");
+    Ok(())
+}

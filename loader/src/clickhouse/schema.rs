@@ -267,8 +267,9 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
     }
     let dropped: Vec<&ExistingColumn> = existing
         .iter()
-        // sluice's own columns; no source column is named like them.
-        .filter(|c| !c.name.starts_with(super::names::RESERVED_PREFIX))
+        // sluice's own columns. (A column that only starts like them was a
+        // source column's before the naming rule moved it: README "Upgrading".)
+        .filter(|c| ![VERSION_COLUMN, DELETED_COLUMN, SYNCED_AT_COLUMN].contains(&c.name.as_str()))
         .filter(|c| !target.columns.iter().any(|t| t.name == c.name))
         .collect();
     match (dropped.as_slice(), added.as_slice()) {
