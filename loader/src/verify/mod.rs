@@ -22,6 +22,11 @@
 //! Everything else (text, enums, json, timetz, interval in ISO 8601, inet, ...)
 //! must match Postgres' output text exactly, which is what the loader stores.
 //!
+//! The ClickHouse table and columns of a source table are found by the
+//! loader's own naming rule ([`crate::clickhouse::names`]), so a renamed
+//! column (`_sluice_version` → `__sluice_version`) is compared with its
+//! source column.
+//!
 //! Each table is compared as the publication publishes it (Postgres 15+):
 //! only the columns of its column list and only the rows its row filter
 //! admits (`pg_publication_tables.attnames`, `rowfilter`).
