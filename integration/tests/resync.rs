@@ -257,7 +257,7 @@ async fn loader_killed_mid_resync_never_swaps_in_a_partial_table() -> anyhow::Re
     assert!(resync.wait()?.success(), "resync request failed");
     // Kill the loader while it fills the shadow table.
     let shadow_sql = format!(
-        "EXISTS TABLE `{}`.items__sluice_resync",
+        "EXISTS TABLE `{}`._sluice_resync__items",
         p.config.clickhouse_database()
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

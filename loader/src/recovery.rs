@@ -144,7 +144,8 @@ fn clickhouse_transient(error: &ChError) -> bool {
         | ChError::RowShape { .. }
         | ChError::Response(_)
         | ChError::Decode(_)
-        | ChError::NoKey(_) => false,
+        | ChError::NoKey(_)
+        | ChError::TargetMissing { .. } => false,
     }
 }
 
@@ -223,6 +224,10 @@ mod tests {
             },
             ChError::Response("garbled".into()),
             ChError::NoKey("public.t".into()),
+            ChError::TargetMissing {
+                table: "public.a__b".into(),
+                target: "public.a__b".into(),
+            },
         ] {
             assert_eq!(
                 Recovery::of_insert(&resync),

@@ -331,12 +331,12 @@ mod tests {
     fn state_comes_from_the_durable_row() {
         assert_eq!(TableState::of(&stored("", false)), TableState::Streaming);
         assert_eq!(
-            TableState::of(&stored("t__sluice_resync", false)),
+            TableState::of(&stored("_sluice_resync__t", false)),
             TableState::Resyncing
         );
         // Blocked wins: nothing is applied, not even to the shadow.
         assert_eq!(
-            TableState::of(&stored("t__sluice_resync", true)),
+            TableState::of(&stored("_sluice_resync__t", true)),
             TableState::Blocked
         );
     }
@@ -368,7 +368,7 @@ mod tests {
                 state: TableState::Resyncing,
                 applied_position: "2/7".into(),
                 applied_commit_lsn: Some("0/16B3748".into()),
-                shadow: Some("orders__sluice_resync".into()),
+                shadow: Some("_sluice_resync__orders".into()),
                 published_position: None,
                 published_commit_lsn: None,
             }],
@@ -377,7 +377,7 @@ mod tests {
         let text = render_text(&status);
         assert!(
             text.contains(
-                "public.orders  resyncing  applied=2/7 commit_lsn=0/16B3748  published=- commit_lsn=-  shadow=orders__sluice_resync"
+                "public.orders  resyncing  applied=2/7 commit_lsn=0/16B3748  published=- commit_lsn=-  shadow=_sluice_resync__orders"
             ),
             "{text}"
         );

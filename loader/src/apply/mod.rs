@@ -31,10 +31,9 @@ use sluice_broker::config::Config;
 use sluice_proto::v1;
 
 pub use decode::Batch;
-pub use resync::SHADOW_SUFFIX;
 
 use crate::chain::Chains;
-use crate::clickhouse::schema::{TargetTable, ensure_table};
+use crate::clickhouse::schema::{TargetTable, current_columns, ensure_table};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
 };
@@ -295,6 +294,12 @@ impl Loader {
     }
 
     /// The live target of a table, created/evolved to the package's relation.
+    ///
+    /// A change package of a table the loader applied packages of before, no
+    /// resync running, whose target does not exist: the table was dropped,
+    /// or its name changed (README "Upgrading"). It is created, and
+    /// [`ChError::TargetMissing`] has the table resynced: changes alone would
+    /// leave it silently incomplete (ARCHITECTURE.md invariant 3).
     async fn target(
         &mut self,
         table: &TableName,
@@ -304,7 +309,21 @@ impl Loader {
         let target =
             TargetTable::from_relation(&self.database, &table.schema, &table.name, &relation)?;
         if self.ensured.get(&target.table) != Some(&relation) {
+            let must_exist = package.kind == v1::Kind::Changes as i32
+                && self.chains.position(table).is_some()
+                && !self.shadows.contains_key(table)
+                && !self.ensured.contains_key(&target.table);
+            let missing = must_exist
+                && current_columns(&self.ch, &target.database, &target.table)
+                    .await?
+                    .is_empty();
             let drift = ensure_table(&self.ch, &target).await?;
+            if missing {
+                return Err(ChError::TargetMissing {
+                    table: table.to_string(),
+                    target: target.table,
+                });
+            }
             for d in &drift {
                 counter!(m::SCHEMA_DRIFT, "table" => table.to_string(), "kind" => d.kind())
                     .increment(1);

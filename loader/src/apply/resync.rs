@@ -31,6 +31,7 @@ use sluice_proto::{Message as _, v1};
 
 use super::Loader;
 use crate::clickhouse::Error as ChError;
+use crate::clickhouse::names::shadow_table_name;
 use crate::clickhouse::schema::{VERSION_COLUMN, ensure_table, quote_ident};
 use crate::metrics as m;
 
@@ -81,9 +82,6 @@ fn crash_here() -> Result<(), ChError> {
     eprintln!("failpoint: exiting");
     std::process::exit(86)
 }
-
-/// Suffix of a resync's shadow table.
-pub const SHADOW_SUFFIX: &str = "__sluice_resync";
 
 /// A resync whose shadow got no snapshot rows for this long is presumed lost
 /// (replicator restarted mid-snapshot) and requested again; a resync still
@@ -137,7 +135,7 @@ impl Loader {
         shadows: &mut HashMap<TableName, String>,
     ) -> Result<(), ChError> {
         let live = self.target(table, package).await?;
-        let shadow_name = format!("{}{SHADOW_SUFFIX}", live.table);
+        let shadow_name = shadow_table_name(&live.table);
         let shadow = live.with_table(&shadow_name);
         self.exec(
             &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),

@@ -66,6 +66,13 @@ pub enum Error {
     /// A table without key columns cannot be ordered or deduplicated.
     #[error("table {0} has no key columns (replica identity)")]
     NoKey(String),
+    /// The target table of a table the loader already applied packages of
+    /// did not exist (dropped, or its name changed with an upgrade: README
+    /// "Upgrading"): it was created empty, and only a resync refills it.
+    #[error(
+        "clickhouse table {target} of {table} did not exist although packages of {table} were applied before; it needs a resync"
+    )]
+    TargetMissing { table: String, target: String },
 }
 
 impl Error {

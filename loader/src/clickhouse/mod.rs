@@ -1,20 +1,23 @@
-//! The loader's ClickHouse layer: type mapping ([`types`]), target tables and
-//! their evolution ([`schema`]), RowBinary encoding ([`encode`]), inserts
+//! The loader's ClickHouse layer: the names of tables and columns
+//! ([`names`]), type mapping ([`types`]), target tables and their evolution
+//! ([`schema`]), RowBinary encoding ([`encode`]), inserts
 //! ([`insert`]) and the TOAST fill-in read ([`toast`]), with typed errors
 //! ([`error`]; what the loader does about them is [`crate::recovery`]'s).
 
 pub mod encode;
 pub mod error;
 pub mod insert;
+pub mod names;
 pub mod schema;
 pub mod toast;
 pub mod types;
 
 pub use error::{Error, ResponseCode, ValueError};
 pub use insert::{ClampCounts, EncodedRows, InsertBuilder, InsertReport, OpCounts};
+pub use names::target_table_name;
 pub use schema::{
     EvolutionPlan, ExistingColumn, SchemaDrift, TargetColumn, TargetTable, current_columns,
-    ensure_table, plan_evolution, quote_ident, target_table_name,
+    ensure_table, plan_evolution, quote_ident,
 };
 pub use toast::{CurrentRows, ToastRequest, encode_key, fetch_current};
 pub use types::{ChType, map_column};

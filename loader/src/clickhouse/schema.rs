@@ -24,6 +24,7 @@ use sluice_broker::TableName;
 use sluice_proto::v1;
 
 use super::error::Error;
+use super::names::{target_column_name, target_table_name};
 use super::types::{ChType, map_column};
 
 /// Version column: `sluice_proto::row_version` of the row.
@@ -61,20 +62,11 @@ pub fn quote_literal(value: &str) -> String {
     out
 }
 
-/// Name of the target table of a source table: the table name for schema
-/// `public`, `<schema>__<table>` otherwise.
-pub fn target_table_name(schema: &str, table: &str) -> String {
-    if schema == "public" {
-        table.to_owned()
-    } else {
-        format!("{schema}__{table}")
-    }
-}
-
 /// A column of a target table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetColumn {
-    /// Postgres column name, used verbatim in ClickHouse.
+    /// The ClickHouse column name: the Postgres one, except for names in
+    /// sluice's namespace ([`target_column_name`]).
     pub name: String,
     pub ch_type: ChType,
     /// Part of the source key (the `ORDER BY` of the table).
@@ -91,7 +83,8 @@ pub struct TargetTable {
 }
 
 impl TargetTable {
-    /// The target of `schema.table` in `database`, typed by [`map_column`].
+    /// The target of `schema.table` in `database`, typed by [`map_column`],
+    /// named by [`target_table_name`] and [`target_column_name`].
     /// Fails for a relation without key columns: rows could not be deduplicated.
     pub fn from_relation(
         database: &str,
@@ -106,7 +99,7 @@ impl TargetTable {
                 .columns
                 .iter()
                 .map(|c| TargetColumn {
-                    name: c.name.clone(),
+                    name: target_column_name(&c.name),
                     ch_type: map_column(c),
                     key: c.key,
                 })
@@ -274,7 +267,9 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
     }
     let dropped: Vec<&ExistingColumn> = existing
         .iter()
-        .filter(|c| !c.name.starts_with("_sluice_"))
+        // sluice's own columns. (A column that only starts like them was a
+        // source column's before the naming rule moved it: README "Upgrading".)
+        .filter(|c| ![VERSION_COLUMN, DELETED_COLUMN, SYNCED_AT_COLUMN].contains(&c.name.as_str()))
         .filter(|c| !target.columns.iter().any(|t| t.name == c.name))
         .collect();
     match (dropped.as_slice(), added.as_slice()) {
@@ -394,8 +389,47 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_ident("a`b\\c"), "`a\\`b\\\\c`");
         assert_eq!(quote_literal("it's"), "'it\\'s'");
-        assert_eq!(target_table_name("public", "t"), "t");
-        assert_eq!(target_table_name("sales", "t"), "sales__t");
+    }
+
+    /// A source table and columns in sluice's namespace get their own names,
+    /// so the DDL never names a bookkeeping column twice.
+    #[test]
+    fn source_names_in_sluices_namespace_are_renamed() {
+        let column = |name: &str, key: bool| v1::Column {
+            name: name.into(),
+            type_oid: 25,
+            type_kind: v1::TypeKind::Base as i32,
+            nullable: !key,
+            key,
+            ..Default::default()
+        };
+        let relation = v1::Relation {
+            columns: vec![
+                column("id", true),
+                column(VERSION_COLUMN, false),
+                column(DELETED_COLUMN, false),
+                column("__sluice_version", false),
+            ],
+            ..Default::default()
+        };
+        let target =
+            TargetTable::from_relation("d", "public", "_sluice_positions", &relation).unwrap();
+        assert_eq!(target.table, "public.%5Fsluice_positions");
+        let names: Vec<&str> = target.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "__sluice_version",
+                "__sluice_deleted",
+                "___sluice_version"
+            ]
+        );
+        assert_eq!(
+            target.written_columns(),
+            "`id`, `__sluice_version`, `__sluice_deleted`, `___sluice_version`, \
+             `_sluice_version`, `_sluice_deleted`"
+        );
     }
 
     fn existing(name: &str, ty: &str, key: bool) -> ExistingColumn {

@@ -37,7 +37,10 @@ pub(super) enum ColumnKind {
 
 #[derive(Debug, Clone)]
 pub(super) struct Column {
+    /// The Postgres name.
     pub(super) name: String,
+    /// The ClickHouse name ([`crate::clickhouse::names::target_column_name`]).
+    pub(super) ch_name: String,
     pub(super) kind: ColumnKind,
     pub(super) key: bool,
     /// Absent from the ClickHouse table.
@@ -187,7 +190,7 @@ pub(super) fn ch_expr(column: &Column) -> String {
     if column.missing {
         return "NULL".into();
     }
-    let q = quote_ident(&column.name);
+    let q = quote_ident(&column.ch_name);
     match column.kind {
         ColumnKind::Bytea => format!("lower(hex({q}))"),
         ColumnKind::Array { .. } => format!("toJSONString({q})"),
@@ -429,6 +432,7 @@ mod tests {
         );
         let column = |kind| Column {
             name: "c".into(),
+            ch_name: "c".into(),
             kind,
             key: false,
             missing: false,

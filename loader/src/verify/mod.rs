@@ -22,6 +22,11 @@
 //! Everything else (text, enums, json, timetz, interval in ISO 8601, inet, ...)
 //! must match Postgres' output text exactly, which is what the loader stores.
 //!
+//! The ClickHouse table and columns of a source table are found by the
+//! loader's own naming rule ([`crate::clickhouse::names`]), so a renamed
+//! column (`_sluice_version` → `__sluice_version`) is compared with its
+//! source column.
+//!
 //! Each table is compared as the publication publishes it (Postgres 15+):
 //! only the columns of its column list and only the rows its row filter
 //! admits (`pg_publication_tables.attnames`, `rowfilter`).
@@ -43,7 +48,8 @@ use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_postgres::publication::PublishedView;
 
-use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident, target_table_name};
+use crate::clickhouse::names::{target_column_name, target_table_name};
+use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
 use canonical::{Column, canonical, ch_expr, classify, pg_expr};
 use read::{clickhouse_client, clickhouse_rows, connect_postgres};
 pub use report::{
@@ -232,19 +238,22 @@ async fn verify_table(
         .iter()
         .map(|row| {
             let name: String = row.get(0);
+            let ch_name = target_column_name(&name);
             let base: String = row.get(1);
-            match ch_types.get(&name) {
+            match ch_types.get(&ch_name) {
                 Some((ty, key)) => Column {
                     kind: classify(ty, &base),
                     key: *key,
                     missing: false,
                     name,
+                    ch_name,
                 },
                 None => Column {
                     kind: classify("", &base),
                     key: false,
                     missing: true,
                     name,
+                    ch_name,
                 },
             }
         })
