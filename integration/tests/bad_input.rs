@@ -270,6 +270,14 @@ async fn a_table_that_loses_its_replica_identity_fails_alone_and_comes_back() ->
         state.starts_with("\"failed: ") && state.contains("replica identity"),
         "{stdout}"
     );
+    // A resync by hand says why it cannot help yet.
+    let refused = p
+        .cli("replicator", &["resync", "--table", "public.keyed"])
+        .expect_err("a resync of a table that cannot be replicated was accepted");
+    assert!(
+        format!("{refused:#}").contains("cannot be replicated as it is"),
+        "{refused:#}"
+    );
     assert_eq!(
         p.log_lines_containing("replicator", "no usable replica identity any more")
             .len(),

@@ -64,6 +64,7 @@ impl Resyncs {
 fn requested_tables(
     request: &v1::ResyncRequest,
     published: &HashSet<TableName>,
+    unreplicable: &HashSet<TableName>,
     publication: &str,
 ) -> Result<Vec<TableName>, String> {
     let mut tables: Vec<TableName> = if request.all {
@@ -72,6 +73,12 @@ fn requested_tables(
         let mut tables = Vec::new();
         for name in &request.tables {
             let table = TableName::parse(name);
+            if unreplicable.contains(&table) {
+                return Err(format!(
+                    "table {name} cannot be replicated as it is (`sluice-replicator status` says why); \
+                     once fixed, it is resynced by itself"
+                ));
+            }
             if !published.contains(&table) {
                 return Err(format!("table {name} is not in publication {publication}"));
             }
@@ -117,6 +124,7 @@ impl Loop<'_> {
         let tables = match requested_tables(
             request,
             &self.translate.published,
+            &self.unreplicable,
             &self.config.postgres.publication,
         ) {
             Ok(tables) => tables,
@@ -392,6 +400,7 @@ mod tests {
         let tables = requested_tables(
             &request(&["b", "s.c", "public.b"], false),
             &published(),
+            &HashSet::new(),
             "p",
         );
         assert_eq!(names(tables.unwrap()), ["public.b", "s.c"]);
@@ -399,15 +408,21 @@ mod tests {
 
     #[test]
     fn all_means_every_published_table() {
-        let tables = requested_tables(&request(&[], true), &published(), "p");
+        let tables = requested_tables(&request(&[], true), &published(), &HashSet::new(), "p");
         assert_eq!(names(tables.unwrap()), ["public.a", "public.b", "s.c"]);
     }
 
     #[test]
     fn a_table_outside_the_publication_refuses_the_request() {
-        let error =
-            requested_tables(&request(&["a", "other.a"], false), &published(), "p").unwrap_err();
+        let none = HashSet::new();
+        let error = requested_tables(&request(&["a", "other.a"], false), &published(), &none, "p")
+            .unwrap_err();
         assert_eq!(error, "table other.a is not in publication p");
+        // One that cannot be replicated says so, not "not in publication".
+        let failed: HashSet<TableName> = [TableName::new("public", "x")].into_iter().collect();
+        let error =
+            requested_tables(&request(&["x"], false), &published(), &failed, "p").unwrap_err();
+        assert!(error.contains("cannot be replicated"), "{error}");
     }
 
     #[test]
