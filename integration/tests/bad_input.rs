@@ -29,6 +29,24 @@ async fn wait_for_metric(
     }
 }
 
+/// Waits until `verify` finds the healthy table `public.items` equal (the
+/// others may not be).
+async fn wait_items_equal(p: &mut Pipeline) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        p.check_alive()?;
+        let reports = sluice_loader::verify::verify(&p.config, Some("public.items")).await?;
+        if reports.iter().all(|r| r.is_equal()) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "items never converged: {reports:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test]
 async fn poison_message_and_unreplicable_table_leave_healthy_tables_flowing() -> anyhow::Result<()>
 {
@@ -70,19 +88,7 @@ async fn poison_message_and_unreplicable_table_leave_healthy_tables_flowing() ->
     .await?;
 
     // The healthy table converged past the poison message.
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        p.check_alive()?;
-        let reports = sluice_loader::verify::verify(&p.config, Some("public.items")).await?;
-        if reports.iter().all(|r| r.is_equal()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "items never converged: {reports:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_items_equal(&mut p).await?;
     // The poison message was copied to the dead-letter stream, with its reason.
     let dead = js
         .get_stream(format!("{}_DEAD_LETTERS", p.config.stream_name()))
@@ -249,19 +255,7 @@ async fn a_table_that_loses_its_replica_identity_fails_alone_and_comes_back() ->
     )
     .await?;
     run_workload(&pg, "items", 10, 20, Rng::new(31)).await?;
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        p.check_alive()?;
-        let reports = sluice_loader::verify::verify(&p.config, Some("public.items")).await?;
-        if reports.iter().all(|r| r.is_equal()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "items never converged: {reports:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_items_equal(&mut p).await?;
     let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
     let keyed = pipeline::json_object_with(&stdout, "\"table\": \"public.keyed\"")
         .with_context(|| format!("public.keyed missing from status:\n{stdout}"))?;
