@@ -145,7 +145,8 @@ fn clickhouse_transient(error: &ChError) -> bool {
         | ChError::Response(_)
         | ChError::Decode(_)
         | ChError::NoKey(_)
-        | ChError::TargetMissing { .. } => false,
+        | ChError::TargetMissing { .. }
+        | ChError::SchemaChange { .. } => false,
     }
 }
 
@@ -227,6 +228,10 @@ mod tests {
             ChError::TargetMissing {
                 table: "public.a__b".into(),
                 target: "public.a__b".into(),
+            },
+            ChError::SchemaChange {
+                table: "public.t".into(),
+                detail: "column c: Int64 -> String".into(),
             },
         ] {
             assert_eq!(

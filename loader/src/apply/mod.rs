@@ -33,7 +33,7 @@ use sluice_proto::v1;
 pub use decode::Batch;
 
 use crate::chain::Chains;
-use crate::clickhouse::schema::{TargetTable, current_columns, ensure_table};
+use crate::clickhouse::schema::{SchemaDrift, TargetTable, current_columns, ensure_table_after};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
 };
@@ -65,6 +65,30 @@ pub struct Loader {
     counted: HashSet<TableName>,
     /// Commit LSN of each table's last applied package (stored with its position).
     commit_lsns: HashMap<TableName, u64>,
+}
+
+/// The column names of a relation.
+fn column_names(relation: &v1::Relation) -> Vec<String> {
+    relation.columns.iter().map(|c| c.name.clone()).collect()
+}
+
+/// Whether rows of `package` may be written into a table with `drift`:
+/// [`ChError::SchemaChange`] when a change package meets drift that needs a
+/// resync (the table is rebuilt before any row is encoded against its old
+/// shape). Markers of a resync only make sure the table exists.
+fn follow(table: &TableName, package: &v1::Package, drift: &[SchemaDrift]) -> Result<(), ChError> {
+    let blocking: Vec<String> = drift
+        .iter()
+        .filter(|d| d.needs_resync())
+        .map(|d| format!("{d:?}"))
+        .collect();
+    if blocking.is_empty() || package.kind != v1::Kind::Changes as i32 {
+        return Ok(());
+    }
+    Err(ChError::SchemaChange {
+        table: table.to_string(),
+        detail: blocking.join("; "),
+    })
 }
 
 impl Loader {
@@ -158,14 +182,18 @@ impl Loader {
                     // stop the table and rebuild it from Postgres.
                     Recovery::ResyncTable => {
                         let reason = sluice_broker::error_chain(&error);
-                        tracing::error!(table = %table, error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
                         chains.block(table);
-                        for &message in &table_plan.messages {
-                            dead.push(DeadLetter {
-                                message,
-                                reason: "insert",
-                                detail: reason.clone(),
-                            });
+                        if error.rows_come_with_the_resync() {
+                            tracing::warn!(table = %table, error = %reason, "table blocked, requesting a resync (its snapshot carries these rows)");
+                        } else {
+                            tracing::error!(table = %table, error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                            for &message in &table_plan.messages {
+                                dead.push(DeadLetter {
+                                    message,
+                                    reason: "insert",
+                                    detail: reason.clone(),
+                                });
+                            }
                         }
                         blocked_now.push((table.clone(), reason));
                         changed.push(table.clone());
@@ -317,7 +345,8 @@ impl Loader {
                 && current_columns(&self.ch, &target.database, &target.table)
                     .await?
                     .is_empty();
-            let drift = ensure_table(&self.ch, &target).await?;
+            let previous = self.ensured.get(&target.table).map(column_names);
+            let drift = ensure_table_after(&self.ch, &target, previous.as_deref()).await?;
             if missing {
                 return Err(ChError::TargetMissing {
                     table: table.to_string(),
@@ -327,8 +356,13 @@ impl Loader {
             for d in &drift {
                 counter!(m::SCHEMA_DRIFT, "table" => table.to_string(), "kind" => d.kind())
                     .increment(1);
-                tracing::error!(table = %table, drift = ?d, "schema change in Postgres that ClickHouse cannot follow by ADD COLUMN; see README \"Schema changes\"");
+                if d.needs_resync() {
+                    tracing::warn!(table = %table, drift = ?d, "schema change in Postgres that ClickHouse cannot follow in place; see README \"Schema changes\"");
+                } else {
+                    tracing::info!(table = %table, drift = ?d, "column dropped in Postgres: it stays in ClickHouse, new rows get its default; see README \"Schema changes\"");
+                }
             }
+            follow(table, package, &drift)?;
             self.ensured.insert(target.table.clone(), relation);
         }
         Ok(target)
@@ -344,12 +378,29 @@ impl Loader {
         let Some(first) = run.first().map(|d| &d.package) else {
             return Ok(());
         };
-        let live = self.target(table, first).await?;
+        let (live, write_live) = match self.target(table, first).await {
+            Ok(live) => (live, true),
+            // A resync is filling the shadow: the swap replaces the live
+            // table, which keeps its old shape until then.
+            Err(ChError::SchemaChange { .. }) if shadows.contains_key(table) => {
+                let relation = first.relation.clone().unwrap_or_default();
+                let live = TargetTable::from_relation(
+                    &self.database,
+                    &table.schema,
+                    &table.name,
+                    &relation,
+                )?;
+                (live, false)
+            }
+            Err(error) => return Err(error),
+        };
         let shadow = shadows.get(table).map(|name| live.with_table(name));
         if let Some(shadow) = &shadow {
-            // The shadow may predate an ADD COLUMN.
+            // The shadow may predate an ADD COLUMN or another change.
             if self.ensured.get(&shadow.table) != first.relation.as_ref() {
-                ensure_table(&self.ch, shadow).await?;
+                let previous = self.ensured.get(&shadow.table).map(column_names);
+                let drift = ensure_table_after(&self.ch, shadow, previous.as_deref()).await?;
+                follow(table, first, &drift)?;
                 self.ensured.insert(
                     shadow.table.clone(),
                     first.relation.clone().unwrap_or_default(),
@@ -373,7 +424,9 @@ impl Loader {
         } else {
             live_packages
         };
-        self.insert(table, &live, None, &live_packages).await?;
+        if write_live {
+            self.insert(table, &live, None, &live_packages).await?;
+        }
         if let Some(shadow) = &shadow {
             // A change can reach the shadow before the snapshot brought its
             // row: its unchanged TOAST values come from the live table then.

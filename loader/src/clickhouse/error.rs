@@ -73,9 +73,25 @@ pub enum Error {
         "clickhouse table {target} of {table} did not exist although packages of {table} were applied before; it needs a resync"
     )]
     TargetMissing { table: String, target: String },
+    /// The relation changed in a way ClickHouse cannot follow in place (a
+    /// type narrowed or changed kind, the key changed, a column renamed):
+    /// the table is rebuilt by a resync, before any row is encoded against
+    /// the old table.
+    #[error("schema change of {table} that ClickHouse cannot follow in place: {detail}")]
+    SchemaChange { table: String, detail: String },
 }
 
 impl Error {
+    /// The rows at hand are fine and the resync that rebuilds the table
+    /// carries them (its snapshot is taken later): block the table and ask
+    /// for the resync, but keep no dead letters.
+    pub fn rows_come_with_the_resync(&self) -> bool {
+        matches!(
+            self,
+            Error::SchemaChange { .. } | Error::TargetMissing { .. }
+        )
+    }
+
     pub(crate) fn ch(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Error {
         move |source| Error::ClickHouse { what, source }
     }

@@ -11,10 +11,13 @@
 //! With the `is_deleted` column, `SELECT … FINAL` hides deleted keys by
 //! itself (ClickHouse 26.9); tombstones stay visible without `FINAL`.
 //!
-//! Evolution only ever adds columns. Every other difference between the
-//! relation and the table is reported as [`SchemaDrift`] for the loader to log
-//! and count; a changed type or key means existing rows cannot be trusted to
-//! decode into the new mapping, so [`SchemaDrift::needs_resync`] says so.
+//! Evolution adds columns and widens types in place ([`widens`]: `MODIFY
+//! COLUMN`). Every other difference between the relation and the table is
+//! reported as [`SchemaDrift`] for the loader to log and count; a dropped
+//! column stays (new rows get its default), while a changed type or key or a
+//! renamed column means the table cannot follow in place, so
+//! [`SchemaDrift::needs_resync`] says so and the loader resyncs the table
+//! before writing a row against it.
 
 use std::collections::BTreeMap;
 
@@ -213,7 +216,9 @@ impl SchemaDrift {
     pub fn needs_resync(&self) -> bool {
         matches!(
             self,
-            SchemaDrift::TypeChanged { .. } | SchemaDrift::KeyChanged { .. }
+            SchemaDrift::TypeChanged { .. }
+                | SchemaDrift::KeyChanged { .. }
+                | SchemaDrift::PossiblyRenamed { .. }
         )
     }
 
@@ -236,11 +241,106 @@ impl SchemaDrift {
 pub struct EvolutionPlan {
     /// `ALTER TABLE … ADD COLUMN …` statements, in relation order.
     pub add_columns: Vec<String>,
+    /// `ALTER TABLE … MODIFY COLUMN …` statements for types that widened
+    /// ([`widens`]), in relation order.
+    pub modify_columns: Vec<String>,
     pub drift: Vec<SchemaDrift>,
 }
 
-/// Compares a table's current columns with the relation's.
+/// The subset of ClickHouse type names sluice creates and [`widens`]
+/// reasons about, parsed from `system.columns`; `None` for any other.
+fn parse_type(name: &str) -> Option<ChType> {
+    let inner = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(')'))
+    };
+    if let Some(inner) = inner("Nullable(") {
+        return Some(ChType::Nullable(Box::new(parse_type(inner)?)));
+    }
+    if let Some(inner) = inner("Array(") {
+        return Some(ChType::Array(Box::new(parse_type(inner)?)));
+    }
+    if let Some(inner) = inner("Decimal(") {
+        let (precision, scale) = inner.split_once(',')?;
+        return Some(ChType::Decimal {
+            precision: precision.trim().parse().ok()?,
+            scale: scale.trim().parse().ok()?,
+        });
+    }
+    Some(match name {
+        "Int16" => ChType::Int16,
+        "Int32" => ChType::Int32,
+        "Int64" => ChType::Int64,
+        "Float32" => ChType::Float32,
+        "Float64" => ChType::Float64,
+        "String" => ChType::String,
+        _ => return None,
+    })
+}
+
+/// Whether every value of ClickHouse type `from` (as `system.columns` spells
+/// it) fits `to` unchanged, so `MODIFY COLUMN` follows the Postgres change in
+/// place: `int2` → `int4` → `int8`, `float4` → `float8`, `numeric(p, s)` to
+/// one with at least as many integer and fraction digits, `NOT NULL` dropped,
+/// and the same inside arrays. `varchar(n)` → `text` maps to `String` both
+/// times and never gets here.
+pub fn widens(from: &str, to: &ChType) -> bool {
+    // Any type becoming Nullable (a table created before every non-key
+    // column was Nullable), spelled the way ClickHouse reports it.
+    if let ChType::Nullable(inner) = to
+        && inner.to_string() == from
+    {
+        return true;
+    }
+    fn wider(from: &ChType, to: &ChType) -> bool {
+        use ChType::*;
+        let rank = |t: &ChType| match t {
+            Int16 => Some(1),
+            Int32 => Some(2),
+            Int64 => Some(3),
+            _ => None,
+        };
+        match (from, to) {
+            (Nullable(a), Nullable(b)) | (Array(a), Array(b)) => wider(a, b),
+            (a, Nullable(b)) if !matches!(a, Nullable(_)) => wider(a, b),
+            (Float32, Float64) => true,
+            (
+                Decimal {
+                    precision: p1,
+                    scale: s1,
+                },
+                Decimal {
+                    precision: p2,
+                    scale: s2,
+                },
+            ) => s2 >= s1 && p2.saturating_sub(*s2) >= p1.saturating_sub(*s1),
+            (a, b) => match (rank(a), rank(b)) {
+                (Some(x), Some(y)) => x <= y,
+                _ => a == b,
+            },
+        }
+    }
+    parse_type(from).is_some_and(|from| wider(&from, to))
+}
+
+/// Compares a table's current columns with the relation's, knowing nothing
+/// of the relation before ([`plan_evolution_after`] with `None`).
 pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> EvolutionPlan {
+    plan_evolution_after(target, existing, None)
+}
+
+/// Compares a table's current columns with the relation's. `previous`: the
+/// columns of the relation the table was last made to fit, if known. A
+/// column of the table that is not in the relation was dropped, or renamed
+/// if a column of the same type appeared: that is decided among the columns
+/// `previous` had (a column dropped earlier stays in the table and is no
+/// rename candidate any more), or among all when `previous` is unknown (a
+/// resync more than needed, never a renamed column left empty).
+pub fn plan_evolution_after(
+    target: &TargetTable,
+    existing: &[ExistingColumn],
+    previous: Option<&[String]>,
+) -> EvolutionPlan {
     let existing_by_name: BTreeMap<&str, &ExistingColumn> =
         existing.iter().map(|c| (c.name.as_str(), c)).collect();
     let mut plan = EvolutionPlan::default();
@@ -257,6 +357,18 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
                 ));
                 added.push((column.name.clone(), ch_type));
             }
+            Some(have)
+                if have.ch_type != ch_type
+                    && have.is_in_sorting_key == 0
+                    && widens(&have.ch_type, &column.ch_type) =>
+            {
+                plan.modify_columns.push(format!(
+                    "ALTER TABLE {} MODIFY COLUMN {} {}",
+                    target.qualified(),
+                    quote_ident(&column.name),
+                    ch_type
+                ));
+            }
             Some(have) if have.ch_type != ch_type => plan.drift.push(SchemaDrift::TypeChanged {
                 column: column.name.clone(),
                 expected: ch_type,
@@ -272,19 +384,25 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
         .filter(|c| ![VERSION_COLUMN, DELETED_COLUMN, SYNCED_AT_COLUMN].contains(&c.name.as_str()))
         .filter(|c| !target.columns.iter().any(|t| t.name == c.name))
         .collect();
-    match (dropped.as_slice(), added.as_slice()) {
-        ([from], [(to, to_type)]) if &from.ch_type == to_type => {
-            plan.drift.push(SchemaDrift::PossiblyRenamed {
+    let renamed: Vec<SchemaDrift> = dropped
+        .iter()
+        .filter(|c| previous.is_none_or(|names| names.contains(&c.name)))
+        .filter_map(|from| {
+            let (to, _) = added.iter().find(|(_, ty)| ty == &from.ch_type)?;
+            Some(SchemaDrift::PossiblyRenamed {
                 from: from.name.clone(),
                 to: to.clone(),
             })
-        }
-        _ => plan
-            .drift
+        })
+        .collect();
+    if renamed.is_empty() {
+        plan.drift
             .extend(dropped.iter().map(|c| SchemaDrift::Dropped {
                 column: c.name.clone(),
                 ch_type: c.ch_type.clone(),
-            })),
+            }));
+    } else {
+        plan.drift.extend(renamed);
     }
     let mut expected: Vec<String> = target.key_columns().map(|c| c.name.clone()).collect();
     let mut actual: Vec<String> = existing
@@ -334,6 +452,16 @@ pub async fn ensure_table(
     client: &Client,
     target: &TargetTable,
 ) -> Result<Vec<SchemaDrift>, Error> {
+    ensure_table_after(client, target, None).await
+}
+
+/// [`ensure_table`] for a table last made to fit a relation with the columns
+/// `previous` ([`plan_evolution_after`]).
+pub async fn ensure_table_after(
+    client: &Client,
+    target: &TargetTable,
+    previous: Option<&[String]>,
+) -> Result<Vec<SchemaDrift>, Error> {
     client
         .query_raw(&target.create_database_sql())
         .execute()
@@ -345,7 +473,7 @@ pub async fn ensure_table(
         .await
         .map_err(Error::ch("create table"))?;
     let existing = current_columns(client, &target.database, &target.table).await?;
-    let plan = plan_evolution(target, &existing);
+    let plan = plan_evolution_after(target, &existing, previous);
     for statement in &plan.add_columns {
         client
             .query_raw(statement)
@@ -353,12 +481,99 @@ pub async fn ensure_table(
             .await
             .map_err(Error::ch("add column"))?;
     }
+    for statement in &plan.modify_columns {
+        client
+            .query_raw(statement)
+            .execute()
+            .await
+            .map_err(Error::ch("modify column"))?;
+    }
     Ok(plan.drift)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn widening_types_are_followed_in_place_and_nothing_else() {
+        let dec = |precision, scale| ChType::Decimal { precision, scale };
+        let null = |t: ChType| ChType::Nullable(Box::new(t));
+        for (from, to) in [
+            ("Int16", ChType::Int32),
+            ("Nullable(Int16)", null(ChType::Int64)),
+            ("Int32", null(ChType::Int64)),
+            ("Nullable(Float32)", null(ChType::Float64)),
+            ("Decimal(10, 2)", dec(14, 4)),
+            ("Nullable(Decimal(10, 2))", null(dec(12, 2))),
+            (
+                "Array(Nullable(Int32))",
+                ChType::Array(Box::new(null(ChType::Int64))),
+            ),
+        ] {
+            assert!(widens(from, &to), "{from} -> {to}");
+        }
+        for (from, to) in [
+            ("Int64", ChType::Int32),
+            ("Nullable(Int32)", ChType::Int64),
+            ("Float64", ChType::Float32),
+            ("Int32", ChType::Float64),
+            ("String", ChType::Int32),
+            ("Int32", ChType::String),
+            ("Decimal(10, 2)", dec(10, 4)),
+            ("Decimal(10, 2)", dec(12, 1)),
+            ("DateTime64(6)", ChType::DateTime64 { utc: true }),
+            ("LowCardinality(String)", ChType::String),
+        ] {
+            assert!(!widens(from, &to), "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn a_widened_column_is_modified_and_a_key_column_is_not() {
+        let target = TargetTable {
+            database: "d".into(),
+            table: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    ch_type: ChType::Int64,
+                    key: true,
+                },
+                TargetColumn {
+                    name: "n".into(),
+                    ch_type: ChType::Nullable(Box::new(ChType::Int64)),
+                    key: false,
+                },
+            ],
+        };
+        let existing = |name: &str, ch_type: &str, key: u8| ExistingColumn {
+            name: name.into(),
+            ch_type: ch_type.into(),
+            is_in_sorting_key: key,
+        };
+        let plan = plan_evolution(
+            &target,
+            &[
+                existing("id", "Int64", 1),
+                existing("n", "Nullable(Int32)", 0),
+            ],
+        );
+        assert_eq!(
+            plan.modify_columns,
+            ["ALTER TABLE `d`.`t` MODIFY COLUMN `n` Nullable(Int64)"]
+        );
+        assert!(plan.drift.is_empty(), "{:?}", plan.drift);
+        let plan = plan_evolution(
+            &target,
+            &[
+                existing("id", "Int32", 1),
+                existing("n", "Nullable(Int64)", 0),
+            ],
+        );
+        assert!(plan.modify_columns.is_empty());
+        assert!(plan.drift.iter().all(SchemaDrift::needs_resync) && !plan.drift.is_empty());
+    }
 
     #[test]
     fn every_drift_kind_is_listed() {
@@ -474,19 +689,17 @@ mod tests {
             plan.add_columns,
             ["ALTER TABLE `d`.`t` ADD COLUMN IF NOT EXISTS `b` String"]
         );
+        // int4 -> int8 widens: followed in place.
+        assert_eq!(
+            plan.modify_columns,
+            ["ALTER TABLE `d`.`t` MODIFY COLUMN `c` Int64"]
+        );
         assert_eq!(
             plan.drift,
-            [
-                SchemaDrift::TypeChanged {
-                    column: "c".into(),
-                    expected: "Int64".into(),
-                    actual: "Int32".into()
-                },
-                SchemaDrift::PossiblyRenamed {
-                    from: "a".into(),
-                    to: "b".into()
-                },
-            ]
+            [SchemaDrift::PossiblyRenamed {
+                from: "a".into(),
+                to: "b".into()
+            },]
         );
     }
 }

@@ -36,9 +36,12 @@
 //! so readers on a non-UTC server set `session_timezone = 'UTC'` to see the
 //! Postgres wall-clock value.
 //!
-//! Nullability: a column that may hold NULL becomes `Nullable(T)`
-//! (`LowCardinality(Nullable(String))` for enums), except key columns, which are
-//! never Nullable (they are the `ORDER BY` key), and arrays: ClickHouse forbids
+//! Nullability: every column but the key columns becomes `Nullable(T)`
+//! (`LowCardinality(Nullable(String))` for enums), `NOT NULL` or not: a
+//! relation read from a pgoutput message rather than the catalog (after later
+//! DDL) cannot tell, and a column whose ClickHouse type flipped with it would
+//! cost a resync. Key columns are never Nullable (they are the `ORDER BY`
+//! key), and neither are arrays: ClickHouse forbids
 //! `Nullable(Array(…))`, so a NULL array is stored as the empty array. Array
 //! elements are always `Nullable` because any Postgres array may contain NULLs.
 //!
@@ -246,11 +249,7 @@ pub fn map_column(column: &v1::Column) -> ChType {
         v1::TypeKind::Base => scalar_type(column.type_oid, column.type_modifier, false),
         v1::TypeKind::Other | v1::TypeKind::Unspecified => ChType::String,
     };
-    if column.nullable && !column.key {
-        ty.nullable()
-    } else {
-        ty
-    }
+    if !column.key { ty.nullable() } else { ty }
 }
 
 #[cfg(test)]
@@ -307,7 +306,8 @@ mod tests {
             "numeric(10,2)",
             false,
         ));
-        assert_eq!(t.to_string(), "Decimal(10, 2)");
+        // NOT NULL, still Nullable (every non-key column is).
+        assert_eq!(t.to_string(), "Nullable(Decimal(10, 2))");
         let t = map_column(&col(oid::NUMERIC, -1, v1::TypeKind::Base, "numeric", true));
         assert_eq!(t.to_string(), "Nullable(String)");
         let t = map_column(&col(
@@ -317,7 +317,7 @@ mod tests {
             "numeric(80,0)",
             false,
         ));
-        assert_eq!(t, ChType::String);
+        assert_eq!(t, ChType::String.nullable());
     }
 
     #[test]
@@ -342,6 +342,8 @@ mod tests {
         assert_eq!(t.to_string(), "Nullable(DateTime64(6, 'UTC'))");
         let mut d = col(99999, -1, v1::TypeKind::Domain, "posint", false);
         d.base_type_oid = oid::INT4;
+        assert_eq!(map_column(&d), ChType::Int32.nullable());
+        d.key = true;
         assert_eq!(map_column(&d), ChType::Int32);
     }
 }
