@@ -144,6 +144,14 @@ async fn run_once(
     let mut types = TypeCatalog::new();
     let (tables, unreplicable) =
         replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
+    // The column lists and row filters a later change is compared with, read
+    // before any snapshot starts: a change after this point is noticed.
+    let narrowings =
+        sluice_postgres::publication::narrowings(&sql.client, &config.postgres.publication)
+            .await
+            .map_err(PgError::sql(
+                "cannot read the publication's column lists and row filters",
+            ))?;
 
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
@@ -275,6 +283,7 @@ async fn run_once(
         types,
         published: tables.iter().cloned().collect(),
         unreplicable,
+        narrowings,
         not_in_stream,
         packager,
         publisher,

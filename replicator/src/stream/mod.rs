@@ -98,6 +98,8 @@ pub struct Setup<'a> {
     pub published: HashSet<TableName>,
     /// Tables of the publication that cannot be replicated (already reported).
     pub unreplicable: HashSet<TableName>,
+    /// The publication's column lists and row filters when the run started.
+    pub narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
     /// Replicated tables without a package in the stream: resynced at once
     /// (reason `not_in_stream`).
     pub not_in_stream: Vec<TableName>,
@@ -189,6 +191,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         types,
         published,
         unreplicable,
+        narrowings,
         not_in_stream,
         packager,
         publisher,
@@ -209,7 +212,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         sql,
         translate: Translator::new(types, published),
         unreplicable,
-        narrowings: HashMap::new(),
+        narrowings,
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),
@@ -230,7 +233,6 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
     let mut publication_check =
         tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
     publication_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    state.read_narrowings().await?;
     if !not_in_stream.is_empty() {
         let names: Vec<String> = not_in_stream.iter().map(TableName::to_string).collect();
         tracing::info!(tables = %names.join(", "), "published tables without a package in the stream (added to the publication while stopped, or aged out of the stream): loading them");

@@ -19,8 +19,9 @@
 //! TABLE t (cols) WHERE (…)`) is resynced (reason `publication_changed`):
 //! its shadow table is built from the new column list, so added columns are
 //! filled, removed ones dropped and the rows are those the new filter admits.
-//! The baseline is the publication when streaming started; a change made
-//! while the replicator was stopped is not noticed.
+//! The baseline is the publication when the run started (before its
+//! snapshot, if any); a change made while the replicator was stopped is not
+//! noticed.
 //!
 //! A replicated table whose Relation message comes without a key (it lost
 //! its replica identity) becomes one that cannot be replicated, and the
@@ -156,13 +157,6 @@ impl Loop<'_> {
             gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
             self.unreplicable.insert(table.clone());
         }
-    }
-
-    /// Reads the column lists and row filters the publication has now, as
-    /// the baseline [`Self::check_publication`] compares with.
-    pub(super) async fn read_narrowings(&mut self) -> Result<(), StreamError> {
-        self.narrowings = narrowings(&self.sql.client, &self.config.postgres.publication).await?;
-        Ok(())
     }
 
     /// Starts a resync of `tables` for `reason` (as a request would); a
