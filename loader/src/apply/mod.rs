@@ -429,8 +429,10 @@ impl Loader {
         }
         if let Some(shadow) = &shadow {
             // A change can reach the shadow before the snapshot brought its
-            // row: its unchanged TOAST values come from the live table then.
-            self.insert(table, shadow, Some(&live), &shadow_packages)
+            // row: its unchanged TOAST values come from the live table then
+            // (unless that one has an older shape).
+            let fallback = write_live.then_some(&live);
+            self.insert(table, shadow, fallback, &shadow_packages)
                 .await?;
         }
         Ok(())
