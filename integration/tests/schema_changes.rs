@@ -2,9 +2,10 @@
 //! 7): the loader compares each relation with the ClickHouse table before it
 //! encodes a row against it. What ClickHouse can follow in place costs no
 //! resync: ADD COLUMN, DROP COLUMN (the column stays), widening type changes
-//! (`MODIFY COLUMN`), `varchar(n)` → `text`. What it cannot, a renamed column
-//! or a type of another kind, resyncs that one table at once; in no case is a
-//! package dead-lettered or an INSERT sent against the old column types first.
+//! (`MODIFY COLUMN`), `varchar(n)` → `text`. What it cannot, a renamed column,
+//! a type of another kind or a column added with a default (older rows hold
+//! it in Postgres), resyncs that one table at once; in no case is a package
+//! dead-lettered or an INSERT sent against the old column types first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,6 +154,14 @@ async fn schema_changes_follow_in_place_or_resync_the_one_table() -> anyhow::Res
     )
     .await?;
     assert_eq!(resyncs_and_dead_letters(&p).await?, (initial + 2.0, 0.0));
+    // A column added with a default: Postgres' older rows hold it, an ADD
+    // COLUMN in ClickHouse would leave them NULL.
+    change_under_load(
+        &mut p,
+        &["ALTER TABLE t ADD COLUMN flag int NOT NULL DEFAULT 7"],
+    )
+    .await?;
+    assert_eq!(resyncs_and_dead_letters(&p).await?, (initial + 3.0, 0.0));
     let columns = clickhouse_columns(&p).await?;
     assert!(
         columns.iter().any(|c| c == "code Nullable(Int32)")

@@ -70,6 +70,7 @@ fn column(name: &str, oid: u32, type_name: &str, nullable: bool) -> v1::Column {
         key: false,
         type_kind: v1::TypeKind::Base as i32,
         base_type_oid: oid,
+        has_default: false,
     }
 }
 

@@ -207,6 +207,7 @@ mod tests {
                     key: true,
                     type_kind: v1::TypeKind::Base as i32,
                     base_type_oid: 20,
+                    has_default: false,
                 },
                 v1::Column {
                     name: "body".into(),
@@ -217,6 +218,7 @@ mod tests {
                     key: false,
                     type_kind: v1::TypeKind::Base as i32,
                     base_type_oid: 25,
+                    has_default: false,
                 },
             ],
         };

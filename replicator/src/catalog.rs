@@ -389,6 +389,9 @@ pub struct ColumnInfo {
     pub nullable: bool,
     /// Part of the key rows are identified by (see [`table_columns`]).
     pub key: bool,
+    /// Has a default, or a value for rows that predate it (`atthasdef OR
+    /// atthasmissing`): see `v1::Column::has_default`.
+    pub has_default: bool,
 }
 
 /// A table's columns and identity.
@@ -435,7 +438,8 @@ pub async fn table_columns(
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
                             AND i.indisprimary AND a.attnum = ANY (i.indkey::int2[])), \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
-                            AND i.indisreplident AND a.attnum = ANY (i.indkey::int2[])) \
+                            AND i.indisreplident AND a.attnum = ANY (i.indkey::int2[])), \
+                    a.atthasdef OR a.atthasmissing \
              FROM pg_catalog.pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
              ORDER BY a.attnum",
@@ -469,6 +473,7 @@ pub async fn table_columns(
             type_name: r.get(3),
             nullable: r.get(4),
             key,
+            has_default: r.get(7),
         })
         .collect();
     Ok(TableInfo {
@@ -549,6 +554,7 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
                 key: c.key,
                 type_kind: ty.kind as i32,
                 base_type_oid: ty.base_type_oid,
+                has_default: c.has_default,
             })
         })
         .collect::<Result<Vec<_>, CatalogError>>()?;
@@ -583,6 +589,7 @@ mod tests {
                 type_name: "integer".into(),
                 nullable: false,
                 key: true,
+                has_default: false,
             }],
         };
         let mut types = TypeCatalog::new();
@@ -607,6 +614,7 @@ mod tests {
             type_name: "integer".into(),
             nullable: !key,
             key,
+            has_default: false,
         };
         let mut table = TableInfo {
             oid: 42,

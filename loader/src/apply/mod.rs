@@ -33,6 +33,7 @@ use sluice_proto::v1;
 pub use decode::Batch;
 
 use crate::chain::Chains;
+use crate::clickhouse::names::target_column_name;
 use crate::clickhouse::schema::{SchemaDrift, TargetTable, current_columns, ensure_table_after};
 use crate::clickhouse::{
     CurrentRows, Error as ChError, InsertBuilder, OpCounts, ToastRequest, fetch_current,
@@ -67,9 +68,24 @@ pub struct Loader {
     commit_lsns: HashMap<TableName, u64>,
 }
 
-/// The column names of a relation.
+/// The ClickHouse column names of a relation.
 fn column_names(relation: &v1::Relation) -> Vec<String> {
-    relation.columns.iter().map(|c| c.name.clone()).collect()
+    relation
+        .columns
+        .iter()
+        .map(|c| target_column_name(&c.name))
+        .collect()
+}
+
+/// The ClickHouse names of the columns of a relation whose older rows may
+/// hold a value (`v1::Column::has_default`).
+fn defaulted(relation: &v1::Relation) -> Vec<String> {
+    relation
+        .columns
+        .iter()
+        .filter(|c| c.has_default)
+        .map(|c| target_column_name(&c.name))
+        .collect()
 }
 
 /// Whether rows of `package` may be written into a table with `drift`:
@@ -346,7 +362,13 @@ impl Loader {
                     .await?
                     .is_empty();
             let previous = self.ensured.get(&target.table).map(column_names);
-            let drift = ensure_table_after(&self.ch, &target, previous.as_deref()).await?;
+            let drift = ensure_table_after(
+                &self.ch,
+                &target,
+                previous.as_deref(),
+                &defaulted(&relation),
+            )
+            .await?;
             if missing {
                 return Err(ChError::TargetMissing {
                     table: table.to_string(),
@@ -399,7 +421,14 @@ impl Loader {
             // The shadow may predate an ADD COLUMN or another change.
             if self.ensured.get(&shadow.table) != first.relation.as_ref() {
                 let previous = self.ensured.get(&shadow.table).map(column_names);
-                let drift = ensure_table_after(&self.ch, shadow, previous.as_deref()).await?;
+                let relation = first.relation.clone().unwrap_or_default();
+                let drift = ensure_table_after(
+                    &self.ch,
+                    shadow,
+                    previous.as_deref(),
+                    &defaulted(&relation),
+                )
+                .await?;
                 follow(table, first, &drift)?;
                 self.ensured.insert(
                     shadow.table.clone(),

@@ -203,6 +203,10 @@ pub enum SchemaDrift {
         expected: String,
         actual: String,
     },
+    /// A column new to the table whose older rows may hold a value in
+    /// Postgres (`ADD COLUMN … DEFAULT`, `v1::Column::has_default`): added
+    /// here, they would read NULL.
+    AddedWithDefault { column: String },
     /// The relation's key differs from the table's sorting key.
     KeyChanged {
         expected: Vec<String>,
@@ -219,11 +223,18 @@ impl SchemaDrift {
             SchemaDrift::TypeChanged { .. }
                 | SchemaDrift::KeyChanged { .. }
                 | SchemaDrift::PossiblyRenamed { .. }
+                | SchemaDrift::AddedWithDefault { .. }
         )
     }
 
     /// Every [`SchemaDrift::kind`].
-    pub const KINDS: [&'static str; 4] = ["dropped", "renamed", "type_changed", "key_changed"];
+    pub const KINDS: [&'static str; 5] = [
+        "dropped",
+        "renamed",
+        "type_changed",
+        "key_changed",
+        "added_with_default",
+    ];
 
     /// Short label for metrics (`sluice_schema_drift_total{table,kind}`).
     pub fn kind(&self) -> &'static str {
@@ -232,6 +243,7 @@ impl SchemaDrift {
             SchemaDrift::PossiblyRenamed { .. } => "renamed",
             SchemaDrift::TypeChanged { .. } => "type_changed",
             SchemaDrift::KeyChanged { .. } => "key_changed",
+            SchemaDrift::AddedWithDefault { .. } => "added_with_default",
         }
     }
 }
@@ -326,7 +338,7 @@ pub fn widens(from: &str, to: &ChType) -> bool {
 /// Compares a table's current columns with the relation's, knowing nothing
 /// of the relation before ([`plan_evolution_after`] with `None`).
 pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> EvolutionPlan {
-    plan_evolution_after(target, existing, None)
+    plan_evolution_after(target, existing, None, &[])
 }
 
 /// Compares a table's current columns with the relation's. `previous`: the
@@ -335,11 +347,13 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
 /// if a column of the same type appeared: that is decided among the columns
 /// `previous` had (a column dropped earlier stays in the table and is no
 /// rename candidate any more), or among all when `previous` is unknown (a
-/// resync more than needed, never a renamed column left empty).
+/// resync more than needed, never a renamed column left empty). A column
+/// in `defaulted` that the table lacks is [`SchemaDrift::AddedWithDefault`].
 pub fn plan_evolution_after(
     target: &TargetTable,
     existing: &[ExistingColumn],
     previous: Option<&[String]>,
+    defaulted: &[String],
 ) -> EvolutionPlan {
     let existing_by_name: BTreeMap<&str, &ExistingColumn> =
         existing.iter().map(|c| (c.name.as_str(), c)).collect();
@@ -355,6 +369,11 @@ pub fn plan_evolution_after(
                     quote_ident(&column.name),
                     ch_type
                 ));
+                if !existing.is_empty() && defaulted.contains(&column.name) {
+                    plan.drift.push(SchemaDrift::AddedWithDefault {
+                        column: column.name.clone(),
+                    });
+                }
                 added.push((column.name.clone(), ch_type));
             }
             Some(have)
@@ -452,15 +471,17 @@ pub async fn ensure_table(
     client: &Client,
     target: &TargetTable,
 ) -> Result<Vec<SchemaDrift>, Error> {
-    ensure_table_after(client, target, None).await
+    ensure_table_after(client, target, None, &[]).await
 }
 
 /// [`ensure_table`] for a table last made to fit a relation with the columns
-/// `previous` ([`plan_evolution_after`]).
+/// `previous`, for a relation whose columns `defaulted` have a default
+/// ([`plan_evolution_after`]).
 pub async fn ensure_table_after(
     client: &Client,
     target: &TargetTable,
     previous: Option<&[String]>,
+    defaulted: &[String],
 ) -> Result<Vec<SchemaDrift>, Error> {
     client
         .query_raw(&target.create_database_sql())
@@ -473,7 +494,7 @@ pub async fn ensure_table_after(
         .await
         .map_err(Error::ch("create table"))?;
     let existing = current_columns(client, &target.database, &target.table).await?;
-    let plan = plan_evolution_after(target, &existing, previous);
+    let plan = plan_evolution_after(target, &existing, previous, defaulted);
     for statement in &plan.add_columns {
         client
             .query_raw(statement)
@@ -527,6 +548,49 @@ mod tests {
         ] {
             assert!(!widens(from, &to), "{from} -> {to}");
         }
+    }
+
+    #[test]
+    fn a_column_added_with_a_default_needs_a_resync_unless_the_table_is_new() {
+        let target = TargetTable {
+            database: "d".into(),
+            table: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    ch_type: ChType::Int64,
+                    key: true,
+                },
+                TargetColumn {
+                    name: "flag".into(),
+                    ch_type: ChType::Int32.nullable(),
+                    key: false,
+                },
+            ],
+        };
+        let id = ExistingColumn {
+            name: "id".into(),
+            ch_type: "Int64".into(),
+            is_in_sorting_key: 1,
+        };
+        let flag = ["flag".to_owned()];
+        let plan = plan_evolution_after(&target, std::slice::from_ref(&id), None, &flag);
+        assert_eq!(
+            plan.drift,
+            [SchemaDrift::AddedWithDefault {
+                column: "flag".into()
+            }]
+        );
+        assert!(plan.drift[0].needs_resync());
+        // Without a default: added, nothing to reload.
+        let plan = plan_evolution_after(&target, std::slice::from_ref(&id), None, &[]);
+        assert!(plan.drift.is_empty() && plan.add_columns.len() == 1);
+        // A table being created has every column already.
+        assert!(
+            plan_evolution_after(&target, &[], None, &flag)
+                .drift
+                .is_empty()
+        );
     }
 
     #[test]

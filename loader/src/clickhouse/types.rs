@@ -286,6 +286,7 @@ mod tests {
             key: false,
             type_kind: kind as i32,
             base_type_oid: type_oid,
+            has_default: false,
         }
     }
 

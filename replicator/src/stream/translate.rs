@@ -93,12 +93,15 @@ impl Translator {
                 self.types.resolve_table(client, &info).await?;
                 catalog::to_relation(&info, &self.types)?
             }
-            Ok(_)
-            | Err(CatalogError::TableNotFound { .. })
-            | Err(CatalogError::NoReplicaIdentity { .. }) => {
+            Ok(info) => {
                 // The catalog moved on since this change was written (later
-                // DDL): describe the columns from the message itself.
-                message_relation(&relation, &types)
+                // DDL): describe the columns from the message itself, with
+                // what the catalog still knows of them.
+                message_relation(&relation, &types, Some(&info))
+            }
+            Err(CatalogError::TableNotFound { .. })
+            | Err(CatalogError::NoReplicaIdentity { .. }) => {
+                message_relation(&relation, &types, None)
             }
             Err(error) => return Err(error.into()),
         };
@@ -262,7 +265,11 @@ fn same_layout(info: &catalog::TableInfo, relation: &pgoutput::Relation) -> bool
 
 /// The relation as the Relation message describes it (key columns from its
 /// flags; nullability unknown, so every non-key column is nullable).
-fn message_relation(relation: &pgoutput::Relation, types: &[TypeInfo]) -> v1::Relation {
+fn message_relation(
+    relation: &pgoutput::Relation,
+    types: &[TypeInfo],
+    catalog: Option<&catalog::TableInfo>,
+) -> v1::Relation {
     v1::Relation {
         oid: relation.oid,
         replica_identity: char::from(relation.replica_identity).to_string(),
@@ -270,15 +277,28 @@ fn message_relation(relation: &pgoutput::Relation, types: &[TypeInfo]) -> v1::Re
             .columns
             .iter()
             .zip(types)
-            .map(|(c, t)| v1::Column {
-                name: c.name.clone(),
-                type_oid: c.type_oid,
-                type_modifier: c.type_modifier,
-                type_name: t.name.clone(),
-                nullable: !c.key,
-                key: c.key,
-                type_kind: t.kind as i32,
-                base_type_oid: t.base_type_oid,
+            .map(|(c, t)| {
+                // A column the catalog no longer has (renamed or dropped
+                // since) may have had a default: say so, the loader then
+                // reloads rather than add it empty. (Without a catalog entry
+                // at all the table is gone, and no reload could help.)
+                let has_default = catalog.is_some_and(|info| {
+                    info.columns
+                        .iter()
+                        .find(|k| k.name == c.name)
+                        .is_none_or(|k| k.has_default)
+                });
+                v1::Column {
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                    type_name: t.name.clone(),
+                    nullable: !c.key,
+                    key: c.key,
+                    type_kind: t.kind as i32,
+                    base_type_oid: t.base_type_oid,
+                    has_default,
+                }
             })
             .collect(),
     }
@@ -321,7 +341,7 @@ mod tests {
 
     fn translator() -> Translator {
         let mut t = Translator::new(TypeCatalog::new(), HashSet::new());
-        let relation = message_relation(&message(), &types());
+        let relation = message_relation(&message(), &types(), None);
         t.register(OID, TableName::new("public", "t"), relation, types());
         t
     }
@@ -427,7 +447,7 @@ mod tests {
 
     #[test]
     fn relations_from_the_message_key_and_type_their_columns() {
-        let relation = message_relation(&message(), &types());
+        let relation = message_relation(&message(), &types(), None);
         assert_eq!(relation.oid, OID);
         assert_eq!(relation.replica_identity, "d");
         let columns: Vec<_> = relation
