@@ -271,6 +271,17 @@ impl Servers {
     pub async fn clickhouse_sql(&self, sql: &str) -> anyhow::Result<String> {
         clickhouse_sql(&self.clickhouse(), sql).await
     }
+
+    /// [`Self::clickhouse_sql`], one string per output line (e.g. the names
+    /// a `SELECT name FROM system.columns …` lists).
+    pub async fn clickhouse_lines(&self, sql: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .clickhouse_sql(sql)
+            .await?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
 }
 
 /// Runs one SQL statement with `client` (which may be bound to a database) and returns its

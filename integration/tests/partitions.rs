@@ -37,12 +37,7 @@ async fn clickhouse_tables(p: &Pipeline) -> anyhow::Result<Vec<String>> {
          ORDER BY name",
         p.config.clickhouse_database()
     );
-    Ok(p.servers()
-        .clickhouse_sql(&sql)
-        .await?
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    p.servers().clickhouse_lines(&sql).await
 }
 
 #[tokio::test]

@@ -74,12 +74,7 @@ async fn clickhouse_columns(p: &Pipeline, table: &str) -> anyhow::Result<Vec<Str
          ORDER BY position",
         p.config.clickhouse_database()
     );
-    Ok(p.servers()
-        .clickhouse_sql(&sql)
-        .await?
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    p.servers().clickhouse_lines(&sql).await
 }
 
 /// `people (id, name, ssn)` published without `ssn`; every ssn holds `marker`.

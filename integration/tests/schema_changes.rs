@@ -80,12 +80,7 @@ async fn clickhouse_columns(p: &Pipeline) -> anyhow::Result<Vec<String>> {
          ORDER BY position",
         p.config.clickhouse_database()
     );
-    Ok(p.servers()
-        .clickhouse_sql(&sql)
-        .await?
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    p.servers().clickhouse_lines(&sql).await
 }
 
 #[tokio::test]
