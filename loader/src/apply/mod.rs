@@ -361,14 +361,7 @@ impl Loader {
                 && current_columns(&self.ch, &target.database, &target.table)
                     .await?
                     .is_empty();
-            let previous = self.ensured.get(&target.table).map(column_names);
-            let drift = ensure_table_after(
-                &self.ch,
-                &target,
-                previous.as_deref(),
-                &defaulted(&relation),
-            )
-            .await?;
+            let drift = self.ensure(&target, &relation).await?;
             if missing {
                 return Err(ChError::TargetMissing {
                     table: table.to_string(),
@@ -388,6 +381,18 @@ impl Loader {
             self.ensured.insert(target.table.clone(), relation);
         }
         Ok(target)
+    }
+
+    /// Creates or evolves `target` to `relation` ([`ensure_table_after`]),
+    /// knowing the relation it was last made to fit and which of the
+    /// relation's columns have defaults.
+    async fn ensure(
+        &self,
+        target: &TargetTable,
+        relation: &v1::Relation,
+    ) -> Result<Vec<SchemaDrift>, ChError> {
+        let previous = self.ensured.get(&target.table).map(column_names);
+        ensure_table_after(&self.ch, target, previous.as_deref(), &defaulted(relation)).await
     }
 
     /// One INSERT per target for a run of row packages.
@@ -420,20 +425,10 @@ impl Loader {
         if let Some(shadow) = &shadow {
             // The shadow may predate an ADD COLUMN or another change.
             if self.ensured.get(&shadow.table) != first.relation.as_ref() {
-                let previous = self.ensured.get(&shadow.table).map(column_names);
                 let relation = first.relation.clone().unwrap_or_default();
-                let drift = ensure_table_after(
-                    &self.ch,
-                    shadow,
-                    previous.as_deref(),
-                    &defaulted(&relation),
-                )
-                .await?;
+                let drift = self.ensure(shadow, &relation).await?;
                 follow(table, first, &drift)?;
-                self.ensured.insert(
-                    shadow.table.clone(),
-                    first.relation.clone().unwrap_or_default(),
-                );
+                self.ensured.insert(shadow.table.clone(), relation);
             }
         }
         let live_packages: Vec<&Decoded> = run

@@ -512,6 +512,23 @@ pub async fn ensure_table_after(
     Ok(plan.drift)
 }
 
+/// A target `d`.`t` with `(name, type, key)` columns, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_target(columns: &[(&str, ChType, bool)]) -> TargetTable {
+    TargetTable {
+        database: "d".into(),
+        table: "t".into(),
+        columns: columns
+            .iter()
+            .map(|(name, ch_type, key)| TargetColumn {
+                name: (*name).into(),
+                ch_type: ch_type.clone(),
+                key: *key,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,27 +569,11 @@ mod tests {
 
     #[test]
     fn a_column_added_with_a_default_needs_a_resync_unless_the_table_is_new() {
-        let target = TargetTable {
-            database: "d".into(),
-            table: "t".into(),
-            columns: vec![
-                TargetColumn {
-                    name: "id".into(),
-                    ch_type: ChType::Int64,
-                    key: true,
-                },
-                TargetColumn {
-                    name: "flag".into(),
-                    ch_type: ChType::Int32.nullable(),
-                    key: false,
-                },
-            ],
-        };
-        let id = ExistingColumn {
-            name: "id".into(),
-            ch_type: "Int64".into(),
-            is_in_sorting_key: 1,
-        };
+        let target = test_target(&[
+            ("id", ChType::Int64, true),
+            ("flag", ChType::Int32.nullable(), false),
+        ]);
+        let id = existing("id", "Int64", true);
         let flag = ["flag".to_owned()];
         let plan = plan_evolution_after(&target, std::slice::from_ref(&id), None, &flag);
         assert_eq!(
@@ -595,32 +596,15 @@ mod tests {
 
     #[test]
     fn a_widened_column_is_modified_and_a_key_column_is_not() {
-        let target = TargetTable {
-            database: "d".into(),
-            table: "t".into(),
-            columns: vec![
-                TargetColumn {
-                    name: "id".into(),
-                    ch_type: ChType::Int64,
-                    key: true,
-                },
-                TargetColumn {
-                    name: "n".into(),
-                    ch_type: ChType::Nullable(Box::new(ChType::Int64)),
-                    key: false,
-                },
-            ],
-        };
-        let existing = |name: &str, ch_type: &str, key: u8| ExistingColumn {
-            name: name.into(),
-            ch_type: ch_type.into(),
-            is_in_sorting_key: key,
-        };
+        let target = test_target(&[
+            ("id", ChType::Int64, true),
+            ("n", ChType::Int64.nullable(), false),
+        ]);
         let plan = plan_evolution(
             &target,
             &[
-                existing("id", "Int64", 1),
-                existing("n", "Nullable(Int32)", 0),
+                existing("id", "Int64", true),
+                existing("n", "Nullable(Int32)", false),
             ],
         );
         assert_eq!(
@@ -631,8 +615,8 @@ mod tests {
         let plan = plan_evolution(
             &target,
             &[
-                existing("id", "Int32", 1),
-                existing("n", "Nullable(Int64)", 0),
+                existing("id", "Int32", true),
+                existing("n", "Nullable(Int64)", false),
             ],
         );
         assert!(plan.modify_columns.is_empty());

@@ -276,24 +276,11 @@ mod tests {
 
     #[test]
     fn a_request_keeps_each_key_once() {
-        use super::super::schema::TargetColumn;
         use super::super::types::ChType;
-        let target = TargetTable {
-            database: "d".into(),
-            table: "t".into(),
-            columns: vec![
-                TargetColumn {
-                    name: "id".into(),
-                    ch_type: ChType::Int64,
-                    key: true,
-                },
-                TargetColumn {
-                    name: "big".into(),
-                    ch_type: ChType::String,
-                    key: false,
-                },
-            ],
-        };
+        let target = super::super::schema::test_target(&[
+            ("id", ChType::Int64, true),
+            ("big", ChType::String, false),
+        ]);
         let row = |id: i64| v1::Row {
             op: v1::Op::Update as i32,
             values: vec![
