@@ -213,6 +213,19 @@ pub async fn replicable(
     }
 }
 
+/// The column lists and row filters of `publication`
+/// ([`sluice_postgres::publication::narrowings`]).
+pub async fn narrowings(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<HashMap<TableName, sluice_postgres::publication::Narrowing>, CatalogError> {
+    sluice_postgres::publication::narrowings(client, publication)
+        .await
+        .map_err(query_err(
+            "reading the publication's column lists and row filters",
+        ))
+}
+
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }

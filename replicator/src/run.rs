@@ -146,12 +146,9 @@ async fn run_once(
         replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
     // The column lists and row filters a later change is compared with, read
     // before any snapshot starts: a change after this point is noticed.
-    let narrowings =
-        sluice_postgres::publication::narrowings(&sql.client, &config.postgres.publication)
-            .await
-            .map_err(PgError::sql(
-                "cannot read the publication's column lists and row filters",
-            ))?;
+    // The column lists and row filters a later change is compared with, read
+    // before any snapshot starts: a change after this point is noticed.
+    let narrowings = catalog::narrowings(&sql.client, &config.postgres.publication).await?;
 
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);

@@ -418,11 +418,12 @@ impl Loop<'_> {
             }
             LogicalMessage::Relation(relation) => {
                 let oid = relation.oid;
-                let table = TableName::new(&relation.namespace, &relation.name);
-                if let Some(table) = self.translate.relation(&self.sql.client, relation).await? {
+                let (table, keyed) = self.translate.relation(&self.sql.client, relation).await?;
+                // Added to the publication since, or removed from it.
+                if !self.translate.published.contains(&table) {
                     self.check_publication(Some(&table)).await?;
                 }
-                self.check_key(oid, &table);
+                self.check_key(oid, &table, keyed);
             }
             LogicalMessage::Type(t) => self.translate.forget_type(t.oid),
             LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_) => {

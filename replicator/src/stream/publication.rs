@@ -32,15 +32,14 @@
 //! instead: it has no package in the stream (see [`crate::run`], reason
 //! `not_in_stream`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use metrics::gauge;
 use sluice_broker::TableName;
-use sluice_postgres::publication::Narrowing;
 use sluice_proto::v1;
 
 use super::{Loop, StreamError};
-use crate::catalog::{self, CatalogError};
+use crate::catalog;
 use crate::metrics as m;
 
 /// The publication compared with what the stream replicates: tables to check
@@ -80,7 +79,7 @@ impl Loop<'_> {
         let publication = &self.config.postgres.publication;
         let tables = catalog::published_tables(&self.sql.client, publication).await?;
         let (candidates, removed) = compare(&self.translate.published, &self.unreplicable, &tables);
-        let narrowings = narrowings(&self.sql.client, publication).await?;
+        let narrowings = catalog::narrowings(&self.sql.client, publication).await?;
         // A changed column list or row filter of a table replicated so far:
         // its rows in ClickHouse follow the old one.
         let mut changed: Vec<TableName> = self
@@ -143,15 +142,16 @@ impl Loop<'_> {
         Ok(())
     }
 
-    /// After a Relation message of `table` (relation `oid`): a table that
+    /// After a Relation message of `table` (relation `oid`, `keyed` if it
+    /// has a key): a table that
     /// cannot be replicated has its changes skipped, and a replicated table
     /// whose relation lost its key (`REPLICA IDENTITY NOTHING`, or the key
     /// dropped) becomes one that cannot, reported once
     /// (ARCHITECTURE.md invariant 10). It is checked again at every
     /// publication check and resynced once it has a key again.
-    pub(super) fn check_key(&mut self, oid: u32, table: &TableName) {
-        let unreplicable = self.unreplicable.contains(table);
-        let keyed = self.translate.set_skip(oid, |keyed| !keyed || unreplicable);
+    pub(super) fn check_key(&mut self, oid: u32, table: &TableName, keyed: bool) {
+        let skip = !keyed || self.unreplicable.contains(table);
+        self.translate.set_skip(oid, skip);
         if !keyed && self.translate.published.remove(table) {
             tracing::error!(table = %table, "table has no usable replica identity any more (needs a primary key, REPLICA IDENTITY USING INDEX, or REPLICA IDENTITY FULL): its changes are not loaded until it has one again; it is resynced then");
             gauge!(m::TABLE_ERRORS, "table" => table.to_string()).set(1.0);
@@ -172,22 +172,6 @@ impl Loop<'_> {
             tracing::error!(error = %reply.error, reason = %reason, "cannot start the resync");
         }
     }
-}
-
-/// [`sluice_postgres::publication::narrowings`], its error a catalog error.
-async fn narrowings(
-    client: &tokio_postgres::Client,
-    publication: &str,
-) -> Result<HashMap<TableName, Narrowing>, StreamError> {
-    sluice_postgres::publication::narrowings(client, publication)
-        .await
-        .map_err(|source| {
-            CatalogError::Query {
-                what: "reading the publication's column lists and row filters",
-                source,
-            }
-            .into()
-        })
 }
 
 #[cfg(test)]

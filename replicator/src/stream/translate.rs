@@ -74,14 +74,13 @@ impl Translator {
 
     /// A Relation message: (re)describes the table from the catalog, or from
     /// the message itself when the catalog moved on since (later DDL).
-    /// Returns the table when it is not among the published tables the
-    /// stream knows (added to the publication since, or removed from it):
-    /// the caller reads the publication again.
+    /// Returns the table and whether its relation has a key to deduplicate
+    /// rows by.
     pub(super) async fn relation(
         &mut self,
         client: &tokio_postgres::Client,
         relation: pgoutput::Relation,
-    ) -> Result<Option<TableName>, StreamError> {
+    ) -> Result<(TableName, bool), StreamError> {
         let table = TableName::new(&relation.namespace, &relation.name);
         let info = catalog::table_columns(client, &table).await;
         let mut types = Vec::with_capacity(relation.columns.len());
@@ -105,9 +104,9 @@ impl Translator {
             }
             Err(error) => return Err(error.into()),
         };
-        let unknown = (!self.published.contains(&table)).then(|| table.clone());
-        self.register(relation.oid, table, v1_relation, types);
-        Ok(unknown)
+        let keyed = v1_relation.columns.iter().any(|c| c.key);
+        self.register(relation.oid, table.clone(), v1_relation, types);
+        Ok((table, keyed))
     }
 
     /// Records a described table under its relation OID.
@@ -133,15 +132,11 @@ impl Translator {
         );
     }
 
-    /// Marks the changes of relation `oid` as skipped (or not); returns
-    /// whether its relation has a key to deduplicate rows by.
-    pub(super) fn set_skip(&mut self, oid: u32, skip: impl FnOnce(bool) -> bool) -> bool {
-        let Some(rel) = self.relations.get_mut(&oid) else {
-            return false;
-        };
-        let keyed = rel.relation.columns.iter().any(|c| c.key);
-        rel.skip = skip(keyed);
-        keyed
+    /// Marks the changes of relation `oid` as skipped (or not).
+    pub(super) fn set_skip(&mut self, oid: u32, skip: bool) {
+        if let Some(rel) = self.relations.get_mut(&oid) {
+            rel.skip = skip;
+        }
     }
 
     /// The table a relation OID stands for.
