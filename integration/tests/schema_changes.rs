@@ -1,11 +1,12 @@
 //! Schema changes under a concurrent write workload (ARCHITECTURE invariant
 //! 7): the loader compares each relation with the ClickHouse table before it
 //! encodes a row against it. What ClickHouse can follow in place costs no
-//! resync: ADD COLUMN, DROP COLUMN (the column stays), widening type changes
-//! (`MODIFY COLUMN`), `varchar(n)` → `text`. What it cannot, a renamed column,
-//! a type of another kind or a column added with a default (older rows hold
-//! it in Postgres), resyncs that one table at once; in no case is a package
-//! dead-lettered or an INSERT sent against the old column types first.
+//! resync: ADD COLUMN, DROP COLUMN (the column stays), RENAME COLUMN, widening
+//! type changes (`MODIFY COLUMN`), `varchar(n)` → `text`. What it cannot, a
+//! type of another kind, a column dropped and added again under its name, or
+//! a column added with a default (older rows hold it in Postgres), resyncs
+//! that one table at once; in no case is a package dead-lettered or an INSERT
+//! sent against the old column types first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,10 +74,11 @@ async fn resyncs_and_dead_letters(p: &Pipeline) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// `name type` of each column of the ClickHouse table `t`.
+/// `name type` of each column of the ClickHouse table `t`, then its
+/// comment (the Postgres attnum) if it has one.
 async fn clickhouse_columns(p: &Pipeline) -> anyhow::Result<Vec<String>> {
     let sql = format!(
-        "SELECT name || ' ' || type FROM system.columns WHERE database = '{}' AND table = 't' \
+        "SELECT trim(name || ' ' || type || ' ' || comment) FROM system.columns WHERE database = '{}' AND table = 't' \
          ORDER BY position",
         p.config.clickhouse_database()
     );
@@ -90,9 +92,9 @@ async fn schema_changes_follow_in_place_or_resync_the_one_table() -> anyhow::Res
     pg.batch_execute(
         "CREATE TABLE t (id bigint PRIMARY KEY, touched int NOT NULL DEFAULT 0, small int2,
                          f real, amount numeric(10, 2), name varchar(20), extra text,
-                         ren text, code text);
+                         ren text, code text, again text);
          INSERT INTO t SELECT g, 0, g % 100, g / 3.0, g * 1.25, 'n' || g, 'x' || g,
-                              'r' || g, (g % 50)::text
+                              'r' || g, (g % 50)::text, 'a' || g
              FROM generate_series(1, 500) g;
          CREATE PUBLICATION sluice FOR TABLE t;",
     )
@@ -114,6 +116,8 @@ async fn schema_changes_follow_in_place_or_resync_the_one_table() -> anyhow::Res
             "ALTER TABLE t ALTER COLUMN amount TYPE numeric(14, 4)",
             "ALTER TABLE t ALTER COLUMN name TYPE text",
             "ALTER TABLE t DROP COLUMN extra",
+            "ALTER TABLE t RENAME COLUMN ren TO renamed",
+            "UPDATE t SET renamed = renamed || '!' WHERE id % 5 = 0",
             "UPDATE t SET small = small + 1000000000000, amount = amount + 0.0001 WHERE id % 4 = 0",
         ],
     )
@@ -126,22 +130,36 @@ async fn schema_changes_follow_in_place_or_resync_the_one_table() -> anyhow::Res
     );
     let columns = clickhouse_columns(&p).await?;
     for expected in [
-        "small Nullable(Int64)",
-        "f Nullable(Float64)",
-        "amount Nullable(Decimal(14, 4))",
-        "note Nullable(String)",
+        "small Nullable(Int64) pg attnum 3",
+        "f Nullable(Float64) pg attnum 4",
+        "amount Nullable(Decimal(14, 4)) pg attnum 5",
+        "note Nullable(String) pg attnum 11",
         // A dropped column stays; rows written since have its default.
-        "extra Nullable(String)",
+        "extra Nullable(String) pg attnum 7",
+        "renamed Nullable(String) pg attnum 8",
     ] {
         assert!(
             columns.iter().any(|c| c == expected),
             "{expected} not in {columns:?}"
         );
     }
+    assert!(
+        !columns.iter().any(|c| c.starts_with("ren ")),
+        "{columns:?}"
+    );
 
     // Not followable in place: each resyncs the table once, nothing is
     // dead-lettered.
-    change_under_load(&mut p, &["ALTER TABLE t RENAME COLUMN ren TO renamed"]).await?;
+    // Dropped and added again under its name: the ClickHouse column holds
+    // the old column's values, Postgres has NULL for older rows.
+    change_under_load(
+        &mut p,
+        &[
+            "ALTER TABLE t DROP COLUMN again",
+            "ALTER TABLE t ADD COLUMN again text",
+        ],
+    )
+    .await?;
     assert_eq!(resyncs_and_dead_letters(&p).await?, (initial + 1.0, 0.0));
     change_under_load(
         &mut p,
@@ -159,9 +177,12 @@ async fn schema_changes_follow_in_place_or_resync_the_one_table() -> anyhow::Res
     assert_eq!(resyncs_and_dead_letters(&p).await?, (initial + 3.0, 0.0));
     let columns = clickhouse_columns(&p).await?;
     assert!(
-        columns.iter().any(|c| c == "code Nullable(Int32)")
-            && columns.iter().any(|c| c == "renamed Nullable(String)")
-            && !columns.iter().any(|c| c.starts_with("ren ")),
+        columns
+            .iter()
+            .any(|c| c == "code Nullable(Int32) pg attnum 9")
+            && columns
+                .iter()
+                .any(|c| c == "renamed Nullable(String) pg attnum 8"),
         "{columns:?}"
     );
     Ok(())

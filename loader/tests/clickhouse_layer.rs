@@ -71,6 +71,7 @@ fn column(name: &str, oid: u32, type_name: &str, nullable: bool) -> v1::Column {
         type_kind: v1::TypeKind::Base as i32,
         base_type_oid: oid,
         has_default: false,
+        attnum: 0,
     }
 }
 

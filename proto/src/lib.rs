@@ -208,6 +208,7 @@ mod tests {
                     type_kind: v1::TypeKind::Base as i32,
                     base_type_oid: 20,
                     has_default: false,
+                    attnum: 0,
                 },
                 v1::Column {
                     name: "body".into(),
@@ -219,6 +220,7 @@ mod tests {
                     type_kind: v1::TypeKind::Base as i32,
                     base_type_oid: 25,
                     has_default: false,
+                    attnum: 0,
                 },
             ],
         };

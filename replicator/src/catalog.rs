@@ -405,6 +405,9 @@ pub struct ColumnInfo {
     /// Has a default, or a value for rows that predate it (`atthasdef OR
     /// atthasmissing`): see `v1::Column::has_default`.
     pub has_default: bool,
+    /// `attnum`: the column's identity, kept across renames (see
+    /// `v1::Column::attnum`).
+    pub attnum: i16,
 }
 
 /// A table's columns and identity.
@@ -452,7 +455,7 @@ pub async fn table_columns(
                             AND i.indisprimary AND a.attnum = ANY (i.indkey::int2[])), \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
                             AND i.indisreplident AND a.attnum = ANY (i.indkey::int2[])), \
-                    a.atthasdef OR a.atthasmissing \
+                    a.atthasdef OR a.atthasmissing, a.attnum \
              FROM pg_catalog.pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
              ORDER BY a.attnum",
@@ -487,6 +490,7 @@ pub async fn table_columns(
             nullable: r.get(4),
             key,
             has_default: r.get(7),
+            attnum: r.get(8),
         })
         .collect();
     Ok(TableInfo {
@@ -568,6 +572,7 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
                 type_kind: ty.kind as i32,
                 base_type_oid: ty.base_type_oid,
                 has_default: c.has_default,
+                attnum: u32::try_from(c.attnum).unwrap_or(0),
             })
         })
         .collect::<Result<Vec<_>, CatalogError>>()?;
@@ -603,6 +608,7 @@ mod tests {
                 nullable: false,
                 key: true,
                 has_default: false,
+                attnum: 1,
             }],
         };
         let mut types = TypeCatalog::new();
@@ -628,6 +634,7 @@ mod tests {
             nullable: !key,
             key,
             has_default: false,
+            attnum: 1,
         };
         let mut table = TableInfo {
             oid: 42,

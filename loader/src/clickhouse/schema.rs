@@ -11,15 +11,21 @@
 //! With the `is_deleted` column, `SELECT … FINAL` hides deleted keys by
 //! itself (ClickHouse 26.9); tombstones stay visible without `FINAL`.
 //!
-//! Evolution adds columns and widens types in place ([`widens`]: `MODIFY
-//! COLUMN`). Every other difference between the relation and the table is
-//! reported as [`SchemaDrift`] for the loader to log and count; a dropped
-//! column stays (new rows get its default), while a changed type or key or a
-//! renamed column means the table cannot follow in place, so
+//! Evolution adds columns, renames them and widens types in place
+//! ([`widens`]: `MODIFY COLUMN`). Each column's comment holds its Postgres
+//! `attnum` ([`attnum_comment`]), the identity a column keeps across `RENAME
+//! COLUMN` and never hands to another column: a relation column whose name
+//! the table lacks but whose attnum it has was renamed (`RENAME COLUMN`), and
+//! one whose name the table has under another attnum is a different column
+//! (dropped and added again, or names swapped). Every other difference
+//! between the relation and the table is reported as [`SchemaDrift`] for the
+//! loader to log and count; a dropped column stays (new rows get its
+//! default), while a changed type or key, a replaced column, or a rename
+//! that attnums cannot confirm means the table cannot follow in place, so
 //! [`SchemaDrift::needs_resync`] says so and the loader resyncs the table
 //! before writing a row against it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use clickhouse::Client;
 use serde::Deserialize;
@@ -74,6 +80,34 @@ pub struct TargetColumn {
     pub ch_type: ChType,
     /// Part of the source key (the `ORDER BY` of the table).
     pub key: bool,
+    /// The Postgres `attnum` (`v1::Column::attnum`); 0 when unknown.
+    pub attnum: u32,
+}
+
+/// The comment of a column that holds Postgres column `attnum`.
+pub fn attnum_comment(attnum: u32) -> String {
+    format!("pg attnum {attnum}")
+}
+
+/// The Postgres attnum a column comment names ([`attnum_comment`]).
+fn comment_attnum(comment: &str) -> Option<u32> {
+    comment
+        .strip_prefix("pg attnum ")?
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+}
+
+impl TargetColumn {
+    /// `` `name` Type `` and, with a known attnum, its comment.
+    fn definition(&self) -> String {
+        let mut out = format!("{} {}", quote_ident(&self.name), self.ch_type);
+        if self.attnum > 0 {
+            out.push_str(" COMMENT ");
+            out.push_str(&quote_literal(&attnum_comment(self.attnum)));
+        }
+        out
+    }
 }
 
 /// A target table: where a relation's rows go and how they are typed.
@@ -105,6 +139,7 @@ impl TargetTable {
                     name: target_column_name(&c.name),
                     ch_type: map_column(c),
                     key: c.key,
+                    attnum: c.attnum,
                 })
                 .collect(),
         };
@@ -153,11 +188,7 @@ impl TargetTable {
     }
 
     pub fn create_table_sql(&self) -> String {
-        let mut cols: Vec<String> = self
-            .columns
-            .iter()
-            .map(|c| format!("{} {ty}", quote_ident(&c.name), ty = c.ch_type))
-            .collect();
+        let mut cols: Vec<String> = self.columns.iter().map(TargetColumn::definition).collect();
         cols.push(format!("{} UInt128", quote_ident(VERSION_COLUMN)));
         cols.push(format!("{} UInt8", quote_ident(DELETED_COLUMN)));
         cols.push(format!(
@@ -183,6 +214,16 @@ pub struct ExistingColumn {
     #[serde(rename = "type")]
     pub ch_type: String,
     pub is_in_sorting_key: u8,
+    /// sluice writes the Postgres attnum here ([`attnum_comment`]).
+    #[serde(default)]
+    pub comment: String,
+}
+
+impl ExistingColumn {
+    /// The Postgres attnum its comment records, if any.
+    fn attnum(&self) -> Option<u32> {
+        comment_attnum(&self.comment)
+    }
 }
 
 /// A difference between a relation and its existing table that evolution
@@ -193,10 +234,16 @@ pub enum SchemaDrift {
     /// Postgres, or renamed: see [`SchemaDrift::PossiblyRenamed`]). New rows
     /// get the column's default.
     Dropped { column: String, ch_type: String },
-    /// Exactly one column disappeared and one of the same type appeared in
-    /// the same relation change: most likely `ALTER TABLE … RENAME COLUMN`.
-    /// The new column was added; old rows keep their value under `from`.
+    /// A column disappeared and one of the same type appeared in the same
+    /// relation change, and attnums cannot tell whether it was `ALTER TABLE
+    /// … RENAME COLUMN` (a table or relation from before sluice recorded
+    /// them). The new column was added; old rows keep their value under
+    /// `from`.
     PossiblyRenamed { from: String, to: String },
+    /// The table's column of this name holds another Postgres column (its
+    /// attnum differs): the column was dropped and added again, or names
+    /// were swapped. Its values belong to the other column.
+    Replaced { column: String, was: u32, now: u32 },
     /// The column's mapped type differs from the table's.
     TypeChanged {
         column: String,
@@ -223,14 +270,16 @@ impl SchemaDrift {
             SchemaDrift::TypeChanged { .. }
                 | SchemaDrift::KeyChanged { .. }
                 | SchemaDrift::PossiblyRenamed { .. }
+                | SchemaDrift::Replaced { .. }
                 | SchemaDrift::AddedWithDefault { .. }
         )
     }
 
     /// Every [`SchemaDrift::kind`].
-    pub const KINDS: [&'static str; 5] = [
+    pub const KINDS: [&'static str; 6] = [
         "dropped",
         "renamed",
+        "replaced",
         "type_changed",
         "key_changed",
         "added_with_default",
@@ -241,6 +290,7 @@ impl SchemaDrift {
         match self {
             SchemaDrift::Dropped { .. } => "dropped",
             SchemaDrift::PossiblyRenamed { .. } => "renamed",
+            SchemaDrift::Replaced { .. } => "replaced",
             SchemaDrift::TypeChanged { .. } => "type_changed",
             SchemaDrift::KeyChanged { .. } => "key_changed",
             SchemaDrift::AddedWithDefault { .. } => "added_with_default",
@@ -251,11 +301,17 @@ impl SchemaDrift {
 /// What to do to an existing table to accept a relation's rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvolutionPlan {
+    /// `ALTER TABLE … RENAME COLUMN …` statements for columns renamed in
+    /// Postgres (same attnum, new name), run first.
+    pub rename_columns: Vec<String>,
     /// `ALTER TABLE … ADD COLUMN …` statements, in relation order.
     pub add_columns: Vec<String>,
     /// `ALTER TABLE … MODIFY COLUMN …` statements for types that widened
     /// ([`widens`]), in relation order.
     pub modify_columns: Vec<String>,
+    /// `ALTER TABLE … COMMENT COLUMN …` statements recording the attnum of
+    /// columns of a table created before sluice recorded it.
+    pub comment_columns: Vec<String>,
     pub drift: Vec<SchemaDrift>,
 }
 
@@ -341,14 +397,23 @@ pub fn plan_evolution(target: &TargetTable, existing: &[ExistingColumn]) -> Evol
     plan_evolution_after(target, existing, None, &[])
 }
 
-/// Compares a table's current columns with the relation's. `previous`: the
-/// columns of the relation the table was last made to fit, if known. A
-/// column of the table that is not in the relation was dropped, or renamed
-/// if a column of the same type appeared: that is decided among the columns
-/// `previous` had (a column dropped earlier stays in the table and is no
-/// rename candidate any more), or among all when `previous` is unknown (a
-/// resync more than needed, never a renamed column left empty). A column
-/// in `defaulted` that the table lacks is [`SchemaDrift::AddedWithDefault`].
+/// Compares a table's current columns with the relation's.
+///
+/// A relation column is found in the table by name, or, when the table
+/// lacks the name, by its attnum ([`attnum_comment`]): then it was renamed
+/// in Postgres and is renamed here (a key column cannot be: ClickHouse
+/// refuses, and the key change needs a resync anyway). A column found by name
+/// under another attnum is [`SchemaDrift::Replaced`].
+///
+/// A column of the table that is not in the relation was dropped. Where
+/// attnums are unknown (a table or relation from before sluice recorded
+/// them) it may have been renamed if a column of the same type appeared:
+/// that is decided among the columns `previous` had (`previous`: the
+/// columns of the relation the table was last made to fit, if known; a
+/// column dropped earlier stays in the table and is no rename candidate any
+/// more), or among all when `previous` is unknown (a resync more than
+/// needed, never a renamed column left empty). A column in `defaulted` that
+/// the table lacks is [`SchemaDrift::AddedWithDefault`].
 pub fn plan_evolution_after(
     target: &TargetTable,
     existing: &[ExistingColumn],
@@ -357,24 +422,66 @@ pub fn plan_evolution_after(
 ) -> EvolutionPlan {
     let existing_by_name: BTreeMap<&str, &ExistingColumn> =
         existing.iter().map(|c| (c.name.as_str(), c)).collect();
+    let target_names: BTreeSet<&str> = target.columns.iter().map(|c| c.name.as_str()).collect();
     let mut plan = EvolutionPlan::default();
+    // Columns added: name, type, attnum.
     let mut added = Vec::new();
+    // Columns of the table renamed to a relation column.
+    let mut renamed_from = BTreeSet::new();
     for column in &target.columns {
         let ch_type = column.ch_type.to_string();
-        match existing_by_name.get(column.name.as_str()) {
+        let attnum = (column.attnum > 0).then_some(column.attnum);
+        let have = match existing_by_name.get(column.name.as_str()) {
+            Some(have) => match (have.attnum(), attnum) {
+                (Some(was), Some(now)) if was != now => {
+                    plan.drift.push(SchemaDrift::Replaced {
+                        column: column.name.clone(),
+                        was,
+                        now,
+                    });
+                    continue;
+                }
+                (None, Some(now)) => {
+                    plan.comment_columns.push(format!(
+                        "ALTER TABLE {} COMMENT COLUMN {} {}",
+                        target.qualified(),
+                        quote_ident(&column.name),
+                        quote_literal(&attnum_comment(now))
+                    ));
+                    Some(*have)
+                }
+                _ => Some(*have),
+            },
+            None => attnum
+                .and_then(|now| existing.iter().find(|e| e.attnum() == Some(now)))
+                .filter(|from| {
+                    from.is_in_sorting_key == 0
+                        && !column.key
+                        && !target_names.contains(from.name.as_str())
+                })
+                .inspect(|from| {
+                    plan.rename_columns.push(format!(
+                        "ALTER TABLE {} RENAME COLUMN {} TO {}",
+                        target.qualified(),
+                        quote_ident(&from.name),
+                        quote_ident(&column.name)
+                    ));
+                    renamed_from.insert(from.name.as_str());
+                }),
+        };
+        match have {
             None => {
                 plan.add_columns.push(format!(
-                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}",
                     target.qualified(),
-                    quote_ident(&column.name),
-                    ch_type
+                    column.definition()
                 ));
                 if !existing.is_empty() && defaulted.contains(&column.name) {
                     plan.drift.push(SchemaDrift::AddedWithDefault {
                         column: column.name.clone(),
                     });
                 }
-                added.push((column.name.clone(), ch_type));
+                added.push((column.name.clone(), ch_type, attnum));
             }
             Some(have)
                 if have.ch_type != ch_type
@@ -401,13 +508,18 @@ pub fn plan_evolution_after(
         // sluice's own columns. (A column that only starts like them was a
         // source column's before the naming rule moved it: README "Upgrading".)
         .filter(|c| ![VERSION_COLUMN, DELETED_COLUMN, SYNCED_AT_COLUMN].contains(&c.name.as_str()))
-        .filter(|c| !target.columns.iter().any(|t| t.name == c.name))
+        .filter(|c| {
+            !target_names.contains(c.name.as_str()) && !renamed_from.contains(c.name.as_str())
+        })
         .collect();
     let renamed: Vec<SchemaDrift> = dropped
         .iter()
         .filter(|c| previous.is_none_or(|names| names.contains(&c.name)))
         .filter_map(|from| {
-            let (to, _) = added.iter().find(|(_, ty)| ty == &from.ch_type)?;
+            // Two known attnums that differ: not a rename.
+            let (to, _, _) = added.iter().find(|(_, ty, attnum)| {
+                ty == &from.ch_type && (attnum.is_none() || from.attnum().is_none())
+            })?;
             Some(SchemaDrift::PossiblyRenamed {
                 from: from.name.clone(),
                 to: to.clone(),
@@ -446,7 +558,7 @@ pub async fn current_columns(
 ) -> Result<Vec<ExistingColumn>, Error> {
     let body = client
         .query_raw(
-            "SELECT name, type, is_in_sorting_key FROM system.columns \
+            "SELECT name, type, is_in_sorting_key, comment FROM system.columns \
              WHERE database = {db:String} AND table = {t:String} ORDER BY position",
         )
         .param("db", database)
@@ -495,6 +607,13 @@ pub async fn ensure_table_after(
         .map_err(Error::ch("create table"))?;
     let existing = current_columns(client, &target.database, &target.table).await?;
     let plan = plan_evolution_after(target, &existing, previous, defaulted);
+    for statement in &plan.rename_columns {
+        client
+            .query_raw(statement)
+            .execute()
+            .await
+            .map_err(Error::ch("rename column"))?;
+    }
     for statement in &plan.add_columns {
         client
             .query_raw(statement)
@@ -508,6 +627,13 @@ pub async fn ensure_table_after(
             .execute()
             .await
             .map_err(Error::ch("modify column"))?;
+    }
+    for statement in &plan.comment_columns {
+        client
+            .query_raw(statement)
+            .execute()
+            .await
+            .map_err(Error::ch("comment column"))?;
     }
     Ok(plan.drift)
 }
@@ -524,6 +650,7 @@ pub(crate) fn test_target(columns: &[(&str, ChType, bool)]) -> TargetTable {
                 name: (*name).into(),
                 ch_type: ch_type.clone(),
                 key: *key,
+                attnum: 0,
             })
             .collect(),
     }
@@ -643,6 +770,12 @@ mod tests {
                 expected: vec!["id".into()],
                 actual: vec![],
             },
+            SchemaDrift::Replaced {
+                column: "c".into(),
+                was: 2,
+                now: 3,
+            },
+            SchemaDrift::AddedWithDefault { column: "c".into() },
         ] {
             assert!(SchemaDrift::KINDS.contains(&drift.kind()), "{drift:?}");
         }
@@ -700,7 +833,96 @@ mod tests {
             name: name.into(),
             ch_type: ty.into(),
             is_in_sorting_key: key as u8,
+            comment: String::new(),
         }
+    }
+
+    /// `target` with attnums 1, 2, … in column order.
+    fn numbered(mut target: TargetTable) -> TargetTable {
+        for (n, column) in (1..).zip(&mut target.columns) {
+            column.attnum = n;
+        }
+        target
+    }
+
+    fn with_attnum(column: ExistingColumn, attnum: u32) -> ExistingColumn {
+        ExistingColumn {
+            comment: attnum_comment(attnum),
+            ..column
+        }
+    }
+
+    #[test]
+    fn attnums_tell_a_rename_from_a_replaced_column() {
+        let target = numbered(test_target(&[
+            ("id", ChType::Int64, true),
+            ("renamed", ChType::Int64.nullable(), false),
+            ("c", ChType::String.nullable(), false),
+        ]));
+        // Column 2 was `old`, and narrower: renamed, then widened.
+        let have = [
+            with_attnum(existing("id", "Int64", true), 1),
+            with_attnum(existing("old", "Nullable(Int32)", false), 2),
+            with_attnum(existing("c", "Nullable(String)", false), 3),
+        ];
+        let plan = plan_evolution(&target, &have);
+        assert_eq!(
+            plan.rename_columns,
+            ["ALTER TABLE `d`.`t` RENAME COLUMN `old` TO `renamed`"]
+        );
+        assert_eq!(
+            plan.modify_columns,
+            ["ALTER TABLE `d`.`t` MODIFY COLUMN `renamed` Nullable(Int64)"]
+        );
+        assert!(
+            plan.add_columns.is_empty() && plan.drift.is_empty(),
+            "{plan:?}"
+        );
+        // `c` dropped and added again (attnum 4 now): its values are stale.
+        let mut again = target.clone();
+        again.columns[2].attnum = 4;
+        let plan = plan_evolution(&again, &have);
+        assert_eq!(
+            plan.drift,
+            [SchemaDrift::Replaced {
+                column: "c".into(),
+                was: 3,
+                now: 4
+            }]
+        );
+        assert!(plan.drift[0].needs_resync());
+        // A different column of the same type appears as another disappears:
+        // known attnums say it is no rename.
+        let plan = plan_evolution(
+            &numbered(test_target(&[
+                ("id", ChType::Int64, true),
+                ("c", ChType::String.nullable(), false),
+                ("d", ChType::String.nullable(), false),
+            ])),
+            &[
+                with_attnum(existing("id", "Int64", true), 1),
+                with_attnum(existing("c", "Nullable(String)", false), 2),
+                with_attnum(existing("gone", "Nullable(String)", false), 9),
+            ],
+        );
+        assert_eq!(plan.drift.len(), 1, "{plan:?}");
+        assert!(!plan.drift[0].needs_resync(), "{plan:?}");
+        // A table from before attnums were recorded gets them as comments.
+        let plan = plan_evolution(&target, &[existing("id", "Int64", true)]);
+        assert_eq!(
+            plan.comment_columns,
+            ["ALTER TABLE `d`.`t` COMMENT COLUMN `id` 'pg attnum 1'"]
+        );
+        assert_eq!(
+            plan.add_columns[0],
+            "ALTER TABLE `d`.`t` ADD COLUMN IF NOT EXISTS `renamed` Nullable(Int64) \
+             COMMENT 'pg attnum 2'"
+        );
+        // A key column cannot be renamed in place.
+        let key = numbered(test_target(&[("key", ChType::Int64, true)]));
+        let plan = plan_evolution(&key, &[with_attnum(existing("id", "Int64", true), 1)]);
+        assert!(plan.rename_columns.is_empty());
+        assert!(plan.drift.iter().any(SchemaDrift::needs_resync), "{plan:?}");
     }
 
     #[test]
@@ -713,16 +935,19 @@ mod tests {
                     name: "id".into(),
                     ch_type: ChType::Int32,
                     key: true,
+                    attnum: 0,
                 },
                 TargetColumn {
                     name: "b".into(),
                     ch_type: ChType::String,
                     key: false,
+                    attnum: 0,
                 },
                 TargetColumn {
                     name: "c".into(),
                     ch_type: ChType::Int64,
                     key: false,
+                    attnum: 0,
                 },
             ],
         };

@@ -287,6 +287,7 @@ mod tests {
             type_kind: kind as i32,
             base_type_oid: type_oid,
             has_default: false,
+            attnum: 0,
         }
     }
 

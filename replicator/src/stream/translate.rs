@@ -277,12 +277,14 @@ fn message_relation(
                 // since) may have had a default: say so, the loader then
                 // reloads rather than add it empty. (Without a catalog entry
                 // at all the table is gone, and no reload could help.)
-                let has_default = catalog.is_some_and(|info| {
-                    info.columns
-                        .iter()
-                        .find(|k| k.name == c.name)
-                        .is_none_or(|k| k.has_default)
-                });
+                let known = catalog.map(|info| info.columns.iter().find(|k| k.name == c.name));
+                let has_default = known.is_some_and(|k| k.is_none_or(|k| k.has_default));
+                // The catalog's column of that name is, but for a column
+                // dropped and re-added under its name since, the same one.
+                let attnum = known
+                    .flatten()
+                    .and_then(|k| u32::try_from(k.attnum).ok())
+                    .unwrap_or(0);
                 v1::Column {
                     name: c.name.clone(),
                     type_oid: c.type_oid,
@@ -293,6 +295,7 @@ fn message_relation(
                     type_kind: t.kind as i32,
                     base_type_oid: t.base_type_oid,
                     has_default,
+                    attnum,
                 }
             })
             .collect(),
