@@ -847,6 +847,23 @@ ack_wait = "30s"
         Ok(messages)
     }
 
+    /// How many resyncs of `table` (its name without the schema) for
+    /// `reason` the stream holds (their `RESYNC_BEGIN` packages). Unlike the
+    /// replicator's counters, a replicator restart does not reset it.
+    pub async fn resyncs_in_stream(&self, table: &str, reason: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .stream_messages()
+            .await?
+            .into_iter()
+            .filter_map(|message| message.package.ok())
+            .filter(|package| {
+                package.kind() == sluice_proto::v1::Kind::ResyncBegin
+                    && package.table == table
+                    && package.resync.as_ref().is_some_and(|r| r.reason == reason)
+            })
+            .count())
+    }
+
     /// Reads every message of the stream and checks that each data subject's
     /// chain holds every sequence of each generation exactly once (1..N, no
     /// repeats, in stream order). Returns the number of data packages.

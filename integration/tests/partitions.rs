@@ -1,7 +1,8 @@
 //! Partitioned tables (ARCHITECTURE invariant 7). With
 //! `publish_via_partition_root = true` every partition's rows, including a
 //! partition created while streaming and rows moved between partitions, land
-//! in one ClickHouse table named after the root. With `false` (Postgres'
+//! in one ClickHouse table named after the root; attaching a filled
+//! partition or detaching one resyncs the root, creating one does not. With `false` (Postgres'
 //! default) each partition is a published table of its own and lands in its
 //! own ClickHouse table; a partition created or attached while streaming is a
 //! table added to the publication and arrives with its rows.
@@ -49,6 +50,7 @@ async fn via_the_root_every_partition_lands_in_one_table() -> anyhow::Result<()>
          CREATE PUBLICATION sluice FOR TABLE events WITH (publish_via_partition_root = true);"
     ))
     .await?;
+    p.set_config("replicator", "publication_check_interval", "\"1s\"")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     p.wait_until_equal(CONVERGE).await?;
@@ -56,6 +58,7 @@ async fn via_the_root_every_partition_lands_in_one_table() -> anyhow::Result<()>
     let reports = p.wait_until_equal(CONVERGE).await?;
     let tables: Vec<&str> = reports.iter().map(|r| r.table.as_str()).collect();
     assert_eq!(tables, ["public.events"]);
+
     assert_eq!(reports[0].postgres_rows, reports[0].clickhouse_rows);
     let expected: i64 = pg
         .query_one("SELECT count(*) FROM events", &[])
@@ -63,6 +66,36 @@ async fn via_the_root_every_partition_lands_in_one_table() -> anyhow::Result<()>
         .get(0);
     assert_eq!(reports[0].clickhouse_rows, expected as u64);
     assert_eq!(clickhouse_tables(&p).await?, ["events"]);
+
+    // A table filled first and attached afterwards: its rows never pass
+    // through the stream; the root is resynced to bring them.
+    pg.batch_execute(
+        "CREATE TABLE events_af (id bigint NOT NULL, region text NOT NULL, v text);
+         INSERT INTO events_af SELECT g, 'af', 'af ' || g FROM generate_series(2001, 2250) g;
+         ALTER TABLE events_af ADD PRIMARY KEY (id, region);",
+    )
+    .await?;
+    pg.batch_execute("ALTER TABLE events ATTACH PARTITION events_af FOR VALUES IN ('af')")
+        .await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    assert_eq!(reports[0].clickhouse_rows, expected as u64 + 250);
+    // A detached partition's rows leave the root without a DELETE: resynced
+    // again to drop them.
+    pg.batch_execute("ALTER TABLE events DETACH PARTITION events_eu")
+        .await?;
+    let remaining: i64 = pg
+        .query_one("SELECT count(*) FROM events", &[])
+        .await?
+        .get(0);
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    assert_eq!(reports[0].clickhouse_rows, remaining as u64);
+    assert!(remaining < expected + 250, "events_eu held no rows");
+    // One resync each for the attach and the detach; none for the partition
+    // created and filled while streaming, whose rows came through the stream.
+    assert_eq!(
+        p.resyncs_in_stream("events", "partitions_changed").await?,
+        2
+    );
     Ok(())
 }
 

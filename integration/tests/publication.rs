@@ -307,18 +307,9 @@ async fn a_changed_column_list_or_row_filter_is_followed() -> anyhow::Result<()>
     // in the middle, seen once under CI load, makes the replicator start
     // from the publication as it is then and the loader ask again for the
     // resync it lost, so only "at least one" holds whatever the timing).
-    let resyncs = stream_packages(&p)
-        .await?
-        .iter()
-        .filter(|package| {
-            package.kind() == sluice_proto::v1::Kind::ResyncBegin
-                && package.table == "contacts"
-                && package
-                    .resync
-                    .as_ref()
-                    .is_some_and(|r| r.reason == "publication_changed")
-        })
-        .count();
+    let resyncs = p
+        .resyncs_in_stream("contacts", "publication_changed")
+        .await?;
     assert!(
         resyncs >= 1,
         "no resync for the changed publication; replicator restarts: {:#?}",

@@ -12,7 +12,7 @@
 //! [`CatalogError::NoReplicaIdentity`] naming the table, because its UPDATEs and
 //! DELETEs could not be keyed and would be silently lost.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sluice_broker::TableName;
 use sluice_proto::v1;
@@ -224,6 +224,103 @@ pub async fn narrowings(
         .map_err(query_err(
             "reading the publication's column lists and row filters",
         ))
+}
+
+/// The leaf partitions (OID → name) of each partitioned table `publication`
+/// publishes through its root (`publish_via_partition_root`; without it the
+/// publication lists the leaves themselves). A leaf attached or detached
+/// while streaming changes which rows the root holds without a change
+/// message: [`rows_from_before_attach`], [`may_hold_rows`].
+pub async fn partition_leaves(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<HashMap<TableName, BTreeMap<u32, TableName>>, CatalogError> {
+    let rows = client
+        .query(
+            "SELECT pt.schemaname::text, pt.tablename::text, l.oid, ln.nspname::text, \
+                    l.relname::text \
+             FROM pg_catalog.pg_publication_tables pt \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             CROSS JOIN LATERAL pg_catalog.pg_partition_tree(c.oid) t \
+             JOIN pg_catalog.pg_class l ON l.oid = t.relid \
+             JOIN pg_catalog.pg_namespace ln ON ln.oid = l.relnamespace \
+             WHERE pt.pubname = $1 AND c.relkind = 'p' AND t.isleaf AND l.relkind = 'r'",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("reading the partitions of the published tables"))?;
+    let mut leaves: HashMap<TableName, BTreeMap<u32, TableName>> = HashMap::new();
+    for row in &rows {
+        leaves
+            .entry(TableName::new(
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+            ))
+            .or_default()
+            .insert(
+                row.get(2),
+                TableName::new(row.get::<_, String>(3), row.get::<_, String>(4)),
+            );
+    }
+    Ok(leaves)
+}
+
+/// Whether the leaf partition `oid` holds a row version written before it
+/// joined its partition tree (`ATTACH PARTITION` of a filled table): such a
+/// row never came through the stream. A row version is that old when its
+/// `xmin` is older than every `pg_inherits` entry on the way from the leaf
+/// to the root (the newest one is the attach, or the `CREATE … PARTITION
+/// OF`). A row updated since has a newer version that did come through the
+/// stream. A transaction that had its xid before the attach and wrote the
+/// leaf after it makes a row look older than it is: a resync more than
+/// needed, never a row missed.
+pub async fn rows_from_before_attach(
+    client: &tokio_postgres::Client,
+    leaf: &TableName,
+    oid: u32,
+) -> Result<bool, CatalogError> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM ONLY {} WHERE age(xmin) > \
+             (SELECT min(age(i.xmin)) FROM pg_catalog.pg_inherits i \
+              WHERE i.inhrelid IN \
+              (SELECT relid FROM pg_catalog.pg_partition_ancestors($1::oid::regclass))))",
+        leaf.quoted()
+    );
+    let row = client
+        .query_one(&sql, &[&oid])
+        .await
+        .map_err(query_err("reading the rows of an attached partition"))?;
+    Ok(row.get(0))
+}
+
+/// Whether the table `oid`, a leaf partition until it was detached or
+/// dropped, may still hold rows its root's ClickHouse table has: it was
+/// dropped (nothing says what it held), or it has a row.
+pub async fn may_hold_rows(
+    client: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<bool, CatalogError> {
+    let name = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(query_err("reading pg_class"))?;
+    let Some(name) = name else {
+        return Ok(true);
+    };
+    let table = TableName::new(name.get::<_, String>(0), name.get::<_, String>(1));
+    let row = client
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", table.quoted()),
+            &[],
+        )
+        .await
+        .map_err(query_err("reading the rows of a detached partition"))?;
+    Ok(row.get(0))
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {

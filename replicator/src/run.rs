@@ -144,11 +144,11 @@ async fn run_once(
     let mut types = TypeCatalog::new();
     let (tables, unreplicable) =
         replicable_tables(&sql.client, &config.postgres.publication, &mut types).await?;
-    // The column lists and row filters a later change is compared with, read
-    // before any snapshot starts: a change after this point is noticed.
-    // The column lists and row filters a later change is compared with, read
-    // before any snapshot starts: a change after this point is noticed.
+    // The column lists, row filters and partitions a later change is
+    // compared with, read before any snapshot starts: a change after this
+    // point is noticed.
     let narrowings = catalog::narrowings(&sql.client, &config.postgres.publication).await?;
+    let leaves = catalog::partition_leaves(&sql.client, &config.postgres.publication).await?;
 
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
@@ -281,6 +281,7 @@ async fn run_once(
         published: tables.iter().cloned().collect(),
         unreplicable,
         narrowings,
+        leaves,
         not_in_stream,
         packager,
         publisher,

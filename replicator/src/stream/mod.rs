@@ -28,7 +28,7 @@ mod publication;
 mod resync;
 mod translate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, gauge};
@@ -100,6 +100,9 @@ pub struct Setup<'a> {
     pub unreplicable: HashSet<TableName>,
     /// The publication's column lists and row filters when the run started.
     pub narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
+    /// The leaf partitions of tables published through their root when the
+    /// run started ([`crate::catalog::partition_leaves`]).
+    pub leaves: HashMap<TableName, BTreeMap<u32, TableName>>,
     /// Replicated tables without a package in the stream: resynced at once
     /// (reason `not_in_stream`).
     pub not_in_stream: Vec<TableName>,
@@ -169,6 +172,9 @@ struct Loop<'a> {
     /// Column lists and row filters of the publication as last read
     /// ([`publication`]).
     narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
+    /// Leaf partitions of tables published through their root, as last read
+    /// ([`publication`]).
+    leaves: HashMap<TableName, BTreeMap<u32, TableName>>,
     packager: Packager,
     publisher: Publisher,
     decoder: pgoutput::Decoder,
@@ -192,6 +198,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         published,
         unreplicable,
         narrowings,
+        leaves,
         not_in_stream,
         packager,
         publisher,
@@ -213,6 +220,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         translate: Translator::new(types, published),
         unreplicable,
         narrowings,
+        leaves,
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),

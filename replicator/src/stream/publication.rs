@@ -23,6 +23,12 @@
 //! snapshot, if any); a change made while the replicator was stopped is not
 //! noticed.
 //!
+//! A table published through its root (`publish_via_partition_root`)
+//! whose leaf partitions changed is resynced (reason `partitions_changed`)
+//! when that changed its rows without a change message: a leaf attached
+//! with rows from before, or one detached or dropped that may have held
+//! rows. A partition created and filled while streaming needs nothing.
+//!
 //! A replicated table whose Relation message comes without a key (it lost
 //! its replica identity) becomes one that cannot be replicated, and the
 //! changes of such tables are skipped: published keyless, the loader could
@@ -32,7 +38,7 @@
 //! instead: it has no package in the stream (see [`crate::run`], reason
 //! `not_in_stream`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use metrics::gauge;
 use sluice_broker::TableName;
@@ -91,6 +97,21 @@ impl Loop<'_> {
             .collect();
         changed.sort();
         self.narrowings = narrowings;
+        let leaves = catalog::partition_leaves(&self.sql.client, publication).await?;
+        let mut repartitioned = Vec::new();
+        for table in &self.translate.published {
+            if !tables.contains(table) {
+                continue;
+            }
+            let empty = BTreeMap::new();
+            let before = self.leaves.get(table).unwrap_or(&empty);
+            let now = leaves.get(table).unwrap_or(&empty);
+            if self.partitions_changed(table, before, now).await {
+                repartitioned.push(table.clone());
+            }
+        }
+        repartitioned.sort();
+        self.leaves = leaves;
         let mut added = Vec::new();
         for table in candidates {
             match self.translate.replicable(&self.sql.client, &table).await? {
@@ -123,6 +144,9 @@ impl Loop<'_> {
         {
             tracing::debug!(table = %table, "changes of a table no longer in the publication: streamed up to its removal");
         }
+        if !repartitioned.is_empty() {
+            self.resync_tables(repartitioned, "partitions_changed");
+        }
         if !changed.is_empty() {
             for table in &changed {
                 tracing::info!(table = %table, publication = %publication, "the publication's column list or row filter of the table changed: resyncing it");
@@ -140,6 +164,42 @@ impl Loop<'_> {
         }
         self.resync_tables(added, "added");
         Ok(())
+    }
+
+    /// Whether the rows of `root`, published through it, changed with its
+    /// leaf partitions from `before` to `now` without a change message: a
+    /// leaf attached with rows from before ([`catalog::rows_from_before_attach`]),
+    /// or one detached or dropped that may have held rows
+    /// ([`catalog::may_hold_rows`]). A partition created empty and filled
+    /// through the stream is no change. When the catalog cannot tell (no
+    /// privilege on the leaf), it is one.
+    async fn partitions_changed(
+        &self,
+        root: &TableName,
+        before: &BTreeMap<u32, TableName>,
+        now: &BTreeMap<u32, TableName>,
+    ) -> bool {
+        let client = &self.sql.client;
+        let mut changed = false;
+        for (oid, leaf) in now.iter().filter(|(oid, _)| !before.contains_key(oid)) {
+            let attached = catalog::rows_from_before_attach(client, leaf, *oid).await;
+            if !matches!(attached, Ok(false)) {
+                tracing::info!(table = %root, partition = %leaf, error = ?attached.err().map(|e| e.to_string()), "a partition with rows from before was attached: resyncing the table it is published through");
+                changed = true;
+            } else {
+                tracing::info!(table = %root, partition = %leaf, "new partition: its rows come through the stream");
+            }
+        }
+        for (oid, leaf) in before.iter().filter(|(oid, _)| !now.contains_key(oid)) {
+            let held = catalog::may_hold_rows(client, *oid).await;
+            if !matches!(held, Ok(false)) {
+                tracing::info!(table = %root, partition = %leaf, error = ?held.err().map(|e| e.to_string()), "a partition that may hold rows was detached or dropped: resyncing the table it is published through");
+                changed = true;
+            } else {
+                tracing::info!(table = %root, partition = %leaf, "an empty partition was detached");
+            }
+        }
+        changed
     }
 
     /// After a Relation message of `table` (relation `oid`, `keyed` if it
