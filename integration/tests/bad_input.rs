@@ -310,3 +310,79 @@ async fn a_table_that_loses_its_replica_identity_fails_alone_and_comes_back() ->
     );
     Ok(())
 }
+
+/// Rows ClickHouse cannot hold: the first refusal dead-letters them and
+/// resyncs the table; refused again by that resync's snapshot, the table is
+/// failed (ARCHITECTURE.md invariant 10): logged once, shown by `status` and
+/// `sluice_loader_table_failed`, no more resyncs. The other tables go on. Once
+/// the value is fixed in Postgres, a resync by hand brings the table back.
+#[tokio::test]
+async fn rows_clickhouse_refuses_fail_their_table_alone_until_fixed() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("refused_rows").await?;
+    let pg = p.pg().await?;
+    // `int[]` declares one dimension, yet Postgres stores a two-dimensional
+    // value in it; the column's ClickHouse type, Array(Int32), cannot hold it.
+    pg.batch_execute(&format!(
+        "{};
+         CREATE TABLE grid (id int PRIMARY KEY, cells int[]);
+         INSERT INTO grid SELECT g, ARRAY[g, g + 1] FROM generate_series(1, 100) g;
+         INSERT INTO grid VALUES (101, '{{{{1,2}},{{3,4}}}}');
+         CREATE PUBLICATION sluice FOR TABLE items, grid;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    wait_for_metric(
+        "sluice_loader_table_failed{table=\"public.grid\"}",
+        1.0,
+        || p.loader_metrics(),
+    )
+    .await?;
+    run_workload(&pg, "items", 10, 20, Rng::new(41)).await?;
+    wait_items_equal(&mut p).await?;
+
+    let (stdout, _) = p.cli("loader", &["status", "--json"])?;
+    let grid = pipeline::json_object_with(&stdout, "\"table\": \"public.grid\"")
+        .with_context(|| format!("public.grid missing from status:\n{stdout}"))?;
+    assert_eq!(pipeline::json_field(grid, "state"), Some("\"failed\""));
+    let reason = pipeline::json_field(grid, "reason").unwrap_or_default();
+    assert!(
+        reason.starts_with("\"failed: ") && reason.contains("array of 2 dimensions"),
+        "{stdout}"
+    );
+    // One resync asked for (the initial snapshot refused the row), none
+    // after the second refusal.
+    assert_eq!(p.resyncs_in_stream("grid", "refused").await?, 1);
+    assert_eq!(
+        p.log_lines_containing("loader", "rows refused again").len(),
+        1,
+        "reported once:\n{}",
+        p.log_tail("loader", 30)
+    );
+
+    // Fixed in Postgres, then resynced by hand: loaded again.
+    pg.batch_execute("UPDATE grid SET cells = '{1,2,3,4}' WHERE id = 101")
+        .await?;
+    p.cli("replicator", &["resync", "--table", "public.grid"])?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    let grid = reports
+        .iter()
+        .find(|r| r.table == "public.grid")
+        .context("verify did not compare public.grid")?;
+    assert_eq!(grid.clickhouse_rows, 101);
+    wait_for_metric(
+        "sluice_loader_resyncs_completed_total{table=\"public.grid\"}",
+        1.0,
+        || p.loader_metrics(),
+    )
+    .await?;
+    let loader = p.loader_metrics().await?;
+    assert_eq!(
+        pipeline::metric(&loader, "sluice_loader_table_failed{table=\"public.grid\"}"),
+        Some(0.0)
+    );
+    assert_eq!(p.resyncs_in_stream("grid", "refused").await?, 1);
+    assert_eq!(p.resyncs_in_stream("grid", "manual").await?, 1);
+    Ok(())
+}

@@ -103,11 +103,17 @@ async fn a_bulk_update_of_toasted_rows_during_a_resync_needs_no_other_resync() -
 
     let replicator = p.replicator_metrics().await?;
     let loader = p.loader_metrics().await?;
-    let gap_resyncs = metric(
-        &replicator,
-        "sluice_resyncs_total{table=\"public.docs\",reason=\"gap\"}",
-    );
-    assert_eq!(gap_resyncs, Some(0.0), "a resync beyond the requested one");
+    for reason in ["gap", "refused", "stalled"] {
+        let resyncs = metric(
+            &replicator,
+            &format!("sluice_resyncs_total{{table=\"public.docs\",reason=\"{reason}\"}}"),
+        );
+        assert_eq!(
+            resyncs,
+            Some(0.0),
+            "a resync beyond the requested one ({reason})"
+        );
+    }
     let dead = metric(&loader, "sluice_dead_letters_total").unwrap_or(0.0);
     assert_eq!(dead, 0.0, "dead letters:\n{}", p.log_tail("loader", 30));
     let completed = metric(

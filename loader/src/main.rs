@@ -52,7 +52,8 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
-    /// Per table the loader knows: state (streaming, resyncing, blocked),
+    /// Per table the loader knows: state (streaming, resyncing, blocked,
+    /// failed) and why,
     /// last applied chain position and commit LSN, last published package;
     /// the consumer's pending and ack-pending counts.
     Status {

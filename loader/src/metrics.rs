@@ -39,6 +39,10 @@ pub const VALUE_CLAMPED: &str = "sluice_value_clamped_total";
 pub const SCHEMA_DRIFT: &str = "sluice_schema_drift_total";
 /// 1 while a table waits for a resync after a gap, by `table` (gauge).
 pub const TABLE_BLOCKED: &str = "sluice_loader_table_blocked";
+/// 1 while a table is failed: rows ClickHouse refused were refused again by
+/// the resync meant to repair them; it waits for an operator's resync, by
+/// `table` (gauge).
+pub const TABLE_FAILED: &str = "sluice_loader_table_failed";
 /// Batches retried after a transient ClickHouse or NATS failure (counter).
 pub const BATCH_RETRIES: &str = "sluice_loader_batch_retries_total";
 /// Resyncs swapped in (shadow table exchanged), by `table` (counter).

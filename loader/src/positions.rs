@@ -32,7 +32,27 @@ pub struct Stored {
     /// snapshot's consistent point); 0 when unknown (written before the
     /// column existed). For operators (`status`); nothing decides on it.
     pub commit_lsn: u64,
+    /// Why a blocked table is blocked, as the reason of the resync it asks
+    /// for (`gap`, `refused`, `schema_change`, `target_missing`), or
+    /// `failed`: rows were refused again by the resync meant to repair them,
+    /// and the table waits for an operator (README "Failed tables"). Empty
+    /// when not blocked, or blocked before the column existed (a gap).
+    pub block_reason: String,
+    /// What ClickHouse refused of the table's rows, kept from the refusal
+    /// until a resync of the table is swapped in: a refusal meanwhile fails
+    /// the table instead of resyncing it again.
+    pub refused: String,
 }
+
+impl Stored {
+    /// The table waits for an operator, not for a resync it asked for.
+    pub fn failed(&self) -> bool {
+        self.blocked && self.block_reason == FAILED
+    }
+}
+
+/// [`Stored::block_reason`] of a failed table.
+pub const FAILED: &str = "failed";
 
 fn table_sql(database: &str) -> String {
     let (database, table) = (quote_ident(database), quote_ident(POSITIONS_TABLE));
@@ -55,18 +75,22 @@ pub async fn ensure(client: &Client, database: &str) -> Result<(), Error> {
     client
         .query_raw(&format!(
             "CREATE TABLE IF NOT EXISTS {} (schema String, table String, generation UInt64, sequence UInt64, \
-             shadow String, blocked UInt8, commit_lsn UInt64, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             shadow String, blocked UInt8, commit_lsn UInt64, block_reason String, refused String, \
+             version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
              ENGINE = ReplacingMergeTree(version) ORDER BY (schema, table)",
             table_sql(database)
         ))
         .execute()
         .await
         .map_err(|source| Error::ClickHouse { what: "create positions table", source })?;
-    // Positions tables made before `blocked` or `commit_lsn` existed.
+    // Positions tables made before `blocked`, `commit_lsn`, `block_reason` or
+    // `refused` existed.
     client
         .query_raw(&format!(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS blocked UInt8 AFTER shadow, \
-             ADD COLUMN IF NOT EXISTS commit_lsn UInt64 AFTER blocked",
+             ADD COLUMN IF NOT EXISTS commit_lsn UInt64 AFTER blocked, \
+             ADD COLUMN IF NOT EXISTS block_reason String AFTER commit_lsn, \
+             ADD COLUMN IF NOT EXISTS refused String AFTER block_reason",
             table_sql(database)
         ))
         .execute()
@@ -87,6 +111,8 @@ struct Row {
     shadow: String,
     blocked: u8,
     commit_lsn: u64,
+    block_reason: String,
+    refused: String,
     version: u64,
 }
 
@@ -97,7 +123,8 @@ pub async fn load(
 ) -> Result<(HashMap<TableName, Stored>, u64), Error> {
     let rows: Vec<Row> = client
         .query(&format!(
-            "SELECT schema, table, generation, sequence, shadow, blocked, commit_lsn, version \
+            "SELECT schema, table, generation, sequence, shadow, blocked, commit_lsn, \
+                    block_reason, refused, version \
              FROM {} FINAL",
             table_sql(database)
         ))
@@ -121,6 +148,8 @@ pub async fn load(
                     shadow: r.shadow,
                     blocked: r.blocked != 0,
                     commit_lsn: r.commit_lsn,
+                    block_reason: r.block_reason,
+                    refused: r.refused,
                 },
             )
         })
@@ -143,7 +172,7 @@ pub async fn save(
         .map(|(table, stored)| {
             *version += 1;
             format!(
-                "({}, {}, {}, {}, {}, {}, {}, {})",
+                "({}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
                 quote_literal(&table.schema),
                 quote_literal(&table.name),
                 stored.position.generation,
@@ -151,6 +180,8 @@ pub async fn save(
                 quote_literal(&stored.shadow),
                 u8::from(stored.blocked),
                 stored.commit_lsn,
+                quote_literal(&stored.block_reason),
+                quote_literal(&stored.refused),
                 version
             )
         })
@@ -158,7 +189,8 @@ pub async fn save(
     client
         // `query_raw`: literals may contain `?`, which `query` would bind.
         .query_raw(&format!(
-            "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, commit_lsn, version) \
+            "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, commit_lsn, \
+             block_reason, refused, version) \
              VALUES {}",
             table_sql(database),
             values.join(", ")

@@ -5,8 +5,10 @@
 //! `--json` for scripts. Read-only: creates nothing in ClickHouse or NATS.
 //!
 //! A table's state comes from its durable row (ARCHITECTURE.md invariant 9):
-//! `blocked` (waiting for a resync after a gap or rows ClickHouse refused;
-//! nothing is applied to it), `resyncing` (a shadow table is being filled,
+//! `failed` (rows ClickHouse refused were refused again by the resync meant
+//! to repair them: nothing is applied and no resync asked for until an
+//! operator's resync), `blocked` (waiting for a resync after a gap, refused
+//! rows or a schema change; nothing is applied to it), `resyncing` (a shadow table is being filled,
 //! ARCHITECTURE.md invariant 4), otherwise `streaming`.
 
 use std::time::Duration;
@@ -71,11 +73,14 @@ pub enum TableState {
     Streaming,
     Resyncing,
     Blocked,
+    Failed,
 }
 
 impl TableState {
     pub fn of(stored: &Stored) -> TableState {
-        if stored.blocked {
+        if stored.failed() {
+            TableState::Failed
+        } else if stored.blocked {
             TableState::Blocked
         } else if !stored.shadow.is_empty() {
             TableState::Resyncing
@@ -89,6 +94,7 @@ impl TableState {
             TableState::Streaming => "streaming",
             TableState::Resyncing => "resyncing",
             TableState::Blocked => "blocked",
+            TableState::Failed => "failed",
         }
     }
 }
@@ -105,6 +111,9 @@ pub struct TableStatus {
     pub applied_commit_lsn: Option<String>,
     /// The shadow table of a resync in progress.
     pub shadow: Option<String>,
+    /// Why a blocked or failed table is so (`gap`, `refused`, …), and for
+    /// rows ClickHouse refused, what it said.
+    pub reason: Option<String>,
     /// Last package on the table's subject in the stream, `generation/sequence`.
     pub published_position: Option<String>,
     pub published_commit_lsn: Option<String>,
@@ -191,6 +200,18 @@ pub async fn gather(config: &Config) -> Result<Status, StatusError> {
             state: TableState::of(&stored),
             applied_position: stored.position.to_string(),
             applied_commit_lsn: (stored.commit_lsn != 0).then(|| format_lsn(stored.commit_lsn)),
+            reason: stored.blocked.then(|| {
+                let why = if stored.block_reason.is_empty() {
+                    "gap"
+                } else {
+                    &stored.block_reason
+                };
+                if stored.refused.is_empty() {
+                    why.to_owned()
+                } else {
+                    format!("{why}: {}", stored.refused)
+                }
+            }),
             shadow: (!stored.shadow.is_empty()).then_some(stored.shadow),
             published_position: last.as_ref().and_then(Position::of).map(|p| p.to_string()),
             published_commit_lsn: last.as_ref().map(|p| format_lsn(p.commit_lsn)),
@@ -304,6 +325,9 @@ pub fn render_text(status: &Status) -> String {
                 .as_deref()
                 .map_or(String::new(), |s| format!("  shadow={s}")),
         ));
+        if let Some(reason) = &table.reason {
+            out.push_str(&format!("  {:width$}  reason: {reason}\n", ""));
+        }
     }
     for note in &status.notes {
         out.push_str(&format!("note: {note}\n"));
@@ -324,6 +348,8 @@ mod tests {
             shadow: shadow.into(),
             blocked,
             commit_lsn: 0x016B_3748,
+            block_reason: String::new(),
+            refused: String::new(),
         }
     }
 
@@ -339,6 +365,11 @@ mod tests {
             TableState::of(&stored("_sluice_resync__t", true)),
             TableState::Blocked
         );
+        let failed = Stored {
+            block_reason: crate::positions::FAILED.into(),
+            ..stored("_sluice_resync__t", true)
+        };
+        assert_eq!(TableState::of(&failed), TableState::Failed);
     }
 
     #[test]
@@ -369,6 +400,7 @@ mod tests {
                 applied_position: "2/7".into(),
                 applied_commit_lsn: Some("0/16B3748".into()),
                 shadow: Some("_sluice_resync__orders".into()),
+                reason: None,
                 published_position: None,
                 published_commit_lsn: None,
             }],

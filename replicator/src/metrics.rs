@@ -20,8 +20,10 @@ pub const PUBLISH_DUPLICATES: &str = "sluice_publish_duplicates_total";
 pub const SNAPSHOT_ROWS: &str = "sluice_snapshot_rows_total";
 /// 1 while a table's snapshot/resync runs, by `table` (gauge).
 pub const RESYNC_IN_PROGRESS: &str = "sluice_resync_in_progress";
-/// Resyncs started, by `table` and `reason` (initial, manual, gap, slot_lost,
-/// added, not_in_stream, publication_changed, partitions_changed) (counter).
+/// Resyncs started, by `table` and `reason` (initial, manual, slot_lost,
+/// added, not_in_stream, publication_changed, partitions_changed; and as
+/// the loader asks: gap, refused, schema_change, target_missing, stalled)
+/// (counter).
 pub const RESYNCS: &str = "sluice_resyncs_total";
 /// 1 while the backlog is read through SQL, 0 while streaming (gauge).
 pub const CATCHING_UP: &str = "sluice_replicator_catching_up";
@@ -38,7 +40,7 @@ pub const VALUE_DECODE_ERRORS: &str = "sluice_value_decode_errors_total";
 pub const OPS: [&str; 4] = ["insert", "update", "delete", "snapshot"];
 /// Values of the `reason` label of [`RESYNCS`] (a resync request may name
 /// another reason; these are the ones sluice itself uses).
-pub const RESYNC_REASONS: [&str; 8] = [
+pub const RESYNC_REASONS: [&str; 12] = [
     "initial",
     "manual",
     "gap",
@@ -47,6 +49,10 @@ pub const RESYNC_REASONS: [&str; 8] = [
     "not_in_stream",
     "publication_changed",
     "partitions_changed",
+    "refused",
+    "schema_change",
+    "target_missing",
+    "stalled",
 ];
 /// Values of the `reason` label of [`RECONNECTS`].
 pub const RECONNECT_REASONS: [&str; 3] = ["postgres", "nats", "slot_busy"];

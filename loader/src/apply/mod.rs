@@ -66,6 +66,24 @@ pub struct Loader {
     counted: HashSet<TableName>,
     /// Commit LSN of each table's last applied package (stored with its position).
     commit_lsns: HashMap<TableName, u64>,
+    troubles: Troubles,
+}
+
+/// Why tables are blocked, and which had rows refused since their last
+/// resync (stored with their positions: [`Stored::block_reason`],
+/// [`Stored::refused`]).
+#[derive(Debug, Clone, Default)]
+struct Troubles {
+    block_reasons: HashMap<TableName, String>,
+    refused: HashMap<TableName, String>,
+}
+
+impl Troubles {
+    fn is_failed(&self, table: &TableName) -> bool {
+        self.block_reasons
+            .get(table)
+            .is_some_and(|r| r == positions::FAILED)
+    }
 }
 
 /// The ClickHouse column names of a relation.
@@ -125,6 +143,21 @@ impl Loader {
             .iter()
             .map(|(t, s)| (t.clone(), s.commit_lsn))
             .collect();
+        let mut troubles = Troubles::default();
+        for (table, s) in &stored {
+            if s.blocked && !s.block_reason.is_empty() {
+                troubles
+                    .block_reasons
+                    .insert(table.clone(), s.block_reason.clone());
+            }
+            if !s.refused.is_empty() {
+                troubles.refused.insert(table.clone(), s.refused.clone());
+            }
+            if s.failed() {
+                gauge!(m::TABLE_FAILED, "table" => table.to_string()).set(1.0);
+                tracing::error!(table = %table, refused = %s.refused, "table failed: its rows were refused again by the resync meant to repair them; fix the cause, then `sluice-replicator resync --table {table}`");
+            }
+        }
         for table in &counted {
             m::table_counters_at_zero(table);
         }
@@ -147,6 +180,7 @@ impl Loader {
             shadow_progress: HashMap::new(),
             counted,
             commit_lsns,
+            troubles,
         })
     }
 
@@ -186,23 +220,48 @@ impl Loader {
         let mut commit_times = lag::BatchCommitTimes::new();
         let mut blocked_now: Vec<(TableName, String)> = Vec::new();
         let mut changed: Vec<TableName> = Vec::new();
+        let mut troubles = self.troubles.clone();
+        for gap in &plan.gaps {
+            troubles
+                .block_reasons
+                .insert(gap.table.clone(), "gap".to_owned());
+        }
         for table_plan in &plan.tables {
             let table = &table_plan.table;
             match self
                 .apply_table(table_plan, &mut shadows, &mut commit_times)
                 .await
             {
-                Ok(()) => changed.push(table.clone()),
+                Ok(()) => {
+                    // A resync swapped in: what was refused before is gone.
+                    if table_plan
+                        .steps
+                        .iter()
+                        .any(|step| matches!(step, Step::FinishResync(_)))
+                    {
+                        troubles.refused.remove(table);
+                    }
+                    changed.push(table.clone());
+                }
                 Err(error) => match Recovery::of_insert(&error) {
                     // Retrying the same rows cannot succeed: keep them aside,
-                    // stop the table and rebuild it from Postgres.
+                    // stop the table and rebuild it from Postgres, unless
+                    // that was tried already (ARCHITECTURE.md invariant 10).
                     Recovery::ResyncTable => {
                         let reason = sluice_broker::error_chain(&error);
                         chains.block(table);
+                        let mut block_reason = error.resync_reason();
                         if error.rows_come_with_the_resync() {
                             tracing::warn!(table = %table, error = %reason, "table blocked, requesting a resync (its snapshot carries these rows)");
                         } else {
-                            tracing::error!(table = %table, error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                            if let Some(before) = troubles.refused.get(table) {
+                                block_reason = positions::FAILED;
+                                gauge!(m::TABLE_FAILED, "table" => table.to_string()).set(1.0);
+                                tracing::error!(table = %table, error = %reason, before = %before, "rows refused again by the resync meant to repair them: table failed, packages dead-lettered, no more resyncs; fix the cause, then `sluice-replicator resync --table {table}`");
+                            } else {
+                                tracing::error!(table = %table, error = %reason, "rows cannot be written; table blocked, packages dead-lettered, requesting a resync");
+                            }
+                            troubles.refused.insert(table.clone(), reason.clone());
                             for &message in &table_plan.messages {
                                 dead.push(DeadLetter {
                                     message,
@@ -211,6 +270,9 @@ impl Loader {
                                 });
                             }
                         }
+                        troubles
+                            .block_reasons
+                            .insert(table.clone(), block_reason.to_owned());
                         blocked_now.push((table.clone(), reason));
                         changed.push(table.clone());
                     }
@@ -234,12 +296,20 @@ impl Loader {
             .chain(&gaps)
             .filter_map(|t| {
                 chains.position(t).map(|position| {
+                    let blocked = chains.is_blocked(t);
                     (
                         t.clone(),
                         Stored {
                             position,
                             shadow: shadows.get(t).cloned().unwrap_or_default(),
-                            blocked: chains.is_blocked(t),
+                            blocked,
+                            block_reason: troubles
+                                .block_reasons
+                                .get(t)
+                                .filter(|_| blocked)
+                                .cloned()
+                                .unwrap_or_default(),
+                            refused: troubles.refused.get(t).cloned().unwrap_or_default(),
                             commit_lsn: batch_lsns
                                 .get(t)
                                 .or_else(|| self.commit_lsns.get(t))
@@ -262,6 +332,7 @@ impl Loader {
         self.version = version;
         self.chains = chains;
         self.shadows = shadows;
+        self.troubles = troubles;
         self.lag.adopt(commit_times, plan.heartbeat);
         for (table, lsn) in batch_lsns {
             self.commit_lsns.insert(table.clone(), lsn);
@@ -281,6 +352,10 @@ impl Loader {
         for table in &changed {
             if !self.chains.is_blocked(table) {
                 gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(0.0);
+                if self.troubles.block_reasons.remove(table).as_deref() == Some(positions::FAILED) {
+                    gauge!(m::TABLE_FAILED, "table" => table.to_string()).set(0.0);
+                    tracing::info!(table = %table, "failed table resynced by request: loading it again");
+                }
             }
         }
         Ok(())

@@ -19,7 +19,9 @@
 //! A resync is requested for a table with a gap or rows ClickHouse refuses
 //! (it is blocked meanwhile), for a shadow that stopped getting snapshot rows,
 //! and at start for every interrupted resync and blocked table: at most once a
-//! minute per table.
+//! minute per table. A table whose rows are refused again before the resync
+//! that was to repair them is swapped in is failed instead: no request until
+//! an operator's resync starts.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -114,6 +116,9 @@ impl Loader {
             .retain(|table, _| self.shadows.contains_key(table));
         let mut stalled = Vec::new();
         for table in self.shadows.keys() {
+            if self.troubles.is_failed(table) {
+                continue;
+            }
             let since = *self.shadow_progress.entry(table.clone()).or_insert(now);
             if now.duration_since(since) > STALLED_RESYNC {
                 stalled.push(table.clone());
@@ -223,21 +228,32 @@ impl Loader {
         Ok(())
     }
 
-    /// Asks the replicator to resync a table (at most once a minute per table).
+    /// Asks the replicator to resync a table (at most once a minute per
+    /// table, never for a failed table), giving why: the table's block
+    /// reason, or `stalled` for a resync that stopped or was interrupted.
     pub(super) async fn request_resync(&mut self, table: &TableName) {
-        if self
-            .last_resync_request
-            .get(table)
-            .is_some_and(|t| t.elapsed() < RESYNC_REQUEST_INTERVAL)
+        if self.troubles.is_failed(table)
+            || self
+                .last_resync_request
+                .get(table)
+                .is_some_and(|t| t.elapsed() < RESYNC_REQUEST_INTERVAL)
         {
             return;
         }
+        let reason = if self.chains.is_blocked(table) {
+            self.troubles
+                .block_reasons
+                .get(table)
+                .map_or("gap", String::as_str)
+        } else {
+            "stalled"
+        };
         self.last_resync_request
             .insert(table.clone(), Instant::now());
         let request = v1::ResyncRequest {
             tables: vec![table.to_string()],
             all: false,
-            reason: "gap".into(),
+            reason: reason.to_owned(),
         };
         let subject = topology::resync_request_subject(&self.source);
         let reply = tokio::time::timeout(

@@ -92,6 +92,16 @@ impl Error {
         )
     }
 
+    /// The reason a resync this error asks for is requested with
+    /// (`sluice_resyncs_total{reason}`).
+    pub fn resync_reason(&self) -> &'static str {
+        match self {
+            Error::SchemaChange { .. } => "schema_change",
+            Error::TargetMissing { .. } => "target_missing",
+            _ => "refused",
+        }
+    }
+
     pub(crate) fn ch(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Error {
         move |source| Error::ClickHouse { what, source }
     }
