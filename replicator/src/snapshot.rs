@@ -268,9 +268,16 @@ pub(crate) async fn read_table(
                 .ok_or(CatalogError::TypeNotResolved { oid: c.type_oid })
         })
         .collect::<Result<_, _>>()?;
+    // A partitioned table holds no rows itself: its leaves' estimates add up
+    // (autovacuum keeps those fresh; the root's own is only set by a manual
+    // ANALYZE of it).
     let estimate: f32 = client
         .query_one(
-            "SELECT greatest(c.reltuples, 0)::real FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+            "SELECT CASE WHEN c.relkind = 'p' THEN coalesce( \
+                 (SELECT sum(greatest(l.reltuples, 0)) FROM pg_catalog.pg_partition_tree(c.oid) t \
+                  JOIN pg_catalog.pg_class l ON l.oid = t.relid WHERE t.isleaf), 0) \
+                 ELSE greatest(c.reltuples, 0) END::real \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
             &[&table.schema, &table.name],
         )
