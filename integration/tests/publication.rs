@@ -317,3 +317,64 @@ async fn a_changed_column_list_or_row_filter_is_followed() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Changes made while the replicator is stopped: a column list and row
+/// filter changed, and a table removed from the publication, written to and
+/// added back (its changes meanwhile were never published). The restarted
+/// replicator finds its tables' last packages carrying another publication
+/// fingerprint than the publication has now and resyncs them.
+#[tokio::test]
+async fn a_publication_changed_while_the_replicator_is_stopped_is_followed() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("pub_stopped").await?;
+    let pg = p.pg().await?;
+    if before_postgres_15(&pg).await? {
+        return Ok(());
+    }
+    pg.batch_execute(
+        "CREATE TABLE contacts (id bigint PRIMARY KEY, name text NOT NULL, email text);
+         INSERT INTO contacts SELECT g, 'name ' || g, 'mail' || g || '@example.org'
+             FROM generate_series(1, 300) g;
+         CREATE TABLE notes (id bigint PRIMARY KEY, body text);
+         INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 100) g;
+         CREATE TABLE steady (id bigint PRIMARY KEY, v text);
+         INSERT INTO steady SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION sluice FOR TABLE contacts (id, name), notes, steady;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    // Every table has a package after its snapshot, so the restart compares.
+    pg.batch_execute(
+        "UPDATE contacts SET name = 'seen' WHERE id = 1;
+         UPDATE notes SET body = 'seen' WHERE id = 1;
+         UPDATE steady SET v = 'seen' WHERE id = 1;",
+    )
+    .await?;
+    p.wait_until_equal(CONVERGE).await?;
+    p.stop_replicator().await?;
+
+    pg.batch_execute(
+        "ALTER PUBLICATION sluice SET TABLE contacts (id, name, email) WHERE (id % 2 = 0), notes, steady;
+         ALTER PUBLICATION sluice DROP TABLE notes;
+         UPDATE notes SET body = 'while out' WHERE id <= 50;
+         ALTER PUBLICATION sluice ADD TABLE notes;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let columns = clickhouse_columns(&p, "contacts").await?;
+    assert!(columns.contains(&"email".to_owned()), "{columns:?}");
+    assert!(
+        p.resyncs_in_stream("contacts", "publication_changed")
+            .await?
+            >= 1
+    );
+    assert!(p.resyncs_in_stream("notes", "publication_changed").await? >= 1);
+    assert_eq!(
+        p.resyncs_in_stream("steady", "publication_changed").await?,
+        0,
+        "a table whose publication entry did not change is not resynced"
+    );
+    Ok(())
+}

@@ -170,6 +170,7 @@ fn all_types_relation() -> v1::Relation {
     v1::Relation {
         oid: 1,
         replica_identity: "d".into(),
+        publication: String::new(),
         columns: vec![
             key("id", INT4, "integer"),
             column("i2", INT2, "smallint", false),
@@ -347,6 +348,7 @@ async fn unchanged_toast_is_filled_from_the_current_row() {
     let relation = v1::Relation {
         oid: 1,
         replica_identity: "d".into(),
+        publication: String::new(),
         columns: vec![
             key("k1", TEXT, "text"),
             key("k2", INT8, "bigint"),
@@ -452,6 +454,7 @@ async fn add_column_evolution_and_drift() {
     let mut relation = v1::Relation {
         oid: 1,
         replica_identity: "d".into(),
+        publication: String::new(),
         columns: vec![
             key("id", INT8, "bigint"),
             column("a", INT4, "integer", true),
@@ -545,6 +548,7 @@ async fn out_of_range_values_are_clamped_and_counted() {
     let relation = v1::Relation {
         oid: 1,
         replica_identity: "d".into(),
+        publication: String::new(),
         columns: vec![
             key("id", INT4, "integer"),
             column("d", DATE, "date", true),

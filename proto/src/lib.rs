@@ -197,6 +197,7 @@ mod tests {
         let relation = v1::Relation {
             oid: 16384,
             replica_identity: "d".into(),
+            publication: String::new(),
             columns: vec![
                 v1::Column {
                     name: "id".into(),

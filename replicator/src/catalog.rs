@@ -323,6 +323,82 @@ pub async fn may_hold_rows(
     Ok(row.get(0))
 }
 
+/// What the publication says of each table beyond listing it, as far as a
+/// change of it changes the rows or columns that should be in ClickHouse
+/// without a change message (ARCHITECTURE.md invariant 7).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublicationShape {
+    /// Column lists and row filters ([`narrowings`]; Postgres 15+).
+    pub narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
+    /// Leaf partitions of tables published through their root
+    /// ([`partition_leaves`]).
+    pub leaves: HashMap<TableName, BTreeMap<u32, TableName>>,
+    /// The OID of the `pg_publication_rel` entry that lists the table: a new
+    /// one after `DROP TABLE` and `ADD TABLE`, so a table removed and added
+    /// back shows. None for a table published `FOR ALL TABLES` or by schema.
+    pub memberships: HashMap<TableName, u32>,
+}
+
+impl PublicationShape {
+    /// Reads the shape of `publication`.
+    pub async fn read(
+        client: &tokio_postgres::Client,
+        publication: &str,
+    ) -> Result<PublicationShape, CatalogError> {
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, pr.oid \
+                 FROM pg_catalog.pg_publication_rel pr \
+                 JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(query_err("reading pg_publication_rel"))?;
+        Ok(PublicationShape {
+            narrowings: narrowings(client, publication).await?,
+            leaves: partition_leaves(client, publication).await?,
+            memberships: rows
+                .iter()
+                .map(|r| {
+                    (
+                        TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                        r.get(2),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// A short, stable fingerprint of what the shape says of `table`
+    /// (`v1::Relation::publication`): 16 hex digits of a 64-bit FNV-1a hash.
+    pub fn fingerprint(&self, table: &TableName) -> String {
+        let mut text = String::new();
+        if let Some(oid) = self.memberships.get(table) {
+            text.push_str(&format!("rel {oid}\n"));
+        }
+        if let Some((columns, filter)) = self.narrowings.get(table) {
+            text.push_str(&format!(
+                "columns {}\nfilter {}\n",
+                columns.as_deref().unwrap_or("-"),
+                filter.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(leaves) = self.leaves.get(table) {
+            text.push_str("leaves");
+            for oid in leaves.keys() {
+                text.push_str(&format!(" {oid}"));
+            }
+        }
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{hash:016x}")
+    }
+}
+
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }
@@ -677,6 +753,7 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
         oid: table.oid,
         columns,
         replica_identity: table.replica_identity.to_string(),
+        publication: String::new(),
     })
 }
 
@@ -689,6 +766,40 @@ mod tests {
         assert_eq!(TypeCategory::of_scalar_oid(oid::INT8), TypeCategory::Int);
         assert_eq!(TypeCategory::of_scalar_oid(oid::JSONB), TypeCategory::Json);
         assert_eq!(TypeCategory::of_scalar_oid(869), TypeCategory::Text); // inet
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_what_the_publication_says_of_the_table() {
+        let t = TableName::new("public", "t");
+        let mut shape = PublicationShape::default();
+        let whole = shape.fingerprint(&t);
+        assert_eq!(whole.len(), 16);
+        assert_eq!(whole, PublicationShape::default().fingerprint(&t), "stable");
+        shape.memberships.insert(t.clone(), 16_400);
+        let listed = shape.fingerprint(&t);
+        assert_ne!(listed, whole);
+        shape.memberships.insert(t.clone(), 16_401);
+        assert_ne!(shape.fingerprint(&t), listed, "removed and added back");
+        shape
+            .narrowings
+            .insert(t.clone(), (Some("1 3".into()), None));
+        let narrowed = shape.fingerprint(&t);
+        shape
+            .narrowings
+            .insert(t.clone(), (Some("1 3".into()), Some("(id > 5)".into())));
+        assert_ne!(shape.fingerprint(&t), narrowed);
+        let before = shape.fingerprint(&t);
+        shape
+            .leaves
+            .entry(t.clone())
+            .or_default()
+            .insert(16_500, TableName::new("public", "t_1"));
+        assert_ne!(shape.fingerprint(&t), before);
+        assert_eq!(
+            shape.fingerprint(&TableName::new("public", "other")),
+            whole,
+            "other tables are untouched"
+        );
     }
 
     #[test]

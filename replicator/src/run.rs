@@ -147,8 +147,7 @@ async fn run_once(
     // The column lists, row filters and partitions a later change is
     // compared with, read before any snapshot starts: a change after this
     // point is noticed.
-    let narrowings = catalog::narrowings(&sql.client, &config.postgres.publication).await?;
-    let leaves = catalog::partition_leaves(&sql.client, &config.postgres.publication).await?;
+    let shape = catalog::PublicationShape::read(&sql.client, &config.postgres.publication).await?;
 
     let mut repl_config = settings.config.clone();
     repl_config.options(pg::OUTPUT_STYLES);
@@ -177,6 +176,7 @@ async fn run_once(
     let mut publisher = crate::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
 
     let mut not_in_stream = Vec::new();
+    let mut changed_while_stopped = Vec::new();
     let (client, packager, start) = match state {
         Some(existing) => {
             let generation = last_heartbeat
@@ -187,10 +187,20 @@ async fn run_once(
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             for table in &tables {
                 let subject = topology::table_subject(&config.source, &table.schema, &table.name);
+                let now = shape.fingerprint(table);
                 match last_package(&stream_handle, &subject).await? {
                     Some(package) => {
                         if let Some(resume) = Resume::from_package(&package) {
                             packager.resume(table.clone(), resume);
+                        }
+                        // What the publication said of the table when its
+                        // rows were last made to match it (empty: written by
+                        // a replicator before fingerprints).
+                        let then = package.relation.map(|r| r.publication).unwrap_or_default();
+                        if !then.is_empty() && then != now {
+                            changed_while_stopped.push(table.clone());
+                            packager.set_publication(table, then);
+                            continue;
                         }
                     }
                     // Never published (every snapshot leaves its markers in the
@@ -198,6 +208,7 @@ async fn run_once(
                     // packages aged out of the stream. Load it (again).
                     None => not_in_stream.push(table.clone()),
                 }
+                packager.set_publication(table, now);
             }
             tracing::info!(slot = %slot, confirmed_flush = %existing.confirmed_flush, generation, "resuming from the slot");
             (None, packager, existing.confirmed_flush)
@@ -209,6 +220,9 @@ async fn run_once(
             let generation = created.consistent_point.0;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, generation, "created slot; snapshotting published tables");
             let mut packager = Packager::new(&config.source, slot, generation, limits);
+            for table in &tables {
+                packager.set_publication(table, shape.fingerprint(table));
+            }
             snapshot::initial(
                 config,
                 &settings,
@@ -280,9 +294,9 @@ async fn run_once(
         types,
         published: tables.iter().cloned().collect(),
         unreplicable,
-        narrowings,
-        leaves,
+        shape,
         not_in_stream,
+        changed_while_stopped,
         packager,
         publisher,
         start,

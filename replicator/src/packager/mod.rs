@@ -81,6 +81,9 @@ pub struct Packager {
     chains: HashMap<TableName, Chain, foldhash::fast::RandomState>,
     pending: HashMap<TableName, Pending, foldhash::fast::RandomState>,
     txn: Option<Transaction>,
+    /// Per table, the publication fingerprint its packages carry
+    /// (`v1::Relation::publication`; [`Packager::set_publication`]).
+    publication: HashMap<TableName, String, foldhash::fast::RandomState>,
 }
 
 /// Rough encoded size of a value, used for the byte limit.
@@ -121,6 +124,23 @@ impl Packager {
             chains: HashMap::default(),
             pending: HashMap::default(),
             txn: None,
+            publication: HashMap::default(),
+        }
+    }
+
+    /// The publication fingerprint the packages of `table` carry from now on
+    /// (`v1::Relation::publication`): what the publication said of the table
+    /// when its rows in ClickHouse were last made to match it.
+    pub fn set_publication(&mut self, table: &TableName, fingerprint: String) {
+        self.publication.insert(table.clone(), fingerprint);
+    }
+
+    /// Stamps `package` with its table's publication fingerprint.
+    fn stamp(&self, table: &TableName, package: &mut v1::Package) {
+        if let (Some(relation), Some(fingerprint)) =
+            (package.relation.as_mut(), self.publication.get(table))
+        {
+            relation.publication.clone_from(fingerprint);
         }
     }
 
@@ -333,6 +353,7 @@ impl Packager {
     /// Gives a change package its chain position, or drops it if the stream
     /// already holds it.
     fn sequence(&mut self, table: &TableName, mut package: v1::Package) -> Option<Outgoing> {
+        self.stamp(table, &mut package);
         let generation = self.fresh_generation;
         let chain = self.chains.entry(table.clone()).or_insert(Chain {
             generation,
@@ -364,6 +385,7 @@ impl Packager {
     /// table's chain; its dedup ID is derived from generation and sequence.
     pub fn chain_package(&mut self, mut package: v1::Package) -> Outgoing {
         let table = TableName::new(&package.schema, &package.table);
+        self.stamp(&table, &mut package);
         let generation = self.fresh_generation;
         let chain = self.chains.entry(table).or_insert(Chain {
             generation,
@@ -410,6 +432,7 @@ mod tests {
                 ..Default::default()
             }],
             replica_identity: "d".into(),
+            publication: String::new(),
         })
     }
 

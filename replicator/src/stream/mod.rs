@@ -28,7 +28,7 @@ mod publication;
 mod resync;
 mod translate;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 
 use futures::{FutureExt as _, StreamExt};
 use metrics::{counter, gauge};
@@ -40,7 +40,7 @@ use sluice_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::{Backlog, BacklogEvent};
-use crate::catalog::{CatalogError, TypeCatalog};
+use crate::catalog::{CatalogError, PublicationShape, TypeCatalog};
 use crate::metrics as m;
 use crate::packager::Packager;
 use crate::pg::{PgError, PgSettings, SqlConn};
@@ -98,14 +98,17 @@ pub struct Setup<'a> {
     pub published: HashSet<TableName>,
     /// Tables of the publication that cannot be replicated (already reported).
     pub unreplicable: HashSet<TableName>,
-    /// The publication's column lists and row filters when the run started.
-    pub narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
-    /// The leaf partitions of tables published through their root when the
-    /// run started ([`crate::catalog::partition_leaves`]).
-    pub leaves: HashMap<TableName, BTreeMap<u32, TableName>>,
+    /// The publication's shape (column lists, row filters, partitions,
+    /// entries) when the run started.
+    pub shape: PublicationShape,
     /// Replicated tables without a package in the stream: resynced at once
     /// (reason `not_in_stream`).
     pub not_in_stream: Vec<TableName>,
+    /// Replicated tables whose last package carries another publication
+    /// fingerprint than the publication has now (changed while the
+    /// replicator was stopped): resynced at once (reason
+    /// `publication_changed`).
+    pub changed_while_stopped: Vec<TableName>,
     pub packager: Packager,
     pub publisher: Publisher,
     /// The LSN streaming starts from (already confirmed).
@@ -169,12 +172,8 @@ struct Loop<'a> {
     translate: Translator,
     /// Published tables that cannot be replicated ([`publication`]).
     unreplicable: HashSet<TableName>,
-    /// Column lists and row filters of the publication as last read
-    /// ([`publication`]).
-    narrowings: HashMap<TableName, sluice_postgres::publication::Narrowing>,
-    /// Leaf partitions of tables published through their root, as last read
-    /// ([`publication`]).
-    leaves: HashMap<TableName, BTreeMap<u32, TableName>>,
+    /// The publication's shape as last read ([`publication`]).
+    shape: PublicationShape,
     packager: Packager,
     publisher: Publisher,
     decoder: pgoutput::Decoder,
@@ -197,9 +196,9 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         types,
         published,
         unreplicable,
-        narrowings,
-        leaves,
+        shape,
         not_in_stream,
+        changed_while_stopped,
         packager,
         publisher,
         start,
@@ -219,8 +218,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         sql,
         translate: Translator::new(types, published),
         unreplicable,
-        narrowings,
-        leaves,
+        shape,
         packager,
         publisher,
         decoder: pgoutput::Decoder::new(1),
@@ -245,6 +243,14 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         let names: Vec<String> = not_in_stream.iter().map(TableName::to_string).collect();
         tracing::info!(tables = %names.join(", "), "published tables without a package in the stream (added to the publication while stopped, or aged out of the stream): loading them");
         state.resync_tables(not_in_stream, "not_in_stream");
+    }
+    if !changed_while_stopped.is_empty() {
+        let names: Vec<String> = changed_while_stopped
+            .iter()
+            .map(TableName::to_string)
+            .collect();
+        tracing::info!(tables = %names.join(", "), "the publication's entry, column list, row filter or partitions of these tables changed while the replicator was stopped: resyncing them");
+        state.resync_tables(changed_while_stopped, "publication_changed");
     }
     loop {
         tokio::select! {

@@ -19,9 +19,14 @@
 //! TABLE t (cols) WHERE (…)`) is resynced (reason `publication_changed`):
 //! its shadow table is built from the new column list, so added columns are
 //! filled, removed ones dropped and the rows are those the new filter admits.
-//! The baseline is the publication when the run started (before its
-//! snapshot, if any); a change made while the replicator was stopped is not
-//! noticed.
+//! So is a table whose `pg_publication_rel` entry changed between two
+//! checks (removed and added back: its changes in between were not
+//! published). The baseline is the publication when the run started (before
+//! its snapshot, if any). Each table's packages carry a fingerprint of the
+//! shape their ClickHouse rows match (`v1::Relation::publication`): updated
+//! here for tables that need no resync, at RESYNC_BEGIN for the others; a
+//! restart compares it with the publication to find changes made while the
+//! replicator was stopped (see [`crate::run`]).
 //!
 //! A table published through its root (`publish_via_partition_root`)
 //! whose leaf partitions changed is resynced (reason `partitions_changed`)
@@ -85,33 +90,45 @@ impl Loop<'_> {
         let publication = &self.config.postgres.publication;
         let tables = catalog::published_tables(&self.sql.client, publication).await?;
         let (candidates, removed) = compare(&self.translate.published, &self.unreplicable, &tables);
-        let narrowings = catalog::narrowings(&self.sql.client, publication).await?;
-        // A changed column list or row filter of a table replicated so far:
-        // its rows in ClickHouse follow the old one.
+        let shape = catalog::PublicationShape::read(&self.sql.client, publication).await?;
+        // A changed column list or row filter of a table replicated so far
+        // (its rows in ClickHouse follow the old one), or its entry removed
+        // and added back between two checks (changes in between were not
+        // published).
         let mut changed: Vec<TableName> = self
             .translate
             .published
             .iter()
-            .filter(|t| tables.contains(t) && self.narrowings.get(*t) != narrowings.get(*t))
+            .filter(|t| {
+                tables.contains(t)
+                    && (self.shape.narrowings.get(*t) != shape.narrowings.get(*t)
+                        || self.shape.memberships.get(*t) != shape.memberships.get(*t))
+            })
             .cloned()
             .collect();
         changed.sort();
-        self.narrowings = narrowings;
-        let leaves = catalog::partition_leaves(&self.sql.client, publication).await?;
         let mut repartitioned = Vec::new();
         for table in &self.translate.published {
-            if !tables.contains(table) {
+            if !tables.contains(table) || changed.contains(table) {
                 continue;
             }
             let empty = BTreeMap::new();
-            let before = self.leaves.get(table).unwrap_or(&empty);
-            let now = leaves.get(table).unwrap_or(&empty);
+            let before = self.shape.leaves.get(table).unwrap_or(&empty);
+            let now = shape.leaves.get(table).unwrap_or(&empty);
             if self.partitions_changed(table, before, now).await {
                 repartitioned.push(table.clone());
             }
         }
         repartitioned.sort();
-        self.leaves = leaves;
+        // What needs no resync is what ClickHouse's rows match from now on;
+        // a resynced table gets its fingerprint at its RESYNC_BEGIN.
+        for table in &self.translate.published {
+            if !changed.contains(table) && !repartitioned.contains(table) {
+                self.packager
+                    .set_publication(table, shape.fingerprint(table));
+            }
+        }
+        self.shape = shape;
         let mut added = Vec::new();
         for table in candidates {
             match self.translate.replicable(&self.sql.client, &table).await? {

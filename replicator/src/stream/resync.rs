@@ -207,6 +207,11 @@ impl Loop<'_> {
                 // changes included, follows the RESYNC_BEGIN.
                 let generation = lsn.0.max(self.packager.generation() + 1);
                 self.packager.start_generation(table.clone(), generation);
+                // The snapshot reads the publication as it is now: its rows
+                // match the shape last read, or a newer one (then the next
+                // check resyncs again).
+                self.packager
+                    .set_publication(&table, self.shape.fingerprint(&table));
                 let package = snapshot::marker(
                     &self.config.source,
                     &table,

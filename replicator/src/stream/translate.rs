@@ -268,6 +268,7 @@ fn message_relation(
     v1::Relation {
         oid: relation.oid,
         replica_identity: char::from(relation.replica_identity).to_string(),
+        publication: String::new(),
         columns: relation
             .columns
             .iter()
