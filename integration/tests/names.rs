@@ -132,6 +132,8 @@ async fn a_source_table_named_like_the_positions_table_loads_beside_it() -> anyh
         "shadow",
         "blocked",
         "commit_lsn",
+        "block_reason",
+        "refused",
         "version",
         "updated_at",
     ];
