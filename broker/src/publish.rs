@@ -152,6 +152,14 @@ impl<M> Publisher<M> {
                     subject: subject.clone(),
                     source,
                 })?;
+            // Crash tests: the process dies once this chunk is stored and
+            // before the next one is sent.
+            #[cfg(feature = "failpoints")]
+            if !last && fail::eval("broker::publish::between_chunks", |_| ()).is_some() {
+                let _ = ack.await;
+                eprintln!("failpoint: exiting");
+                std::process::exit(86);
+            }
             self.window.push_back(Box::pin(async move {
                 match ack.await {
                     Ok(ack) if last => Ok(Ack::Package {

@@ -393,11 +393,15 @@ ack_wait = "30s"
     }
 
     /// Sets (or with `None` clears) the failpoints of the programs started from now on, in the
-    /// `fail` crate's `FAILPOINTS` syntax (`name=return;other=return`). The loader's points:
-    /// `loader::resync::after_exchange`, `loader::resync::after_drop`; `return` exits the
-    /// program there at once (code 86), like a kill. The replicator's:
-    /// `replicator::snapshot::package=return(MS)` sleeps MS milliseconds after each snapshot
-    /// package.
+    /// `fail` crate's `FAILPOINTS` syntax (`name=return;other=3*off->return`). Where state is
+    /// written, `return` exits the program at once (code 86), like a kill: the loader's
+    /// `loader::insert::after`, `loader::positions::after_save`, `loader::ack::after`,
+    /// `loader::resync::after_create`, `loader::resync::after_exchange`,
+    /// `loader::resync::after_drop`; the replicator's `replicator::publish::after_package`,
+    /// `replicator::confirm::after_status`, `replicator::backlog::after_advance`,
+    /// `replicator::resync::after_begin` and `broker::publish::between_chunks` (each once what
+    /// was published is acknowledged). `replicator::snapshot::package=return(MS)` sleeps MS
+    /// milliseconds after each snapshot package.
     pub fn set_failpoints(&mut self, spec: Option<&str>) {
         self.failpoints = spec.map(str::to_owned);
     }
@@ -556,17 +560,33 @@ ack_wait = "30s"
     /// Waits for the loader to exit on its own (a failpoint, a fatal error) and returns its exit
     /// status; fails with its log tail if it still runs after `timeout`.
     pub async fn wait_loader_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let child = self.loader.as_mut().context("loader not running")?;
+        self.wait_exit("loader", timeout).await
+    }
+
+    /// [`Pipeline::wait_loader_exit`] for `which` (`"replicator"` or `"loader"`).
+    pub async fn wait_exit(
+        &mut self,
+        which: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
+            let slot = if which == "replicator" {
+                &mut self.replicator
+            } else {
+                &mut self.loader
+            };
+            let child = slot
+                .as_mut()
+                .with_context(|| format!("{which} not running"))?;
             if let Some(status) = child.try_wait()? {
-                self.loader = None;
+                *slot = None;
                 return Ok(status);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the loader still runs after {timeout:?}:\n{}",
-                    self.log_tail("loader", 30)
+                    "the {which} still runs after {timeout:?}:\n{}",
+                    self.log_tail(which, 30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

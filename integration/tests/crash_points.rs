@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sluice_integration::pipeline::Pipeline;
+use sluice_integration::pipeline::{Pipeline, metric};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -102,4 +102,319 @@ async fn a_crash_between_exchange_and_drop_keeps_the_repair() -> anyhow::Result<
 #[tokio::test]
 async fn a_crash_after_the_drop_neither_blocks_nor_resyncs() -> anyhow::Result<()> {
     crash_in_the_swap("crash_drop", "loader::resync::after_drop").await
+}
+
+/// One crash of the matrix: `program` dies at `failpoint` (after `passes` passes of it) under a
+/// write workload, is started again without failpoints, and the pipeline must end equal to
+/// Postgres with each chain holding every package once and exactly the resyncs the design asks
+/// for.
+struct Crash {
+    name: &'static str,
+    program: &'static str,
+    failpoint: &'static str,
+    passes: u32,
+    /// A manual resync of `items` runs when the crash comes.
+    resync: bool,
+    /// The replicator is stopped while the workload writes, then reads the backlog through SQL.
+    backlog: bool,
+    /// The workload starts with a row bigger than a NATS message (its package goes in chunks).
+    big: bool,
+    /// Resyncs of `items` beyond the initial snapshot, by reason; every other reason: none.
+    expected: &'static [(&'static str, usize)],
+}
+
+/// Resync reasons counted in the stream.
+const REASONS: [&str; 6] = [
+    "manual",
+    "gap",
+    "stalled",
+    "refused",
+    "schema_change",
+    "target_missing",
+];
+
+/// Writes transactions of 20 inserts, updates and a delete to `items`; with `big` first one row
+/// whose 10 MB of incompressible bytes exceed a NATS message (the test servers' `max_payload` is
+/// 8 MB), so its package is sent in chunks.
+async fn write_items(
+    pg: tokio_postgres::Client,
+    transactions: i64,
+    big: bool,
+) -> anyhow::Result<()> {
+    if big {
+        pg.batch_execute(
+            "INSERT INTO items (id, n, blob) SELECT -1, 0, decode(string_agg(md5(g::text), ''), 'hex') \
+             FROM generate_series(1, 655360) g",
+        )
+        .await?;
+    }
+    for i in 0..transactions {
+        let base = 1000 + i * 20;
+        pg.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO items SELECT g, 0, 'new ' || g FROM generate_series({base}, {base} + 19) g;
+             UPDATE items SET n = n + 1 WHERE id % 7 = {} AND id < {base};
+             DELETE FROM items WHERE id = {base} - 13;
+             COMMIT;",
+            i % 7
+        ))
+        .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn crash_and_recover(crash: Crash) -> anyhow::Result<()> {
+    let mut p = Pipeline::start(crash.name).await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL, note text, blob bytea);
+         INSERT INTO items SELECT g, 0, 'item ' || g FROM generate_series(1, 500) g;
+         CREATE TABLE other (id bigint PRIMARY KEY, v text);
+         INSERT INTO other SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION sluice FOR TABLE items, other;",
+    )
+    .await?;
+    // Transactions cut into several packages; small backlog chunks.
+    p.set_configs(
+        "replicator",
+        &[
+            ("package_max_rows", "5"),
+            ("catchup_min_lag_bytes", "1"),
+            ("catchup_chunk_changes", "500"),
+        ],
+    )?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    let which = crash.program;
+    if which == "replicator" {
+        p.stop_replicator().await?;
+    } else {
+        p.stop_loader().await?;
+    }
+    let writes = if crash.backlog {
+        write_items(p.pg().await?, 100, crash.big).await?;
+        None
+    } else {
+        Some(tokio::spawn(write_items(p.pg().await?, 150, crash.big)))
+    };
+    p.set_failpoints(Some(&format!(
+        "{}={}*off->return",
+        crash.failpoint, crash.passes
+    )));
+    if which == "replicator" {
+        p.spawn_replicator()?;
+    } else {
+        p.spawn_loader()?;
+    }
+    p.set_failpoints(None);
+    if crash.resync {
+        if which == "replicator" {
+            p.wait_replicator_ready(CONVERGE).await?;
+        }
+        let status = p
+            .replicator_command(&["resync", "--table", "public.items", "--no-wait"])?
+            .wait()?;
+        anyhow::ensure!(status.success(), "resync command failed: {status}");
+    }
+    let status = p.wait_exit(which, CONVERGE).await?;
+    let log = p.log_tail(which, 5);
+    anyhow::ensure!(
+        status.code() == Some(86) && log.contains("failpoint: exiting"),
+        "the {which} did not stop at {} ({status}):\n{log}",
+        crash.failpoint
+    );
+    if which == "replicator" {
+        p.spawn_replicator()?;
+    } else {
+        p.spawn_loader()?;
+    }
+    if let Some(writes) = writes {
+        writes.await??;
+    }
+    if crash.resync {
+        // The resync's table swapped in: the live table is equal meanwhile too, since changes
+        // reach it. (The loader's counter counts the initial snapshot unless it restarted.)
+        let swaps = if which == "loader" { 1.0 } else { 2.0 };
+        let deadline = std::time::Instant::now() + CONVERGE;
+        loop {
+            let metrics = p.loader_metrics().await.unwrap_or_default();
+            let completed = metric(
+                &metrics,
+                "sluice_loader_resyncs_completed_total{table=\"public.items\"}",
+            );
+            if completed.is_some_and(|n| n >= swaps) {
+                break;
+            }
+            p.check_alive()?;
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the resync never finished:\n{}",
+                p.log_tail("loader", 30)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    p.wait_until_equal(CONVERGE).await?;
+    p.check_chains_have_no_duplicates().await?;
+    for reason in REASONS {
+        let expected = crash
+            .expected
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(
+            p.resyncs_in_stream("items", reason).await?,
+            expected,
+            "resyncs of items for {reason} after a crash at {}",
+            crash.failpoint
+        );
+        assert_eq!(p.resyncs_in_stream("other", reason).await?, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_loader_crash_after_an_insert_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_insert",
+        program: "loader",
+        failpoint: "loader::insert::after",
+        passes: 3,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_loader_crash_after_the_positions_write_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_positions",
+        program: "loader",
+        failpoint: "loader::positions::after_save",
+        passes: 3,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_loader_crash_after_the_ack_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_ack",
+        program: "loader",
+        failpoint: "loader::ack::after",
+        passes: 3,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+/// The shadow exists, the positions do not name it yet: the replayed RESYNC_BEGIN makes it again
+/// and the same resync finishes.
+#[tokio::test]
+async fn a_loader_crash_after_creating_the_shadow_finishes_the_same_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_shadow",
+        program: "loader",
+        failpoint: "loader::resync::after_create",
+        passes: 0,
+        resync: true,
+        backlog: false,
+        big: false,
+        expected: &[("manual", 1)],
+    })
+    .await
+}
+
+/// In the middle of a transaction cut into packages: the restart re-sends it from the confirmed
+/// LSN, the duplicate window and the chain resume drop what the stream has.
+#[tokio::test]
+async fn a_replicator_crash_mid_transaction_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_publish",
+        program: "replicator",
+        failpoint: "replicator::publish::after_package",
+        passes: 40,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_replicator_crash_after_confirming_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_confirm",
+        program: "replicator",
+        failpoint: "replicator::confirm::after_status",
+        passes: 1,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_replicator_crash_after_advancing_the_slot_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_advance",
+        program: "replicator",
+        failpoint: "replicator::backlog::after_advance",
+        passes: 0,
+        resync: false,
+        backlog: true,
+        big: false,
+        expected: &[],
+    })
+    .await
+}
+
+/// Between two chunks of one package: the restarted replicator sends the package again (the
+/// stored chunk is a duplicate), the loader joins the chunks; no gap, no resync.
+#[tokio::test]
+async fn a_replicator_crash_between_chunks_needs_no_resync() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_chunks",
+        program: "replicator",
+        failpoint: "broker::publish::between_chunks",
+        passes: 0,
+        resync: false,
+        backlog: false,
+        big: true,
+        expected: &[],
+    })
+    .await
+}
+
+/// The RESYNC_BEGIN is stored, the snapshot reader dies with the replicator: the loader's shadow
+/// gets no rows for a minute and it asks again (`stalled`); that resync finishes.
+#[tokio::test]
+async fn a_replicator_crash_mid_resync_is_asked_again_once() -> anyhow::Result<()> {
+    crash_and_recover(Crash {
+        name: "crash_resync",
+        program: "replicator",
+        failpoint: "replicator::resync::after_begin",
+        passes: 0,
+        resync: true,
+        backlog: false,
+        big: false,
+        expected: &[("manual", 1), ("stalled", 1)],
+    })
+    .await
 }

@@ -384,6 +384,7 @@ async fn a_change_published_before_resync_begin_survives_the_swap() -> anyhow::R
             resync_id: "staged".into(),
             reason: "manual".into(),
             rows: 10,
+            ..Default::default()
         }),
         ..Default::default()
     };

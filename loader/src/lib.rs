@@ -22,3 +22,13 @@ pub mod recovery;
 pub mod run;
 pub mod status;
 pub mod verify;
+
+/// A failpoint's crash: exits at once, as a kill would stop the loader (no
+/// acks, no positions written, nothing flushed). Only built with the
+/// `failpoints` feature and only reached when `FAILPOINTS` names the point
+/// (`integration/tests/crash_points.rs`).
+#[cfg(feature = "failpoints")]
+pub(crate) fn crash_here<T>() -> T {
+    eprintln!("failpoint: exiting");
+    std::process::exit(86)
+}

@@ -227,6 +227,7 @@ async fn run_once(
         }
         if let Some(last) = batch.messages.last() {
             last.double_ack().await.map_err(RunError::Ack)?;
+            fail::fail_point!("loader::ack::after", |_| crate::crash_here());
         }
         loader.update_lag();
     }

@@ -50,3 +50,13 @@ pub mod snapshot;
 pub mod status;
 pub mod stream;
 pub mod values;
+
+/// A failpoint's crash: exits at once, as a kill would stop the replicator
+/// (nothing flushed or confirmed). Only built with the `failpoints` feature
+/// and only reached when `FAILPOINTS` names the point
+/// (`integration/tests/crash_points.rs`).
+#[cfg(feature = "failpoints")]
+pub(crate) fn crash_here<T>() -> T {
+    eprintln!("failpoint: exiting");
+    std::process::exit(86)
+}

@@ -224,6 +224,8 @@ pub(crate) fn marker(
             },
             reason: spec.reason.clone(),
             rows,
+            // Stamped by `Packager::chain_package`.
+            ..Default::default()
         }),
         ..Default::default()
     }

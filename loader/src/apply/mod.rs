@@ -322,6 +322,7 @@ impl Loader {
             .collect();
         let mut version = self.version;
         positions::save(&self.ch, &self.database, &states, &mut version).await?;
+        fail::fail_point!("loader::positions::after_save", |_| crate::crash_here());
 
         for letter in &dead {
             self.dead_letter(&messages[letter.message], letter.reason, &letter.detail)
@@ -577,6 +578,7 @@ impl Loader {
         let rows = builder.rows();
         let started = Instant::now();
         let report = builder.send(&self.ch).await?;
+        fail::fail_point!("loader::insert::after", |_| crate::crash_here());
         histogram!(m::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
         histogram!(m::BATCH_ROWS).record(rows as f64);
         for (op, count) in OpCounts::NAMES.into_iter().zip(ops.0) {

@@ -76,15 +76,6 @@ async fn table_comment(
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A failpoint's crash: exits at once, as a kill would stop the loader (no
-/// acks, no positions written, nothing flushed). Only built with the
-/// `failpoints` feature and only when `FAILPOINTS` names the point.
-#[cfg(feature = "failpoints")]
-fn crash_here() -> Result<(), ChError> {
-    eprintln!("failpoint: exiting");
-    std::process::exit(86)
-}
-
 /// A resync whose shadow got no snapshot rows for this long is presumed lost
 /// (replicator restarted mid-snapshot) and requested again; a resync still
 /// running is joined by the replicator, not restarted.
@@ -175,6 +166,7 @@ impl Loader {
             "carry changes past the snapshot into the shadow",
         )
         .await?;
+        fail::fail_point!("loader::resync::after_create", |_| crate::crash_here());
         shadows.insert(table.clone(), shadow_name);
         let reason = package
             .resync
@@ -213,13 +205,13 @@ impl Loader {
                 )
                 .await?;
             }
-            fail::fail_point!("loader::resync::after_exchange", |_| crash_here());
+            fail::fail_point!("loader::resync::after_exchange", |_| crate::crash_here());
             self.exec(
                 &format!("DROP TABLE IF EXISTS {}", shadow.qualified()),
                 "drop old table",
             )
             .await?;
-            fail::fail_point!("loader::resync::after_drop", |_| crash_here());
+            fail::fail_point!("loader::resync::after_drop", |_| crate::crash_here());
             if !swapped {
                 counter!(m::RESYNCS_COMPLETED, "table" => table.to_string()).increment(1);
                 tracing::info!(table = %table, "resync complete: shadow table swapped in");

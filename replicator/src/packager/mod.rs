@@ -9,9 +9,11 @@
 //! - **Chains without holes or repeats.** Each table has a chain
 //!   `(generation, sequence)`; every published package takes the next sequence.
 //!   After a restart the chain resumes from the last package found in the stream
-//!   ([`Resume`]): replayed packages at or before it are skipped, not re-published,
-//!   so the stream holds every change exactly once even beyond the duplicate
-//!   window.
+//!   ([`Resume`]): replayed change packages at or before the newest one the
+//!   stream holds (that package, or the one a resync package names) are
+//!   skipped, not re-published, so the stream holds every change exactly once
+//!   even beyond the duplicate window, and no re-read change takes a sequence
+//!   that JetStream's duplicate check would leave empty.
 //! - **Bounded memory.** A table's buffer is flushed as soon as it reaches
 //!   `max_rows` or `max_bytes`: pgoutput v1 sends a transaction after it
 //!   committed, with its commit LSN in BEGIN, so packages of a huge transaction
@@ -33,9 +35,6 @@ pub use resume::{Resume, StreamReadError, last_package};
 struct Chain {
     generation: u64,
     last_sequence: u64,
-    /// Change packages at or before this `(commit_lsn, package_index)` are
-    /// already in the stream.
-    skip_through: Option<(u64, u32)>,
 }
 
 #[derive(Debug)]
@@ -84,6 +83,12 @@ pub struct Packager {
     /// Per table, the publication fingerprint its packages carry
     /// (`v1::Relation::publication`; [`Packager::set_publication`]).
     publication: HashMap<TableName, String, foldhash::fast::RandomState>,
+    /// Per table, the newest change package `(commit_lsn, package_index)`
+    /// the stream holds: a re-read transaction at or before it is dropped,
+    /// whatever chain the table is on now (a resync's RESYNC_BEGIN may have
+    /// come after it). Resync packages carry it
+    /// (`v1::Resync::changes_through_lsn`) for a restart after them.
+    changes_through: HashMap<TableName, (u64, u32), foldhash::fast::RandomState>,
 }
 
 /// Rough encoded size of a value, used for the byte limit.
@@ -125,6 +130,7 @@ impl Packager {
             pending: HashMap::default(),
             txn: None,
             publication: HashMap::default(),
+            changes_through: HashMap::default(),
         }
     }
 
@@ -164,14 +170,14 @@ impl Packager {
         if resume.generation < self.generation {
             return;
         }
-        let skip_through = (resume.kind == v1::Kind::Changes || resume.kind == v1::Kind::Truncate)
-            .then_some((resume.commit_lsn, resume.package_index));
+        if let Some(through) = resume.changes_through {
+            self.changes_through.insert(table.clone(), through);
+        }
         self.chains.insert(
             table,
             Chain {
                 generation: resume.generation,
                 last_sequence: resume.sequence,
-                skip_through,
             },
         );
     }
@@ -184,7 +190,6 @@ impl Packager {
             Chain {
                 generation,
                 last_sequence: 0,
-                skip_through: None,
             },
         );
     }
@@ -354,18 +359,20 @@ impl Packager {
     /// already holds it.
     fn sequence(&mut self, table: &TableName, mut package: v1::Package) -> Option<Outgoing> {
         self.stamp(table, &mut package);
+        let identity = (package.commit_lsn, package.package_index);
+        if self
+            .changes_through
+            .get(table)
+            .is_some_and(|stored| identity <= *stored)
+        {
+            return None;
+        }
+        self.changes_through.insert(table.clone(), identity);
         let generation = self.fresh_generation;
         let chain = self.chains.entry(table.clone()).or_insert(Chain {
             generation,
             last_sequence: 0,
-            skip_through: None,
         });
-        if let Some(stored) = chain.skip_through {
-            if (package.commit_lsn, package.package_index) <= stored {
-                return None;
-            }
-            chain.skip_through = None;
-        }
         chain.last_sequence += 1;
         package.position = Some(v1::ChainPosition {
             generation: chain.generation,
@@ -386,13 +393,16 @@ impl Packager {
     pub fn chain_package(&mut self, mut package: v1::Package) -> Outgoing {
         let table = TableName::new(&package.schema, &package.table);
         self.stamp(&table, &mut package);
+        if let Some((lsn, index)) = self.changes_through.get(&table) {
+            let resync = package.resync.get_or_insert_with(Default::default);
+            resync.changes_through_lsn = *lsn;
+            resync.changes_through_index = *index;
+        }
         let generation = self.fresh_generation;
         let chain = self.chains.entry(table).or_insert(Chain {
             generation,
             last_sequence: 0,
-            skip_through: None,
         });
-        chain.skip_through = None;
         chain.last_sequence += 1;
         package.position = Some(v1::ChainPosition {
             generation: chain.generation,
@@ -576,6 +586,44 @@ mod tests {
         assert_eq!((next.generation, next.sequence), (900, 3));
     }
 
+    /// A restart whose last package of the table is a resync's (its
+    /// RESYNC_BEGIN or a snapshot package): transactions re-read from the
+    /// confirmed LSN were published before it, on the old chain. Numbered
+    /// again on the new chain, JetStream would drop them as duplicates and
+    /// leave holes the loader takes for a gap.
+    #[test]
+    fn a_restart_after_a_resync_package_skips_changes_published_before_it() {
+        let mut p = Packager::new("app", "slot", 5, limits());
+        run_txn(&mut p, 100, 25);
+        p.start_generation(table("t"), 900);
+        let begin = decode(&p.chain_package(v1::Package {
+            schema: "public".into(),
+            table: "t".into(),
+            kind: v1::Kind::ResyncBegin as i32,
+            resync: Some(v1::Resync::default()),
+            ..Default::default()
+        }));
+        let snapshot = decode(&p.chain_package(v1::Package {
+            schema: "public".into(),
+            table: "t".into(),
+            kind: v1::Kind::Snapshot as i32,
+            ..Default::default()
+        }));
+        for last in [begin, snapshot] {
+            let mut restarted = Packager::new("app", "slot", 5, limits());
+            restarted.resume(table("t"), Resume::from_package(&last).expect("positioned"));
+            assert!(
+                run_txn(&mut restarted, 100, 25).is_empty(),
+                "the stream holds that transaction"
+            );
+            let next = decode(&run_txn(&mut restarted, 200, 1)[0])
+                .position
+                .expect("positioned");
+            let after = last.position.expect("positioned").sequence + 1;
+            assert_eq!((next.generation, next.sequence), (900, after));
+        }
+    }
+
     #[test]
     fn a_table_without_resume_point_starts_above_every_old_generation() {
         // The table's packages aged out of the stream; the loader remembers (5, 40).
@@ -601,6 +649,7 @@ mod tests {
                 commit_lsn: 100,
                 package_index: 0,
                 kind: v1::Kind::Changes,
+                changes_through: Some((100, 0)),
             },
         );
         let out = run_txn(&mut p, 50, 1);

@@ -22,18 +22,32 @@ pub struct Resume {
     pub commit_lsn: u64,
     pub package_index: u32,
     pub kind: v1::Kind,
+    /// The newest change package of the table the stream holds: this one,
+    /// or the one a resync package names (`v1::Resync::changes_through_lsn`).
+    pub changes_through: Option<(u64, u32)>,
 }
 
 impl Resume {
     /// Reads the resume point from the last package of a table's subject.
     pub fn from_package(package: &v1::Package) -> Option<Resume> {
         let position = package.position?;
+        let kind = v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified);
+        let changes_through = if kind == v1::Kind::Changes || kind == v1::Kind::Truncate {
+            Some((package.commit_lsn, package.package_index))
+        } else {
+            package
+                .resync
+                .as_ref()
+                .filter(|r| r.changes_through_lsn > 0)
+                .map(|r| (r.changes_through_lsn, r.changes_through_index))
+        };
         Some(Resume {
             generation: position.generation,
             sequence: position.sequence,
             commit_lsn: package.commit_lsn,
             package_index: package.package_index,
-            kind: v1::Kind::try_from(package.kind).unwrap_or(v1::Kind::Unspecified),
+            kind,
+            changes_through,
         })
     }
 }
@@ -182,6 +196,7 @@ mod tests {
                 commit_lsn: 0x100,
                 package_index: 2,
                 kind: v1::Kind::Changes,
+                changes_through: Some((0x100, 2)),
             })
         );
     }

@@ -364,6 +364,8 @@ impl Loop<'_> {
         {
             tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog chunk read; reading the next");
             backlog.advance(confirmed).await?;
+            fail::fail_point!("replicator::backlog::after_advance", |_| crate::crash_here(
+            ));
             return self.send_status(source).await;
         }
         let client =
@@ -384,6 +386,7 @@ impl Loop<'_> {
             replication
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
+            fail::fail_point!("replicator::confirm::after_status", |_| crate::crash_here());
         }
         gauge!(m::CONFIRMED_LSN).set(confirmed.0 as f64);
         gauge!(m::SLOT_LAG_BYTES).set(self.confirm.slot_lag_bytes() as f64);
@@ -408,6 +411,18 @@ impl Loop<'_> {
         Ok(())
     }
 
+    /// Failpoint `replicator::publish::after_package`: the process dies once
+    /// the packages published so far are acknowledged (for a transaction cut
+    /// into several packages: in its middle), before anything more is
+    /// confirmed to Postgres.
+    #[cfg(feature = "failpoints")]
+    async fn failpoint_after_package(&mut self) {
+        if fail::eval("replicator::publish::after_package", |_| ()).is_some() {
+            let _ = self.publisher.flush().await;
+            crate::crash_here::<()>();
+        }
+    }
+
     async fn xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), StreamError> {
         let message = self
             .decoder
@@ -424,6 +439,8 @@ impl Loop<'_> {
             LogicalMessage::Commit(commit) => {
                 for out in self.packager.commit() {
                     self.publisher.publish(out).await?;
+                    #[cfg(feature = "failpoints")]
+                    self.failpoint_after_package().await;
                 }
                 self.publisher.mark(Mark::Commit {
                     end_lsn: Lsn(commit.end_lsn),
@@ -445,6 +462,8 @@ impl Loop<'_> {
                     && let Some(out) = self.packager.add_row(&rel.table, &rel.relation, row)
                 {
                     self.publisher.publish(out).await?;
+                    #[cfg(feature = "failpoints")]
+                    self.failpoint_after_package().await;
                 }
             }
             LogicalMessage::Truncate(truncate) => {

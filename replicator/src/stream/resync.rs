@@ -224,6 +224,12 @@ impl Loop<'_> {
                 self.publisher
                     .publish(self.packager.chain_package(package))
                     .await?;
+                // Crash tests: the process dies once RESYNC_BEGIN is stored.
+                #[cfg(feature = "failpoints")]
+                if fail::eval("replicator::resync::after_begin", |_| ()).is_some() {
+                    let _ = self.publisher.flush().await;
+                    crate::crash_here::<()>();
+                }
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
                 counter!(m::RESYNCS, "table" => label.clone(), "reason" => active.reason.clone())
                     .increment(1);
