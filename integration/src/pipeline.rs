@@ -432,8 +432,29 @@ ack_wait = "30s"
     /// pipeline's config and without `RUST_LOG` (the command's own default
     /// log level); returns stdout and stderr, failing on a non-zero exit.
     pub fn cli(&self, which: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
-        let output = self
-            .command(which)?
+        self.cli_with(self.command(which)?, which, args)
+    }
+
+    /// [`Pipeline::cli`] as the harness's NATS admin user (an operator's), not the program's
+    /// least-privilege one.
+    pub fn cli_as_admin(&self, which: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
+        let mut command = self.command(which)?;
+        if let Some(admin) = &self.servers.nats_users.admin {
+            command
+                .env("SLUICE_NATS__USER", &admin.user)
+                .env("SLUICE_NATS__PASSWORD", &admin.password)
+                .env_remove("SLUICE_NATS__INBOX_PREFIX");
+        }
+        self.cli_with(command, which, args)
+    }
+
+    fn cli_with(
+        &self,
+        mut command: Command,
+        which: &str,
+        args: &[&str],
+    ) -> anyhow::Result<(String, String)> {
+        let output = command
             .args(args)
             .arg("--config")
             .arg(&self.config_path)

@@ -386,3 +386,133 @@ async fn rows_clickhouse_refuses_fail_their_table_alone_until_fixed() -> anyhow:
     assert_eq!(p.resyncs_in_stream("grid", "manual").await?, 1);
     Ok(())
 }
+
+/// `sluice-loader dead-letters`: an undecodable message and a package without a chain position
+/// are listed with reason, table and data-stream sequence; `show` decodes the package; `replay`
+/// writes its rows into ClickHouse (and refuses the undecodable one); `purge` needs an operator's
+/// NATS user, not the loader's.
+#[tokio::test]
+async fn dead_letters_are_listed_shown_replayed_and_purged() -> anyhow::Result<()> {
+    use sluice_proto::v1;
+    let mut p = Pipeline::start("dead_letter_cli").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text);
+         INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 10) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+
+    let column = |name: &str, type_oid: u32, type_name: &str, key: bool| v1::Column {
+        name: name.into(),
+        type_oid,
+        type_name: type_name.into(),
+        nullable: !key,
+        key,
+        type_kind: v1::TypeKind::Base as i32,
+        base_type_oid: type_oid,
+        ..Default::default()
+    };
+    let unpositioned = v1::Package {
+        source: p.name.clone(),
+        schema: "public".into(),
+        table: "items".into(),
+        kind: v1::Kind::Changes as i32,
+        relation: Some(v1::Relation {
+            oid: 1,
+            columns: vec![
+                column("id", 20, "bigint", true),
+                column("note", 25, "text", false),
+            ],
+            replica_identity: "d".into(),
+            ..Default::default()
+        }),
+        commit_lsn: 0x7FFF_0000_0000,
+        rows: vec![v1::Row {
+            op: v1::Op::Insert as i32,
+            values: vec![
+                v1::Value {
+                    kind: Some(v1::value::Kind::Int(777_777)),
+                },
+                v1::Value {
+                    kind: Some(v1::value::Kind::Text("replayed".into())),
+                },
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let js = p.jetstream().await?;
+    let subject = sluice_broker::topology::table_subject(&p.name, "public", "items");
+    js.publish(subject.clone(), "not a package".into())
+        .await?
+        .await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(sluice_proto::ENCODING_HEADER, "zstd");
+    js.publish_with_headers(
+        subject.clone(),
+        headers,
+        sluice_proto::encode(&unpositioned, sluice_proto::Encoding::Zstd).into(),
+    )
+    .await?
+    .await?;
+    wait_for_metric("sluice_dead_letters_total", 2.0, || p.loader_metrics()).await?;
+
+    let (stdout, _) = p.cli("loader", &["dead-letters", "list", "--json"])?;
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&stdout)?;
+    assert_eq!(letters.len(), 2, "{stdout}");
+    let by_reason = |reason: &str| {
+        letters
+            .iter()
+            .find(|l| l["reason"] == reason)
+            .with_context(|| format!("no {reason} letter in {stdout}"))
+    };
+    let (decode, unpositioned) = (by_reason("decode")?, by_reason("unpositioned")?);
+    for letter in [decode, unpositioned] {
+        assert_eq!(letter["table"], "public.items", "{stdout}");
+        assert!(letter["stream_sequence"].as_u64().is_some(), "{stdout}");
+    }
+    let sequence = |letter: &serde_json::Value| letter["sequence"].to_string();
+    let (decode, unpositioned) = (sequence(decode), sequence(unpositioned));
+    let (text, _) = p.cli("loader", &["dead-letters", "list"])?;
+    assert!(text.contains("unpositioned  public.items"), "{text}");
+
+    let (stdout, _) = p.cli("loader", &["dead-letters", "show", &unpositioned])?;
+    let shown: serde_json::Value = serde_json::from_str(&stdout)?;
+    let package = shown["package"].as_str().unwrap_or_default();
+    assert!(
+        package.contains("Changes") && package.contains("1 rows") && package.contains("note"),
+        "{stdout}"
+    );
+
+    let refused = p
+        .cli("loader", &["dead-letters", "replay", &decode])
+        .expect_err("an undecodable letter was replayed");
+    assert!(
+        format!("{refused:#}").contains("does not decode"),
+        "{refused:#}"
+    );
+    let (stdout, _) = p.cli("loader", &["dead-letters", "replay", &unpositioned])?;
+    assert!(
+        stdout.contains("1 rows of public.items written"),
+        "{stdout}"
+    );
+    let replayed = p
+        .servers()
+        .clickhouse_sql(&format!(
+            "SELECT note FROM `{}`.items FINAL WHERE id = 777777",
+            p.config.clickhouse_database()
+        ))
+        .await?;
+    assert_eq!(replayed.trim(), "replayed");
+
+    p.cli("loader", &["dead-letters", "purge", &decode])
+        .expect_err("the loader's own NATS user purged a dead letter");
+    p.cli_as_admin("loader", &["dead-letters", "purge", &decode, &unpositioned])?;
+    let (text, _) = p.cli("loader", &["dead-letters", "list"])?;
+    assert_eq!(text.trim(), "no dead letters");
+    Ok(())
+}

@@ -11,10 +11,12 @@
 //! - [`clickhouse`]: type mapping, schema management and RowBinary inserts.
 //! - [`verify`]: `sluice-loader verify`, Postgres compared with ClickHouse.
 //! - [`status`]: `sluice-loader status`, each table's state and position.
+//! - [`dead_letters`]: `sluice-loader dead-letters`, the dead-letter stream listed, shown, replayed, purged.
 
 pub mod apply;
 pub mod chain;
 pub mod clickhouse;
+pub mod dead_letters;
 pub mod error;
 pub mod metrics;
 pub mod positions;

@@ -20,7 +20,8 @@ struct Cli {
     /// `warn` for the other commands unless `-v`).
     #[arg(long, global = true, value_enum, default_value_t = Format::Text, env = "SLUICE_LOG_FORMAT")]
     log_format: Format,
-    /// Log at `info` in `status` and `verify` too (without RUST_LOG).
+    /// Log at `info` in the one-shot commands too (`status`, `verify`,
+    /// `dead-letters`; without RUST_LOG).
     #[arg(long, short, global = true)]
     verbose: bool,
     #[command(subcommand)]
@@ -64,6 +65,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dead-letter stream: messages the loader could not apply, with
+    /// reason, table, sequence and error (README "Dead letters").
+    DeadLetters {
+        /// Configuration file (TOML); `SLUICE_<SECTION>__<KEY>` variables override it.
+        #[arg(long, short, env = "SLUICE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum DeadLetterAction {
+    /// One line per dead letter: its sequence, time, reason, table, sequence
+    /// in the data stream and error.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, with what its payload decodes to (as JSON).
+    Show { sequence: u64 },
+    /// Writes the rows of dead letters into ClickHouse, once their cause is
+    /// fixed; each row keeps its version, so newer data wins. The letters
+    /// stay: `purge` removes them.
+    Replay {
+        #[arg(required = true)]
+        sequences: Vec<u64>,
+    },
+    /// Deletes dead letters from the stream (needs a NATS user allowed to
+    /// delete from it, not the loader's own).
+    Purge {
+        #[arg(required = true)]
+        sequences: Vec<u64>,
+    },
 }
 
 /// What `main` does after loading the config.
@@ -71,6 +107,7 @@ enum Work {
     Run,
     Verify(Option<String>),
     Status { json: bool },
+    DeadLetters(DeadLetterAction),
 }
 
 fn main() -> ExitCode {
@@ -82,11 +119,18 @@ fn main() -> ExitCode {
         Command::Run { config } => (config, Work::Run),
         Command::Verify { config, table } => (config, Work::Verify(table)),
         Command::Status { config, json } => (config, Work::Status { json }),
+        Command::DeadLetters { config, action } => match config {
+            Some(config) => (config, Work::DeadLetters(action)),
+            None => {
+                eprintln!("sluice-loader: dead-letters: --config is required");
+                return ExitCode::from(2);
+            }
+        },
     };
     let default_level = match work {
         Work::Run => "info",
-        Work::Verify(_) | Work::Status { .. } if cli.verbose => "info",
-        Work::Verify(_) | Work::Status { .. } => "warn",
+        Work::Verify(_) | Work::Status { .. } | Work::DeadLetters(_) if cli.verbose => "info",
+        Work::Verify(_) | Work::Status { .. } | Work::DeadLetters(_) => "warn",
     };
     // RUST_LOG if set, else `default_level`: the one-shot commands print
     // their answer on stdout and log only warnings unless `-v`.
@@ -115,6 +159,7 @@ fn main() -> ExitCode {
         Work::Run => {}
         Work::Verify(table) => return runtime.block_on(verify(&config, table.as_deref())),
         Work::Status { json } => return runtime.block_on(status(&config, json)),
+        Work::DeadLetters(action) => return runtime.block_on(dead_letters(&config, action)),
     }
     match runtime.block_on(sluice_loader::run::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,6 +192,69 @@ async fn verify(config: &Config, table: Option<&str>) -> ExitCode {
                 "sluice-loader: verify: {}",
                 sluice_broker::error_chain(&error)
             );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `sluice-loader dead-letters …`: output on stdout, errors on stderr, exit 1
+/// when any action failed.
+async fn dead_letters(config: &Config, action: DeadLetterAction) -> ExitCode {
+    use sluice_loader::dead_letters as dl;
+    let fail = |error: dl::DeadLetterError| {
+        eprintln!(
+            "sluice-loader: dead-letters: {}",
+            sluice_broker::error_chain(&error)
+        );
+        ExitCode::from(1)
+    };
+    match action {
+        DeadLetterAction::List { json } => match dl::list(config).await {
+            Ok(letters) if json => print_json(&letters),
+            Ok(letters) => {
+                print!("{}", dl::render_list(&letters));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(error),
+        },
+        DeadLetterAction::Show { sequence } => match dl::show(config, sequence).await {
+            Ok(letter) => print_json(&letter),
+            Err(error) => fail(error),
+        },
+        DeadLetterAction::Replay { sequences } => {
+            let mut code = ExitCode::SUCCESS;
+            for sequence in sequences {
+                match dl::replay(config, sequence).await {
+                    Ok((table, rows)) => {
+                        println!("dead letter {sequence}: {rows} rows of {table} written");
+                    }
+                    Err(error) => code = fail(error),
+                }
+            }
+            code
+        }
+        DeadLetterAction::Purge { sequences } => {
+            let mut code = ExitCode::SUCCESS;
+            for sequence in sequences {
+                match dl::purge(config, sequence).await {
+                    Ok(()) => println!("dead letter {sequence} deleted"),
+                    Err(error) => code = fail(error),
+                }
+            }
+            code
+        }
+    }
+}
+
+/// `value` as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sluice-loader: {error}");
             ExitCode::from(1)
         }
     }

@@ -121,9 +121,13 @@ impl Loop<'_> {
         }
         repartitioned.sort();
         // What needs no resync is what ClickHouse's rows match from now on;
-        // a resynced table gets its fingerprint at its RESYNC_BEGIN.
+        // a resynced table gets its fingerprint at its RESYNC_BEGIN (also one
+        // whose resync runs already: it may not have begun).
         for table in &self.translate.published {
-            if !changed.contains(table) && !repartitioned.contains(table) {
+            if !changed.contains(table)
+                && !repartitioned.contains(table)
+                && !self.resyncs.is_running(table)
+            {
                 self.packager
                     .set_publication(table, shape.fingerprint(table));
             }
@@ -166,7 +170,7 @@ impl Loop<'_> {
         }
         if !changed.is_empty() {
             for table in &changed {
-                tracing::info!(table = %table, publication = %publication, "the publication's column list or row filter of the table changed: resyncing it");
+                tracing::info!(table = %table, publication = %publication, "the publication's entry, column list or row filter of the table changed: resyncing it");
             }
             self.resync_tables(changed, "publication_changed");
         }

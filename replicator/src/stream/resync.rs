@@ -47,6 +47,11 @@ pub(super) struct Resyncs {
 }
 
 impl Resyncs {
+    /// Whether a resync of `table` was started and has not ended.
+    pub(super) fn is_running(&self, table: &TableName) -> bool {
+        self.active.contains_key(table)
+    }
+
     /// No resync running; the readers' events arrive on the receiver.
     pub(super) fn new() -> (Self, mpsc::Receiver<ResyncEvent>) {
         let (tx, rx) = mpsc::channel(8);
