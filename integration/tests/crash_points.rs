@@ -123,6 +123,21 @@ struct Crash {
     expected: &'static [(&'static str, usize)],
 }
 
+/// A crash of `program` at the first pass of `failpoint`, with no resync running, nothing held
+/// back and no resync expected; the cases change what differs.
+const fn crash(name: &'static str, program: &'static str, failpoint: &'static str) -> Crash {
+    Crash {
+        name,
+        program,
+        failpoint,
+        passes: 0,
+        resync: false,
+        backlog: false,
+        big: false,
+        expected: &[],
+    }
+}
+
 /// Resync reasons counted in the stream.
 const REASONS: [&str; 6] = [
     "manual",
@@ -279,14 +294,8 @@ async fn crash_and_recover(crash: Crash) -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_loader_crash_after_an_insert_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_insert",
-        program: "loader",
-        failpoint: "loader::insert::after",
         passes: 3,
-        resync: false,
-        backlog: false,
-        big: false,
-        expected: &[],
+        ..crash("crash_insert", "loader", "loader::insert::after")
     })
     .await
 }
@@ -294,14 +303,8 @@ async fn a_loader_crash_after_an_insert_needs_no_resync() -> anyhow::Result<()> 
 #[tokio::test]
 async fn a_loader_crash_after_the_positions_write_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_positions",
-        program: "loader",
-        failpoint: "loader::positions::after_save",
         passes: 3,
-        resync: false,
-        backlog: false,
-        big: false,
-        expected: &[],
+        ..crash("crash_positions", "loader", "loader::positions::after_save")
     })
     .await
 }
@@ -309,14 +312,8 @@ async fn a_loader_crash_after_the_positions_write_needs_no_resync() -> anyhow::R
 #[tokio::test]
 async fn a_loader_crash_after_the_ack_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_ack",
-        program: "loader",
-        failpoint: "loader::ack::after",
         passes: 3,
-        resync: false,
-        backlog: false,
-        big: false,
-        expected: &[],
+        ..crash("crash_ack", "loader", "loader::ack::after")
     })
     .await
 }
@@ -326,14 +323,9 @@ async fn a_loader_crash_after_the_ack_needs_no_resync() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_loader_crash_after_creating_the_shadow_finishes_the_same_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_shadow",
-        program: "loader",
-        failpoint: "loader::resync::after_create",
-        passes: 0,
         resync: true,
-        backlog: false,
-        big: false,
         expected: &[("manual", 1)],
+        ..crash("crash_shadow", "loader", "loader::resync::after_create")
     })
     .await
 }
@@ -343,14 +335,12 @@ async fn a_loader_crash_after_creating_the_shadow_finishes_the_same_resync() -> 
 #[tokio::test]
 async fn a_replicator_crash_mid_transaction_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_publish",
-        program: "replicator",
-        failpoint: "replicator::publish::after_package",
         passes: 40,
-        resync: false,
-        backlog: false,
-        big: false,
-        expected: &[],
+        ..crash(
+            "crash_publish",
+            "replicator",
+            "replicator::publish::after_package",
+        )
     })
     .await
 }
@@ -358,14 +348,12 @@ async fn a_replicator_crash_mid_transaction_needs_no_resync() -> anyhow::Result<
 #[tokio::test]
 async fn a_replicator_crash_after_confirming_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_confirm",
-        program: "replicator",
-        failpoint: "replicator::confirm::after_status",
         passes: 1,
-        resync: false,
-        backlog: false,
-        big: false,
-        expected: &[],
+        ..crash(
+            "crash_confirm",
+            "replicator",
+            "replicator::confirm::after_status",
+        )
     })
     .await
 }
@@ -373,14 +361,12 @@ async fn a_replicator_crash_after_confirming_needs_no_resync() -> anyhow::Result
 #[tokio::test]
 async fn a_replicator_crash_after_advancing_the_slot_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_advance",
-        program: "replicator",
-        failpoint: "replicator::backlog::after_advance",
-        passes: 0,
-        resync: false,
         backlog: true,
-        big: false,
-        expected: &[],
+        ..crash(
+            "crash_advance",
+            "replicator",
+            "replicator::backlog::after_advance",
+        )
     })
     .await
 }
@@ -390,14 +376,12 @@ async fn a_replicator_crash_after_advancing_the_slot_needs_no_resync() -> anyhow
 #[tokio::test]
 async fn a_replicator_crash_between_chunks_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_chunks",
-        program: "replicator",
-        failpoint: "broker::publish::between_chunks",
-        passes: 0,
-        resync: false,
-        backlog: false,
         big: true,
-        expected: &[],
+        ..crash(
+            "crash_chunks",
+            "replicator",
+            "broker::publish::between_chunks",
+        )
     })
     .await
 }
@@ -407,14 +391,13 @@ async fn a_replicator_crash_between_chunks_needs_no_resync() -> anyhow::Result<(
 #[tokio::test]
 async fn a_replicator_crash_mid_resync_is_asked_again_once() -> anyhow::Result<()> {
     crash_and_recover(Crash {
-        name: "crash_resync",
-        program: "replicator",
-        failpoint: "replicator::resync::after_begin",
-        passes: 0,
         resync: true,
-        backlog: false,
-        big: false,
         expected: &[("manual", 1), ("stalled", 1)],
+        ..crash(
+            "crash_resync",
+            "replicator",
+            "replicator::resync::after_begin",
+        )
     })
     .await
 }

@@ -11,6 +11,12 @@ use sluice_proto::Message as _;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
+/// `contacts (id, name, email)` with 500 rows, for the tests that change its column list.
+const CONTACTS: &str = "
+    CREATE TABLE contacts (id bigint PRIMARY KEY, name text NOT NULL, email text);
+    INSERT INTO contacts SELECT g, 'name ' || g, 'mail' || g || '@example.org'
+        FROM generate_series(1, 500) g;";
+
 /// Skips (returns true) on a Postgres without column lists and row filters (before 15).
 /// `scripts/test-matrix` does not run these tests there at all and reports them as skipped.
 async fn before_postgres_15(pg: &tokio_postgres::Client) -> anyhow::Result<bool> {
@@ -254,12 +260,10 @@ async fn a_changed_column_list_or_row_filter_is_followed() -> anyhow::Result<()>
     if before_postgres_15(&pg).await? {
         return Ok(());
     }
-    pg.batch_execute(
-        "CREATE TABLE contacts (id bigint PRIMARY KEY, name text NOT NULL, email text);
-         INSERT INTO contacts SELECT g, 'name ' || g, 'mail' || g || '@example.org'
-             FROM generate_series(1, 500) g;
-         CREATE PUBLICATION sluice FOR TABLE contacts (id, name);",
-    )
+    pg.batch_execute(&format!(
+        "{CONTACTS}
+         CREATE PUBLICATION sluice FOR TABLE contacts (id, name);"
+    ))
     .await?;
     p.set_config("replicator", "publication_check_interval", "\"1s\"")?;
     p.spawn_replicator()?;
@@ -330,16 +334,14 @@ async fn a_publication_changed_while_the_replicator_is_stopped_is_followed() -> 
     if before_postgres_15(&pg).await? {
         return Ok(());
     }
-    pg.batch_execute(
-        "CREATE TABLE contacts (id bigint PRIMARY KEY, name text NOT NULL, email text);
-         INSERT INTO contacts SELECT g, 'name ' || g, 'mail' || g || '@example.org'
-             FROM generate_series(1, 300) g;
+    pg.batch_execute(&format!(
+        "{CONTACTS}
          CREATE TABLE notes (id bigint PRIMARY KEY, body text);
          INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 100) g;
          CREATE TABLE steady (id bigint PRIMARY KEY, v text);
          INSERT INTO steady SELECT g, 'v' || g FROM generate_series(1, 100) g;
-         CREATE PUBLICATION sluice FOR TABLE contacts (id, name), notes, steady;",
-    )
+         CREATE PUBLICATION sluice FOR TABLE contacts (id, name), notes, steady;"
+    ))
     .await?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
