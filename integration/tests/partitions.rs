@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use sluice_integration::pipeline::Pipeline;
+use sluice_integration::pipeline::{Pipeline, metric};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -61,6 +61,14 @@ async fn via_the_root_every_partition_lands_in_one_table() -> anyhow::Result<()>
     assert!(
         started.iter().any(|l| l.contains("estimated_rows=600")),
         "{started:#?}"
+    );
+    let metrics = p.replicator_metrics().await?;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_snapshot_rows_estimated{table=\"public.events\"}"
+        ),
+        Some(600.0)
     );
     pg.batch_execute(CHANGES).await?;
     let reports = p.wait_until_equal(CONVERGE).await?;

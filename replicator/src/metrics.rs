@@ -18,6 +18,9 @@ pub const PUBLISHED_PACKAGES: &str = "sluice_published_packages_total";
 pub const PUBLISH_DUPLICATES: &str = "sluice_publish_duplicates_total";
 /// Rows read by snapshots, by `table` (counter).
 pub const SNAPSHOT_ROWS: &str = "sluice_snapshot_rows_total";
+/// Rows the table's latest snapshot expects (Postgres' estimate, `reltuples`;
+/// a partitioned table's leaves summed), by `table` (gauge).
+pub const SNAPSHOT_ROWS_ESTIMATED: &str = "sluice_snapshot_rows_estimated";
 /// 1 while a table's snapshot/resync runs, by `table` (gauge).
 pub const RESYNC_IN_PROGRESS: &str = "sluice_resync_in_progress";
 /// Resyncs started, by `table` and `reason` (initial, manual, slot_lost,

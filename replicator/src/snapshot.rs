@@ -317,8 +317,10 @@ pub(crate) async fn read_table(
     let mut total: u64 = 0;
     let mut package_index = 0u32;
     let mut first_ordinal = 0u64;
-    let mut last_log = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let mut last_log = started;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
+    metrics::gauge!(m::SNAPSHOT_ROWS_ESTIMATED, "table" => label.clone()).set(f64::from(estimate));
     let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
     let mut flush =
         |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
@@ -397,8 +399,9 @@ pub(crate) async fn read_table(
                 }) {
                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 }
-                if last_log.elapsed() > std::time::Duration::from_secs(10) {
-                    tracing::info!(table = %label, rows = total, estimated_rows = estimate as u64, "snapshot progress");
+                if last_log.elapsed() > PROGRESS_EVERY {
+                    let (rate, eta) = progress(total, estimate as u64, started.elapsed());
+                    tracing::info!(table = %label, rows = total, estimated_rows = estimate as u64, rows_per_second = rate, eta_seconds = eta, "snapshot progress");
                     last_log = std::time::Instant::now();
                 }
             }
@@ -484,9 +487,34 @@ pub fn parse_copy_line(line: &[u8]) -> Option<Vec<Option<String>>> {
     Some(fields)
 }
 
+/// How often a running snapshot logs its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Rows per second so far, and the seconds left at that rate until
+/// `estimated` rows (`None` once the estimate is passed: it was low).
+fn progress(rows: u64, estimated: u64, elapsed: std::time::Duration) -> (u64, Option<u64>) {
+    let seconds = elapsed.as_secs_f64().max(0.001);
+    let rate = rows as f64 / seconds;
+    let eta =
+        (estimated > rows && rate > 0.0).then(|| ((estimated - rows) as f64 / rate).ceil() as u64);
+    (rate as u64, eta)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_copy_line;
+    use super::{parse_copy_line, progress};
+
+    #[test]
+    fn progress_estimates_the_time_left_at_the_rate_so_far() {
+        let ten = std::time::Duration::from_secs(10);
+        assert_eq!(progress(1000, 4000, ten), (100, Some(30)));
+        assert_eq!(
+            progress(5000, 4000, ten),
+            (500, None),
+            "the estimate was low"
+        );
+        assert_eq!(progress(0, 4000, ten), (0, None));
+    }
 
     #[test]
     fn copy_text_format_is_unescaped() {
