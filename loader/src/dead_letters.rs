@@ -199,14 +199,7 @@ pub async fn list(config: &Config) -> Result<Vec<Letter>, DeadLetterError> {
 
 /// One dead letter with what its payload decodes to.
 pub async fn show(config: &Config, sequence: u64) -> Result<Letter, DeadLetterError> {
-    let stream = dead_letter_stream(config).await?;
-    let mut letter =
-        read_one(config, &stream, sequence)
-            .await?
-            .ok_or_else(|| DeadLetterError::Missing {
-                stream: topology::dead_letter_stream_name(&config.stream_name()),
-                sequence,
-            })?;
+    let mut letter = fetch(config, sequence).await?;
     letter.package = Some(match letter.decode() {
         Ok(package) => describe(&package),
         Err(error) => format!("does not decode: {error}"),
@@ -214,11 +207,22 @@ pub async fn show(config: &Config, sequence: u64) -> Result<Letter, DeadLetterEr
     Ok(letter)
 }
 
+/// Dead letter `sequence`, which must exist.
+async fn fetch(config: &Config, sequence: u64) -> Result<Letter, DeadLetterError> {
+    let stream = dead_letter_stream(config).await?;
+    read_one(config, &stream, sequence)
+        .await?
+        .ok_or_else(|| DeadLetterError::Missing {
+            stream: topology::dead_letter_stream_name(&config.stream_name()),
+            sequence,
+        })
+}
+
 /// Writes the rows of dead letter `sequence` into ClickHouse (its table
 /// created or evolved to the letter's relation first); returns the table and
 /// the number of rows. The letter stays in the stream: `purge` removes it.
 pub async fn replay(config: &Config, sequence: u64) -> Result<(TableName, usize), DeadLetterError> {
-    let letter = show(config, sequence).await?;
+    let letter = fetch(config, sequence).await?;
     let not_replayable = |reason: String| DeadLetterError::NotReplayable { sequence, reason };
     let package = letter
         .decode()
