@@ -208,6 +208,11 @@ impl Reassembler {
         self.open.values().map(|o| o.first).min()
     }
 
+    /// Whether a set of `subject` is open (waiting for more parts).
+    pub fn is_open(&self, subject: &str) -> bool {
+        self.open.contains_key(subject)
+    }
+
     /// Sets dropped so far because they did not continue.
     pub fn abandoned(&self) -> u64 {
         self.abandoned

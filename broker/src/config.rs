@@ -315,11 +315,23 @@ pub struct LoaderConfig {
     pub consumer: String,
     /// Messages fetched per batch at most.
     pub batch_max_messages: usize,
-    /// Bytes fetched per batch at most.
+    /// Bytes fetched per batch at most (as stored: compressed).
     pub batch_max_bytes: usize,
+    /// Bytes a batch may take once decompressed. A bigger batch is applied in
+    /// parts (acked once, after the last); a package bigger than this alone
+    /// is dead-lettered. Bounds the loader's memory whatever the payloads
+    /// claim; chunks held back for an incomplete package count against it.
+    pub batch_max_decoded_bytes: usize,
     /// Longest wait for a batch to fill; an idle stream still lands within it.
     #[serde(with = "humantime_serde")]
     pub batch_max_wait: Duration,
+    /// How long newer messages wait behind a package whose chunks stopped
+    /// arriving before the loader applies them without it (its table then
+    /// shows a gap and is resynced). While nothing newer arrives (a
+    /// replicator that died mid-package and has not restarted), the chunks
+    /// are held however long that takes.
+    #[serde(with = "humantime_serde")]
+    pub incomplete_package_wait: Duration,
     /// How long JetStream waits for an ack before redelivering; must exceed the
     /// slowest INSERT including retries.
     #[serde(with = "humantime_serde")]
@@ -333,7 +345,9 @@ impl Default for LoaderConfig {
             consumer: "sluice_loader".into(),
             batch_max_messages: 1000,
             batch_max_bytes: 32 * 1024 * 1024,
+            batch_max_decoded_bytes: 256 * 1024 * 1024,
             batch_max_wait: Duration::from_millis(500),
+            incomplete_package_wait: Duration::from_secs(60),
             ack_wait: Duration::from_secs(300),
         }
     }
@@ -510,6 +524,10 @@ impl Config {
             ),
             ("loader.batch_max_messages", self.loader.batch_max_messages),
             ("loader.batch_max_bytes", self.loader.batch_max_bytes),
+            (
+                "loader.batch_max_decoded_bytes",
+                self.loader.batch_max_decoded_bytes,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".into()));

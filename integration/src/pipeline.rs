@@ -557,6 +557,11 @@ ack_wait = "30s"
         self.replicator.as_ref().map(Child::id)
     }
 
+    /// The running loader's process id.
+    pub fn loader_pid(&self) -> Option<u32> {
+        self.loader.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the replicator and reaps it.
     pub fn kill_9_replicator(&mut self) -> anyhow::Result<()> {
         kill_9(self.replicator.take())
@@ -1091,6 +1096,16 @@ pub fn json_field<'a>(object: &'a str, key: &str) -> Option<&'a str> {
             .strip_prefix(&prefix)
             .map(|value| value.trim_end_matches(','))
     })
+}
+
+/// The peak resident set size (`VmHWM`) of process `pid`, in kB.
+pub fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
 }
 
 /// The sum of the samples in Prometheus text `text` whose line starts with

@@ -516,3 +516,122 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() -> anyhow::Result<(
     assert_eq!(text.trim(), "no dead letters");
     Ok(())
 }
+
+/// Packages anyone able to publish on the stream's subjects could send, each
+/// small as stored and huge once decompressed, plus a chunked package whose
+/// rest never comes. The loader decodes at most `batch_max_decoded_bytes` per
+/// part of a batch, so its peak RSS stays bounded; what exceeds the budget
+/// is dead-lettered; the healthy table loads meanwhile.
+#[tokio::test]
+async fn hostile_packages_leave_the_loader_within_its_memory_bound() -> anyhow::Result<()> {
+    use sluice_proto::v1;
+    /// The budget set below, and the bound it implies for this small test:
+    /// at most two parts decoded at once, each held about three times (the
+    /// decompressed bytes, the decoded package, its encoded rows), over the
+    /// loader's own working set.
+    const BUDGET: usize = 16 << 20;
+    const MAX_RSS_KB: u64 = 320 * 1024;
+    let mut p = Pipeline::start("hostile").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{};
+         CREATE PUBLICATION sluice FOR TABLE items;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    p.set_configs(
+        "loader",
+        &[
+            ("batch_max_decoded_bytes", &BUDGET.to_string()),
+            ("incomplete_package_wait", "\"3s\""),
+        ],
+    )?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    run_workload(&pg, "items", 10, 20, Rng::new(31)).await?;
+    wait_items_equal(&mut p).await?;
+
+    let js = p.jetstream().await?;
+    let heartbeat = sluice_broker::topology::heartbeat_subject(&p.name);
+    let zstd_headers = || {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(sluice_proto::ENCODING_HEADER, "zstd");
+        headers
+    };
+    // A heartbeat is decoded whole and kept until its batch is applied; one
+    // row of `size` bytes makes it as big as wanted.
+    let fat_heartbeat = |size: usize| {
+        let package = v1::Package {
+            source: p.name.clone(),
+            kind: v1::Kind::Heartbeat as i32,
+            commit_time_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64),
+            rows: vec![v1::Row {
+                values: vec![v1::Value {
+                    kind: Some(v1::value::Kind::Text("x".repeat(size))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        bytes::Bytes::from(sluice_proto::encode(&package, sluice_proto::Encoding::Zstd))
+    };
+    // Within the budget one by one: 480 MB together.
+    let within = fat_heartbeat(12 << 20);
+    for _ in 0..40 {
+        js.publish_with_headers(heartbeat.clone(), zstd_headers(), within.clone())
+            .await?
+            .await?;
+    }
+    // Each states more than the budget: refused before any allocation.
+    let over = fat_heartbeat(100 << 20);
+    for _ in 0..10 {
+        js.publish_with_headers(heartbeat.clone(), zstd_headers(), over.clone())
+            .await?
+            .await?;
+    }
+    // zstd bombs that state no size: 600 MB of zeros each.
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..600 {
+        std::io::Write::write_all(&mut encoder, &zeros)?;
+    }
+    let bomb = bytes::Bytes::from(encoder.finish()?);
+    for _ in 0..3 {
+        js.publish_with_headers(heartbeat.clone(), zstd_headers(), bomb.clone())
+            .await?
+            .await?;
+    }
+    // The first chunk of two, whose second never comes: the healthy table's
+    // changes behind it wait `incomplete_package_wait`, not forever.
+    let mut headers = zstd_headers();
+    headers.insert(sluice_broker::chunk::CHUNK_HEADER, "1/2");
+    headers.insert(sluice_broker::chunk::PACKAGE_ID_HEADER, "hostile-1");
+    js.publish_with_headers(
+        sluice_broker::topology::table_subject(&p.name, "public", "hostile"),
+        headers,
+        "half".into(),
+    )
+    .await?
+    .await?;
+
+    run_workload(&pg, "items", 10, 20, Rng::new(32)).await?;
+    wait_items_equal(&mut p).await?;
+    let pid = p.loader_pid().context("loader not running")?;
+    let peak = pipeline::peak_rss_kb(pid)?;
+    eprintln!("loader peak RSS: {} MiB", peak / 1024);
+    assert!(
+        peak < MAX_RSS_KB,
+        "the loader peaked at {} MiB, over {} MiB",
+        peak / 1024,
+        MAX_RSS_KB / 1024
+    );
+    wait_for_metric("sluice_dead_letters_total{reason=\"decode\"}", 13.0, || {
+        p.loader_metrics()
+    })
+    .await?;
+    let released = p.log_lines_containing("loader", "without an incomplete chunked package");
+    assert!(!released.is_empty(), "{}", p.log_tail("loader", 30));
+    Ok(())
+}

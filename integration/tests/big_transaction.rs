@@ -10,15 +10,6 @@ use sluice_integration::pipeline::{self, Pipeline};
 const ROWS: i64 = 1_000_000;
 const MAX_RSS_KB: u64 = 300 * 1024;
 
-fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/PID/status")
-}
-
 #[tokio::test]
 async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result<()> {
     let mut p = Pipeline::start("big_tx").await?;
@@ -49,7 +40,7 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     p.wait_slot_confirmed(&target, Duration::from_secs(600))
         .await?;
     let pid = p.replicator_pid().context("replicator not running")?;
-    let peak = peak_rss_kb(pid)?;
+    let peak = pipeline::peak_rss_kb(pid)?;
     let metrics = p.replicator_metrics().await?;
     let published = pipeline::metric(
         &metrics,

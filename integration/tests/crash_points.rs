@@ -121,6 +121,8 @@ struct Crash {
     big: bool,
     /// Resyncs of `items` beyond the initial snapshot, by reason; every other reason: none.
     expected: &'static [(&'static str, usize)],
+    /// How long the crashed program stays down (an outage, not a wait for something).
+    down: Duration,
 }
 
 /// A crash of `program` at the first pass of `failpoint`, with no resync running, nothing held
@@ -135,6 +137,7 @@ const fn crash(name: &'static str, program: &'static str, failpoint: &'static st
         backlog: false,
         big: false,
         expected: &[],
+        down: Duration::ZERO,
     }
 }
 
@@ -199,6 +202,8 @@ async fn crash_and_recover(crash: Crash) -> anyhow::Result<()> {
             ("catchup_chunk_changes", "500"),
         ],
     )?;
+    // Far shorter than a replicator outage below, far longer than a healthy gap between chunks.
+    p.set_config("loader", "incomplete_package_wait", "\"2s\"")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     p.wait_until_equal(CONVERGE).await?;
@@ -241,6 +246,7 @@ async fn crash_and_recover(crash: Crash) -> anyhow::Result<()> {
         "the {which} did not stop at {} ({status}):\n{log}",
         crash.failpoint
     );
+    tokio::time::sleep(crash.down).await;
     if which == "replicator" {
         p.spawn_replicator()?;
     } else {
@@ -372,11 +378,14 @@ async fn a_replicator_crash_after_advancing_the_slot_needs_no_resync() -> anyhow
 }
 
 /// Between two chunks of one package: the restarted replicator sends the package again (the
-/// stored chunk is a duplicate), the loader joins the chunks; no gap, no resync.
+/// stored chunk is a duplicate), the loader joins the chunks; no gap, no resync. The replicator
+/// stays down longer than `incomplete_package_wait`: with nothing newer in the stream, the loader
+/// keeps holding the first chunk (it used to give up after a minute, which made a gap).
 #[tokio::test]
 async fn a_replicator_crash_between_chunks_needs_no_resync() -> anyhow::Result<()> {
     crash_and_recover(Crash {
         big: true,
+        down: Duration::from_secs(8),
         ..crash(
             "crash_chunks",
             "replicator",

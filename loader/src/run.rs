@@ -12,8 +12,12 @@
 //! them only after `ack_wait`, and the next `AckAll` would ack them unseen).
 //!
 //! One batch is fetched, decoded and encoded to RowBinary ahead
-//! ([`fetch_batches`], [`Batch::decode`]) while the current one is written,
-//! so that work overlaps ClickHouse's. Should the
+//! ([`fetch_batches`], [`crate::apply::Pending::decode`]) while the current
+//! one is written, so that work overlaps ClickHouse's. A fetch bigger than
+//! `loader.batch_max_decoded_bytes` once decompressed is applied in parts,
+//! each decoded only once the previous part was handed over, and acked once
+//! after its last part: at most two parts are decoded in memory at a time.
+//! Should the
 //! prefetched batch outlive `ack_wait` (a long ClickHouse outage), JetStream
 //! redelivers its messages; the chain positions mark the copies as already
 //! applied.
@@ -182,6 +186,7 @@ async fn run_once(
         consumer.clone(),
         config.loader.clone(),
         stream_name.clone(),
+        config.source.clone(),
         batches_tx,
         stop_fetching,
     ));
@@ -193,7 +198,7 @@ async fn run_once(
                 None => return Ok(()),
             },
         };
-        if batch.messages.is_empty() {
+        if batch.is_idle() {
             loader.update_lag();
             loader.check_stalled_resyncs().await;
             continue;
@@ -225,7 +230,7 @@ async fn run_once(
                 Recovery::ResyncTable | Recovery::FailTable | Recovery::Stop => return Err(error),
             }
         }
-        if let Some(last) = batch.messages.last() {
+        if let Some(last) = batch.messages.last().filter(|_| batch.last_part) {
             last.double_ack().await.map_err(RunError::Ack)?;
             fail::fail_point!("loader::ack::after", |_| crate::crash_here());
         }
@@ -241,6 +246,7 @@ async fn fetch_batches(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     settings: sluice_broker::config::LoaderConfig,
     stream_name: String,
+    source: String,
     batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
     stop: CancellationToken,
 ) {
@@ -265,20 +271,24 @@ async fn fetch_batches(
         }
     };
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
-    // Chunks of a package whose last chunk has not been fetched yet.
+    // Chunks of a package whose last chunk has not been fetched yet, and
+    // everything fetched after them.
     let mut held: Vec<jetstream::Message> = Vec::new();
-    let mut held_since = std::time::Instant::now();
+    // Since when messages newer than such a package wait behind it.
+    let mut overtaken_since: Option<std::time::Instant> = None;
     loop {
         if last_pending_check.elapsed() > Duration::from_secs(2) {
             refresh_pending(&consumer).await;
             last_pending_check = std::time::Instant::now();
         }
-        // A batch: what arrives within `batch_max_wait`, up to the limits.
+        // A batch: what was held back and what arrives within
+        // `batch_max_wait`, up to the limits.
         let mut messages = std::mem::take(&mut held);
         let mut bytes = 0;
+        let mut fetched = 0;
         let window = tokio::time::sleep(settings.batch_max_wait);
         tokio::pin!(window);
-        while messages.len() < settings.batch_max_messages && bytes < settings.batch_max_bytes {
+        while fetched < settings.batch_max_messages && bytes < settings.batch_max_bytes {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = &mut window => break,
@@ -287,6 +297,7 @@ async fn fetch_batches(
             match next {
                 Some(Ok(message)) => {
                     bytes += message.payload.len();
+                    fetched += 1;
                     messages.push(message);
                 }
                 Some(Err(error)) => match error.kind() {
@@ -310,26 +321,58 @@ async fn fetch_batches(
                 }
             }
         }
-        if held_since.elapsed() < INCOMPLETE_CHUNKS_WAIT {
-            held = hold_incomplete_chunks(&mut messages);
-        }
-        if held.is_empty() {
-            held_since = std::time::Instant::now();
+        let hold = hold_incomplete_chunks(&mut messages, &source);
+        overtaken_since = match (hold.overtaken, overtaken_since) {
+            (false, _) => None,
+            (true, since) => Some(since.unwrap_or_else(std::time::Instant::now)),
+        };
+        let held_bytes: usize = hold.messages.iter().map(|m| m.payload.len()).sum();
+        let waited = overtaken_since.map(|since| since.elapsed());
+        if held_bytes > settings.batch_max_decoded_bytes
+            || waited.is_some_and(|w| w >= settings.incomplete_package_wait)
+        {
+            // Nothing else can finish it: apply what is here. The package
+            // is missing from its table's chain, which the loader reports
+            // as a gap.
+            tracing::warn!(
+                held_bytes,
+                waited = ?waited,
+                "applying without an incomplete chunked package: newer messages waited behind it too long, or it outgrew loader.batch_max_decoded_bytes"
+            );
+            messages.extend(hold.messages);
+            overtaken_since = None;
         } else {
+            held = hold.messages;
             // Keep them ours (no redelivery) until their set is complete.
             for message in &held {
                 let _ = message.ack_with(jetstream::AckKind::Progress).await;
             }
         }
-        let batch = match tokio::task::spawn_blocking(move || Batch::decode(messages)).await {
-            Ok(batch) => batch,
+        let budget = settings.batch_max_decoded_bytes;
+        let parts = match tokio::task::spawn_blocking(move || crate::apply::split(messages, budget))
+            .await
+        {
+            Ok(parts) => parts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // The runtime is shutting down.
             Err(_) => return,
         };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            sent = batches.send(Ok(batch)) => if sent.is_err() { return },
+        for part in parts {
+            // Decode a part only once the previous one was taken: at most
+            // the part being applied and this one are decoded in memory.
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                permit = batches.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let batch = match tokio::task::spawn_blocking(move || part.decode()).await {
+                Ok(batch) => batch,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => return,
+            };
+            permit.send(Ok(batch));
         }
     }
 }
@@ -343,15 +386,20 @@ async fn refresh_pending(consumer: &jetstream::consumer::Consumer<pull::Config>)
     }
 }
 
-/// How long the chunks of an incomplete package are held back waiting for
-/// the rest; after that they are applied as they are (the incomplete package
-/// yields nothing, and its table's chain shows the gap).
-const INCOMPLETE_CHUNKS_WAIT: Duration = Duration::from_secs(60);
+/// Messages held back behind incomplete chunked packages.
+struct Held {
+    messages: Vec<jetstream::Message>,
+    /// Among them are table messages that belong to none of the open
+    /// packages: the stream went on without them. (Heartbeats and other
+    /// control messages do not count: a restarted replicator sends a
+    /// heartbeat before it reaches the package again.)
+    overtaken: bool,
+}
 
 /// Splits off the messages from the first chunk of a package whose last
 /// chunk is not in `messages` yet: they cannot be acknowledged (acks are
 /// cumulative) until the package is complete. Returns them, in order.
-fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>) -> Vec<jetstream::Message> {
+fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>, source: &str) -> Held {
     let mut reassembler = sluice_broker::chunk::Reassembler::default();
     for message in messages.iter() {
         // Malformed chunk headers are the apply step's to report.
@@ -361,9 +409,17 @@ fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>) -> Vec<jetstre
             &message.payload,
         );
     }
-    match reassembler.oldest_open() {
+    let messages = match reassembler.oldest_open() {
         Some(first) => messages.split_off(first),
         None => Vec::new(),
+    };
+    let overtaken = messages.iter().any(|m| {
+        !reassembler.is_open(m.subject.as_str())
+            && topology::table_of_subject(source, m.subject.as_str()).is_some()
+    });
+    Held {
+        messages,
+        overtaken,
     }
 }
 

@@ -66,8 +66,10 @@ pub enum DecodeError {
     UnknownEncoding(String),
     #[error("payload is not a valid zstd frame")]
     Decompress(#[source] std::io::Error),
-    #[error("decompressed payload exceeds {MAX_DECODED_BYTES} bytes")]
-    TooLarge,
+    #[error("decompressed payload exceeds the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("decompressed payload is larger than the {stated} bytes its zstd frame states")]
+    LargerThanStated { stated: u64 },
     #[error("payload is not a valid sluice.v1.Package")]
     Protobuf(#[source] prost::DecodeError),
     #[error("payload is not a valid sluice.v1.Package: {0}")]
@@ -123,11 +125,37 @@ pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, Dec
 }
 
 /// Decompresses a payload into the protobuf bytes of its package (for
-/// [`rows::split`]); see [`decode`].
+/// [`rows::split`]), up to [`MAX_DECODED_BYTES`]; see [`decode`].
 pub fn decompress<'p>(
     payload: &'p [u8],
     encoding: Option<&str>,
 ) -> Result<std::borrow::Cow<'p, [u8]>, DecodeError> {
+    decompress_limited(payload, encoding, MAX_DECODED_BYTES)
+}
+
+/// The most bytes [`decompress_limited`] can return for `payload`, known
+/// before decompressing it: its own size, or what its zstd frame states
+/// (the output is held to that), or `limit` when the frame states nothing.
+/// `None` when it is refused at once (a stated size over `limit`, an
+/// unknown encoding): nothing is allocated for it.
+pub fn decoded_size_bound(payload: &[u8], encoding: Option<&str>, limit: usize) -> Option<usize> {
+    match encoding.map_or(Some(Encoding::Zstd), Encoding::parse)? {
+        Encoding::Identity => (payload.len() <= limit).then_some(payload.len()),
+        Encoding::Zstd => match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(stated)) => usize::try_from(stated).ok().filter(|s| *s <= limit),
+            _ => Some(limit),
+        },
+    }
+}
+
+/// [`decompress`] with a caller's bound on the output: never allocates more
+/// than [`decoded_size_bound`] says, whatever the bytes claim.
+pub fn decompress_limited<'p>(
+    payload: &'p [u8],
+    encoding: Option<&str>,
+    limit: usize,
+) -> Result<std::borrow::Cow<'p, [u8]>, DecodeError> {
+    let limit = limit.min(MAX_DECODED_BYTES);
     let encoding = match encoding {
         None => Encoding::Zstd,
         Some(value) => {
@@ -135,14 +163,25 @@ pub fn decompress<'p>(
         }
     };
     match encoding {
+        Encoding::Identity if payload.len() > limit => Err(DecodeError::TooLarge { limit }),
         Encoding::Identity => Ok(std::borrow::Cow::Borrowed(payload)),
         Encoding::Zstd => {
+            let stated = zstd::zstd_safe::get_frame_content_size(payload)
+                .ok()
+                .flatten();
+            if let Some(size) = stated
+                && size > limit as u64
+            {
+                return Err(DecodeError::TooLarge { limit });
+            }
             // Frames from `encode` state their size: decompress in one go
             // with this thread's reused context (creating one per package
-            // was a visible share of the loader's time).
-            // Bigger stated sizes take the streaming path, which allocates
-            // as the data really arrives rather than what the header claims.
-            if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(payload)
+            // was a visible share of the loader's time). The output buffer
+            // is the stated size, so more data is an error, not an
+            // allocation. Bigger stated sizes take the streaming path, which
+            // allocates as the data really arrives rather than what the
+            // header claims, and is held to the stated size as well.
+            if let Some(size) = stated
                 && size <= ONE_SHOT_MAX_BYTES
             {
                 let raw = DECOMPRESSOR.with(|cell| match &mut *cell.borrow_mut() {
@@ -151,15 +190,19 @@ pub fn decompress<'p>(
                 });
                 return raw.map(Into::into).map_err(DecodeError::Decompress);
             }
+            let most = stated.unwrap_or(limit as u64);
             let decoder =
                 zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
             let mut raw = Vec::new();
             decoder
-                .take(MAX_DECODED_BYTES as u64 + 1)
+                .take(most + 1)
                 .read_to_end(&mut raw)
                 .map_err(DecodeError::Decompress)?;
-            if raw.len() > MAX_DECODED_BYTES {
-                return Err(DecodeError::TooLarge);
+            if raw.len() as u64 > most {
+                return Err(match stated {
+                    Some(stated) => DecodeError::LargerThanStated { stated },
+                    None => DecodeError::TooLarge { limit },
+                });
             }
             Ok(raw.into())
         }
@@ -351,6 +394,53 @@ mod tests {
         assert!(decode(&truncated[..truncated.len() / 2], None).is_err());
     }
 
+    /// A zstd frame of `size` zero bytes; `state_size` false leaves the
+    /// size out of the header, as a streaming compressor does.
+    fn zeros_frame(size: usize, state_size: bool) -> Vec<u8> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        if state_size {
+            encoder.set_pledged_src_size(Some(size as u64)).unwrap();
+        }
+        std::io::Write::write_all(&mut encoder, &vec![0u8; size]).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn decompression_never_goes_past_the_callers_limit() {
+        let limit = 1 << 20;
+        // Stated and within: decoded, and the bound is what the frame says.
+        let small = zeros_frame(1000, true);
+        assert_eq!(decoded_size_bound(&small, None, limit), Some(1000));
+        assert_eq!(decompress_limited(&small, None, limit).unwrap().len(), 1000);
+        // Stated over the limit: refused before anything is allocated.
+        let big = zeros_frame(2 << 20, true);
+        assert_eq!(decoded_size_bound(&big, None, limit), None);
+        assert!(matches!(
+            decompress_limited(&big, None, limit),
+            Err(DecodeError::TooLarge { limit: l }) if l == limit
+        ));
+        // Not stated: the limit bounds it, on the streaming path.
+        let unstated = zeros_frame(2 << 20, false);
+        assert_eq!(decoded_size_bound(&unstated, None, limit), Some(limit));
+        assert!(matches!(
+            decompress_limited(&unstated, None, limit),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        assert_eq!(
+            decompress_limited(&unstated, None, 4 << 20).unwrap().len(),
+            2 << 20
+        );
+        // A first frame that understates what follows it: held to its word.
+        let mut lying = zeros_frame(1000, true);
+        lying.extend(zeros_frame(100_000, true));
+        assert!(decompress_limited(&lying, None, limit).is_err());
+        // Uncompressed payloads count as they are.
+        assert_eq!(decoded_size_bound(&[0; 10], Some("identity"), 5), None);
+        assert!(matches!(
+            decompress_limited(&[0; 10], Some("identity"), 5),
+            Err(DecodeError::TooLarge { limit: 5 })
+        ));
+    }
     #[test]
     fn versions_order_by_commit_then_ordinal() {
         let mut a = sample(2);

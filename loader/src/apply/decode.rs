@@ -2,11 +2,15 @@
 //! chunks, decompressed, decoded, and the rows of row packages encoded to
 //! RowBinary ahead of their INSERT.
 //!
-//! This is the CPU-heavy half of applying a batch. [`Batch::decode`] runs it
-//! on [`DECODE_THREADS`] threads while the previous batch's INSERTs run; the
-//! batch comes out in stream order again. A payload that cannot be decoded is
-//! kept as its reason, for the plan to dead-letter (ARCHITECTURE.md
-//! invariant 6).
+//! This is the CPU-heavy half of applying a batch. [`split`] cuts a fetch
+//! into parts whose decompressed size stays within
+//! `loader.batch_max_decoded_bytes`, and [`Pending::decode`] runs each on
+//! [`DECODE_THREADS`] threads while the previous part's INSERTs run; a part
+//! comes out in stream order again. A payload that cannot be decoded (or
+//! decompresses past the budget) is kept as its reason, for the plan to
+//! dead-letter (ARCHITECTURE.md invariant 6).
+
+use std::sync::Arc;
 
 use async_nats::jetstream;
 use sluice_broker::TableName;
@@ -15,14 +19,24 @@ use sluice_proto::{Message as _, v1};
 use crate::clickhouse::schema::TargetTable;
 use crate::clickhouse::{EncodedRows, Error as ChError};
 
-/// A fetched batch with its payloads decompressed, decoded and their rows
-/// encoded: the CPU-heavy half of applying it, done by [`Batch::decode`]
-/// while the previous batch's INSERTs run.
+/// A fetched batch, or a part of one, with its payloads decompressed,
+/// decoded and their rows encoded: the CPU-heavy half of applying it, done
+/// by [`Pending::decode`] while the previous part's INSERTs run.
 pub struct Batch {
-    pub messages: Vec<jetstream::Message>,
+    /// All the messages of the fetch (decoded packages name theirs by index).
+    pub messages: Arc<Vec<jetstream::Message>>,
     /// Per whole package (a chunked one at its last chunk): the index of its
     /// message and the package, or why it cannot be decoded.
     pub(super) decoded: Vec<(usize, Result<Decoded, String>)>,
+    /// The last part of its fetch: the fetch is acked once it is applied.
+    pub last_part: bool,
+}
+
+impl Batch {
+    /// Whether the fetch brought nothing (the wait expired).
+    pub fn is_idle(&self) -> bool {
+        self.messages.is_empty()
+    }
 }
 
 /// A decoded package and, where they could be encoded on their own, its rows
@@ -57,32 +71,98 @@ impl Decoded {
     }
 }
 
-impl Batch {
-    /// Reassembles chunked packages (the caller holds back incomplete sets),
-    /// then decodes every package and encodes the rows of every row package
-    /// on `DECODE_THREADS` threads (the batch is in order again afterwards).
-    pub fn decode(messages: Vec<jetstream::Message>) -> Batch {
-        let mut chunks = sluice_broker::chunk::Reassembler::default();
-        let mut whole = Vec::with_capacity(messages.len());
-        for (index, message) in messages.iter().enumerate() {
-            match chunks.push(
-                message.subject.as_str(),
-                message.headers.as_ref(),
-                &message.payload,
-            ) {
-                Ok(sluice_broker::chunk::Piece::Whole(payload)) => {
-                    whole.push((index, Ok(payload)));
-                }
-                Ok(sluice_broker::chunk::Piece::Part) => {}
-                Err(error) => whole.push((index, Err(sluice_broker::error_chain(&error)))),
+/// A whole package payload, still compressed, by the index of its (last)
+/// message; or why it could not be put together.
+type Payload = (usize, Result<bytes::Bytes, String>);
+
+/// A part of a fetch waiting to be decoded: packages whose decompressed
+/// sizes, as far as they can be known before decompressing, add up to at
+/// most the budget (a single package may take the whole budget).
+pub struct Pending {
+    messages: Arc<Vec<jetstream::Message>>,
+    payloads: Vec<Payload>,
+    last_part: bool,
+    /// The most one package may decompress to.
+    limit: usize,
+}
+
+/// Reassembles a fetch's chunked packages (the caller holds back incomplete
+/// sets) and cuts its packages into parts of at most `budget` decompressed
+/// bytes, in stream order. There is always at least one part, so an empty
+/// fetch still makes an (idle) batch.
+///
+/// The sizes are bounds known from the payloads' headers
+/// ([`sluice_proto::decoded_size_bound`]); decompression is held to them,
+/// so no part decompresses to more than `budget` whatever the bytes claim.
+/// A package refused at once (stated over the budget) counts nothing here
+/// and fails as too large when decoded.
+pub fn split(messages: Vec<jetstream::Message>, budget: usize) -> Vec<Pending> {
+    let mut chunks = sluice_broker::chunk::Reassembler::default();
+    let mut parts: Vec<Vec<Payload>> = vec![Vec::new()];
+    let mut used = 0usize;
+    for (index, message) in messages.iter().enumerate() {
+        let payload = match chunks.push(
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            &message.payload,
+        ) {
+            Ok(sluice_broker::chunk::Piece::Whole(payload)) => payload,
+            Ok(sluice_broker::chunk::Piece::Part) => continue,
+            Err(error) => {
+                parts
+                    .last_mut()
+                    .expect("never empty")
+                    .push((index, Err(sluice_broker::error_chain(&error))));
+                continue;
             }
+        };
+        let size =
+            sluice_proto::decoded_size_bound(&payload, encoding_of(message), budget).unwrap_or(0);
+        let current = parts.last_mut().expect("never empty");
+        if !current.is_empty() && used + size > budget {
+            parts.push(Vec::new());
+            used = 0;
         }
-        let share = whole.len().div_ceil(DECODE_THREADS).max(1);
-        let messages_ref = &messages;
+        used += size;
+        parts
+            .last_mut()
+            .expect("never empty")
+            .push((index, Ok(payload)));
+    }
+    let messages = Arc::new(messages);
+    let count = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, payloads)| Pending {
+            messages: messages.clone(),
+            payloads,
+            last_part: i + 1 == count,
+            limit: budget,
+        })
+        .collect()
+}
+
+fn encoding_of(message: &jetstream::Message) -> Option<&str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
+        .map(|v| v.as_str())
+}
+
+impl Pending {
+    /// Decodes every package and encodes the rows of every row package on
+    /// `DECODE_THREADS` threads (the part is in order again afterwards).
+    pub fn decode(self) -> Batch {
+        let share = self.payloads.len().div_ceil(DECODE_THREADS).max(1);
+        let messages_ref = &self.messages;
+        let limit = self.limit;
         let decoded = std::thread::scope(|scope| {
-            let threads: Vec<_> = whole
+            let threads: Vec<_> = self
+                .payloads
                 .chunks(share)
-                .map(|part| scope.spawn(move || decode_part(messages_ref, part)))
+                .map(|part| scope.spawn(move || decode_part(messages_ref, part, limit)))
                 .collect();
             threads
                 .into_iter()
@@ -92,7 +172,11 @@ impl Batch {
                 })
                 .collect()
         });
-        Batch { messages, decoded }
+        Batch {
+            messages: self.messages,
+            decoded,
+            last_part: self.last_part,
+        }
     }
 }
 
@@ -103,16 +187,13 @@ const DECODE_THREADS: usize = 2;
 /// Decodes whole package payloads (by message index) and encodes their rows.
 fn decode_part(
     messages: &[jetstream::Message],
-    part: &[(usize, Result<bytes::Bytes, String>)],
+    part: &[Payload],
+    limit: usize,
 ) -> Vec<(usize, Result<Decoded, String>)> {
     let mut encoder = RowEncoder::default();
     let mut decode = |index: usize, payload: &bytes::Bytes| {
-        let encoding = messages[index]
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(sluice_proto::ENCODING_HEADER))
-            .map(|v| v.as_str());
-        let raw = match sluice_proto::decompress(payload, encoding)
+        let encoding = encoding_of(&messages[index]);
+        let raw = match sluice_proto::decompress_limited(payload, encoding, limit)
             .map_err(|error| sluice_broker::error_chain(&error))?
         {
             // Uncompressed: the payload itself.

@@ -30,7 +30,7 @@ use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_proto::v1;
 
-pub use decode::Batch;
+pub use decode::{Batch, Pending, split};
 
 use crate::chain::Chains;
 use crate::clickhouse::names::target_column_name;
