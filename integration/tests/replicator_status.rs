@@ -100,3 +100,66 @@ async fn status_json_shows_each_published_table_with_state_and_position() -> any
     p.check_alive()?;
     Ok(())
 }
+
+/// A snapshot in progress shows in `status --json` (and in text) with rows
+/// read so far, the estimate, the rate and the time left, taken from the
+/// stream alone; the same numbers are in the metrics.
+#[tokio::test]
+async fn status_shows_a_running_snapshot_with_rows_estimate_and_eta() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("snapshot_status").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 3000) g;
+         ANALYZE big;
+         CREATE PUBLICATION sluice FOR TABLE big;",
+    )
+    .await?;
+    // 30 packages of 100 rows, each followed by a 300 ms pause: about 9 s.
+    p.set_config("replicator", "package_max_rows", "100")?;
+    p.set_failpoints(Some("replicator::snapshot::package=return(300)"));
+    p.spawn_replicator()?;
+    p.set_failpoints(None);
+
+    let deadline = Instant::now() + READY;
+    let snapshot = loop {
+        p.check_alive()?;
+        let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
+        let status: serde_json::Value = serde_json::from_str(&stdout)?;
+        let table = status["tables"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["table"] == "public.big"))
+            .with_context(|| format!("public.big missing:\n{stdout}"))?
+            .clone();
+        let rows = table["snapshot"]["rows"].as_u64().unwrap_or(0);
+        if rows >= 500 {
+            assert_eq!(table["state"], "snapshotting", "{stdout}");
+            break table["snapshot"].clone();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no snapshot progress in status:\n{stdout}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rows = snapshot["rows"].as_u64().unwrap_or(0);
+    assert!(rows < 3000, "the snapshot was over already: {snapshot}");
+    assert_eq!(snapshot["estimated_rows"], 3000, "{snapshot}");
+    // About 300 rows/s: the time left is a few seconds, not zero or hours.
+    let rate = snapshot["rows_per_second"].as_u64().unwrap_or(0);
+    assert!((50..=2000).contains(&rate), "{snapshot}");
+    let eta = snapshot["eta_seconds"].as_u64().context("no eta")?;
+    assert!((1..=60).contains(&eta), "{snapshot}");
+    let (text, _) = p.cli("replicator", &["status"])?;
+    assert!(text.contains("snapshot rows="), "{text}");
+    let metrics = p.replicator_metrics().await?;
+    assert_eq!(
+        sluice_integration::pipeline::metric(
+            &metrics,
+            "sluice_snapshot_rows_estimated{table=\"public.big\"}"
+        ),
+        Some(3000.0),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -318,6 +318,7 @@ pub(crate) async fn read_table(
     let mut package_index = 0u32;
     let mut first_ordinal = 0u64;
     let started = std::time::Instant::now();
+    let started_us = now_us();
     let mut last_log = started;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
     metrics::gauge!(m::SNAPSHOT_ROWS_ESTIMATED, "table" => label.clone()).set(f64::from(estimate));
@@ -335,6 +336,12 @@ pub(crate) async fn read_table(
                 package_index,
                 first_row_ordinal: *first_ordinal,
                 rows: std::mem::take(rows),
+                // For `status`: how far the snapshot got, from the stream alone.
+                resync: Some(v1::Resync {
+                    rows: estimate as u64,
+                    started_us,
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             package_index += 1;
@@ -492,7 +499,11 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Rows per second so far, and the seconds left at that rate until
 /// `estimated` rows (`None` once the estimate is passed: it was low).
-fn progress(rows: u64, estimated: u64, elapsed: std::time::Duration) -> (u64, Option<u64>) {
+pub(crate) fn progress(
+    rows: u64,
+    estimated: u64,
+    elapsed: std::time::Duration,
+) -> (u64, Option<u64>) {
     let seconds = elapsed.as_secs_f64().max(0.001);
     let rate = rows as f64 / seconds;
     let eta =

@@ -128,9 +128,13 @@ fn entry(
     let position = last.and_then(|p| p.position);
     // Chunk positions carry no commit time.
     let commit_time_us = last.map(|p| p.commit_time_us).filter(|&t| t > 0);
+    let snapshot = last
+        .filter(|_| state == "snapshotting" || state == "resyncing")
+        .and_then(|p| snapshot_progress(p, now_us()));
     json!({
         "table": table.to_string(),
         "state": state,
+        "snapshot": snapshot,
         "generation": position.map(|p| p.generation),
         "sequence": position.map(|p| p.sequence),
         "last_published": position.map(|p| format!("{}/{}", p.generation, p.sequence)),
@@ -138,6 +142,39 @@ fn entry(
         "lag_seconds": commit_time_us.map(|t| lag_seconds(now_us(), t)),
         "stream_error": read_error,
     })
+}
+
+/// How far a running snapshot (initial or a resync's) got, from the last
+/// package of its table: rows read so far, the estimate (`pg_class`
+/// `reltuples`), the rate and the seconds left at that rate, and how long
+/// ago that package was made (a replicator that stopped mid-snapshot shows
+/// a growing age). `None` unless the package is a RESYNC_BEGIN or SNAPSHOT.
+pub fn snapshot_progress(last: &v1::Package, now_us: i64) -> Option<Value> {
+    let resync = last.resync.as_ref();
+    let estimated = resync.map_or(0, |r| r.rows);
+    let (rows, started_us) = match v1::Kind::try_from(last.kind).ok()? {
+        v1::Kind::ResyncBegin => (0, last.commit_time_us),
+        v1::Kind::Snapshot => (
+            last.first_row_ordinal + last.rows.len() as u64,
+            resync.map_or(0, |r| r.started_us),
+        ),
+        _ => return None,
+    };
+    let (rate, eta) = if started_us > 0 && rows > 0 {
+        let elapsed = (last.commit_time_us - started_us).max(0) as u64;
+        let (rate, eta) =
+            crate::snapshot::progress(rows, estimated, std::time::Duration::from_micros(elapsed));
+        (Some(rate), eta)
+    } else {
+        (None, None)
+    };
+    Some(json!({
+        "rows": rows,
+        "estimated_rows": estimated,
+        "rows_per_second": rate,
+        "eta_seconds": eta,
+        "updated_seconds_ago": lag_seconds(now_us, last.commit_time_us),
+    }))
 }
 
 /// Now minus a commit time (microseconds since the UNIX epoch), in seconds,
@@ -376,6 +413,20 @@ fn print_text(status: &Value) {
                 s(&table["last_commit_lsn"]),
                 lag
             );
+            let snapshot = &table["snapshot"];
+            if snapshot.is_object() {
+                let eta = snapshot["eta_seconds"]
+                    .as_u64()
+                    .map_or_else(|| "-".to_owned(), |eta| format!("{eta}s"));
+                println!(
+                    "    snapshot rows={}/{} (estimated) rows_per_second={} eta={} updated={:.1}s ago",
+                    s(&snapshot["rows"]),
+                    s(&snapshot["estimated_rows"]),
+                    s(&snapshot["rows_per_second"]),
+                    eta,
+                    snapshot["updated_seconds_ago"].as_f64().unwrap_or(0.0)
+                );
+            }
             if let Some(error) = table["stream_error"].as_str() {
                 println!("    cannot read its last package: {error}");
             }
@@ -386,6 +437,46 @@ fn print_text(status: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_progress_counts_rows_from_the_last_package() {
+        let begin = v1::Package {
+            kind: v1::Kind::ResyncBegin as i32,
+            commit_time_us: 1_000_000,
+            resync: Some(v1::Resync {
+                rows: 4000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let at_begin = snapshot_progress(&begin, 3_000_000).unwrap();
+        assert_eq!(at_begin["rows"], 0);
+        assert_eq!(at_begin["estimated_rows"], 4000);
+        assert_eq!(at_begin["eta_seconds"], Value::Null);
+        assert_eq!(at_begin["updated_seconds_ago"], 2.0);
+        // Rows 900..999 read ten seconds after the start: 100 rows/s, 30 s left.
+        let snapshot = v1::Package {
+            kind: v1::Kind::Snapshot as i32,
+            commit_time_us: 11_000_000,
+            first_row_ordinal: 900,
+            rows: vec![v1::Row::default(); 100],
+            resync: Some(v1::Resync {
+                rows: 4000,
+                started_us: 1_000_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let midway = snapshot_progress(&snapshot, 11_000_000).unwrap();
+        assert_eq!(midway["rows"], 1000);
+        assert_eq!(midway["rows_per_second"], 100);
+        assert_eq!(midway["eta_seconds"], 30);
+        let changes = v1::Package {
+            kind: v1::Kind::Changes as i32,
+            ..Default::default()
+        };
+        assert!(snapshot_progress(&changes, 0).is_none());
+    }
 
     fn package(kind: v1::Kind, generation: u64, sequence: u64) -> v1::Package {
         v1::Package {
