@@ -52,6 +52,10 @@ enum Command {
         /// Only this table (`schema.table`); default: every table of the publication.
         #[arg(long)]
         table: Option<String>,
+        /// Compare only about this share of each table's keys (0 < FRACTION ≤ 1), a
+        /// random choice of hash buckets each run; for a quick check of big tables.
+        #[arg(long, value_name = "FRACTION", value_parser = parse_fraction)]
+        sample: Option<f64>,
     },
     /// Per table the loader knows: state (streaming, resyncing, blocked,
     /// failed) and why,
@@ -102,10 +106,18 @@ enum DeadLetterAction {
     },
 }
 
+/// `--sample`'s value: a share above 0 and at most 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{text:?} is not a fraction above 0 and at most 1")),
+    }
+}
+
 /// What `main` does after loading the config.
 enum Work {
     Run,
-    Verify(Option<String>),
+    Verify(Option<String>, sluice_loader::verify::Options),
     Status { json: bool },
     DeadLetters(DeadLetterAction),
 }
@@ -117,7 +129,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (path, work) = match cli.command {
         Command::Run { config } => (config, Work::Run),
-        Command::Verify { config, table } => (config, Work::Verify(table)),
+        Command::Verify {
+            config,
+            table,
+            sample,
+        } => (
+            config,
+            Work::Verify(table, sluice_loader::verify::Options { sample }),
+        ),
         Command::Status { config, json } => (config, Work::Status { json }),
         Command::DeadLetters { config, action } => match config {
             Some(config) => (config, Work::DeadLetters(action)),
@@ -129,8 +148,8 @@ fn main() -> ExitCode {
     };
     let default_level = match work {
         Work::Run => "info",
-        Work::Verify(_) | Work::Status { .. } | Work::DeadLetters(_) if cli.verbose => "info",
-        Work::Verify(_) | Work::Status { .. } | Work::DeadLetters(_) => "warn",
+        Work::Verify(..) | Work::Status { .. } | Work::DeadLetters(_) if cli.verbose => "info",
+        Work::Verify(..) | Work::Status { .. } | Work::DeadLetters(_) => "warn",
     };
     // RUST_LOG if set, else `default_level`: the one-shot commands print
     // their answer on stdout and log only warnings unless `-v`.
@@ -157,7 +176,9 @@ fn main() -> ExitCode {
     };
     match work {
         Work::Run => {}
-        Work::Verify(table) => return runtime.block_on(verify(&config, table.as_deref())),
+        Work::Verify(table, options) => {
+            return runtime.block_on(verify(&config, table.as_deref(), options));
+        }
         Work::Status { json } => return runtime.block_on(status(&config, json)),
         Work::DeadLetters(action) => return runtime.block_on(dead_letters(&config, action)),
     }
@@ -171,8 +192,12 @@ fn main() -> ExitCode {
 }
 
 /// `sluice-loader verify`: one line per table on stdout.
-async fn verify(config: &Config, table: Option<&str>) -> ExitCode {
-    match sluice_loader::verify::verify(config, table).await {
+async fn verify(
+    config: &Config,
+    table: Option<&str>,
+    options: sluice_loader::verify::Options,
+) -> ExitCode {
+    match sluice_loader::verify::verify_with(config, table, options).await {
         Ok(reports) => {
             let width = reports.iter().map(|r| r.table.len()).max().unwrap_or(0);
             for report in &reports {

@@ -31,14 +31,22 @@
 //! only the columns of its column list and only the rows its row filter
 //! admits (`pg_publication_tables.attnames`, `rowfilter`).
 //!
-//! The comparison holds one table's Postgres rows in memory: fine for tests
-//! and moderate tables; chunking by key range is future work.
+//! Postgres is read inside one REPEATABLE READ transaction for all tables.
+//! A table whose key columns print alike on both sides (integers, text,
+//! uuid, dates, timestamps, bytea: nearly every primary key) is compared by
+//! [`merge`]: both sides ordered by the MD5 of the key and merged as they
+//! stream, so memory does not grow with the table; `--sample FRACTION`
+//! reads only a random share of the hash buckets. Other keys (bool, float,
+//! decimal, time, array, or a REPLICA IDENTITY FULL table with such a
+//! column) are compared with the table's Postgres rows held in memory, and
+//! always whole.
 //!
 //! This module runs the comparison; `canonical` owns the per-column read
-//! expressions and canonical forms, `read` the two connections, and
-//! `report` the result and its text.
+//! expressions and canonical forms, `merge` the streamed comparison, `read`
+//! the two connections, and `report` the result and its text.
 
 mod canonical;
+mod merge;
 mod read;
 mod report;
 
@@ -83,10 +91,39 @@ pub enum VerifyError {
     NoTables(String),
 }
 
+/// How `verify` reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Compare only this share (0 to 1) of the keys, chosen at random by
+    /// the hash of the key (tables compared by [`merge`] only).
+    pub sample: Option<f64>,
+}
+
 /// Compares every table of the publication (or only `table`, `schema.table`).
 pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableReport>, VerifyError> {
+    verify_with(config, table, Options::default()).await
+}
+
+/// [`verify`] with [`Options`].
+pub async fn verify_with(
+    config: &Config,
+    table: Option<&str>,
+    options: Options,
+) -> Result<Vec<TableReport>, VerifyError> {
     let conn = connect_postgres(config).await?;
     let pg = &conn.client;
+    // Every table and count from one snapshot of Postgres.
+    pg.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: "starting a repeatable read transaction".into(),
+            source,
+        })?;
+    // The share actually read: whole buckets.
+    let sample = options.sample.map(|fraction| {
+        let buckets = merge::sample_buckets(fraction);
+        (buckets.len() as f64 / merge::BUCKETS as f64, buckets)
+    });
     let ch = clickhouse_client(config)?;
     let database = config.clickhouse_database();
     let tables = match table {
@@ -122,8 +159,15 @@ pub async fn verify(config: &Config, table: Option<&str>) -> Result<Vec<TableRep
     let mut reports = Vec::with_capacity(tables.len());
     for table in tables {
         let view = published_view(pg, &config.postgres.publication, &table).await?;
-        reports.push(verify_table(pg, version, &ch, &database, &table, &view).await?);
+        let sample = sample.as_ref().map(|(f, b)| (*f, b.as_slice()));
+        reports.push(verify_table(pg, version, &ch, &database, &table, &view, sample).await?);
     }
+    pg.batch_execute("COMMIT")
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: "ending the transaction".into(),
+            source,
+        })?;
     Ok(reports)
 }
 
@@ -161,6 +205,7 @@ async fn verify_table(
     database: &str,
     source: &TableName,
     view: &PublishedView,
+    sample: Option<(f64, &[String])>,
 ) -> Result<TableReport, VerifyError> {
     let qualified = source.to_string();
     let (schema, table) = (source.schema.as_str(), source.name.as_str());
@@ -203,30 +248,36 @@ async fn verify_table(
         })
         .collect();
 
-    let pg_count: i64 = pg
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {}{}",
-                source.quoted(),
-                view.where_clause()
-            ),
-            &[],
-        )
-        .await
-        .map_err(|source| VerifyError::Postgres {
-            context: pg_context("counting the rows"),
-            source,
-        })?
-        .get(0);
+    let count = async || -> Result<u64, VerifyError> {
+        let pg_count: i64 = pg
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {}{}",
+                    source.quoted(),
+                    view.where_clause()
+                ),
+                &[],
+            )
+            .await
+            .map_err(|source| VerifyError::Postgres {
+                context: pg_context("counting the rows"),
+                source,
+            })?
+            .get(0);
+        Ok(pg_count as u64)
+    };
     let mut report = TableReport {
         table: qualified.clone(),
-        postgres_rows: pg_count as u64,
+        postgres_rows: 0,
         clickhouse_rows: 0,
         differing_keys: 0,
         differences: Vec::new(),
         problem: None,
+        sample: None,
     };
     if ch_types.is_empty() {
+        let pg_count = count().await?;
+        report.postgres_rows = pg_count;
         // The loader creates a table with its first package; an empty source
         // table may legitimately have none yet.
         if pg_count != 0 {
@@ -270,9 +321,42 @@ async fn verify_table(
         ));
     }
     if !columns.iter().any(|c| c.key) {
+        report.postgres_rows = count().await?;
         report.problem = Some("the clickhouse table has no key columns".into());
         return Ok(report);
     }
+    if columns
+        .iter()
+        .filter(|c| c.key)
+        .all(|c| merge::hashable(&c.kind))
+    {
+        let outcome = merge::compare(&merge::Sides {
+            pg,
+            server_version_num,
+            pg_table: source.quoted(),
+            pg_where: view.where_clause(),
+            ch,
+            database,
+            target: &target,
+            columns: &columns,
+            sample: sample.map(|(_, buckets)| buckets),
+        })
+        .await?;
+        report.postgres_rows = outcome.postgres_rows;
+        report.clickhouse_rows = outcome.clickhouse_rows;
+        report.differing_keys = outcome.differing_keys;
+        report.sample = sample.map(|(fraction, _)| fraction);
+        report.differences = outcome
+            .differences
+            .into_iter()
+            .map(|(key, kind)| Difference {
+                key: format_key(&key),
+                kind,
+            })
+            .collect();
+        return Ok(report);
+    }
+    report.postgres_rows = count().await?;
 
     let pg_sql = format!(
         "SELECT {} FROM {}{}",

@@ -58,39 +58,45 @@ pub(super) async fn clickhouse_rows(
 
 /// Splits TabSeparated output into rows of unescaped fields (`\N` is NULL).
 fn parse_tsv(bytes: &[u8]) -> Option<Vec<Vec<Option<String>>>> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut rows = Vec::new();
-    for line in text.split_terminator('\n') {
-        let mut fields = Vec::new();
-        for field in line.split('\t') {
-            if field == "\\N" {
-                fields.push(None);
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .map(parse_tsv_line)
+        .collect()
+}
+
+/// One line of TabSeparated output (with or without its `\n`) as unescaped
+/// fields (`\N` is NULL); `None` if it is not UTF-8 or ends in a lone `\`.
+pub(super) fn parse_tsv_line(line: &[u8]) -> Option<Vec<Option<String>>> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = std::str::from_utf8(line).ok()?;
+    let mut fields = Vec::new();
+    for field in line.split('\t') {
+        if field == "\\N" {
+            fields.push(None);
+            continue;
+        }
+        let mut out = String::with_capacity(field.len());
+        let mut chars = field.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                out.push(c);
                 continue;
             }
-            let mut out = String::with_capacity(field.len());
-            let mut chars = field.chars();
-            while let Some(c) = chars.next() {
-                if c != '\\' {
-                    out.push(c);
-                    continue;
-                }
-                match chars.next()? {
-                    'b' => out.push('\u{8}'),
-                    'f' => out.push('\u{c}'),
-                    'r' => out.push('\r'),
-                    'n' => out.push('\n'),
-                    't' => out.push('\t'),
-                    '0' => out.push('\0'),
-                    'a' => out.push('\u{7}'),
-                    'v' => out.push('\u{b}'),
-                    other => out.push(other),
-                }
+            match chars.next()? {
+                'b' => out.push('\u{8}'),
+                'f' => out.push('\u{c}'),
+                'r' => out.push('\r'),
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                '0' => out.push('\0'),
+                'a' => out.push('\u{7}'),
+                'v' => out.push('\u{b}'),
+                other => out.push(other),
             }
-            fields.push(Some(out));
         }
-        rows.push(fields);
+        fields.push(Some(out));
     }
-    Some(rows)
+    Some(fields)
 }
 
 #[cfg(test)]

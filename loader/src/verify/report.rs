@@ -34,7 +34,7 @@ pub enum DifferenceKind {
 }
 
 /// The result for one table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TableReport {
     /// `schema.table` in Postgres.
     pub table: String,
@@ -46,6 +46,9 @@ pub struct TableReport {
     pub differences: Vec<Difference>,
     /// A structural problem (missing table or columns), if any.
     pub problem: Option<String>,
+    /// The share of keys compared, when only a sample was (the row counts
+    /// are the sample's).
+    pub sample: Option<f64>,
 }
 
 impl TableReport {
@@ -63,6 +66,9 @@ impl fmt::Display for TableReport {
             "{}  rows pg={} ch={}  ",
             self.table, self.postgres_rows, self.clickhouse_rows
         )?;
+        if let Some(fraction) = self.sample {
+            write!(f, "(sample of {:.1}% of keys)  ", fraction * 100.0)?;
+        }
         if self.is_equal() {
             return f.write_str("OK");
         }

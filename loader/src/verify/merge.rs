@@ -1,0 +1,383 @@
+//! The bounded-memory comparison of one table: both sides read in the same
+//! order, the MD5 of the row's key text, and merged as they arrive.
+//!
+//! Postgres is read through a cursor (`FETCH` of [`FETCH_ROWS`] rows) inside
+//! the caller's REPEATABLE READ transaction, ClickHouse as one streamed
+//! TabSeparated result ordered by the same hash. Rows that share a hash (one
+//! key, or a duplicate in ClickHouse) are compared as a group; nothing else
+//! is held, so memory does not grow with the table.
+//!
+//! The order needs the key's text to be the same on both sides, which holds
+//! for the kinds whose canonical text is the text itself ([`hashable`]):
+//! integers, text, uuid, dates, timestamps (both printed
+//! `YYYY-MM-DD HH:MM:SS.ffffff`), bytea (as hex). Other keys (bool, floats,
+//! decimals, time, arrays) are compared in memory by the caller.
+//!
+//! With a sample, only the rows whose hash starts with one of the chosen
+//! two-hex-digit buckets are read (both sides still scan the table, but sort
+//! and send only the sample).
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+
+use tokio::io::AsyncBufReadExt;
+
+use super::canonical::{Column, ColumnKind, canonical, ch_expr, pg_expr};
+use super::read::parse_tsv_line;
+use super::report::{ColumnDifference, DifferenceKind, MAX_REPORTED_DIFFERENCES};
+use super::{Row, VerifyError};
+use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
+
+/// Rows per Postgres `FETCH`.
+const FETCH_ROWS: usize = 5000;
+
+/// Buckets a sample chooses from: the first two hex digits of the hash.
+pub(super) const BUCKETS: usize = 256;
+
+/// Whether a key column's text is the same on both sides, so that both can
+/// be ordered by its hash.
+pub(super) fn hashable(kind: &ColumnKind) -> bool {
+    matches!(
+        kind,
+        ColumnKind::Plain | ColumnKind::Date | ColumnKind::Timestamp { .. } | ColumnKind::Bytea
+    )
+}
+
+/// The buckets (two hex digits) a sample of `fraction` reads: a random
+/// choice each run, at least one.
+pub(super) fn sample_buckets(fraction: f64) -> Vec<String> {
+    let wanted = ((fraction * BUCKETS as f64).ceil() as usize).clamp(1, BUCKETS);
+    let state = std::collections::hash_map::RandomState::new();
+    let mut buckets: Vec<(u64, usize)> = (0..BUCKETS)
+        .map(|b| {
+            let mut hasher = state.build_hasher();
+            hasher.write_usize(b);
+            (hasher.finish(), b)
+        })
+        .collect();
+    buckets.sort_unstable();
+    let mut chosen: Vec<String> = buckets[..wanted]
+        .iter()
+        .map(|(_, b)| format!("{b:02x}"))
+        .collect();
+    chosen.sort();
+    chosen
+}
+
+/// What the merge found.
+pub(super) struct Outcome {
+    pub(super) postgres_rows: u64,
+    pub(super) clickhouse_rows: u64,
+    pub(super) differing_keys: u64,
+    /// The first [`MAX_REPORTED_DIFFERENCES`] in key order.
+    pub(super) differences: BTreeMap<Row, DifferenceKind>,
+}
+
+/// Where and what to compare.
+pub(super) struct Sides<'a> {
+    pub(super) pg: &'a tokio_postgres::Client,
+    pub(super) server_version_num: i32,
+    /// `"schema"."table"` and the publication's row filter (` WHERE …` or empty).
+    pub(super) pg_table: String,
+    pub(super) pg_where: String,
+    pub(super) ch: &'a clickhouse::Client,
+    pub(super) database: &'a str,
+    pub(super) target: &'a str,
+    pub(super) columns: &'a [Column],
+    pub(super) sample: Option<&'a [String]>,
+}
+
+pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
+    let columns = sides.columns;
+    let pg_context = |what: &str| format!("{what} of {}", sides.pg_table);
+    let ch_context = format!("rows of {}.{}", sides.database, sides.target);
+
+    let pg_hash = columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| {
+            format!(
+                "coalesce(({})::text, '\\N')",
+                pg_expr(c, sides.server_version_num)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" || E'\\x1f' || ");
+    let pg_columns: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} AS c{i}", pg_expr(c, sides.server_version_num)))
+        .collect();
+    let names: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+    let sample_sql = |left: &str| match sides.sample {
+        Some(buckets) => format!(
+            " WHERE {left} IN ({})",
+            buckets
+                .iter()
+                .map(|b| format!("'{b}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => String::new(),
+    };
+    let pg_sql = format!(
+        "DECLARE sluice_verify NO SCROLL CURSOR FOR \
+         SELECT h, {} FROM (SELECT md5({pg_hash}) AS h, {} FROM {}{}) s{} ORDER BY h COLLATE \"C\"",
+        names.join(", "),
+        pg_columns.join(", "),
+        sides.pg_table,
+        sides.pg_where,
+        sample_sql("left(h, 2)")
+    );
+    sides
+        .pg
+        .batch_execute(&pg_sql)
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: pg_context("reading the rows"),
+            source,
+        })?;
+
+    let ch_hash = columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| format!("ifNull(toString({}), '\\\\N')", ch_expr(c)))
+        .collect::<Vec<_>>()
+        .join(", '\\x1f', ");
+    let ch_columns: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} AS c{i}", ch_expr(c)))
+        .collect();
+    let ch_sql = format!(
+        "SELECT h, {} FROM (SELECT lower(hex(MD5(concat({ch_hash}, '')))) AS h, {} \
+         FROM {}.{} FINAL WHERE {} = 0){} ORDER BY h SETTINGS session_timezone = 'UTC'",
+        names.join(", "),
+        ch_columns.join(", "),
+        quote_ident(sides.database),
+        quote_ident(sides.target),
+        quote_ident(DELETED_COLUMN),
+        sample_sql("substring(h, 1, 2)")
+    );
+    let cursor = sides
+        .ch
+        .query_raw(&ch_sql)
+        .fetch_bytes("TabSeparated")
+        .map_err(|source| VerifyError::ClickHouse {
+            context: ch_context.clone(),
+            source,
+        })?;
+    let mut ch_reader = ChReader {
+        cursor,
+        line: Vec::new(),
+        context: ch_context.clone(),
+    };
+    let mut pg_reader = PgReader {
+        pg: sides.pg,
+        buffer: std::collections::VecDeque::new(),
+        done: false,
+        context: pg_context("reading the rows"),
+    };
+
+    let mut outcome = Outcome {
+        postgres_rows: 0,
+        clickhouse_rows: 0,
+        differing_keys: 0,
+        differences: BTreeMap::new(),
+    };
+    let mut pg_next = pg_reader.next().await?;
+    let mut ch_next = ch_reader.next(columns.len() + 1).await?;
+    loop {
+        let hash = match (&pg_next, &ch_next) {
+            (None, None) => break,
+            (Some(p), None) => p.0.clone(),
+            (None, Some(c)) => c.0.clone(),
+            (Some(p), Some(c)) => p.0.clone().min(c.0.clone()),
+        };
+        let mut pg_group: Vec<Row> = Vec::new();
+        while let Some((h, row)) = pg_next.take_if(|(h, _)| *h == hash) {
+            debug_assert_eq!(h, hash);
+            pg_group.push(row);
+            pg_next = pg_reader.next().await?;
+        }
+        let mut ch_group: Vec<Row> = Vec::new();
+        while let Some((_, row)) = ch_next.take_if(|(h, _)| *h == hash) {
+            ch_group.push(row);
+            ch_next = ch_reader.next(columns.len() + 1).await?;
+        }
+        outcome.postgres_rows += pg_group.len() as u64;
+        outcome.clickhouse_rows += ch_group.len() as u64;
+        compare_group(columns, pg_group, ch_group, &mut outcome);
+    }
+    sides
+        .pg
+        .batch_execute("CLOSE sluice_verify")
+        .await
+        .map_err(|source| VerifyError::Postgres {
+            context: pg_context("closing the cursor"),
+            source,
+        })?;
+    Ok(outcome)
+}
+
+/// Splits a canonical row into its key and the row.
+fn split(columns: &[Column], row: Row) -> (Row, Row) {
+    let key = columns
+        .iter()
+        .zip(&row)
+        .filter(|(c, _)| c.key)
+        .map(|(_, v)| v.clone())
+        .collect();
+    (key, row)
+}
+
+/// Compares the rows of one hash (raw text, without the hash column).
+fn compare_group(columns: &[Column], pg: Vec<Row>, ch: Vec<Row>, outcome: &mut Outcome) {
+    let mut expected: BTreeMap<Row, Row> = BTreeMap::new();
+    for raw in pg {
+        let values: Row = columns
+            .iter()
+            .zip(&raw)
+            .map(|(c, v)| canonical(&c.kind, v.as_deref(), true))
+            .collect();
+        let (key, values) = split(columns, values);
+        expected.insert(key, values);
+    }
+    let mut seen: BTreeMap<Row, ()> = BTreeMap::new();
+    let mut differing: BTreeMap<Row, DifferenceKind> = BTreeMap::new();
+    for raw in ch {
+        let values: Row = columns
+            .iter()
+            .zip(&raw)
+            .map(|(c, v)| {
+                if c.missing {
+                    None
+                } else {
+                    canonical(&c.kind, v.as_deref(), false)
+                }
+            })
+            .collect();
+        let (key, values) = split(columns, values);
+        if seen.insert(key.clone(), ()).is_some() {
+            differing.insert(key, DifferenceKind::DuplicateInClickHouse);
+            continue;
+        }
+        match expected.remove(&key) {
+            None => {
+                differing.insert(key, DifferenceKind::OnlyInClickHouse);
+            }
+            Some(want) if want != values => {
+                let cols = columns
+                    .iter()
+                    .zip(want.into_iter().zip(values))
+                    .filter(|(_, (p, c))| p != c)
+                    .map(|(column, (p, c))| ColumnDifference {
+                        column: column.name.clone(),
+                        postgres: p,
+                        clickhouse: c,
+                    })
+                    .collect();
+                differing.insert(key, DifferenceKind::Values(cols));
+            }
+            Some(_) => {}
+        }
+    }
+    for key in expected.into_keys() {
+        differing.insert(key, DifferenceKind::OnlyInPostgres);
+    }
+    for (key, kind) in differing {
+        outcome.differing_keys += 1;
+        outcome.differences.insert(key, kind);
+        if outcome.differences.len() > MAX_REPORTED_DIFFERENCES {
+            outcome.differences.pop_last();
+        }
+    }
+}
+
+/// Postgres rows from the cursor, a `FETCH` at a time.
+struct PgReader<'a> {
+    pg: &'a tokio_postgres::Client,
+    buffer: std::collections::VecDeque<(String, Row)>,
+    done: bool,
+    context: String,
+}
+
+impl PgReader<'_> {
+    async fn next(&mut self) -> Result<Option<(String, Row)>, VerifyError> {
+        if self.buffer.is_empty() && !self.done {
+            let messages = self
+                .pg
+                .simple_query(&format!("FETCH {FETCH_ROWS} FROM sluice_verify"))
+                .await
+                .map_err(|source| VerifyError::Postgres {
+                    context: self.context.clone(),
+                    source,
+                })?;
+            for message in messages {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                    let hash = row.get(0).unwrap_or_default().to_owned();
+                    let values = (1..row.len()).map(|i| row.get(i).map(str::to_owned));
+                    self.buffer.push_back((hash, values.collect()));
+                }
+            }
+            self.done = self.buffer.len() < FETCH_ROWS;
+        }
+        Ok(self.buffer.pop_front())
+    }
+}
+
+/// ClickHouse rows from the streamed TabSeparated result, a line at a time.
+struct ChReader {
+    cursor: clickhouse::query::BytesCursor,
+    line: Vec<u8>,
+    context: String,
+}
+
+impl ChReader {
+    async fn next(&mut self, fields: usize) -> Result<Option<(String, Row)>, VerifyError> {
+        self.line.clear();
+        let read = self
+            .cursor
+            .read_until(b'\n', &mut self.line)
+            .await
+            .map_err(|_| VerifyError::Malformed {
+                context: self.context.clone(),
+            })?;
+        if read == 0 {
+            return Ok(None);
+        }
+        let mut row = parse_tsv_line(&self.line)
+            .filter(|row| row.len() == fields)
+            .ok_or_else(|| VerifyError::Malformed {
+                context: self.context.clone(),
+            })?;
+        let hash = row.remove(0).unwrap_or_default();
+        Ok(Some((hash, row)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_a_sorted_set_of_distinct_buckets() {
+        let tenth = sample_buckets(0.1);
+        assert_eq!(tenth.len(), 26);
+        let mut distinct = tenth.clone();
+        distinct.dedup();
+        assert_eq!(distinct, tenth);
+        assert!(tenth.iter().all(|b| b.len() == 2));
+        assert_eq!(sample_buckets(0.0).len(), 1);
+        assert_eq!(sample_buckets(1.0).len(), 256);
+    }
+
+    #[test]
+    fn only_keys_printed_alike_on_both_sides_are_ordered_by_hash() {
+        assert!(hashable(&ColumnKind::Plain));
+        assert!(hashable(&ColumnKind::Bytea));
+        assert!(!hashable(&ColumnKind::Bool));
+        assert!(!hashable(&ColumnKind::Float64));
+        assert!(!hashable(&ColumnKind::Time));
+    }
+}
