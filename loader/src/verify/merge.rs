@@ -31,6 +31,12 @@ use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
 /// Rows per Postgres `FETCH`.
 const FETCH_ROWS: usize = 5000;
 
+/// Names of the selected columns: in sluice's reserved `_sluice` namespace,
+/// so no column of a source table is called so in ClickHouse (whose aliases
+/// are visible to the other expressions of the same SELECT).
+const HASH: &str = "_sluice_verify_hash";
+const ALIAS: &str = "_sluice_verify_c";
+
 /// Buckets a sample chooses from: the first two hex digits of the hash.
 pub(super) const BUCKETS: usize = 256;
 
@@ -106,9 +112,9 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
     let pg_columns: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{} AS c{i}", pg_expr(c, sides.server_version_num)))
+        .map(|(i, c)| format!("{} AS {ALIAS}{i}", pg_expr(c, sides.server_version_num)))
         .collect();
-    let names: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+    let names: Vec<String> = (0..columns.len()).map(|i| format!("{ALIAS}{i}")).collect();
     let sample_sql = |left: &str| match sides.sample {
         Some(buckets) => format!(
             " WHERE {left} IN ({})",
@@ -122,12 +128,13 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
     };
     let pg_sql = format!(
         "DECLARE sluice_verify NO SCROLL CURSOR FOR \
-         SELECT h, {} FROM (SELECT md5({pg_hash}) AS h, {} FROM {}{}) s{} ORDER BY h COLLATE \"C\"",
+         SELECT {HASH}, {} FROM (SELECT md5({pg_hash}) AS {HASH}, {} FROM {}{}) s{} \
+         ORDER BY {HASH} COLLATE \"C\"",
         names.join(", "),
         pg_columns.join(", "),
         sides.pg_table,
         sides.pg_where,
-        sample_sql("left(h, 2)")
+        sample_sql(&format!("left({HASH}, 2)"))
     );
     sides
         .pg
@@ -147,17 +154,17 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
     let ch_columns: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{} AS c{i}", ch_expr(c)))
+        .map(|(i, c)| format!("{} AS {ALIAS}{i}", ch_expr(c)))
         .collect();
     let ch_sql = format!(
-        "SELECT h, {} FROM (SELECT lower(hex(MD5(concat({ch_hash}, '')))) AS h, {} \
-         FROM {}.{} FINAL WHERE {} = 0){} ORDER BY h SETTINGS session_timezone = 'UTC'",
+        "SELECT {HASH}, {} FROM (SELECT lower(hex(MD5(concat({ch_hash}, '')))) AS {HASH}, {} \
+         FROM {}.{} FINAL WHERE {} = 0){} ORDER BY {HASH} SETTINGS session_timezone = 'UTC'",
         names.join(", "),
         ch_columns.join(", "),
         quote_ident(sides.database),
         quote_ident(sides.target),
         quote_ident(DELETED_COLUMN),
-        sample_sql("substring(h, 1, 2)")
+        sample_sql(&format!("substring({HASH}, 1, 2)"))
     );
     let cursor = sides
         .ch
