@@ -54,9 +54,14 @@ async fn main() -> anyhow::Result<()> {
         println!("config: {pair} (SLUICE_BENCH_CONFIG)");
     }
     let (_, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
-    // The loader's client, so both sides send their INSERTs with the same
-    // `clickhouse.compression`.
-    let raw = sluice_loader::clickhouse::client(&p.config.clickhouse)?.with_database(&raw_db);
+    // A client built like the loader's, so both sides send their INSERTs
+    // with the same `clickhouse.compression`; as the server's default user,
+    // since the loader's may write only its own database.
+    let mut admin = p.config.clickhouse.clone();
+    admin.user = "default".into();
+    admin.password = None;
+    admin.password_file = None;
+    let raw = sluice_loader::clickhouse::client(&admin)?.with_database(&raw_db);
     println!(
         "config: clickhouse.compression = {:?} (both sides)",
         p.config.clickhouse.compression
