@@ -71,6 +71,7 @@ pub(super) fn sample_buckets(fraction: f64) -> Vec<String> {
 }
 
 /// What the merge found.
+#[derive(Default)]
 pub(super) struct Outcome {
     pub(super) postgres_rows: u64,
     pub(super) clickhouse_rows: u64,
@@ -186,12 +187,7 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
         context: pg_context("reading the rows"),
     };
 
-    let mut outcome = Outcome {
-        postgres_rows: 0,
-        clickhouse_rows: 0,
-        differing_keys: 0,
-        differences: BTreeMap::new(),
-    };
+    let mut outcome = Outcome::default();
     let mut pg_next = pg_reader.next().await?;
     let mut ch_next = ch_reader.next(columns.len() + 1).await?;
     loop {
@@ -238,8 +234,9 @@ fn split(columns: &[Column], row: Row) -> (Row, Row) {
     (key, row)
 }
 
-/// Compares the rows of one hash (raw text, without the hash column).
-fn compare_group(columns: &[Column], pg: Vec<Row>, ch: Vec<Row>, outcome: &mut Outcome) {
+/// Compares the rows of one hash (raw text, without the hash column), or of
+/// a whole table.
+pub(super) fn compare_group(columns: &[Column], pg: Vec<Row>, ch: Vec<Row>, outcome: &mut Outcome) {
     let mut expected: BTreeMap<Row, Row> = BTreeMap::new();
     for raw in pg {
         let values: Row = columns

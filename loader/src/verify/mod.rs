@@ -58,7 +58,7 @@ use sluice_postgres::publication::PublishedView;
 
 use crate::clickhouse::names::{target_column_name, target_table_name};
 use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
-use canonical::{Column, canonical, ch_expr, classify, pg_expr};
+use canonical::{Column, ch_expr, classify, pg_expr};
 use read::{clickhouse_client, clickhouse_rows, connect_postgres};
 pub use report::{
     ColumnDifference, Difference, DifferenceKind, MAX_REPORTED_DIFFERENCES, TableReport,
@@ -344,16 +344,8 @@ async fn verify_table(
         .await?;
         report.postgres_rows = outcome.postgres_rows;
         report.clickhouse_rows = outcome.clickhouse_rows;
-        report.differing_keys = outcome.differing_keys;
         report.sample = sample.map(|(fraction, _)| fraction);
-        report.differences = outcome
-            .differences
-            .into_iter()
-            .map(|(key, kind)| Difference {
-                key: format_key(&key),
-                kind,
-            })
-            .collect();
+        add_differences(&mut report, outcome);
         return Ok(report);
     }
     report.postgres_rows = count().await?;
@@ -375,27 +367,17 @@ async fn verify_table(
             context: pg_context("reading the rows"),
             source,
         })?;
-    let split = |row: Row| -> (Row, Row) {
-        let key = columns
-            .iter()
-            .zip(&row)
-            .filter(|(c, _)| c.key)
-            .map(|(_, v)| v.clone())
-            .collect();
-        (key, row)
-    };
-    let mut pg_rows: BTreeMap<Row, Row> = BTreeMap::new();
-    for message in messages {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-            let values: Row = columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| canonical(&c.kind, row.get(i), true))
-                .collect();
-            let (key, values) = split(values);
-            pg_rows.insert(key, values);
-        }
-    }
+    let pg_rows: Vec<Row> = messages
+        .into_iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
 
     let ch_sql = format!(
         "SELECT {} FROM {}.{} FINAL WHERE {} = 0 SETTINGS session_timezone = 'UTC'",
@@ -405,65 +387,30 @@ async fn verify_table(
         quote_ident(DELETED_COLUMN)
     );
     let ch_rows = clickhouse_rows(ch, &ch_sql, &format!("rows of {database}.{target}")).await?;
+    if ch_rows.iter().any(|raw| raw.len() != columns.len()) {
+        return Err(VerifyError::Malformed {
+            context: format!("rows of {database}.{target}"),
+        });
+    }
     report.clickhouse_rows = ch_rows.len() as u64;
+    // The whole table as one group.
+    let mut outcome = merge::Outcome::default();
+    merge::compare_group(&columns, pg_rows, ch_rows, &mut outcome);
+    add_differences(&mut report, outcome);
+    Ok(report)
+}
 
-    let mut differences: BTreeMap<Row, DifferenceKind> = BTreeMap::new();
-    let mut seen: BTreeMap<Row, ()> = BTreeMap::new();
-    for raw in ch_rows {
-        if raw.len() != columns.len() {
-            return Err(VerifyError::Malformed {
-                context: format!("rows of {database}.{target}"),
-            });
-        }
-        let values: Row = columns
-            .iter()
-            .zip(&raw)
-            .map(|(c, v)| {
-                if c.missing {
-                    None
-                } else {
-                    canonical(&c.kind, v.as_deref(), false)
-                }
-            })
-            .collect();
-        let (key, values) = split(values);
-        if seen.insert(key.clone(), ()).is_some() {
-            differences.insert(key, DifferenceKind::DuplicateInClickHouse);
-            continue;
-        }
-        match pg_rows.remove(&key) {
-            None => {
-                differences.insert(key, DifferenceKind::OnlyInClickHouse);
-            }
-            Some(expected) if expected != values => {
-                let cols = columns
-                    .iter()
-                    .zip(expected.into_iter().zip(values))
-                    .filter(|(_, (p, c))| p != c)
-                    .map(|(column, (p, c))| ColumnDifference {
-                        column: column.name.clone(),
-                        postgres: p,
-                        clickhouse: c,
-                    })
-                    .collect();
-                differences.insert(key, DifferenceKind::Values(cols));
-            }
-            Some(_) => {}
-        }
-    }
-    for key in pg_rows.into_keys() {
-        differences.insert(key, DifferenceKind::OnlyInPostgres);
-    }
-    report.differing_keys = differences.len() as u64;
-    report.differences = differences
+/// The differences the comparison found, into the report.
+fn add_differences(report: &mut TableReport, outcome: merge::Outcome) {
+    report.differing_keys = outcome.differing_keys;
+    report.differences = outcome
+        .differences
         .into_iter()
-        .take(MAX_REPORTED_DIFFERENCES)
         .map(|(key, kind)| Difference {
             key: format_key(&key),
             kind,
         })
         .collect();
-    Ok(report)
 }
 
 fn format_key(key: &[Option<String>]) -> String {
