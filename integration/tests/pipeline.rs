@@ -295,7 +295,8 @@ async fn unchanged_toast_values_are_filled_from_the_newest_version() -> anyhow::
 
 /// `verify` names exactly the keys that differ: one corrupted value, one row deleted and one stray
 /// row added in ClickHouse, among 20,000 equal rows (compared by key hash, streamed); a sample
-/// reads only part of the keys; a table keyed by a float is still compared (in memory).
+/// reads only part of the keys; a table keyed by a float is still compared (in memory), and one
+/// keyed by a padded `char(3)` compares equal.
 #[tokio::test]
 async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
     let mut p = Pipeline::start("verify_keys").await?;
@@ -305,7 +306,10 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
          INSERT INTO accounts SELECT g, 'owner ' || g, g * 1.5 FROM generate_series(1, 20000) g;
          CREATE TABLE readings (at float8 PRIMARY KEY, v int);
          INSERT INTO readings SELECT g / 4.0, g FROM generate_series(1, 50) g;
-         CREATE PUBLICATION sluice FOR TABLE accounts, readings;",
+         CREATE TABLE countries (code char(3) PRIMARY KEY, name text);
+         INSERT INTO countries SELECT chr(65 + g / 26) || chr(65 + g % 26), 'c' || g
+             FROM generate_series(0, 99) g;
+         CREATE PUBLICATION sluice FOR TABLE accounts, readings, countries;",
     )
     .await?;
     p.spawn_replicator()?;
@@ -364,6 +368,14 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
         .context("no report for readings")?;
     assert_eq!(readings.differing_keys, 1, "{readings}");
     assert_eq!(readings.differences[0].key, "(0.5)", "{readings}");
+    let countries = reports
+        .iter()
+        .find(|r| r.table == "public.countries")
+        .context("no report for countries")?;
+    assert!(
+        countries.is_equal() && countries.postgres_rows == 100,
+        "{countries}"
+    );
 
     // A sample of a tenth: about 2,000 of the 20,000 rows, the same ones on both sides.
     let sampled = sluice_loader::verify::verify_with(

@@ -103,10 +103,10 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
         .iter()
         .filter(|c| c.key)
         .map(|c| {
-            format!(
-                "coalesce(({})::text, '\\N')",
-                pg_expr(c, sides.server_version_num)
-            )
+            // The type's output text, as the loader stored it (a `::text`
+            // cast would drop `char(n)`'s padding).
+            let e = pg_expr(c, sides.server_version_num);
+            format!("CASE WHEN ({e}) IS NULL THEN '\\N' ELSE format('%s', {e}) END")
         })
         .collect::<Vec<_>>()
         .join(" || E'\\x1f' || ");
