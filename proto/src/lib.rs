@@ -133,19 +133,55 @@ pub fn decompress<'p>(
     decompress_limited(payload, encoding, MAX_DECODED_BYTES)
 }
 
+/// What decompressing a payload may produce, decided from its header alone
+/// (shared by [`decoded_size_bound`] and [`decompress_limited`], so the
+/// bound is the one decompression keeps).
+struct Plan {
+    encoding: Encoding,
+    /// The size a zstd frame states.
+    stated: Option<u64>,
+    /// The most bytes the output may have.
+    most: usize,
+    /// The caller's limit, at most [`MAX_DECODED_BYTES`].
+    limit: usize,
+}
+
+fn plan(payload: &[u8], encoding: Option<&str>, limit: usize) -> Result<Plan, DecodeError> {
+    let limit = limit.min(MAX_DECODED_BYTES);
+    let encoding = match encoding {
+        None => Encoding::Zstd,
+        Some(value) => {
+            Encoding::parse(value).ok_or_else(|| DecodeError::UnknownEncoding(value.to_owned()))?
+        }
+    };
+    let (stated, most) = match encoding {
+        Encoding::Identity => (None, payload.len()),
+        Encoding::Zstd => match zstd::zstd_safe::get_frame_content_size(payload)
+            .ok()
+            .flatten()
+        {
+            Some(size) => (Some(size), usize::try_from(size).unwrap_or(usize::MAX)),
+            None => (None, limit),
+        },
+    };
+    if most > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(Plan {
+        encoding,
+        stated,
+        most,
+        limit,
+    })
+}
+
 /// The most bytes [`decompress_limited`] can return for `payload`, known
 /// before decompressing it: its own size, or what its zstd frame states
 /// (the output is held to that), or `limit` when the frame states nothing.
 /// `None` when it is refused at once (a stated size over `limit`, an
 /// unknown encoding): nothing is allocated for it.
 pub fn decoded_size_bound(payload: &[u8], encoding: Option<&str>, limit: usize) -> Option<usize> {
-    match encoding.map_or(Some(Encoding::Zstd), Encoding::parse)? {
-        Encoding::Identity => (payload.len() <= limit).then_some(payload.len()),
-        Encoding::Zstd => match zstd::zstd_safe::get_frame_content_size(payload) {
-            Ok(Some(stated)) => usize::try_from(stated).ok().filter(|s| *s <= limit),
-            _ => Some(limit),
-        },
-    }
+    plan(payload, encoding, limit).ok().map(|plan| plan.most)
 }
 
 /// [`decompress`] with a caller's bound on the output: never allocates more
@@ -155,58 +191,38 @@ pub fn decompress_limited<'p>(
     encoding: Option<&str>,
     limit: usize,
 ) -> Result<std::borrow::Cow<'p, [u8]>, DecodeError> {
-    let limit = limit.min(MAX_DECODED_BYTES);
-    let encoding = match encoding {
-        None => Encoding::Zstd,
-        Some(value) => {
-            Encoding::parse(value).ok_or_else(|| DecodeError::UnknownEncoding(value.to_owned()))?
-        }
-    };
-    match encoding {
-        Encoding::Identity if payload.len() > limit => Err(DecodeError::TooLarge { limit }),
-        Encoding::Identity => Ok(std::borrow::Cow::Borrowed(payload)),
-        Encoding::Zstd => {
-            let stated = zstd::zstd_safe::get_frame_content_size(payload)
-                .ok()
-                .flatten();
-            if let Some(size) = stated
-                && size > limit as u64
-            {
-                return Err(DecodeError::TooLarge { limit });
-            }
-            // Frames from `encode` state their size: decompress in one go
-            // with this thread's reused context (creating one per package
-            // was a visible share of the loader's time). The output buffer
-            // is the stated size, so more data is an error, not an
-            // allocation. Bigger stated sizes take the streaming path, which
-            // allocates as the data really arrives rather than what the
-            // header claims, and is held to the stated size as well.
-            if let Some(size) = stated
-                && size <= ONE_SHOT_MAX_BYTES
-            {
-                let raw = DECOMPRESSOR.with(|cell| match &mut *cell.borrow_mut() {
-                    Ok(decompressor) => decompressor.decompress(payload, size as usize),
-                    Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
-                });
-                return raw.map(Into::into).map_err(DecodeError::Decompress);
-            }
-            let most = stated.unwrap_or(limit as u64);
-            let decoder =
-                zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
-            let mut raw = Vec::new();
-            decoder
-                .take(most + 1)
-                .read_to_end(&mut raw)
-                .map_err(DecodeError::Decompress)?;
-            if raw.len() as u64 > most {
-                return Err(match stated {
-                    Some(stated) => DecodeError::LargerThanStated { stated },
-                    None => DecodeError::TooLarge { limit },
-                });
-            }
-            Ok(raw.into())
-        }
+    let plan = plan(payload, encoding, limit)?;
+    if plan.encoding == Encoding::Identity {
+        return Ok(std::borrow::Cow::Borrowed(payload));
     }
+    // Frames from `encode` state their size: decompress in one go with this
+    // thread's reused context (creating one per package was a visible share
+    // of the loader's time). The output buffer is the stated size, so more
+    // data is an error, not an allocation. Bigger stated sizes take the
+    // streaming path, which allocates as the data really arrives rather than
+    // what the header claims, and is held to the stated size as well.
+    if let Some(size) = plan.stated
+        && size <= ONE_SHOT_MAX_BYTES
+    {
+        let raw = DECOMPRESSOR.with(|cell| match &mut *cell.borrow_mut() {
+            Ok(decompressor) => decompressor.decompress(payload, size as usize),
+            Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
+        });
+        return raw.map(Into::into).map_err(DecodeError::Decompress);
+    }
+    let decoder = zstd::stream::read::Decoder::new(payload).map_err(DecodeError::Decompress)?;
+    let mut raw = Vec::new();
+    decoder
+        .take(plan.most as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(DecodeError::Decompress)?;
+    if raw.len() > plan.most {
+        return Err(match plan.stated {
+            Some(stated) => DecodeError::LargerThanStated { stated },
+            None => DecodeError::TooLarge { limit: plan.limit },
+        });
+    }
+    Ok(raw.into())
 }
 
 /// The version of row `index` of a package: orders every change of a row.

@@ -23,7 +23,7 @@ use std::hash::{BuildHasher, Hasher};
 use tokio::io::AsyncBufReadExt;
 
 use super::canonical::{Column, ColumnKind, canonical, ch_expr, pg_expr};
-use super::read::parse_tsv_line;
+use super::read::{parse_tsv_line, text_row};
 use super::report::{ColumnDifference, DifferenceKind, MAX_REPORTED_DIFFERENCES};
 use super::{Row, VerifyError};
 use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
@@ -319,9 +319,9 @@ impl PgReader<'_> {
                 })?;
             for message in messages {
                 if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                    let hash = row.get(0).unwrap_or_default().to_owned();
-                    let values = (1..row.len()).map(|i| row.get(i).map(str::to_owned));
-                    self.buffer.push_back((hash, values.collect()));
+                    let mut values = text_row(&row);
+                    let hash = values.remove(0).unwrap_or_default();
+                    self.buffer.push_back((hash, values));
                 }
             }
             self.done = self.buffer.len() < FETCH_ROWS;

@@ -59,7 +59,7 @@ use sluice_postgres::publication::PublishedView;
 use crate::clickhouse::names::{target_column_name, target_table_name};
 use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
 use canonical::{Column, ch_expr, classify, pg_expr};
-use read::{clickhouse_client, clickhouse_rows, connect_postgres};
+use read::{clickhouse_client, clickhouse_rows, connect_postgres, text_row};
 pub use report::{
     ColumnDifference, Difference, DifferenceKind, MAX_REPORTED_DIFFERENCES, TableReport,
 };
@@ -370,11 +370,7 @@ async fn verify_table(
     let pg_rows: Vec<Row> = messages
         .into_iter()
         .filter_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(text_row(&row)),
             _ => None,
         })
         .collect();

@@ -56,6 +56,13 @@ pub(super) async fn clickhouse_rows(
     })
 }
 
+/// The values of a simple-query row as text (`None` = NULL).
+pub(super) fn text_row(row: &tokio_postgres::SimpleQueryRow) -> Vec<Option<String>> {
+    (0..row.len())
+        .map(|i| row.get(i).map(str::to_owned))
+        .collect()
+}
+
 /// Splits TabSeparated output into rows of unescaped fields (`\N` is NULL).
 fn parse_tsv(bytes: &[u8]) -> Option<Vec<Vec<Option<String>>>> {
     bytes
