@@ -286,6 +286,15 @@ pub struct ReplicatorConfig {
     /// pgoutput messages per backlog call (the server decodes a whole call,
     /// spilling to temporary files, before sending its first row).
     pub catchup_chunk_changes: u32,
+    /// Ask Postgres (14+) to stream a large transaction while it runs
+    /// (pgoutput `streaming 'on'`) instead of decoding it whole, spilling to
+    /// its own disk, before the first byte. The replicator keeps a streamed
+    /// transaction in a local spill file until it commits.
+    pub streaming: bool,
+    /// Directory of the spill files of streamed transactions (anonymous
+    /// files, gone when the process ends); the system's temporary directory
+    /// when unset.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ReplicatorConfig {
@@ -301,6 +310,8 @@ impl Default for ReplicatorConfig {
             snapshot_parallelism: 2,
             catchup_min_lag_bytes: 64 * 1024 * 1024,
             catchup_chunk_changes: 500_000,
+            streaming: true,
+            spill_dir: None,
         }
     }
 }

@@ -401,7 +401,8 @@ ack_wait = "30s"
     /// `replicator::confirm::after_status`, `replicator::backlog::after_advance`,
     /// `replicator::resync::after_begin` and `broker::publish::between_chunks` (each once what
     /// was published is acknowledged). `replicator::snapshot::package=return(MS)` sleeps MS
-    /// milliseconds after each snapshot package.
+    /// milliseconds after each snapshot package, `replicator::streamed::replay=return(MS)` before
+    /// each round of a committed streamed transaction's replay.
     pub fn set_failpoints(&mut self, spec: Option<&str>) {
         self.failpoints = spec.map(str::to_owned);
     }

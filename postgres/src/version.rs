@@ -7,6 +7,7 @@
 //! | 15 | `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`; before: `EXPORT_SNAPSHOT` | the replicator's replication connection |
 //! | 15 | publication column lists and row filters (`pg_publication_tables.attnames`, `rowfilter`) | snapshots, resyncs, `verify` ([`crate::publication`]) |
 //! | 15 | `CREATE PUBLICATION … FOR TABLES IN SCHEMA` | `sql/postgres/setup.sql` without `tables` |
+//! | 14 | pgoutput `proto_version '2'` with `streaming 'on'` (transactions sent before they commit) | the replicator's `START_REPLICATION` |
 //! | 17 | `interval` holds `±infinity` (the former extreme values) | the value decoder: carried as text |
 //! | 14 | `numeric` holds `±Infinity` (13 refuses the literal) | `verify`'s clamp of `Decimal` columns |
 
@@ -28,6 +29,12 @@ pub async fn server_version_num(
 /// as the legacy form.
 pub fn has_create_slot_options(server_version_num: i32) -> bool {
     server_version_num >= 150000
+}
+
+/// Whether pgoutput streams transactions before they commit (protocol 2,
+/// `streaming 'on'`; 14+).
+pub fn has_streaming(server_version_num: i32) -> bool {
+    server_version_num >= 140000
 }
 
 /// Whether publications have column lists and row filters (15+).

@@ -44,6 +44,15 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot create spill files for streamed transactions in {} (replicator.spill_dir)",
+        dir.display()
+    )]
+    SpillDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot install the metrics recorder")]
     Recorder(#[from] metrics_exporter_prometheus::BuildError),
 }

@@ -39,6 +39,13 @@ pub const TABLE_ERRORS: &str = "sluice_replicator_table_errors";
 /// Values that did not parse as their Postgres type and were sent as text, by `table` (counter).
 pub const VALUE_DECODE_ERRORS: &str = "sluice_value_decode_errors_total";
 
+/// Bytes of streamed, still running transactions held in the replicator's
+/// spill files (`replicator.spill_dir`) (gauge).
+pub const STREAMED_SPILL_BYTES: &str = "sluice_replicator_streamed_spill_bytes";
+/// Transactions Postgres streamed before their end, by `outcome` (commit,
+/// abort) (counter).
+pub const STREAMED_TRANSACTIONS: &str = "sluice_replicator_streamed_transactions_total";
+
 /// Values of the `op` label of [`PUBLISHED_ROWS`].
 pub const OPS: [&str; 4] = ["insert", "update", "delete", "snapshot"];
 /// Values of the `reason` label of [`RESYNCS`] (a resync request may name
@@ -66,6 +73,10 @@ pub const RECONNECT_REASONS: [&str; 3] = ["postgres", "nats", "slot_busy"];
 pub fn counters_at_zero() {
     metrics::counter!(PUBLISHED_PACKAGES).increment(0);
     metrics::counter!(PUBLISH_DUPLICATES).increment(0);
+    for outcome in ["commit", "abort"] {
+        metrics::counter!(STREAMED_TRANSACTIONS, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(STREAMED_SPILL_BYTES).set(0.0);
     for reason in RECONNECT_REASONS {
         metrics::counter!(RECONNECTS, "reason" => reason).increment(0);
     }

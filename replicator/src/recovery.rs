@@ -22,7 +22,7 @@ use crate::pg::PgError;
 use crate::replication::{ReplicationError, ServerError, TlsError};
 use crate::slot::SlotError;
 use crate::snapshot::SnapshotError;
-use crate::stream::StreamError;
+use crate::stream::{ReplayError, StreamError};
 
 /// What to do about a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,7 @@ pub fn recovery(error: &RunError) -> Recovery {
         RunError::Slot(SlotError::WrongPlugin { .. })
         | RunError::NothingToReplicate { .. }
         | RunError::Metrics { .. }
+        | RunError::SpillDir { .. }
         | RunError::Recorder(_) => Recovery::Stop,
     }
 }
@@ -90,7 +91,11 @@ pub fn of_stream(error: &StreamError) -> Recovery {
         },
         // A catalog race (relation message seen before we know it) heals on restart.
         StreamError::UnknownRelation { .. } => Recovery::Retry,
-        StreamError::Decode { .. } | StreamError::StreamingNotSupported => Recovery::Stop,
+        // A full disk may empty; the restart streams the transaction again.
+        StreamError::Spill(_) | StreamError::Replay(ReplayError::Io(_)) => Recovery::Retry,
+        StreamError::Decode { .. }
+        | StreamError::NestedStreamMessage { .. }
+        | StreamError::Replay(ReplayError::Decode { .. }) => Recovery::Stop,
     }
 }
 
@@ -381,7 +386,20 @@ mod tests {
             source: DecodeError::Empty,
         };
         assert_eq!(of_stream(&decode), Stop);
-        assert_eq!(of_stream(&StreamError::StreamingNotSupported), Stop);
+        assert_eq!(
+            of_stream(&StreamError::NestedStreamMessage { lsn: Lsn(1) }),
+            Stop
+        );
+        let replay = StreamError::Replay(ReplayError::Decode {
+            lsn: Lsn(1),
+            source: DecodeError::Empty,
+        });
+        assert_eq!(of_stream(&replay), Stop);
+        let spill = StreamError::Spill(crate::stream::SpillError::Io {
+            dir: "/nonexistent".into(),
+            source: std::io::Error::other("disk full"),
+        });
+        assert_eq!(of_stream(&spill), Retry);
         let no_identity = StreamError::Catalog(CatalogError::NoReplicaIdentity {
             table: TableName::new("s", "t"),
         });

@@ -57,6 +57,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map_err(|source| RunError::Metrics { listen, source })?;
     tracing::info!(%listen, "metrics endpoint listening");
     m::counters_at_zero();
+    if config.replicator.streaming {
+        // Found now rather than in the middle of the first large transaction.
+        let dir = stream::spill_dir(&config);
+        if let Err(source) = tempfile::tempfile_in(&dir) {
+            shutdown.cancel();
+            let _ = server.await;
+            return Err(RunError::SpillDir { dir, source });
+        }
+    }
     let result = supervise(&config, &shutdown, &readiness).await;
     shutdown.cancel();
     let _ = server.await;
@@ -256,27 +265,32 @@ async fn run_once(
         .0
         .saturating_sub(start.0);
     let catchup = config.replicator.catchup_min_lag_bytes;
-    let source = if catchup > 0 && behind >= catchup {
+    let (source, decoder) = if catchup > 0 && behind >= catchup {
         if let Some(client) = client {
             let _ = client.close().await;
         }
         tracing::info!(slot = %slot, start = %start, behind_bytes = behind, "far behind: reading the backlog through SQL, then streaming");
-        Source::Backlog(
-            Backlog::connect(
-                &settings,
-                slot,
-                &publication,
-                config.replicator.catchup_chunk_changes,
-                start,
-            )
-            .await?,
+        (
+            Source::Backlog(
+                Backlog::connect(
+                    &settings,
+                    slot,
+                    &publication,
+                    config.replicator.catchup_chunk_changes,
+                    start,
+                )
+                .await?,
+            ),
+            // The backlog's SQL function sends protocol 1.
+            crate::pgoutput::Decoder::new(1),
         )
     } else {
         let client = match client {
             Some(client) => client,
             None => ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?,
         };
-        Source::Streaming(stream::start_walsender(client, config, Lsn(0)).await?)
+        let (replication, decoder) = stream::start_walsender(client, config, Lsn(0)).await?;
+        (Source::Streaming(replication), decoder)
     };
     metrics::gauge!(m::CATCHING_UP).set(if matches!(source, Source::Backlog(_)) {
         1.0
@@ -299,6 +313,7 @@ async fn run_once(
         changed_while_stopped,
         packager,
         publisher,
+        decoder,
         start,
         shutdown: shutdown.clone(),
     })

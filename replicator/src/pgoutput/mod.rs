@@ -155,6 +155,21 @@ impl Decoder {
         }
     }
 
+    /// A protocol-v2 decoder inside the stream block of `xid`: for messages of
+    /// a streamed transaction read back after they were received (their xid
+    /// field is present).
+    pub fn in_stream_block(xid: u32) -> Self {
+        Self {
+            proto_version: 2,
+            open_stream: Some(xid),
+        }
+    }
+
+    /// The xid of the open stream block, if one is open.
+    pub fn open_stream(&self) -> Option<u32> {
+        self.open_stream
+    }
+
     /// Decodes one message. Never panics; values are slices of `input`.
     pub fn decode(&mut self, input: Bytes) -> Result<LogicalMessage, DecodeError> {
         let Some(&tag) = input.first() else {

@@ -26,6 +26,7 @@
 mod confirm;
 mod publication;
 mod resync;
+mod streamed;
 mod translate;
 
 use std::collections::HashSet;
@@ -51,6 +52,8 @@ use crate::replication::{
 };
 use confirm::Confirmation;
 use resync::Resyncs;
+use streamed::{Replay, Streamed};
+pub use streamed::{ReplayError, SpillError};
 use translate::Translator;
 
 /// Failures of the streaming loop.
@@ -70,10 +73,12 @@ pub enum StreamError {
     },
     #[error("change for relation {oid} at {lsn} arrived before its Relation message")]
     UnknownRelation { oid: u32, lsn: Lsn },
-    #[error(
-        "pgoutput streaming of in-progress transactions is not supported; the slot was started with it"
-    )]
-    StreamingNotSupported,
+    #[error("pgoutput stream control message at {lsn} inside a streamed transaction")]
+    NestedStreamMessage { lsn: Lsn },
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
     #[error("Postgres ended the replication stream")]
     Ended,
     #[error("cannot subscribe to resync requests")]
@@ -111,6 +116,8 @@ pub struct Setup<'a> {
     pub changed_while_stopped: Vec<TableName>,
     pub packager: Packager,
     pub publisher: Publisher,
+    /// The decoder for the source's pgoutput protocol ([`start_walsender`]).
+    pub decoder: pgoutput::Decoder,
     /// The LSN streaming starts from (already confirmed).
     pub start: Lsn,
     pub shutdown: CancellationToken,
@@ -177,6 +184,11 @@ struct Loop<'a> {
     packager: Packager,
     publisher: Publisher,
     decoder: pgoutput::Decoder,
+    /// Transactions streamed before their commit ([`streamed`]).
+    streamed: Streamed,
+    /// A committed streamed transaction being handed to the packager; the
+    /// source is not read until it is done.
+    replay: Option<Replay>,
     confirm: Confirmation,
     /// Looked up once: `release` runs after every round of the loop.
     published_packages: metrics::Counter,
@@ -201,6 +213,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         changed_while_stopped,
         packager,
         publisher,
+        decoder,
         start,
         shutdown,
     } = setup;
@@ -221,7 +234,9 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         shape,
         packager,
         publisher,
-        decoder: pgoutput::Decoder::new(1),
+        decoder,
+        streamed: Streamed::new(spill_dir(config)),
+        replay: None,
         confirm: Confirmation::new(start),
         published_packages: counter!(m::PUBLISHED_PACKAGES),
         publish_duplicates: counter!(m::PUBLISH_DUPLICATES),
@@ -283,12 +298,18 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
             Some(request) = requests.next() => state.resync_request(request).await,
             Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
             acked = state.publisher.wait_one() => acked?,
+            // A committed streamed transaction goes first: what the source
+            // sends next committed after it.
+            _ = std::future::ready(()), if state.replay.is_some() => state.replay_some().await?,
             input = source.next() => {
                 state.input(&mut source, input?).await?;
                 // Messages that are already there are taken without another
                 // round of the select (its timers and channels cost more than
                 // a message); the branches above wait at most this many.
                 for _ in 1..INPUTS_PER_SELECT {
+                    if state.replay.is_some() {
+                        break;
+                    }
                     match source.next().now_or_never() {
                         Some(input) => state.input(&mut source, input?).await?,
                         None => break,
@@ -372,7 +393,8 @@ impl Loop<'_> {
             ReplicationClient::connect_with_tls(&self.repl_config, &self.settings.tls).await?;
         // The walsender starts at the later of this LSN and the slot's
         // confirmed one, which was not moved past the last chunk.
-        let replication = start_walsender(client, self.config, confirmed).await?;
+        let (replication, decoder) = start_walsender(client, self.config, confirmed).await?;
+        self.decoder = decoder;
         tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
         *source = Source::Streaming(replication);
         gauge!(m::CATCHING_UP).set(0.0);
@@ -426,26 +448,98 @@ impl Loop<'_> {
     async fn xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), StreamError> {
         let message = self
             .decoder
-            .decode(data)
+            .decode(data.clone())
             .map_err(|source| StreamError::Decode {
                 lsn: wal_start,
                 source,
             })?;
+        // Inside a stream block (the decoder knows) every change carries its
+        // (sub)transaction's xid and goes to the spill file.
+        if let Some(top) = self.decoder.open_stream() {
+            let (sub, schema) = match &message {
+                LogicalMessage::StreamStart(start) => {
+                    return Ok(self.streamed.start(start.xid, start.first_segment)?);
+                }
+                LogicalMessage::Relation(m) => (m.xid, true),
+                LogicalMessage::Type(m) => (m.xid, true),
+                LogicalMessage::Insert(m) => (m.xid, false),
+                LogicalMessage::Update(m) => (m.xid, false),
+                LogicalMessage::Delete(m) => (m.xid, false),
+                LogicalMessage::Truncate(m) => (m.xid, false),
+                // Logical decoding messages and origins carry nothing to
+                // replicate.
+                _ => return Ok(()),
+            };
+            return Ok(self
+                .streamed
+                .add(top, sub.unwrap_or(top), wal_start, data, schema)?);
+        }
+        match message {
+            LogicalMessage::StreamStop => Ok(()),
+            LogicalMessage::StreamAbort(abort) => {
+                Ok(self.streamed.abort(abort.xid, abort.subxid)?)
+            }
+            LogicalMessage::StreamCommit(commit) => {
+                self.packager
+                    .begin(commit.commit_lsn, commit.commit_time_us, commit.xid);
+                self.replay = Some(self.streamed.commit(commit)?);
+                Ok(())
+            }
+            message => self.apply(wal_start, message).await,
+        }
+    }
+
+    /// Hands a committed streamed transaction's messages to [`Loop::apply`],
+    /// at most [`INPUTS_PER_SELECT`] per round of the select, then commits it.
+    async fn replay_some(&mut self) -> Result<(), StreamError> {
+        // Failpoint `replicator::streamed::replay=return(MS)`: each round of
+        // a replay sleeps MS milliseconds (a test's window into its middle).
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = fail::eval("replicator::streamed::replay", |arg| {
+            arg.and_then(|ms| ms.parse::<u64>().ok())
+        })
+        .flatten()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        for _ in 0..INPUTS_PER_SELECT {
+            let Some(replay) = self.replay.as_mut() else {
+                return Ok(());
+            };
+            match replay.next()? {
+                Some((lsn, message)) => self.apply(lsn, message).await?,
+                None => {
+                    let commit = self.replay.take().expect("replaying").commit;
+                    return self.commit(commit.end_lsn, commit.commit_time_us).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, end_lsn: u64, commit_time_us: i64) -> Result<(), StreamError> {
+        for out in self.packager.commit() {
+            self.publisher.publish(out).await?;
+            #[cfg(feature = "failpoints")]
+            self.failpoint_after_package().await;
+        }
+        self.publisher.mark(Mark::Commit {
+            end_lsn: Lsn(end_lsn),
+            commit_time_us,
+        });
+        Ok(())
+    }
+
+    /// One message of a transaction, as received or read back from a spill
+    /// file.
+    async fn apply(&mut self, wal_start: Lsn, message: LogicalMessage) -> Result<(), StreamError> {
         match message {
             LogicalMessage::Begin(begin) => {
                 self.packager
                     .begin(begin.final_lsn, begin.commit_time_us, begin.xid);
             }
             LogicalMessage::Commit(commit) => {
-                for out in self.packager.commit() {
-                    self.publisher.publish(out).await?;
-                    #[cfg(feature = "failpoints")]
-                    self.failpoint_after_package().await;
-                }
-                self.publisher.mark(Mark::Commit {
-                    end_lsn: Lsn(commit.end_lsn),
-                    commit_time_us: commit.commit_time_us,
-                });
+                self.commit(commit.end_lsn, commit.commit_time_us).await?;
             }
             LogicalMessage::Relation(relation) => {
                 let oid = relation.oid;
@@ -489,25 +583,48 @@ impl Loop<'_> {
             LogicalMessage::StreamStart(_)
             | LogicalMessage::StreamStop
             | LogicalMessage::StreamCommit(_)
-            | LogicalMessage::StreamAbort(_) => return Err(StreamError::StreamingNotSupported),
+            | LogicalMessage::StreamAbort(_) => {
+                return Err(StreamError::NestedStreamMessage { lsn: wal_start });
+            }
         }
         Ok(())
     }
 }
 
-/// `START_REPLICATION` of the configured slot and publication (pgoutput
-/// proto 1) from the later of `start` and the slot's confirmed LSN.
+/// `START_REPLICATION` of the configured slot and publication from the later
+/// of `start` and the slot's confirmed LSN, with the decoder for its
+/// messages: pgoutput protocol 2 with `streaming 'on'` when
+/// `replicator.streaming` is set and the server has it (14+), else 1.
 pub async fn start_walsender(
-    client: ReplicationClient,
+    mut client: ReplicationClient,
     config: &Config,
     start: Lsn,
-) -> Result<ReplicationStream, ReplicationError> {
+) -> Result<(ReplicationStream, pgoutput::Decoder), ReplicationError> {
     let publication = crate::replication::publication_names([config.postgres.publication.as_str()]);
-    client
-        .start_replication(
-            &config.postgres.slot,
-            start,
-            &[("proto_version", "1"), ("publication_names", &publication)],
-        )
-        .await
+    let streaming = config.replicator.streaming
+        && sluice_postgres::version::has_streaming(client.server_version_num().await?);
+    let mut options = vec![
+        ("proto_version", if streaming { "2" } else { "1" }),
+        ("publication_names", publication.as_str()),
+    ];
+    if streaming {
+        options.push(("streaming", "on"));
+    }
+    let stream = client
+        .start_replication(&config.postgres.slot, start, &options)
+        .await?;
+    Ok((
+        stream,
+        pgoutput::Decoder::new(if streaming { 2 } else { 1 }),
+    ))
+}
+
+/// Where streamed transactions are spilled: `replicator.spill_dir`, or the
+/// system's temporary directory.
+pub fn spill_dir(config: &Config) -> std::path::PathBuf {
+    config
+        .replicator
+        .spill_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
 }
