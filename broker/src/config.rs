@@ -417,8 +417,7 @@ impl Config {
                 ),
             ));
         }
-        check_url(&self.postgres.url, &["postgres", "postgresql"])
-            .map_err(|reason| invalid("postgres.url", reason))?;
+        check_pg_url(&self.postgres.url).map_err(|reason| invalid("postgres.url", reason))?;
         check_sslmode(&self.postgres.url).map_err(|reason| invalid("postgres.url", reason))?;
         match (
             &self.clickhouse.tls_cert_file,
@@ -577,6 +576,28 @@ fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
 }
 
+/// A Postgres URL, which may name several hosts as libpq does
+/// (`postgres://u@h1:5432,h2:5433/db?target_session_attrs=read-write`): each
+/// host must make a valid URL with the rest.
+fn check_pg_url(value: &str) -> Result<(), String> {
+    const SCHEMES: &[&str] = &["postgres", "postgresql"];
+    if let Some((scheme, rest)) = value.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((user, hosts)) => (format!("{user}@"), hosts),
+            None => (String::new(), authority),
+        };
+        if hosts.contains(',') {
+            for host in hosts.split(',') {
+                check_url(&format!("{scheme}://{user}{host}{tail}"), SCHEMES)?;
+            }
+            return Ok(());
+        }
+    }
+    check_url(value, SCHEMES)
+}
+
 fn check_url(value: &str, schemes: &[&str]) -> Result<(), String> {
     let url = url::Url::parse(value)
         .map_err(|e| format!("{:?} is not a valid URL: {e}", redact_url(value)))?;
@@ -607,10 +628,10 @@ pub const SSLMODES: &[&str] = &[
 ];
 
 fn check_sslmode(value: &str) -> Result<(), String> {
-    let Ok(url) = url::Url::parse(value) else {
-        return Ok(()); // check_url reported it
-    };
-    for (key, mode) in url.query_pairs() {
+    // The query alone: a URL of several hosts is no `url::Url`.
+    let query = value.split_once('?').map_or("", |(_, query)| query);
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    for (key, mode) in url::form_urlencoded::parse(query.as_bytes()) {
         if key == "sslmode" && !SSLMODES.contains(&mode.as_ref()) {
             return Err(format!(
                 "sslmode={mode} is not one of {}",
@@ -838,6 +859,25 @@ mod tests {
                 "[postgres]\nurl = \"postgres://u@h:5432/db?sslmode={mode}\"\n"
             ));
             Config::load_with_env(file.path(), no_env()).expect("a known sslmode loads");
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_may_name_several_hosts() {
+        let file = write(
+            "[postgres]\nurl = \"postgres://u@h1:5432,h2:5433/db?target_session_attrs=read-write\"\n",
+        );
+        Config::load_with_env(file.path(), no_env()).expect("several hosts load");
+        // Each host is checked, and so is the sslmode of such a URL.
+        for bad in [
+            "postgres://u@h1:5432,h2:x/db",
+            "postgres://u@h1:5432,h2:5433/db?sslmode=verify_full",
+        ] {
+            let file = write(&format!("[postgres]\nurl = \"{bad}\"\n"));
+            let err = Config::load_with_env(file.path(), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("postgres.url"), "{bad}: {err}");
         }
     }
 

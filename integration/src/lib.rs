@@ -30,6 +30,7 @@
 mod names;
 pub mod pipeline;
 pub mod stack;
+pub mod standby;
 
 use std::sync::OnceLock;
 

@@ -57,6 +57,9 @@ pub struct Pipeline {
     failpoints: Option<String>,
     /// Environment of the next program started, on top of the usual.
     extra_env: Vec<(&'static str, String)>,
+    /// The Postgres URL `verify` compares with, when not the binaries' own
+    /// (a replicator reading a standby is checked against the primary).
+    verify_url: Option<String>,
 }
 
 /// Paths of the two binaries, built once per test process.
@@ -273,6 +276,7 @@ ack_wait = "30s"
             runs: BTreeMap::new(),
             failpoints: None,
             extra_env: Vec::new(),
+            verify_url: None,
         }))
     }
 
@@ -819,7 +823,20 @@ ack_wait = "30s"
 
     /// Runs [`verify::verify`] once.
     pub async fn verify(&self) -> anyhow::Result<Vec<TableReport>> {
-        Ok(verify::verify(&self.config, None).await?)
+        match &self.verify_url {
+            None => Ok(verify::verify(&self.config, None).await?),
+            Some(url) => {
+                let mut config = self.config.clone();
+                config.postgres.url = url.clone();
+                Ok(verify::verify(&config, None).await?)
+            }
+        }
+    }
+
+    /// Makes [`Self::verify`] (and [`Self::wait_until_equal`]) compare
+    /// ClickHouse with the Postgres at `url` instead of the config's.
+    pub fn verify_against(&mut self, url: &str) {
+        self.verify_url = Some(url.to_owned());
     }
 
     /// Polls verify until every table matches; on timeout fails with the last

@@ -159,7 +159,16 @@ async fn streamed_transactions_land_exactly_what_committed() -> anyhow::Result<(
         .unwrap_or(0.0)
     };
     assert!(outcome("commit") >= 5.0, "{metrics}");
-    assert!(outcome("abort") >= 1.0, "{metrics}");
+    // Postgres 16+ does not stream a transaction it already knows to be
+    // rolled back when it would (a walsender decoding behind the ROLLBACK),
+    // so only older versions always send its Stream Abort.
+    let version: i32 = pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 160000 {
+        assert!(outcome("abort") >= 1.0, "{metrics}");
+    }
     assert_eq!(
         pipeline::metric(&metrics, "sluice_replicator_streamed_spill_bytes"),
         Some(0.0),

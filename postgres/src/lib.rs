@@ -174,11 +174,12 @@ impl TlsUrl {
             cert: None,
             key: None,
         };
-        let Ok(mut parsed) = url::Url::parse(url) else {
-            return out;
-        };
+        // Not `url::Url`: a URL of several hosts (`h1:5432,h2:5432`, as libpq
+        // writes them) is no URL to it, and its TLS settings must not be
+        // passed over.
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut kept = Vec::new();
-        for (key, value) in parsed.query_pairs() {
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             match key.as_ref() {
                 // The config validation rejected any other value.
                 "sslmode" => {
@@ -195,11 +196,14 @@ impl TlsUrl {
                 _ => kept.push((key.into_owned(), value.into_owned())),
             }
         }
-        parsed.set_query(None);
-        if !kept.is_empty() {
-            parsed.query_pairs_mut().extend_pairs(kept);
-        }
-        out.rest = parsed.to_string();
+        out.rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            let query = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(kept)
+                .finish();
+            format!("{base}?{query}")
+        };
         out
     }
 }
@@ -221,6 +225,15 @@ mod tests {
         let url = TlsUrl::split("postgres://u@h/db");
         assert_eq!(url.mode, SslMode::Prefer);
         assert_eq!(url.rest, "postgres://u@h/db");
+        // Several hosts, as libpq writes them.
+        let url = TlsUrl::split(
+            "postgres://u@h1:5432,h2:5433/db?sslmode=verify-full&target_session_attrs=read-write",
+        );
+        assert_eq!(url.mode, SslMode::VerifyFull);
+        assert_eq!(
+            url.rest,
+            "postgres://u@h1:5432,h2:5433/db?target_session_attrs=read-write"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | 15 | publication column lists and row filters (`pg_publication_tables.attnames`, `rowfilter`) | snapshots, resyncs, `verify` ([`crate::publication`]) |
 //! | 15 | `CREATE PUBLICATION … FOR TABLES IN SCHEMA` | `sql/postgres/setup.sql` without `tables` |
 //! | 14 | pgoutput `proto_version '2'` with `streaming 'on'` (transactions sent before they commit) | the replicator's `START_REPLICATION` |
+//! | 17 | failover slots: `CREATE_REPLICATION_SLOT … (…, FAILOVER)`, synchronised to standbys that run `sync_replication_slots` | the replicator's slot |
 //! | 17 | `interval` holds `±infinity` (the former extreme values) | the value decoder: carried as text |
 //! | 14 | `numeric` holds `±Infinity` (13 refuses the literal) | `verify`'s clamp of `Decimal` columns |
 
@@ -35,6 +36,12 @@ pub fn has_create_slot_options(server_version_num: i32) -> bool {
 /// `streaming 'on'`; 14+).
 pub fn has_streaming(server_version_num: i32) -> bool {
     server_version_num >= 140000
+}
+
+/// Whether a logical slot can be created as a failover slot, which standbys
+/// running `sync_replication_slots` keep a copy of (17+).
+pub fn has_failover_slots(server_version_num: i32) -> bool {
+    server_version_num >= 170000
 }
 
 /// Whether publications have column lists and row filters (15+).

@@ -78,12 +78,19 @@ pub async fn try_lock_slot(
     })
 }
 
-/// The server's current WAL insert position.
+/// How far the server's WAL goes: the current write position on a primary,
+/// what it has replayed on a standby (where decoding ends).
 pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> Result<Lsn, PgError> {
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
         .await
-        .map_err(PgError::sql("cannot read pg_current_wal_lsn()"))?;
-    let text: String = row.get(0);
-    Ok(text.parse().unwrap_or(Lsn(0)))
+        .map_err(PgError::sql(
+            "cannot read pg_current_wal_lsn() (pg_last_wal_replay_lsn() on a standby)",
+        ))?;
+    let text: Option<String> = row.get(0);
+    Ok(text.and_then(|t| t.parse().ok()).unwrap_or(Lsn(0)))
 }

@@ -179,7 +179,9 @@ pub fn of_replication(error: &ReplicationError) -> Recovery {
     match error {
         ReplicationError::Io(_)
         | ReplicationError::Closed
-        | ReplicationError::ConnectTimeout { .. } => Recovery::Retry,
+        | ReplicationError::ConnectTimeout { .. }
+        // A failover in progress: a standby is promoted soon.
+        | ReplicationError::ReadOnly { .. } => Recovery::Retry,
         ReplicationError::Server(e) | ReplicationError::Command { error: e, .. } => of_server(e),
         // A handshake cut off by the network is worth retrying; a certificate
         // that does not verify (InvalidData from rustls) is not.

@@ -10,7 +10,7 @@ use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
 use sluice_broker::table::quote_ident;
 use tokio::net::TcpStream;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use super::error::{ProtocolError, ReplicationError};
 use super::lsn::Lsn;
@@ -110,7 +110,22 @@ impl ReplicationClient {
                 None => attempt.await,
             };
             match result {
-                Ok(client) => return Ok(client),
+                Ok(mut client) => {
+                    // `target_session_attrs=read-write`: a standby (after a
+                    // failover, the old primary come back as one) is passed
+                    // over for the next host.
+                    if config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite
+                        && client.read_only().await?
+                    {
+                        let _ = client.close().await;
+                        last_err = Some(ReplicationError::ReadOnly {
+                            host: host_label(host),
+                            port,
+                        });
+                        continue;
+                    }
+                    return Ok(client);
+                }
                 // Only a failure to reach the host moves on to the next one;
                 // a rejected password would be rejected everywhere.
                 Err(e) if recovery::of_replication(&e) == Recovery::Retry => last_err = Some(e),
@@ -160,6 +175,22 @@ impl ReplicationClient {
         self.conn.server_version.as_deref()
     }
 
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub async fn in_recovery(&mut self) -> Result<bool, ReplicationError> {
+        const CMD: &str = "SELECT pg_is_in_recovery()";
+        let rows = self.simple_query(CMD).await?;
+        let row = single_row(CMD, rows)?;
+        parse_col(CMD, "pg_is_in_recovery", &row, 0, |s| Some(s == "t"))
+    }
+
+    /// Whether the server only reads (`SHOW transaction_read_only`: a standby).
+    pub async fn read_only(&mut self) -> Result<bool, ReplicationError> {
+        const CMD: &str = "SHOW transaction_read_only";
+        let rows = self.simple_query(CMD).await?;
+        let row = single_row(CMD, rows)?;
+        parse_col(CMD, "transaction_read_only", &row, 0, |s| Some(s == "on"))
+    }
+
     /// `SHOW server_version_num` (e.g. `130023` for 13.23), asked once per
     /// connection. Where the walsender's commands differ between versions,
     /// this decides which form is sent.
@@ -203,7 +234,11 @@ impl ReplicationClient {
     ) -> Result<CreatedSlot, ReplicationError> {
         const CMD: &str = "CREATE_REPLICATION_SLOT";
         let version = self.server_version_num().await?;
-        let sql = create_slot_command(name, temporary, version);
+        // A standby cannot make a failover slot (only a primary's are copied).
+        let failover = !temporary
+            && sluice_postgres::version::has_failover_slots(version)
+            && !self.in_recovery().await?;
+        let sql = create_slot_command(name, temporary, failover, version);
         let rows = self.command(&sql).await?;
         let row = single_row(CMD, rows)?;
         Ok(CreatedSlot {
@@ -301,9 +336,18 @@ impl ReplicationClient {
 /// exports its snapshot, in the syntax of the server's `server_version_num`:
 /// Postgres 15 introduced the option list `(SNAPSHOT 'export')`; 13 and 14
 /// accept only the older keyword `EXPORT_SNAPSHOT` (which 15–18 still take,
-/// but as the legacy form).
-pub fn create_slot_command(name: &str, temporary: bool, server_version_num: i32) -> String {
-    let snapshot = if sluice_postgres::version::has_create_slot_options(server_version_num) {
+/// but as the legacy form). With `failover` (17+, a lasting slot on a
+/// primary) it is a failover slot, which standbys running
+/// `sync_replication_slots` copy, so that it survives a promotion.
+pub fn create_slot_command(
+    name: &str,
+    temporary: bool,
+    failover: bool,
+    server_version_num: i32,
+) -> String {
+    let snapshot = if failover && sluice_postgres::version::has_failover_slots(server_version_num) {
+        "(SNAPSHOT 'export', FAILOVER)"
+    } else if sluice_postgres::version::has_create_slot_options(server_version_num) {
         "(SNAPSHOT 'export')"
     } else {
         "EXPORT_SNAPSHOT"
@@ -408,24 +452,34 @@ mod tests {
 
     #[test]
     fn create_slot_command_follows_the_server_version() {
-        // 13 and 14 know only EXPORT_SNAPSHOT; 15 added the option list.
+        // 13 and 14 know only EXPORT_SNAPSHOT; 15 added the option list; 17
+        // failover slots. Asking for failover before 17 changes nothing.
         for version in [130000, 130023, 140023, 149999] {
+            for failover in [false, true] {
+                assert_eq!(
+                    create_slot_command("s", false, failover, version),
+                    "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+                );
+            }
             assert_eq!(
-                create_slot_command("s", false, version),
-                "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
-            );
-            assert_eq!(
-                create_slot_command("s", true, version),
+                create_slot_command("s", true, false, version),
                 "CREATE_REPLICATION_SLOT \"s\" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
             );
         }
         for version in [150000, 150018, 160014, 170010, 180004] {
+            let failover = if version >= 170000 { ", FAILOVER" } else { "" };
             assert_eq!(
-                create_slot_command("s", false, version),
+                create_slot_command("s", false, true, version),
+                format!(
+                    "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export'{failover})"
+                )
+            );
+            assert_eq!(
+                create_slot_command("s", false, false, version),
                 "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export')"
             );
             assert_eq!(
-                create_slot_command("we\"ird", true, version),
+                create_slot_command("we\"ird", true, false, version),
                 "CREATE_REPLICATION_SLOT \"we\"\"ird\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
             );
         }

@@ -35,6 +35,16 @@ pub enum ReplicationError {
         port: u16,
     },
 
+    /// The host is a standby (read-only) and the connection asks for
+    /// `target_session_attrs=read-write`; no host of the list was writable.
+    #[error("{host}:{port} is read-only (a standby) and target_session_attrs=read-write")]
+    ReadOnly {
+        /// The host tried.
+        host: String,
+        /// The port tried.
+        port: u16,
+    },
+
     /// The server answered with an `ErrorResponse`.
     #[error("{0}")]
     Server(Box<ServerError>),

@@ -22,6 +22,10 @@
 //!   SQL ([`crate::backlog`]) and then switches to the walsender at the
 //!   confirmed LSN; both give the same pgoutput messages to the same code, and
 //!   only the walsender's keepalives ever confirm an LSN without a commit.
+//! - **Only committed rows leave.** A transaction Postgres 14+ streams before
+//!   its commit waits in a spill file ([`streamed`]) and goes through the
+//!   same path at its Stream Commit, before anything the source sent after
+//!   it; its commit LSN is confirmed like any other.
 
 mod confirm;
 mod publication;

@@ -1,0 +1,218 @@
+//! Replicating from a physical standby (Postgres 16+): the replicator's slot,
+//! snapshot and resyncs live on the standby while the primary takes every
+//! write, and ClickHouse ends equal to the primary.
+//!
+//! The test starts its own primary and standby of Postgres 18
+//! ([`sluice_integration::standby::PgPair`]), whatever version the shared
+//! stack runs; NATS and ClickHouse are the stack's.
+
+use std::time::Duration;
+
+use sluice_integration::Servers;
+use sluice_integration::pipeline::{Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::standby::PgPair;
+
+const CONVERGE: Duration = Duration::from_secs(180);
+const VERSION: u32 = 18;
+
+#[tokio::test]
+async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> anyhow::Result<()> {
+    let pair = PgPair::start(VERSION).await?;
+    // The pipeline's database and tables are made on the primary.
+    let servers: &'static Servers = Box::leak(Box::new(Servers {
+        pg_url: pair.primary_url("postgres"),
+        ..Servers::get().clone()
+    }));
+    let mut p = Pipeline::start_with("standby", Nats::Single, servers)
+        .await?
+        .expect("single NATS node");
+    let pg = p.pg().await?;
+    let db: String = pg.query_one("SELECT current_database()", &[]).await?.get(0);
+    pg.batch_execute(&format!(
+        "{};
+         INSERT INTO items SELECT g, g * 7, md5(g::text) FROM generate_series(1, 5000) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    pair.wait_replayed(CONVERGE).await?;
+
+    // A slot on a standby becomes consistent at a running-transactions
+    // record from the primary; a busy primary writes one every 15 s, this
+    // test asks for one every half second.
+    let primary = pair.primary(&db).await?;
+    let snapshots = tokio::spawn(async move {
+        loop {
+            if primary
+                .execute("SELECT pg_log_standby_snapshot()", &[])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    // The binaries read the standby; verify compares with the primary.
+    p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
+    p.verify_against(&pair.primary_url(&db));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_replicator_ready(CONVERGE).await?;
+
+    let writes = run_workload(&pg, "items", 100, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{writes} changes on the primary; {}", reports[0]);
+
+    // The slot is the standby's, not the primary's.
+    let slot = p.config.postgres.slot.clone();
+    let on = |client: tokio_postgres::Client| {
+        let slot = slot.clone();
+        async move {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?
+                .get(0);
+            anyhow::Ok(n)
+        }
+    };
+    assert_eq!(
+        on(pair.standby(&db).await?).await?,
+        1,
+        "slot on the standby"
+    );
+    assert_eq!(
+        on(pair.primary(&db).await?).await?,
+        0,
+        "no slot on the primary"
+    );
+
+    // A resync's temporary slot and exported snapshot on the standby too,
+    // under writes on the primary.
+    let resync = p
+        .replicator_command(&["resync", "--table", "public.items"])?
+        .wait()?;
+    anyhow::ensure!(resync.success(), "resync failed: {resync}");
+    let writes = run_workload(&pg, "items", 50, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{writes} more changes and a resync; {}", reports[0]);
+    anyhow::ensure!(
+        p.resyncs_in_stream("items", "manual").await? >= 1,
+        "the manual resync is not in the stream"
+    );
+
+    // The replicator killed and restarted on the standby.
+    p.kill_9_replicator()?;
+    p.spawn_replicator()?;
+    let writes = run_workload(&pg, "items", 50, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{writes} more changes after a kill -9; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+
+    p.stop_replicator().await?;
+    p.stop_loader().await?;
+    snapshots.abort();
+    Ok(())
+}
+
+/// The primary crashes under a workload and its standby is promoted: the
+/// replicator, given both servers with `target_session_attrs=read-write`,
+/// reconnects to the promoted standby and goes on from its copy of the
+/// failover slot (Postgres 17+), without a resync and without a row the new
+/// primary does not have.
+#[tokio::test]
+async fn a_promoted_standby_continues_from_the_failover_slot() -> anyhow::Result<()> {
+    let pair = PgPair::start_with(VERSION, true).await?;
+    let servers: &'static Servers = Box::leak(Box::new(Servers {
+        pg_url: pair.primary_url("postgres"),
+        ..Servers::get().clone()
+    }));
+    let mut p = Pipeline::start_with("failover", Nats::Single, servers)
+        .await?
+        .expect("single NATS node");
+    let pg = p.pg().await?;
+    let db: String = pg.query_one("SELECT current_database()", &[]).await?.get(0);
+    pg.batch_execute(&format!(
+        "{};
+         INSERT INTO items SELECT g, g * 7, md5(g::text) FROM generate_series(1, 5000) g;
+         CREATE PUBLICATION sluice FOR TABLE items;",
+        workload_table_sql("items")
+    ))
+    .await?;
+    // The standby, first in the URL, must know the database to be passed
+    // over as read-only.
+    pair.wait_replayed(CONVERGE).await?;
+    p.set_config(
+        "postgres",
+        "url",
+        &format!("\"{}\"", pair.writable_url(&db)),
+    )?;
+    p.verify_against(&pair.primary_url(&db));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_replicator_ready(CONVERGE).await?;
+    let writes = run_workload(&pg, "items", 50, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{writes} changes on the primary; {}", reports[0]);
+
+    // The standby's copy of the slot caught up with the primary's.
+    let slot = p.config.postgres.slot.clone();
+    let primary_sql = pair.primary(&db).await?;
+    let standby_sql = pair.standby(&db).await?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let primary: String = primary_sql
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND failover",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        let synced: Option<bool> = standby_sql
+            .query_opt(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND synced",
+                &[&slot, &primary],
+            )
+            .await?
+            .and_then(|row| row.get(0));
+        if synced == Some(true) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the standby's copy of slot {slot} never reached {primary} ({synced:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Writes go on while the primary crashes; what it committed without the
+    // standby receiving it is gone with it, and must not be in ClickHouse.
+    let writer = pair.primary(&db).await?;
+    let writes = tokio::spawn(async move {
+        let _ = run_workload(&writer, "items", 1000, 20, Rng::from_clock()).await;
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pair.crash_primary()?;
+    let _ = writes.await;
+    pair.promote()?;
+    p.verify_against(&pair.standby_url(&db));
+
+    let promoted = pair.standby(&db).await?;
+    let writes = run_workload(&promoted, "items", 50, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{writes} changes on the promoted standby; {}", reports[0]);
+    assert_eq!(
+        p.resyncs_in_stream("items", "slot_lost").await?,
+        0,
+        "the promoted standby's slot was used, not a new one"
+    );
+    p.check_chains_have_no_duplicates().await?;
+    p.stop_replicator().await?;
+    p.stop_loader().await?;
+    Ok(())
+}
