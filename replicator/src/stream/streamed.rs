@@ -110,9 +110,8 @@ impl Streamed {
         data: Bytes,
         schema: bool,
     ) -> Result<(), SpillError> {
-        let dir = self.dir.clone();
-        let spill = self
-            .open
+        let Streamed { dir, open, .. } = self;
+        let spill = open
             .get_mut(&top)
             .ok_or(SpillError::NotStarted { xid: top })?;
         if sub != top && !spill.subxacts.iter().any(|(x, _)| *x == sub) {
@@ -121,7 +120,7 @@ impl Streamed {
         if schema {
             spill.schema.push((spill.len, lsn, data.clone()));
         }
-        spill.write(lsn, &data).map_err(|e| error(&dir, e))
+        spill.write(lsn, &data).map_err(|e| error(dir, e))
     }
 
     /// Stream Abort: the whole transaction when `sub == top`, else one
@@ -134,15 +133,15 @@ impl Streamed {
             self.update_gauge();
             return Ok(());
         }
-        let dir = self.dir.clone();
-        let Some(spill) = self.open.get_mut(&top) else {
+        let Streamed { dir, open, .. } = self;
+        let Some(spill) = open.get_mut(&top) else {
             return Ok(());
         };
         // A subtransaction that never sent a change has nothing to cut.
         let Some(at) = spill.subxacts.iter().position(|(x, _)| *x == sub) else {
             return Ok(());
         };
-        spill.cut(at).map_err(|e| error(&dir, e))?;
+        spill.cut(at).map_err(|e| error(dir, e))?;
         self.update_gauge();
         Ok(())
     }
