@@ -333,7 +333,17 @@ pub struct LoaderConfig {
     /// is dead-lettered. Bounds the loader's memory whatever the payloads
     /// claim; chunks held back for an incomplete package count against it.
     pub batch_max_decoded_bytes: usize,
-    /// Longest wait for a batch to fill; an idle stream still lands within it.
+    /// Shortest time between the hand-overs of two batches that are not
+    /// full. A batch goes to ClickHouse as soon as it has a message, the
+    /// previous batch was taken and this much time passed since it was:
+    /// on a quiet stream a change waits at most this long, and each table
+    /// gets at most one INSERT per interval. While ClickHouse is busy with a
+    /// batch the next one keeps filling, so batches grow with the load up to
+    /// the limits above.
+    #[serde(with = "humantime_serde")]
+    pub batch_min_interval: Duration,
+    /// How long the loader waits on an idle stream before it refreshes its
+    /// lag gauges and checks for stalled resyncs. Changes never wait for it.
     #[serde(with = "humantime_serde")]
     pub batch_max_wait: Duration,
     /// How long newer messages wait behind a package whose chunks stopped
@@ -357,6 +367,7 @@ impl Default for LoaderConfig {
             batch_max_messages: 1000,
             batch_max_bytes: 32 * 1024 * 1024,
             batch_max_decoded_bytes: 256 * 1024 * 1024,
+            batch_min_interval: Duration::from_millis(100),
             batch_max_wait: Duration::from_millis(500),
             incomplete_package_wait: Duration::from_secs(60),
             ack_wait: Duration::from_secs(300),
@@ -508,6 +519,9 @@ impl Config {
                     self.nats.max_bytes
                 ),
             ));
+        }
+        if self.loader.batch_max_wait.is_zero() {
+            return Err(invalid("loader.batch_max_wait", "must be positive".into()));
         }
         if self.nats.duplicate_window.is_zero() {
             return Err(invalid("nats.duplicate_window", "must be positive".into()));
@@ -819,6 +833,20 @@ mod tests {
             .expect_err("unknown compression")
             .to_string();
         assert!(err.contains("zstd") && err.contains("compression"), "{err}");
+    }
+
+    #[test]
+    fn an_idle_wait_of_zero_is_refused_and_a_zero_batch_interval_is_not() {
+        let file = write("[loader]\nbatch_max_wait = \"0s\"\n");
+        let err = Config::load_with_env(file.path(), no_env())
+            .expect_err("a zero idle wait would spin")
+            .to_string();
+        assert!(err.contains("loader.batch_max_wait"), "{err}");
+        let file = write("[loader]\nbatch_min_interval = \"0s\"\n");
+        let config = Config::load_with_env(file.path(), no_env()).expect("loads");
+        assert_eq!(config.loader.batch_min_interval, Duration::ZERO);
+        let config = Config::load_with_env(write("").path(), no_env()).expect("loads");
+        assert_eq!(config.loader.batch_min_interval, Duration::from_millis(100));
     }
 
     #[test]

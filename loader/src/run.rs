@@ -31,6 +31,7 @@ use sluice_broker::config::Config;
 use sluice_broker::supervise::{self, Next, Restart};
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Batch, Loader};
@@ -271,6 +272,8 @@ async fn fetch_batches(
         }
     };
     let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
+    // When the last batch with news went to the applier.
+    let mut last_handover = Instant::now();
     // Chunks of a package whose last chunk has not been fetched yet, and
     // everything fetched after them.
     let mut held: Vec<jetstream::Message> = Vec::new();
@@ -281,18 +284,32 @@ async fn fetch_batches(
             refresh_pending(&consumer).await;
             last_pending_check = std::time::Instant::now();
         }
-        // A batch: what was held back and what arrives within
-        // `batch_max_wait`, up to the limits.
+        // A batch: what was held back and what arrives until the batch is
+        // full, or until it has news and may go (`batch_min_interval` after
+        // the previous hand-over, and the applier took the previous batch),
+        // or until `batch_max_wait` passed without news (an idle batch).
         let mut messages = std::mem::take(&mut held);
         let mut bytes = 0;
         let mut fetched = 0;
-        let window = tokio::time::sleep(settings.batch_max_wait);
-        tokio::pin!(window);
+        let idle_until = Instant::now() + settings.batch_max_wait;
+        let may_go_at = last_handover + settings.batch_min_interval;
+        let mut permit = None;
         while fetched < settings.batch_max_messages && bytes < settings.batch_max_bytes {
+            let may_go = fetched > 0 && Instant::now() >= may_go_at;
+            // Biased: messages already here join the batch before it goes.
             let next = tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
-                _ = &mut window => break,
                 next = pulled.next() => next,
+                _ = tokio::time::sleep_until(may_go_at), if fetched > 0 && !may_go => continue,
+                taken = batches.reserve(), if may_go => match taken {
+                    Ok(taken) => {
+                        permit = Some(taken);
+                        break;
+                    }
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep_until(idle_until), if fetched == 0 => break,
             };
             match next {
                 Some(Ok(message)) => {
@@ -320,6 +337,9 @@ async fn fetch_batches(
                     return;
                 }
             }
+        }
+        if fetched > 0 {
+            last_handover = Instant::now();
         }
         let hold = hold_incomplete_chunks(&mut messages, &source);
         overtaken_since = match (hold.overtaken, overtaken_since) {
@@ -359,11 +379,14 @@ async fn fetch_batches(
         for part in parts {
             // Decode a part only once the previous one was taken: at most
             // the part being applied and this one are decoded in memory.
-            let permit = tokio::select! {
-                _ = stop.cancelled() => return,
-                permit = batches.reserve() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
+            let permit = match permit.take() {
+                Some(permit) => permit,
+                None => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    permit = batches.reserve() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
                 },
             };
             let batch = match tokio::task::spawn_blocking(move || part.decode()).await {
