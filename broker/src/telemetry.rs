@@ -46,9 +46,14 @@ pub fn init_logging_with_default(format: LogFormat, default_directive: &str) {
     };
 }
 
-/// Installs the global Prometheus recorder; returns the handle that renders it.
-pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+/// Installs the global Prometheus recorder, every series labelled
+/// `source="<source>"` (one process serves one source; several sources'
+/// series stay apart in one Prometheus); returns the handle that renders it.
+pub fn install_metrics(
+    source: &str,
+) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let recorder = PrometheusBuilder::new()
+        .add_global_label("source", source)
         .set_buckets(&[
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0,
             1000.0, 10_000.0, 100_000.0,

@@ -9,9 +9,16 @@
 //! Postgres clock when the row was written (same machine, same clock). The
 //! first 3 s of each rate are warm-up and not counted.
 //!
-//! The pipeline runs with the product's default batching (loader and
-//! replicator), then any `SLUICE_BENCH_CONFIG` overrides. Rates come from `SLUICE_BENCH_RATES` (changes/s, default `5000,20000`),
-//! the measured time from `SLUICE_BENCH_SECONDS` (default 20).
+//! The writer commits with `synchronous_commit = on`. The pipeline runs with
+//! the product's default batching (loader and replicator), then any
+//! `SLUICE_BENCH_CONFIG` overrides. Rates come from `SLUICE_BENCH_RATES`
+//! (changes/s, default `5000,20000`), the measured time from
+//! `SLUICE_BENCH_SECONDS` (default 20).
+//!
+//! For each rate it also prints the CPU time each process used while the
+//! rows were written (the writing session, the walsender, the replicator,
+//! NATS, the loader, ClickHouse): the per-stage costs of the capacity model
+//! in docs/scaling.md.
 //!
 //! ```text
 //! set -a; . /tmp/sdev/stack/env; set +a
@@ -22,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use sluice_integration::clickhouse_sql;
+use sluice_integration::cpu::{self, Stage, StageCpu};
 use sluice_integration::pipeline::{Pipeline, count_from_env};
 
 const TABLE: &str = "lag_rows";
@@ -99,6 +107,7 @@ async fn run(p: &mut Pipeline, rates: &[u64], measured: Duration) -> anyhow::Res
         .await?;
     p.wait_until_equal(Duration::from_secs(120)).await?;
 
+    let cpu = stages(p, &pg).await?;
     let ch = p.servers().clickhouse();
     let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
     let mut next_id = 1i64;
@@ -107,7 +116,9 @@ async fn run(p: &mut Pipeline, rates: &[u64], measured: Duration) -> anyhow::Res
         next_id = write_at(&pg, rate, WARM_UP, next_id).await?;
         let first = next_id;
         let started = Instant::now();
+        let cpu_before = cpu.sample();
         next_id = write_at(&pg, rate, measured, next_id).await?;
+        let cpu_after = cpu.sample();
         let wrote_for = started.elapsed();
         let last = next_id - 1;
         // Ids 0..=last.
@@ -154,8 +165,53 @@ async fn run(p: &mut Pipeline, rates: &[u64], measured: Duration) -> anyhow::Res
             p99 / 1e3,
             max / 1e3,
         );
+        println!(
+            "CPU per stage while writing (rows = those written; a stage that fell behind shows less):\n{}",
+            cpu.report(&cpu_before, &cpu_after, (last - first + 1) as u64)
+        );
     }
     Ok(())
+}
+
+/// The processes of the pipeline whose CPU time is reported: the servers
+/// found by the loopback port they listen on, Postgres' walsender of the
+/// slot and the writing session by their PIDs.
+async fn stages(p: &Pipeline, pg: &tokio_postgres::Client) -> anyhow::Result<StageCpu> {
+    let walsender: i32 = pg
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.config.postgres.slot],
+        )
+        .await?
+        .get(0);
+    let writer: i32 = pg.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let servers = p.servers();
+    let listening = |name: &'static str, url: &str| {
+        cpu::port_of(url)
+            .and_then(cpu::pid_listening_on)
+            .map(|pid| Stage { name, pid })
+            .with_context(|| format!("no local process listens on {name}'s {url}"))
+    };
+    Ok(StageCpu::new(vec![
+        Stage {
+            name: "pg writer",
+            pid: writer as u32,
+        },
+        Stage {
+            name: "walsender",
+            pid: walsender as u32,
+        },
+        Stage {
+            name: "replicator",
+            pid: p.replicator_pid().context("replicator not running")?,
+        },
+        listening("nats", &servers.nats_url)?,
+        Stage {
+            name: "loader",
+            pid: p.loader_pid().context("loader not running")?,
+        },
+        listening("clickhouse", &servers.clickhouse_url)?,
+    ]))
 }
 
 /// Inserts `rate` rows per second for `duration`, ids from `next_id`, one

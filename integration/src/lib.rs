@@ -27,6 +27,7 @@
 //! [`fresh_stream_name`] and [`Servers::fresh_clickhouse_database`] hand out unique names so tests
 //! run in parallel and against long-lived servers.
 
+pub mod cpu;
 mod names;
 pub mod pipeline;
 pub mod stack;

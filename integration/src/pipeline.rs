@@ -290,6 +290,17 @@ ack_wait = "30s"
     /// [`Self::set_config`] for several keys at once, for keys that are valid
     /// only together (e.g. `ssl_cert` and `ssl_key`).
     pub fn set_configs(&mut self, section: &str, pairs: &[(&str, &str)]) -> anyhow::Result<()> {
+        let pairs: Vec<(&str, Option<&str>)> = pairs.iter().map(|(k, v)| (*k, Some(*v))).collect();
+        self.edit_config(section, &pairs)
+    }
+
+    /// Removes `key` from `[section]`, so that its default applies.
+    pub fn unset_config(&mut self, section: &str, key: &str) -> anyhow::Result<()> {
+        self.edit_config(section, &[(key, None)])
+    }
+
+    /// Sets (`Some`) or removes (`None`) keys of `[section]`, then reloads.
+    fn edit_config(&mut self, section: &str, pairs: &[(&str, Option<&str>)]) -> anyhow::Result<()> {
         let mut text = std::fs::read_to_string(&self.config_path)?;
         for (key, value) in pairs {
             let header = format!("[{section}]\n");
@@ -304,7 +315,8 @@ ack_wait = "30s"
                 .filter(|line| !line.trim_start().starts_with(&assignment))
                 .map(|line| format!("{line}\n"))
                 .collect();
-            text = format!("{}{key} = {value}\n{kept}{}", &text[..at], &text[end..]);
+            let assignment = value.map_or(String::new(), |value| format!("{key} = {value}\n"));
+            text = format!("{}{assignment}{kept}{}", &text[..at], &text[end..]);
         }
         std::fs::write(&self.config_path, text)?;
         self.config = Config::load(&self.config_path)?;
@@ -728,11 +740,12 @@ ack_wait = "30s"
 
     /// The replicator's `/metrics` text.
     pub async fn replicator_metrics(&self) -> anyhow::Result<String> {
-        scrape(&format!(
+        let text = scrape(&format!(
             "http://{}/metrics",
             self.config.replicator.metrics_listen
         ))
-        .await
+        .await?;
+        without_source(&text, &self.config.source)
     }
 
     /// Waits until the replicator's `/readyz` answers 200: it holds the slot,
@@ -814,11 +827,12 @@ ack_wait = "30s"
 
     /// The loader's `/metrics` text.
     pub async fn loader_metrics(&self) -> anyhow::Result<String> {
-        scrape(&format!(
+        let text = scrape(&format!(
             "http://{}/metrics",
             self.config.loader.metrics_listen
         ))
-        .await
+        .await?;
+        without_source(&text, &self.config.source)
     }
 
     /// Runs [`verify::verify`] once.
@@ -1088,6 +1102,35 @@ async fn http_get(url: &str) -> anyhow::Result<String> {
     Ok(response)
 }
 
+/// Prometheus `text` with the `source` label (the first label of every
+/// sample) removed, so that tests match series by their own labels; an
+/// error when a sample lacks `source="<source>"`.
+pub fn without_source(text: &str, source: &str) -> anyhow::Result<String> {
+    let label = format!("source=\"{source}\"");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            out.push_str(line);
+        } else if let Some((name, rest)) = line.split_once('{')
+            && let Some(rest) = rest.strip_prefix(label.as_str())
+        {
+            out.push_str(name);
+            match rest.strip_prefix(',') {
+                Some(more) => {
+                    out.push('{');
+                    out.push_str(more);
+                }
+                // Only the source label: `name{source="s"} 1` -> `name 1`.
+                None => out.push_str(rest.strip_prefix('}').unwrap_or(rest)),
+            }
+        } else {
+            bail!("the sample {line:?} is not labelled {label}");
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// Whether Prometheus `text` has a sample line for exactly `series` (name and labels).
 pub fn has_sample(text: &str, series: &str) -> bool {
     text.lines().any(|line| {
@@ -1326,4 +1369,21 @@ pub async fn insert_bench_rows(
         first = last + 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_label_is_required_and_removed() {
+        let text = "# TYPE a counter\na{source=\"s\"} 1\nb{source=\"s\",table=\"public.t\"} 2\n";
+        assert_eq!(
+            without_source(text, "s").unwrap(),
+            "# TYPE a counter\na 1\nb{table=\"public.t\"} 2\n"
+        );
+        assert!(without_source("a{table=\"x\"} 1\n", "s").is_err());
+        assert!(without_source("a{source=\"other\"} 1\n", "s").is_err());
+        assert!(without_source("a 1\n", "s").is_err());
+    }
 }

@@ -42,7 +42,7 @@ use crate::recovery::Recovery;
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
-    let handle = telemetry::install_metrics()?;
+    let handle = telemetry::install_metrics(&config.source)?;
     m::counters_at_zero();
     let readiness = Readiness::default();
     let listen = config.loader.metrics_listen;

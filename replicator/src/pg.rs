@@ -46,6 +46,24 @@ pub async fn slot_state(
     }))
 }
 
+/// Where a slot named `slot` that is not this database's lives: `Some(Some(db))`
+/// for another database's logical slot, `Some(None)` for a physical slot,
+/// `None` when there is none (slot names are server-wide).
+pub async fn slot_elsewhere(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Option<String>>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT database::text FROM pg_replication_slots
+              WHERE slot_name = $1 AND database IS DISTINCT FROM current_database()",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::sql("cannot read pg_replication_slots"))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
 /// Takes this session's advisory lock of `slot` (keyed on the slot's name, in
 /// this database), which no other replicator of the slot can then take: the
 /// start-up steps (look at the slot, create, drop or recreate it, snapshot)

@@ -71,7 +71,7 @@ pub fn recovery(error: &RunError) -> Recovery {
         ) => Recovery::Stop,
         // Another replicator holds the slot: wait as a standby.
         RunError::Slot(SlotError::Busy { .. }) => Recovery::Retry,
-        RunError::Slot(SlotError::WrongPlugin { .. })
+        RunError::Slot(SlotError::WrongPlugin { .. } | SlotError::OtherDatabase { .. })
         | RunError::NothingToReplicate { .. }
         | RunError::Metrics { .. }
         | RunError::SpillDir { .. }
@@ -494,6 +494,16 @@ mod tests {
             plugin: None,
         };
         assert_eq!(recovery(&RunError::Slot(plugin)), Stop);
+        let elsewhere = SlotError::OtherDatabase {
+            slot: "s".to_owned(),
+            database: Some("other".to_owned()),
+        };
+        assert!(
+            elsewhere
+                .to_string()
+                .contains("another database (\"other\")")
+        );
+        assert_eq!(recovery(&RunError::Slot(elsewhere)), Stop);
         let nothing = RunError::NothingToReplicate {
             publication: "p".to_owned(),
         };

@@ -49,7 +49,7 @@ use crate::stream::{self, Source};
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
-    let handle = telemetry::install_metrics()?;
+    let handle = telemetry::install_metrics(&config.source)?;
     let readiness = Readiness::default();
     let listen = config.replicator.metrics_listen;
     let server = telemetry::serve_metrics(listen, handle, readiness.clone(), shutdown.clone())
@@ -162,6 +162,15 @@ async fn run_once(
     repl_config.options(pg::OUTPUT_STYLES);
     let state = pg::slot_state(&sql.client, slot).await?;
     slot::check_usable(slot, state.as_ref())?;
+    if state.is_none()
+        && let Some(database) = pg::slot_elsewhere(&sql.client, slot).await?
+    {
+        return Err(SlotError::OtherDatabase {
+            slot: slot.clone(),
+            database,
+        }
+        .into());
+    }
     let last_heartbeat =
         last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
     let (state, reason) = match slot::decide(state.as_ref(), last_heartbeat.is_some()) {

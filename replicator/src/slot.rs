@@ -20,6 +20,25 @@ pub enum SlotError {
     /// Another replicator streams from it (this one waits as a standby).
     #[error("slot {slot} is in use by another process (pid {pid:?})")]
     Busy { slot: String, pid: Option<i32> },
+    /// A slot of that name exists on the server, but not for this database:
+    /// slot names are server-wide, so another source (or a physical
+    /// standby) has it.
+    #[error(
+        "slot {slot} already exists on this server as {}; slot names are server-wide: give this source its own `postgres.slot`",
+        owner_of(.database.as_deref())
+    )]
+    OtherDatabase {
+        slot: String,
+        /// `None` for a physical slot.
+        database: Option<String>,
+    },
+}
+
+fn owner_of(database: Option<&str>) -> String {
+    match database {
+        Some(database) => format!("a slot of another database ({database:?})"),
+        None => "a physical replication slot".to_owned(),
+    }
 }
 
 /// Whether an existing slot can be used at all: it must be a pgoutput slot

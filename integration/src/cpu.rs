@@ -1,0 +1,178 @@
+//! CPU time of the processes of a pipeline, from `/proc`, for benchmarks that
+//! say which stage a workload saturates: Postgres' walsender, the replicator,
+//! NATS, the loader and ClickHouse (each found by PID, the servers by the
+//! loopback port they listen on).
+
+use std::time::{Duration, Instant};
+
+/// A process of the pipeline, by the stage it is.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: &'static str,
+    pub pid: u32,
+}
+
+/// CPU time used so far by each stage, and when it was read.
+pub struct Sample {
+    at: Instant,
+    ticks: Vec<Option<u64>>,
+}
+
+/// Reads [`Sample`]s of a fixed set of stages.
+pub struct StageCpu {
+    stages: Vec<Stage>,
+    ticks_per_second: f64,
+}
+
+impl StageCpu {
+    pub fn new(stages: Vec<Stage>) -> StageCpu {
+        StageCpu {
+            stages,
+            // `/proc` counts in USER_HZ, 100 on every Linux architecture
+            // this runs on (`getconf CLK_TCK`).
+            ticks_per_second: 100.0,
+        }
+    }
+
+    pub fn sample(&self) -> Sample {
+        Sample {
+            at: Instant::now(),
+            ticks: self.stages.iter().map(|s| cpu_ticks(s.pid)).collect(),
+        }
+    }
+
+    /// One line per stage: its share of one core between the samples, and
+    /// its CPU time per row for `rows` rows handled meanwhile.
+    pub fn report(&self, from: &Sample, to: &Sample, rows: u64) -> String {
+        let wall = to.at.duration_since(from.at).as_secs_f64();
+        let mut lines = Vec::new();
+        let mut total = 0.0;
+        for (i, stage) in self.stages.iter().enumerate() {
+            let (Some(a), Some(b)) = (from.ticks[i], to.ticks[i]) else {
+                lines.push(format!(
+                    "  {:<12} (pid {}) not readable",
+                    stage.name, stage.pid
+                ));
+                continue;
+            };
+            let cpu = b.saturating_sub(a) as f64 / self.ticks_per_second;
+            total += cpu;
+            lines.push(format!(
+                "  {:<12} {:>5.1} % of a core, {:>6.2} µs/row ({:.0} rows/s per core)",
+                stage.name,
+                cpu / wall * 100.0,
+                cpu / rows.max(1) as f64 * 1e6,
+                if cpu > 0.0 {
+                    rows as f64 / cpu
+                } else {
+                    f64::INFINITY
+                }
+            ));
+        }
+        lines.push(format!(
+            "  {:<12} {:>5.1} % of a core over {:.1?}, {rows} rows",
+            "all above",
+            total / wall * 100.0,
+            Duration::from_secs_f64(wall)
+        ));
+        lines.join("\n")
+    }
+}
+
+/// User plus system CPU ticks of `pid` (`/proc/PID/stat` fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) may hold spaces and parentheses: skip past its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+/// The PID of the local process listening on TCP `port` (IPv4 or IPv6), if
+/// this user may see it.
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let listening_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && listening_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    // A forking server's children inherit the socket; the lowest PID is
+    // the parent that opened it.
+    let mut owner: Option<u32> = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && inodes.iter().any(|i| target.as_os_str() == i.as_str())
+            {
+                owner = Some(owner.map_or(pid, |o| o.min(pid)));
+            }
+        }
+    }
+    owner
+}
+
+/// The port of a `scheme://host:port…` URL.
+pub fn port_of(url: &str) -> Option<u16> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    host_port.rsplit_once(':')?.1.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_of_urls() {
+        assert_eq!(port_of("nats://127.0.0.1:4222"), Some(4222));
+        assert_eq!(port_of("http://u:p@127.0.0.1:8123/?x=1"), Some(8123));
+        assert_eq!(port_of("http://localhost"), None);
+    }
+
+    #[test]
+    fn this_process_uses_cpu_and_its_listener_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(pid_listening_on(port), Some(std::process::id()));
+        let before = cpu_ticks(std::process::id()).unwrap();
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(cpu_ticks(std::process::id()).unwrap() > before);
+    }
+}
