@@ -158,3 +158,37 @@ async fn a_table_removed_from_the_publication_is_kept_and_no_longer_applied() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_resync_that_fails_before_it_begins_is_started_again() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("pub_retry").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(&format!(
+        "{}{}CREATE PUBLICATION sluice FOR TABLE first;",
+        table_sql("first", 100),
+        table_sql("late", 250),
+    ))
+    .await?;
+    p.set_config("replicator", "publication_check_interval", "\"1s\"")?;
+    // The first resync the replicator starts fails before it begins (as
+    // when its temporary slot cannot be created); the loader never hears
+    // of it.
+    p.set_failpoints(Some("replicator::resync::before_begin=1*return"));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    pg.batch_execute("ALTER PUBLICATION sluice ADD TABLE late")
+        .await?;
+    p.wait_until_equal(CONVERGE).await?;
+    assert_eq!(clickhouse_count(&p, "late", "1").await?, 250);
+    assert_eq!(
+        p.log_lines_containing("replicator", "resync failed before it began")
+            .len(),
+        1,
+        "the failpoint fired once:\n{}",
+        p.log_tail("replicator", 30)
+    );
+    assert_eq!(resyncs(&p, "late", "added").await?, 1.0);
+    p.check_alive()?;
+    Ok(())
+}

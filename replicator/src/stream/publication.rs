@@ -165,6 +165,7 @@ impl Loop<'_> {
         {
             tracing::debug!(table = %table, "changes of a table no longer in the publication: streamed up to its removal");
         }
+        self.retry_failed_resyncs();
         if !repartitioned.is_empty() {
             self.resync_tables(repartitioned, "partitions_changed");
         }

@@ -10,7 +10,7 @@
 //! A resync that fails is reported (`sluice-replicator resync` shows it) and
 //! dropped; the stream goes on and the operator requests it again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use metrics::{counter, gauge};
 use sluice_broker::TableName;
@@ -43,6 +43,10 @@ struct ActiveResync {
 /// The resyncs in progress and the channel their readers report on.
 pub(super) struct Resyncs {
     active: HashMap<TableName, ActiveResync>,
+    /// Resyncs that failed before their RESYNC_BEGIN (no trace of them
+    /// reached the loader, which would otherwise wait for nothing), with
+    /// their reason: started again at the next publication check.
+    retry: BTreeMap<TableName, String>,
     tx: mpsc::Sender<ResyncEvent>,
 }
 
@@ -57,6 +61,7 @@ impl Resyncs {
         let (tx, rx) = mpsc::channel(8);
         let resyncs = Resyncs {
             active: HashMap::new(),
+            retry: BTreeMap::new(),
             tx,
         };
         (resyncs, rx)
@@ -96,10 +101,13 @@ fn requested_tables(
     Ok(tables)
 }
 
-/// The reason a request gives, `manual` when none.
+/// The reason of an operator's request (`sluice-replicator resync`).
+const MANUAL: &str = "manual";
+
+/// The reason a request gives, [`MANUAL`] when none.
 fn resync_reason(request: &v1::ResyncRequest) -> String {
     if request.reason.is_empty() {
-        "manual".to_owned()
+        MANUAL.to_owned()
     } else {
         request.reason.clone()
     }
@@ -274,7 +282,16 @@ impl Loop<'_> {
             }
             Err(error) => {
                 let error = sluice_broker::error_chain(&error);
-                tracing::error!(table = %label, error = %error, "resync failed; request it again");
+                if active.lsn.is_none() && active.reason != MANUAL {
+                    // Nothing of it reached the stream: nobody else knows
+                    // to ask again.
+                    tracing::error!(table = %label, error = %error, reason = %active.reason, "resync failed before it began; retried at the next publication check");
+                    self.resyncs
+                        .retry
+                        .insert(table.clone(), active.reason.clone());
+                } else {
+                    tracing::error!(table = %label, error = %error, "resync failed; request it again");
+                }
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 self.resync_progress(&table, true, Some(error)).await;
                 self.resyncs.active.remove(&table);
@@ -304,6 +321,23 @@ impl Loop<'_> {
             .await;
     }
 
+    /// Starts again the resyncs that failed before their RESYNC_BEGIN, for
+    /// tables still replicated and not resyncing meanwhile.
+    pub(super) fn retry_failed_resyncs(&mut self) {
+        let mut by_reason: BTreeMap<String, Vec<TableName>> = BTreeMap::new();
+        for (table, reason) in std::mem::take(&mut self.resyncs.retry) {
+            if self.translate.published.contains(&table) && !self.resyncs.is_running(&table) {
+                by_reason.entry(reason).or_default().push(table);
+            }
+        }
+        for (reason, tables) in by_reason {
+            for table in &tables {
+                tracing::info!(table = %table, reason = %reason, "retrying a resync that failed before it began");
+            }
+            self.resync_tables(tables, &reason);
+        }
+    }
+
     pub(super) async fn stop_resyncs(&mut self) {
         for (_, active) in self.resyncs.active.drain() {
             active.task.abort();
@@ -328,6 +362,13 @@ async fn resync_task(
             table: table.to_string(),
             source,
         };
+        // Crash tests: the resync fails before it begins (no slot yet).
+        #[cfg(feature = "failpoints")]
+        if fail::eval("replicator::resync::before_begin", |_| ()).is_some() {
+            return Err(slot_failed(crate::replication::ReplicationError::Config(
+                "failpoint replicator::resync::before_begin",
+            )));
+        }
         let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
             .await
             .map_err(slot_failed)?;
