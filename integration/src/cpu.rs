@@ -143,12 +143,9 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
     owner
 }
 
-/// The port of a `scheme://host:port…` URL.
+/// The port a `scheme://host:port…` URL names (`None` without one).
 pub fn port_of(url: &str) -> Option<u16> {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = after_scheme.split(['/', '?']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    host_port.rsplit_once(':')?.1.parse().ok()
+    url::Url::parse(url).ok()?.port()
 }
 
 #[cfg(test)]
