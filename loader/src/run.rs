@@ -271,18 +271,18 @@ async fn fetch_batches(
             return;
         }
     };
-    let mut last_pending_check = std::time::Instant::now() - Duration::from_secs(60);
+    let mut last_pending_check = Instant::now() - Duration::from_secs(60);
     // When the last batch with news went to the applier.
     let mut last_handover = Instant::now();
     // Chunks of a package whose last chunk has not been fetched yet, and
     // everything fetched after them.
     let mut held: Vec<jetstream::Message> = Vec::new();
     // Since when messages newer than such a package wait behind it.
-    let mut overtaken_since: Option<std::time::Instant> = None;
+    let mut overtaken_since: Option<Instant> = None;
     loop {
         if last_pending_check.elapsed() > Duration::from_secs(2) {
             refresh_pending(&consumer).await;
-            last_pending_check = std::time::Instant::now();
+            last_pending_check = Instant::now();
         }
         // A batch: what was held back and what arrives until the batch is
         // full, or until it has news and may go (`batch_min_interval` after
@@ -344,7 +344,7 @@ async fn fetch_batches(
         let hold = hold_incomplete_chunks(&mut messages, &source);
         overtaken_since = match (hold.overtaken, overtaken_since) {
             (false, _) => None,
-            (true, since) => Some(since.unwrap_or_else(std::time::Instant::now)),
+            (true, since) => Some(since.unwrap_or_else(Instant::now)),
         };
         let held_bytes: usize = hold.messages.iter().map(|m| m.payload.len()).sum();
         let waited = overtaken_since.map(|since| since.elapsed());
