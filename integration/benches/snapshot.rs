@@ -95,8 +95,16 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     p.spawn_replicator()?;
     let deadline = started + Duration::from_secs(3600);
     let mut published_line = None;
+    let mut started_line = None;
     loop {
         p.check_alive()?;
+        if started_line.is_none()
+            && std::fs::read_to_string(&log)
+                .map(|t| t.contains("snapshot started"))
+                .unwrap_or(false)
+        {
+            started_line = Some(started.elapsed());
+        }
         if published_line.is_none()
             && std::fs::read_to_string(&log)
                 .map(|t| t.contains("snapshot published"))
@@ -115,7 +123,7 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("the snapshot was not acknowledged within an hour");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sluice = started.elapsed();
     p.stop_replicator().await?;
@@ -128,6 +136,12 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         copy_rate
     );
+    if let Some(at) = started_line {
+        println!(
+            "sluice-replicator \"snapshot started\" log line after {:.2} s",
+            at.as_secs_f64()
+        );
+    }
     if let Some(at) = published_line {
         println!(
             "sluice-replicator \"snapshot published\" log line after {:.2} s",

@@ -18,6 +18,9 @@ pub const PUBLISHED_PACKAGES: &str = "sluice_published_packages_total";
 pub const PUBLISH_DUPLICATES: &str = "sluice_publish_duplicates_total";
 /// Rows read by snapshots, by `table` (counter).
 pub const SNAPSHOT_ROWS: &str = "sluice_snapshot_rows_total";
+/// Snapshot chunks (page ranges of a table, `replicator.snapshot_chunk_pages`)
+/// read to their end, by `table` (counter).
+pub const SNAPSHOT_CHUNKS: &str = "sluice_snapshot_chunks_total";
 /// Rows the table's latest snapshot expects (Postgres' estimate, `reltuples`;
 /// a partitioned table's leaves summed), by `table` (gauge).
 pub const SNAPSHOT_ROWS_ESTIMATED: &str = "sluice_snapshot_rows_estimated";
@@ -97,6 +100,7 @@ pub fn table_series_at_zero(table: &sluice_broker::TableName) {
         metrics::counter!(RESYNCS, "table" => label.clone(), "reason" => reason).increment(0);
     }
     metrics::counter!(SNAPSHOT_ROWS, "table" => label.clone()).increment(0);
+    metrics::counter!(SNAPSHOT_CHUNKS, "table" => label.clone()).increment(0);
     metrics::counter!(VALUE_DECODE_ERRORS, "table" => label.clone()).increment(0);
     metrics::gauge!(RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
     metrics::gauge!(TABLE_ERRORS, "table" => label).set(0.0);

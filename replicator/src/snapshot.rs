@@ -10,9 +10,10 @@
 //! ordered. Snapshot rows carry the consistent point as their commit LSN; see
 //! `sluice_proto::row_version` for why streamed changes always win over them.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use sluice_broker::TableName;
@@ -107,39 +108,18 @@ pub async fn initial(
         reason: reason.to_owned(),
     };
     let (tx, mut rx) = mpsc::channel::<Result<Event, SnapshotError>>(8);
-    let parallelism = config.replicator.snapshot_parallelism;
-    let limits = (
-        config.replicator.package_max_rows,
-        config.replicator.package_max_bytes,
-    );
+    let readers = Readers::new(config, settings, spec.clone());
     let source = config.source.clone();
-    let queue = Arc::new(tokio::sync::Mutex::new(tables.to_vec()));
-    let mut readers = tokio::task::JoinSet::new();
-    for _ in 0..parallelism.min(tables.len()).max(1) {
-        let (tx, queue, settings, spec, source, publication) = (
-            tx.clone(),
-            queue.clone(),
-            settings.clone(),
-            spec.clone(),
-            source.clone(),
-            config.postgres.publication.clone(),
-        );
-        readers.spawn(async move {
-            loop {
-                let Some(table) = queue.lock().await.pop() else {
-                    return;
-                };
-                if let Err(error) =
-                    read_table(&settings, &spec, &source, &publication, &table, limits, &tx).await
-                {
-                    let _ = tx.send(Err(error)).await;
-                    return;
-                }
+    let reading = tokio::spawn({
+        let tables = tables.to_vec();
+        async move {
+            if let Err(error) = read_tables(readers, tables, &tx).await {
+                let _ = tx.send(Err(error)).await;
             }
-        });
-    }
-    drop(tx);
+        }
+    });
     let generation = packager.generation();
+    let mut ordinals: HashMap<TableName, Ordinals> = HashMap::new();
     while let Some(event) = tokio::select! {
         event = rx.recv() => event,
         _ = shutdown.cancelled() => None,
@@ -167,7 +147,9 @@ pub async fn initial(
                 );
                 publisher.publish(packager.chain_package(package)).await?;
             }
-            Event::Package(package) => {
+            Event::Package(mut package) => {
+                let table = TableName::new(&package.schema, &package.table);
+                ordinals.entry(table).or_default().stamp(&mut package);
                 publisher.publish(packager.chain_package(*package)).await?;
             }
             Event::End {
@@ -176,6 +158,7 @@ pub async fn initial(
                 rows,
             } => {
                 let label = table.to_string();
+                ordinals.remove(&table);
                 let package = marker(
                     &source,
                     &table,
@@ -191,12 +174,32 @@ pub async fn initial(
             }
         }
     }
-    readers.abort_all();
-    while readers.join_next().await.is_some() {}
+    reading.abort();
+    let _ = reading.await;
     if !shutdown.is_cancelled() {
         publisher.flush().await?;
     }
     Ok(())
+}
+
+/// Where a table's next snapshot package goes: its index and the ordinal of
+/// its first row. Chunks of one table are read in parallel and arrive
+/// interleaved, so the one task that publishes stamps them in the order it
+/// publishes them; the ordinals then count the rows published so far, which
+/// `status` reads as the snapshot's progress.
+#[derive(Debug, Default)]
+pub(crate) struct Ordinals {
+    packages: u32,
+    rows: u64,
+}
+
+impl Ordinals {
+    pub(crate) fn stamp(&mut self, package: &mut v1::Package) {
+        package.package_index = self.packages;
+        package.first_row_ordinal = self.rows;
+        self.packages += 1;
+        self.rows += package.rows.len() as u64;
+    }
 }
 
 pub(crate) fn marker(
@@ -231,30 +234,298 @@ pub(crate) fn marker(
     }
 }
 
-pub(crate) async fn read_table(
-    settings: &PgSettings,
-    spec: &SnapshotSpec,
-    source: &str,
-    publication: &str,
-    table: &TableName,
-    (max_rows, max_bytes): (usize, usize),
+/// What every reader of one snapshot shares.
+pub(crate) struct Readers {
+    settings: PgSettings,
+    spec: SnapshotSpec,
+    source: String,
+    publication: String,
+    parallelism: usize,
+    chunk_pages: u64,
+    max_rows: usize,
+    max_bytes: usize,
+}
+
+impl Readers {
+    pub(crate) fn new(config: &Config, settings: &PgSettings, spec: SnapshotSpec) -> Readers {
+        Readers {
+            settings: settings.clone(),
+            spec,
+            source: config.source.clone(),
+            publication: config.postgres.publication.clone(),
+            parallelism: config.replicator.snapshot_parallelism.max(1),
+            chunk_pages: config.replicator.snapshot_chunk_pages,
+            max_rows: config.replicator.package_max_rows,
+            max_bytes: config.replicator.package_max_bytes,
+        }
+    }
+}
+
+/// One table being read: what its chunks need, and how many are left.
+struct TableRun {
+    table: TableName,
+    label: String,
+    relation: Arc<v1::Relation>,
+    column_types: Vec<TypeInfo>,
+    column_names: Vec<String>,
+    /// `SELECT <published columns> FROM <table>`.
+    select: String,
+    /// The publication's row filter, if any.
+    row_filter: Option<String>,
+    estimate: u64,
+    /// Chunks not finished yet; whoever finishes the last one reports End.
+    remaining: AtomicUsize,
+    rows: AtomicU64,
+    started: std::time::Instant,
+    started_us: i64,
+    last_log: std::sync::Mutex<std::time::Instant>,
+}
+
+/// A range of a table's pages, `[from, to)`; `None` is open (the first
+/// chunk starts at the table's beginning, the last one reads whatever the
+/// table holds past its start, even pages added after the size was read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageRange {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+}
+
+impl PageRange {
+    const WHOLE: PageRange = PageRange {
+        from: None,
+        to: None,
+    };
+
+    /// The TID condition that selects this range's rows (Postgres 14+ reads
+    /// it with a TID range scan), or `None` for the whole table.
+    fn condition(&self) -> Option<String> {
+        match (self.from, self.to) {
+            (None, None) => None,
+            (Some(from), None) => Some(format!("ctid >= '({from},0)'::tid")),
+            (None, Some(to)) => Some(format!("ctid < '({to},0)'::tid")),
+            (Some(from), Some(to)) => Some(format!(
+                "ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"
+            )),
+        }
+    }
+}
+
+/// Smallest and largest automatic chunk: 64 MiB and 1 GiB of 8 KiB pages.
+const MIN_CHUNK_PAGES: u64 = 8 * 1024;
+const MAX_CHUNK_PAGES: u64 = 128 * 1024;
+
+/// The chunks of a table of `pages` pages read by `workers` connections:
+/// `chunk_pages` each, or when that is 0, about a quarter of each worker's
+/// share (so that the last chunks do not leave workers idle for long),
+/// within [`MIN_CHUNK_PAGES`] and [`MAX_CHUNK_PAGES`]. The ranges cover every
+/// TID exactly once.
+pub(crate) fn page_ranges(pages: u64, workers: usize, chunk_pages: u64) -> Vec<PageRange> {
+    let size = if chunk_pages > 0 {
+        chunk_pages
+    } else {
+        (pages / (workers.max(1) as u64 * 4)).clamp(MIN_CHUNK_PAGES, MAX_CHUNK_PAGES)
+    };
+    let count = pages.div_ceil(size);
+    if count <= 1 {
+        return vec![PageRange::WHOLE];
+    }
+    (0..count)
+        .map(|i| PageRange {
+            from: (i > 0).then_some(i * size),
+            to: (i + 1 < count).then_some((i + 1) * size),
+        })
+        .collect()
+}
+
+enum Work {
+    Table(TableName),
+    Chunk(Arc<TableRun>, PageRange),
+}
+
+/// Tables waiting to be planned and chunks waiting to be read. A worker that
+/// plans a table puts its chunks first, so that tables finish one after the
+/// other instead of all at once.
+struct WorkQueue {
+    state: std::sync::Mutex<QueueState>,
+    changed: tokio::sync::Notify,
+}
+
+struct QueueState {
+    items: VecDeque<Work>,
+    /// Tables being planned: their chunks are still to come.
+    planning: usize,
+}
+
+impl WorkQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The next work; `None` once there is none and none can come.
+    async fn next(&self) -> Option<Work> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if let Some(work) = state.items.pop_front() {
+                    if matches!(work, Work::Table(_)) {
+                        state.planning += 1;
+                    }
+                    return Some(work);
+                }
+                if state.planning == 0 {
+                    return None;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// A table was planned: its chunks go first in line.
+    fn planned(&self, chunks: Vec<Work>) {
+        {
+            let mut state = self.lock();
+            state.planning -= 1;
+            for chunk in chunks.into_iter().rev() {
+                state.items.push_front(chunk);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Reads `tables` with up to `snapshot_parallelism` connections that share
+/// the exported snapshot, each table in chunks of pages, and reports Begin,
+/// the packages and End of every table on `tx` (the packages of one table's
+/// chunks interleaved; see [`Ordinals`]). The first error stops every reader.
+pub(crate) async fn read_tables(
+    readers: Readers,
+    tables: Vec<TableName>,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
 ) -> Result<(), SnapshotError> {
-    let label = table.to_string();
-    let conn = settings.connect("a snapshot").await?;
-    let client = &conn.client;
-    client
+    let workers = readers.parallelism;
+    let readers = Arc::new(readers);
+    let queue = Arc::new(WorkQueue {
+        state: std::sync::Mutex::new(QueueState {
+            items: tables.into_iter().map(Work::Table).collect(),
+            planning: 0,
+        }),
+        changed: tokio::sync::Notify::new(),
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(worker(readers.clone(), queue.clone(), tx.clone()));
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => return Err(SnapshotError::ReaderLost("a snapshot reader".into())),
+        }
+    }
+    Ok(())
+}
+
+/// One connection of a snapshot: plans tables and reads chunks until there
+/// is nothing left. It connects only once it has work.
+async fn worker(
+    readers: Arc<Readers>,
+    queue: Arc<WorkQueue>,
+    tx: mpsc::Sender<Result<Event, SnapshotError>>,
+) -> Result<(), SnapshotError> {
+    let mut conn = None;
+    let mut next = queue.next().await;
+    while let Some(work) = next.take() {
+        let client = match &conn {
+            Some(conn) => conn,
+            None => conn.insert(open_snapshot(&readers).await?),
+        };
+        let client = &client.client;
+        match work {
+            Work::Table(table) => {
+                let run = plan_table(&readers, client, &table, &tx).await?;
+                let mut chunks = run
+                    .1
+                    .into_iter()
+                    .map(|range| Work::Chunk(run.0.clone(), range));
+                // This worker reads the first chunk itself: a table of one
+                // chunk never takes a second connection.
+                next = chunks.next();
+                queue.planned(chunks.collect());
+            }
+            Work::Chunk(run, range) => {
+                read_chunk(&readers, client, &run, range, &tx).await?;
+                counter!(m::SNAPSHOT_CHUNKS, "table" => run.label.clone()).increment(1);
+                if run.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    send(
+                        &tx,
+                        &run.label,
+                        Event::End {
+                            table: run.table.clone(),
+                            relation: run.relation.clone(),
+                            rows: run.rows.load(Ordering::Acquire),
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        if next.is_none() {
+            next = queue.next().await;
+        }
+    }
+    if let Some(conn) = conn {
+        conn.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PgError::sql("cannot end a snapshot transaction"))?;
+    }
+    Ok(())
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<Event, SnapshotError>>,
+    label: &str,
+    event: Event,
+) -> Result<(), SnapshotError> {
+    tx.send(Ok(event))
+        .await
+        .map_err(|_| SnapshotError::ReaderLost(label.to_owned()))
+}
+
+/// A connection inside the exported snapshot, with the output styles the
+/// value decoder expects.
+async fn open_snapshot(readers: &Readers) -> Result<sluice_postgres::SqlConn, SnapshotError> {
+    let conn = readers.settings.connect("a snapshot").await?;
+    conn.client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
              SET LOCAL datestyle = ISO; SET LOCAL intervalstyle = postgres; SET LOCAL extra_float_digits = 3; \
              SET LOCAL bytea_output = hex; SET LOCAL lc_monetary = 'C'; SET LOCAL timezone = 'UTC'",
-            quote_literal(&spec.snapshot_name)
+            quote_literal(&readers.spec.snapshot_name)
         ))
         .await
-        .map_err(PgError::sql(format!("cannot import snapshot for {label}")))?;
+        .map_err(PgError::sql("cannot import the exported snapshot"))?;
+    Ok(conn)
+}
+
+/// Reads what a table's chunks need (inside the snapshot), announces the
+/// table (Begin) and divides it into chunks.
+async fn plan_table(
+    readers: &Readers,
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    tx: &mpsc::Sender<Result<Event, SnapshotError>>,
+) -> Result<(Arc<TableRun>, Vec<PageRange>), SnapshotError> {
+    let label = table.to_string();
     // Only what the publication publishes: its column list and row filter
     // (the stream carries the same, pgoutput applies them).
-    let view = catalog::published_view(client, publication, table).await?;
+    let view = catalog::published_view(client, &readers.publication, table).await?;
     let mut info = catalog::table_columns(client, table).await?;
     catalog::restrict(&view, &mut info);
     let mut types = TypeCatalog::new();
@@ -272,132 +543,150 @@ pub(crate) async fn read_table(
         .collect::<Result<_, _>>()?;
     // A partitioned table holds no rows itself: its leaves' estimates add up
     // (autovacuum keeps those fresh; the root's own is only set by a manual
-    // ANALYZE of it).
-    let estimate: f32 = client
+    // ANALYZE of it). Only a plain table is split by pages, and only where
+    // Postgres reads a TID range without scanning the whole table (14+).
+    let row = client
         .query_one(
             "SELECT CASE WHEN c.relkind = 'p' THEN coalesce( \
                  (SELECT sum(greatest(l.reltuples, 0)) FROM pg_catalog.pg_partition_tree(c.oid) t \
                   JOIN pg_catalog.pg_class l ON l.oid = t.relid WHERE t.isleaf), 0) \
-                 ELSE greatest(c.reltuples, 0) END::real \
+                 ELSE greatest(c.reltuples, 0) END::real, \
+                 CASE WHEN c.relkind = 'r' AND current_setting('server_version_num')::int >= 140000 \
+                 THEN pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::int ELSE 0 END::int8 \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
             &[&table.schema, &table.name],
         )
         .await
-        .map_err(PgError::sql(format!("cannot estimate the size of {label}")))?
-        .get(0);
-    let send = |event| async {
-        tx.send(Ok(event))
-            .await
-            .map_err(|_| SnapshotError::ReaderLost(label.clone()))
-    };
-    send(Event::Begin {
-        table: table.clone(),
-        relation: relation.clone(),
-        estimate: estimate as u64,
-        lsn: spec.consistent_point,
-    })
-    .await?;
-
-    let columns: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let copy = format!(
-        "COPY (SELECT {} FROM {}{}) TO STDOUT",
-        columns.join(", "),
-        table.quoted(),
-        view.where_clause()
+        .map_err(PgError::sql(format!("cannot estimate the size of {label}")))?;
+    let estimate: f32 = row.get(0);
+    let pages: i64 = row.get(1);
+    let ranges = page_ranges(
+        u64::try_from(pages).unwrap_or(0),
+        readers.parallelism,
+        readers.chunk_pages,
     );
+    let columns: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let run = Arc::new(TableRun {
+        table: table.clone(),
+        label: label.clone(),
+        relation: relation.clone(),
+        column_types,
+        column_names: info.columns.iter().map(|c| c.name.clone()).collect(),
+        select: format!("SELECT {} FROM {}", columns.join(", "), table.quoted()),
+        row_filter: view.row_filter.clone(),
+        estimate: estimate as u64,
+        remaining: AtomicUsize::new(ranges.len()),
+        rows: AtomicU64::new(0),
+        started: std::time::Instant::now(),
+        started_us: now_us(),
+        last_log: std::sync::Mutex::new(std::time::Instant::now()),
+    });
+    gauge!(m::SNAPSHOT_ROWS_ESTIMATED, "table" => label.clone()).set(f64::from(estimate));
+    if ranges.len() > 1 {
+        tracing::info!(table = %label, chunks = ranges.len(), pages, "snapshot divided into chunks");
+    }
+    send(
+        tx,
+        &label,
+        Event::Begin {
+            table: table.clone(),
+            relation,
+            estimate: estimate as u64,
+            lsn: readers.spec.consistent_point,
+        },
+    )
+    .await?;
+    Ok((run, ranges))
+}
+
+/// Reads one chunk of a table with `COPY … TO STDOUT` and reports its
+/// packages.
+async fn read_chunk(
+    readers: &Readers,
+    client: &tokio_postgres::Client,
+    run: &TableRun,
+    range: PageRange,
+    tx: &mpsc::Sender<Result<Event, SnapshotError>>,
+) -> Result<(), SnapshotError> {
+    let label = &run.label;
+    let conditions: Vec<String> = run
+        .row_filter
+        .iter()
+        .map(|filter| format!("({filter})"))
+        .chain(range.condition())
+        .collect();
+    let copy = if conditions.is_empty() {
+        format!("COPY ({}) TO STDOUT", run.select)
+    } else {
+        format!(
+            "COPY ({} WHERE {}) TO STDOUT",
+            run.select,
+            conditions.join(" AND ")
+        )
+    };
     let stream = client
         .copy_out(copy.as_str())
         .await
         .map_err(PgError::sql(format!("cannot read {label}")))?;
     futures::pin_mut!(stream);
-    let mut buffer = BytesMut::new();
     let mut rows: Vec<v1::Row> = Vec::new();
     let mut bytes = 0usize;
-    let mut total: u64 = 0;
-    let mut package_index = 0u32;
-    let mut first_ordinal = 0u64;
-    let started = std::time::Instant::now();
-    let started_us = now_us();
-    let mut last_log = started;
+    // Rows of this chunk, for error messages.
+    let mut read: u64 = 0;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
-    metrics::gauge!(m::SNAPSHOT_ROWS_ESTIMATED, "table" => label.clone()).set(f64::from(estimate));
     let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
-    let mut flush =
-        |rows: &mut Vec<v1::Row>, bytes: &mut usize, first_ordinal: &mut u64, total: u64| {
-            let package = v1::Package {
-                source: source.to_owned(),
-                schema: table.schema.clone(),
-                table: table.name.clone(),
-                kind: v1::Kind::Snapshot as i32,
-                relation: Some((*relation).clone()),
-                commit_lsn: spec.consistent_point.0,
-                commit_time_us: now_us(),
-                package_index,
-                first_row_ordinal: *first_ordinal,
-                rows: std::mem::take(rows),
-                // For `status`: how far the snapshot got, from the stream alone.
-                resync: Some(v1::Resync {
-                    rows: estimate as u64,
-                    started_us,
-                    ..Default::default()
-                }),
+    let flush = |rows: &mut Vec<v1::Row>, bytes: &mut usize| {
+        *bytes = 0;
+        counter.increment(rows.len() as u64);
+        published.increment(rows.len() as u64);
+        run.rows.fetch_add(rows.len() as u64, Ordering::AcqRel);
+        v1::Package {
+            source: readers.source.clone(),
+            schema: run.table.schema.clone(),
+            table: run.table.name.clone(),
+            kind: v1::Kind::Snapshot as i32,
+            relation: Some((*run.relation).clone()),
+            commit_lsn: readers.spec.consistent_point.0,
+            commit_time_us: now_us(),
+            // `package_index` and `first_row_ordinal`: stamped by the
+            // publishing task (`Ordinals`).
+            rows: std::mem::take(rows),
+            // For `status`: how far the snapshot got, from the stream alone.
+            resync: Some(v1::Resync {
+                rows: run.estimate,
+                started_us: run.started_us,
                 ..Default::default()
-            };
-            package_index += 1;
-            *first_ordinal = total;
-            *bytes = 0;
-            package
-        };
-    loop {
-        let chunk = stream.next().await;
-        let done = chunk.is_none();
-        if let Some(chunk) = chunk {
-            buffer.extend_from_slice(
-                &chunk.map_err(PgError::sql(format!("reading {label} failed")))?,
-            );
+            }),
+            ..Default::default()
         }
-        while let Some(newline) = buffer.iter().position(|&b| b == b'\n') {
-            let line = buffer.split_to(newline + 1);
-            let line = &line[..newline];
-            let fields = parse_copy_line(line).ok_or_else(|| SnapshotError::Copy {
-                table: label.clone(),
-                row: total + 1,
-            })?;
-            if fields.len() != column_types.len() {
-                return Err(SnapshotError::Copy {
-                    table: label.clone(),
-                    row: total + 1,
-                });
-            }
-            let mut values_out = Vec::with_capacity(fields.len());
-            for (i, field) in fields.into_iter().enumerate() {
-                let value = match field {
-                    None => values::null(),
-                    Some(text) => {
-                        values::decode_text(&column_types[i], &text).map_err(|source| {
-                            SnapshotError::Value {
-                                table: label.clone(),
-                                column: info.columns[i].name.clone(),
-                                source,
-                            }
-                        })?
-                    }
-                };
-                bytes += value_size(&value);
-                values_out.push(value);
-            }
-            rows.push(v1::Row {
-                op: v1::Op::Insert as i32,
-                values: values_out,
-                old_key: Vec::new(),
-            });
-            total += 1;
-            if rows.len() >= max_rows || bytes >= max_bytes {
-                counter.increment(rows.len() as u64);
-                published.increment(rows.len() as u64);
-                let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
-                send(Event::Package(Box::new(package))).await?;
+    };
+    // The start of a line that the previous message did not finish (Postgres
+    // sends one row per message, so this is normally empty).
+    let mut carried: Vec<u8> = Vec::new();
+    while let Some(message) = stream.next().await {
+        let message =
+            message.map_err(|error| PgError::sql(format!("reading {label} failed"))(error))?;
+        let mut data: &[u8] = &message;
+        while !data.is_empty() {
+            let Some(newline) = memchr::memchr(b'\n', data) else {
+                carried.extend_from_slice(data);
+                break;
+            };
+            read += 1;
+            let row = if carried.is_empty() {
+                decode_row(run, &data[..newline], read, &mut bytes)?
+            } else {
+                carried.extend_from_slice(&data[..newline]);
+                let row = decode_row(run, &carried, read, &mut bytes)?;
+                carried.clear();
+                row
+            };
+            data = &data[newline + 1..];
+            rows.push(row);
+            if rows.len() >= readers.max_rows || bytes >= readers.max_bytes {
+                let package = flush(&mut rows, &mut bytes);
+                send(tx, label, Event::Package(Box::new(package))).await?;
                 // `return(MS)`: a slow snapshot, so that a test's changes
                 // overtake it.
                 #[cfg(feature = "failpoints")]
@@ -406,92 +695,143 @@ pub(crate) async fn read_table(
                 }) {
                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 }
-                if last_log.elapsed() > PROGRESS_EVERY {
-                    let (rate, eta) = progress(total, estimate as u64, started.elapsed());
-                    tracing::info!(table = %label, rows = total, estimated_rows = estimate as u64, rows_per_second = rate, eta_seconds = eta, "snapshot progress");
-                    last_log = std::time::Instant::now();
-                }
+                log_progress(run);
             }
         }
-        if done {
-            break;
-        }
+    }
+    if !carried.is_empty() {
+        return Err(SnapshotError::Copy {
+            table: label.clone(),
+            row: read + 1,
+        });
     }
     if !rows.is_empty() {
-        counter.increment(rows.len() as u64);
-        published.increment(rows.len() as u64);
-        let package = flush(&mut rows, &mut bytes, &mut first_ordinal, total);
-        send(Event::Package(Box::new(package))).await?;
+        let package = flush(&mut rows, &mut bytes);
+        send(tx, label, Event::Package(Box::new(package))).await?;
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(PgError::sql(format!("cannot end the snapshot of {label}")))?;
-    send(Event::End {
-        table: table.clone(),
-        relation,
-        rows: total,
-    })
-    .await?;
     Ok(())
+}
+
+/// One line of `COPY … TO STDOUT` text format (without its newline) as a
+/// row; adds the size of its values to `bytes`.
+fn decode_row(
+    run: &TableRun,
+    line: &[u8],
+    read: u64,
+    bytes: &mut usize,
+) -> Result<v1::Row, SnapshotError> {
+    let malformed = || SnapshotError::Copy {
+        table: run.label.clone(),
+        row: read,
+    };
+    // Valid UTF-8 as a whole (the server encoding is UTF-8, and the
+    // delimiters are ASCII); escaped fields are checked again once unescaped.
+    let line = std::str::from_utf8(line).map_err(|_| malformed())?;
+    let mut values_out = Vec::with_capacity(run.column_types.len());
+    for (i, field) in line.split('\t').enumerate() {
+        let ty = run.column_types.get(i).ok_or_else(malformed)?;
+        let decoded = if field == "\\N" {
+            Ok(values::null())
+        } else if field.contains('\\') {
+            let text = unescape_copy_field(field.as_bytes()).ok_or_else(malformed)?;
+            values::decode_text(ty, &text)
+        } else {
+            values::decode_text(ty, field)
+        };
+        let value = decoded.map_err(|source| SnapshotError::Value {
+            table: run.label.clone(),
+            column: run.column_names[i].clone(),
+            source,
+        })?;
+        *bytes += value_size(&value);
+        values_out.push(value);
+    }
+    if values_out.len() != run.column_types.len() {
+        return Err(malformed());
+    }
+    Ok(v1::Row {
+        op: v1::Op::Insert as i32,
+        values: values_out,
+        old_key: Vec::new(),
+    })
+}
+
+/// A progress line every [`PROGRESS_EVERY`] per table, whichever chunk
+/// reader notices first.
+fn log_progress(run: &TableRun) {
+    let mut last_log = match run.last_log.try_lock() {
+        Ok(guard) => guard,
+        Err(_) => return,
+    };
+    if last_log.elapsed() < PROGRESS_EVERY {
+        return;
+    }
+    *last_log = std::time::Instant::now();
+    let total = run.rows.load(Ordering::Acquire);
+    let (rate, eta) = progress(total, run.estimate, run.started.elapsed());
+    tracing::info!(table = %run.label, rows = total, estimated_rows = run.estimate, rows_per_second = rate, eta_seconds = eta, "snapshot progress");
 }
 
 /// Parses one line of `COPY … TO STDOUT` text format: tab-separated fields,
 /// `\N` for NULL, backslash escapes. `None` for a malformed line.
-pub fn parse_copy_line(line: &[u8]) -> Option<Vec<Option<String>>> {
-    let mut fields = Vec::new();
-    for raw in line.split(|&b| b == b'\t') {
-        if raw == b"\\N" {
-            fields.push(None);
+#[cfg(test)]
+fn parse_copy_line(line: &[u8]) -> Option<Vec<Option<String>>> {
+    line.split(|&b| b == b'\t')
+        .map(|raw| match raw {
+            b"\\N" => Some(None),
+            raw => unescape_copy_field(raw).map(Some),
+        })
+        .collect()
+}
+
+/// One field of `COPY … TO STDOUT` text format, its backslash escapes
+/// resolved. `None` for a dangling backslash or text that is not UTF-8.
+fn unescape_copy_field(raw: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
             continue;
         }
-        let mut out = Vec::with_capacity(raw.len());
-        let mut i = 0;
-        while i < raw.len() {
-            let b = raw[i];
-            if b != b'\\' {
-                out.push(b);
-                i += 1;
-                continue;
-            }
-            let next = *raw.get(i + 1)?;
-            i += 2;
-            match next {
-                b'b' => out.push(8),
-                b'f' => out.push(12),
-                b'n' => out.push(b'\n'),
-                b'r' => out.push(b'\r'),
-                b't' => out.push(b'\t'),
-                b'v' => out.push(11),
-                b'0'..=b'7' => {
-                    let mut value = u32::from(next - b'0');
-                    let mut digits = 1;
-                    while digits < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
-                        value = value * 8 + u32::from(raw[i] - b'0');
-                        i += 1;
-                        digits += 1;
-                    }
-                    out.push((value & 0xff) as u8);
+        let next = *raw.get(i + 1)?;
+        i += 2;
+        match next {
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut value = u32::from(next - b'0');
+                let mut digits = 1;
+                while digits < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+                    value = value * 8 + u32::from(raw[i] - b'0');
+                    i += 1;
+                    digits += 1;
                 }
-                b'x' => {
-                    let mut value = 0u32;
-                    let mut digits = 0;
-                    while digits < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
-                        value = value * 16 + char::from(raw[i]).to_digit(16)?;
-                        i += 1;
-                        digits += 1;
-                    }
-                    if digits == 0 {
-                        return None;
-                    }
-                    out.push(value as u8);
-                }
-                other => out.push(other),
+                out.push((value & 0xff) as u8);
             }
+            b'x' => {
+                let mut value = 0u32;
+                let mut digits = 0;
+                while digits < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
+                    value = value * 16 + char::from(raw[i]).to_digit(16)?;
+                    i += 1;
+                    digits += 1;
+                }
+                if digits == 0 {
+                    return None;
+                }
+                out.push(value as u8);
+            }
+            other => out.push(other),
         }
-        fields.push(Some(String::from_utf8(out).ok()?));
     }
-    Some(fields)
+    String::from_utf8(out).ok()
 }
 
 /// How often a running snapshot logs its progress.
@@ -513,7 +853,56 @@ pub(crate) fn progress(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_copy_line, progress};
+    use super::{MIN_CHUNK_PAGES, PageRange, page_ranges, parse_copy_line, progress};
+
+    /// The ranges follow each other without a gap or an overlap, the first
+    /// and the last open.
+    fn assert_cover(ranges: &[PageRange]) {
+        assert_eq!(ranges.first().map(|r| r.from), Some(None));
+        assert_eq!(ranges.last().map(|r| r.to), Some(None));
+        for pair in ranges.windows(2) {
+            assert_eq!(pair[0].to, pair[1].from, "{ranges:?}");
+            assert!(pair[0].to.is_some());
+        }
+    }
+
+    #[test]
+    fn a_table_is_divided_into_page_ranges_by_its_size() {
+        // Small tables: one chunk, no TID condition.
+        assert_eq!(page_ranges(0, 2, 0), vec![PageRange::WHOLE]);
+        assert_eq!(page_ranges(MIN_CHUNK_PAGES, 2, 0), vec![PageRange::WHOLE]);
+        assert_eq!(page_ranges(1000, 4, 0)[0].condition(), None);
+        // 400 MB with 2 workers: 64 MiB chunks.
+        let ranges = page_ranges(50_000, 2, 0);
+        assert_eq!(ranges.len(), 7);
+        assert_cover(&ranges);
+        assert_eq!(ranges[1].from, Some(MIN_CHUNK_PAGES));
+        // 1 TB: chunks of at most 1 GiB.
+        let ranges = page_ranges(128 * 1024 * 1024, 4, 0);
+        assert_eq!(ranges.len(), 1024);
+        assert_cover(&ranges);
+        // 4 GiB with 2 workers: a quarter of each worker's share.
+        let ranges = page_ranges(512 * 1024, 2, 0);
+        assert_eq!(ranges.len(), 8);
+        assert_eq!(ranges[1].from, Some(512 * 1024 / 8));
+        // A configured size wins.
+        let ranges = page_ranges(100, 2, 10);
+        assert_eq!(ranges.len(), 10);
+        assert_cover(&ranges);
+        assert_eq!(
+            ranges[0].condition().as_deref(),
+            Some("ctid < '(10,0)'::tid")
+        );
+        assert_eq!(
+            ranges[3].condition().as_deref(),
+            Some("ctid >= '(30,0)'::tid AND ctid < '(40,0)'::tid")
+        );
+        assert_eq!(
+            ranges[9].condition().as_deref(),
+            Some("ctid >= '(90,0)'::tid")
+        );
+        assert_eq!(page_ranges(101, 2, 10).len(), 11);
+    }
 
     #[test]
     fn progress_estimates_the_time_left_at_the_rate_so_far() {

@@ -35,6 +35,8 @@ struct ActiveResync {
     id: String,
     reason: String,
     rows: u64,
+    /// Where its next snapshot package goes.
+    ordinals: snapshot::Ordinals,
     /// Consistent point of its snapshot, once the reader started.
     lsn: Option<Lsn>,
     task: tokio::task::JoinHandle<()>,
@@ -177,6 +179,7 @@ impl Loop<'_> {
                     id: id.clone(),
                     reason: reason.clone(),
                     rows: 0,
+                    ordinals: Default::default(),
                     lsn: None,
                     task,
                 },
@@ -249,7 +252,8 @@ impl Loop<'_> {
                 tracing::info!(table = %label, consistent_point = %lsn, estimated_rows = estimate, "resync snapshot started");
                 self.resync_progress(&table, false, None).await;
             }
-            Ok(Event::Package(package)) => {
+            Ok(Event::Package(mut package)) => {
+                active.ordinals.stamp(&mut package);
                 active.rows += package.rows.len() as u64;
                 self.publisher
                     .publish(self.packager.chain_package(*package))
@@ -384,28 +388,11 @@ async fn resync_task(
             reason,
         };
         let (inner_tx, mut inner_rx) = mpsc::channel(4);
-        let limits = (
-            config.replicator.package_max_rows,
-            config.replicator.package_max_bytes,
-        );
+        let readers = snapshot::Readers::new(&config, &settings, spec);
         let reader = {
-            let (settings, source, publication, table) = (
-                settings.clone(),
-                config.source.clone(),
-                config.postgres.publication.clone(),
-                table.clone(),
-            );
+            let table = table.clone();
             async move {
-                let read = snapshot::read_table(
-                    &settings,
-                    &spec,
-                    &source,
-                    &publication,
-                    &table,
-                    limits,
-                    &inner_tx,
-                )
-                .await;
+                let read = snapshot::read_tables(readers, vec![table], &inner_tx).await;
                 // Ends the forwarding loop below.
                 drop(inner_tx);
                 read
