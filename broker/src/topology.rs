@@ -77,6 +77,12 @@ pub fn heartbeat_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.heartbeat")
 }
 
+/// Subject of the initial snapshot's progress records (in the stream; the
+/// replicator reads the last one when it restarts mid-snapshot).
+pub fn snapshot_progress_subject(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.snapshot")
+}
+
 /// Subject the replicator answers resync requests on.
 pub fn resync_request_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.resync.request")

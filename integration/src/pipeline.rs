@@ -1159,6 +1159,28 @@ pub fn json_field<'a>(object: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// The chunks the replicator reads `table` in with `snapshot_chunk_pages =
+/// chunk_pages`: by pages on Postgres 14+, whole before (no TID range scan
+/// there).
+pub async fn snapshot_chunks(
+    pg: &tokio_postgres::Client,
+    table: &str,
+    chunk_pages: i64,
+) -> anyhow::Result<f64> {
+    let version = sluice_postgres::version::server_version_num(pg).await?;
+    if version < 140000 {
+        return Ok(1.0);
+    }
+    let pages: i64 = pg
+        .query_one(
+            "SELECT pg_relation_size($1::text::regclass) / current_setting('block_size')::int",
+            &[&table],
+        )
+        .await?
+        .get(0);
+    Ok(((pages + chunk_pages - 1) / chunk_pages).max(1) as f64)
+}
+
 /// The peak resident set size (`VmHWM`) of process `pid`, in kB.
 pub fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

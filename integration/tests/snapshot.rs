@@ -18,23 +18,6 @@ fn metric(text: &str, series: &str) -> f64 {
     pipeline::metric(text, series).unwrap_or(0.0)
 }
 
-/// The chunks a table of this size is read in: by pages on Postgres 14+,
-/// whole before (no TID range scan there).
-async fn expected_chunks(pg: &tokio_postgres::Client, table: &str) -> anyhow::Result<f64> {
-    let version = sluice_postgres::version::server_version_num(pg).await?;
-    if version < 140000 {
-        return Ok(1.0);
-    }
-    let pages: i64 = pg
-        .query_one(
-            "SELECT pg_relation_size($1::text::regclass) / current_setting('block_size')::int",
-            &[&table],
-        )
-        .await?
-        .get(0);
-    Ok(((pages + CHUNK_PAGES - 1) / CHUNK_PAGES) as f64)
-}
-
 /// How many of the replicator's snapshot connections run a `COPY` at once,
 /// at most, until `done` holds.
 async fn watch_copies(
@@ -85,8 +68,8 @@ async fn a_table_read_in_chunks_by_several_connections_arrives_whole_and_once() 
         .query_one("SELECT count(*) FROM still", &[])
         .await?
         .get(0);
-    let still_chunks = expected_chunks(&pg, "still").await?;
-    let busy_chunks = expected_chunks(&pg, "busy").await?;
+    let still_chunks = pipeline::snapshot_chunks(&pg, "still", CHUNK_PAGES).await?;
+    let busy_chunks = pipeline::snapshot_chunks(&pg, "busy", CHUNK_PAGES).await?;
     p.set_configs(
         "replicator",
         &[

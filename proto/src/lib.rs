@@ -312,6 +312,7 @@ mod tests {
             truncate: None,
             resync: None,
             last_in_transaction: false,
+            snapshot_progress: None,
         }
     }
 

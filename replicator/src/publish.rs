@@ -7,6 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sluice_broker::TableName;
 use sluice_broker::publish::Outgoing;
 use sluice_broker::topology;
 use sluice_proto::v1;
@@ -17,6 +18,15 @@ use crate::replication::Lsn;
 pub enum Mark {
     /// A transaction is durable up to this LSN; its commit time.
     Commit { end_lsn: Lsn, commit_time_us: i64 },
+    /// Every package of chunk `index` of a table's initial snapshot
+    /// (`rows` rows) is durable: its progress record may list it.
+    Chunk {
+        table: TableName,
+        index: u32,
+        rows: u64,
+    },
+    /// A table's RESYNC_END is durable: its snapshot needs no record.
+    TableEnd { table: TableName },
 }
 
 /// The publisher of the replicator: packages out, [`Mark`]s released in order.

@@ -106,6 +106,7 @@ pub fn of_snapshot(error: &SnapshotError) -> Recovery {
         SnapshotError::Catalog(e) => of_catalog(e),
         SnapshotError::Publish(_)
         | SnapshotError::ReaderLost(_)
+        | SnapshotError::Rewritten(_)
         | SnapshotError::ResyncSlot { .. } => Recovery::Retry,
         SnapshotError::Copy { .. } | SnapshotError::Value { .. } => Recovery::Stop,
     }

@@ -173,8 +173,23 @@ async fn run_once(
     }
     let last_heartbeat =
         last_package(&stream_handle, &topology::heartbeat_subject(&config.source)).await?;
-    let (state, reason) = match slot::decide(state.as_ref(), last_heartbeat.is_some()) {
+    let snapshot_record = last_package(
+        &stream_handle,
+        &topology::snapshot_progress_subject(&config.source),
+    )
+    .await?
+    .and_then(|package| package.snapshot_progress);
+    let mut continue_snapshot = false;
+    let (state, reason) = match slot::decide(
+        state.as_ref(),
+        last_heartbeat.is_some(),
+        snapshot_record.as_ref().map(|record| record.generation),
+    ) {
         Start::Resume => (state, "initial"),
+        Start::ContinueSnapshot => {
+            continue_snapshot = true;
+            (state, "initial")
+        }
         Start::Create => (None, "initial"),
         Start::Recreate(lost) => {
             // Recovery::ResyncTable for every table: a new slot, whose
@@ -196,6 +211,76 @@ async fn run_once(
     let mut not_in_stream = Vec::new();
     let mut changed_while_stopped = Vec::new();
     let (client, packager, start) = match state {
+        Some(existing) if continue_snapshot => {
+            let generation = existing.confirmed_flush.0;
+            let record = snapshot_record.unwrap_or_default();
+            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            let mut starts = Vec::new();
+            let mut done = 0;
+            for table in &tables {
+                packager.set_publication(table, shape.fingerprint(table));
+                let subject = topology::table_subject(&config.source, &table.schema, &table.name);
+                let resume = last_package(&stream_handle, &subject)
+                    .await?
+                    .as_ref()
+                    .and_then(Resume::from_package)
+                    .filter(|resume| resume.generation == generation);
+                let start = match resume {
+                    // Begun by the earlier run: its chain goes on.
+                    Some(resume) => {
+                        packager.resume(table.clone(), resume);
+                        if resume.kind == sluice_proto::v1::Kind::ResyncEnd {
+                            done += 1;
+                            continue;
+                        }
+                        snapshot::TableStart::Continue(
+                            record
+                                .tables
+                                .iter()
+                                .find(|t| t.schema == table.schema && t.table == table.name)
+                                .cloned(),
+                        )
+                    }
+                    None => snapshot::TableStart::Fresh,
+                };
+                starts.push((table.clone(), start));
+            }
+            tracing::info!(slot = %slot, consistent_point = %existing.confirmed_flush, tables_done = done, tables_left = starts.len(), "continuing the initial snapshot an earlier run began");
+            // The slot's exported snapshot died with that run: a temporary
+            // slot exports a new one, and the stream from the slot's
+            // consistent point brings every change in between.
+            let mut temporary =
+                ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
+            let created = temporary
+                .create_logical_slot(&format!("{slot}_continue"), true)
+                .await?;
+            snapshot::initial(
+                config,
+                &settings,
+                snapshot::Initial {
+                    snapshot_name: &created.snapshot_name,
+                    consistent_point: created.consistent_point,
+                    generation,
+                    tables: starts,
+                    reason,
+                },
+                &mut packager,
+                &mut publisher,
+                shutdown,
+            )
+            .await?;
+            // Closing the connection drops the temporary slot.
+            let _ = temporary.close().await;
+            if !shutdown.is_cancelled() {
+                let heartbeat =
+                    heartbeat_package(&config.source, generation, existing.confirmed_flush.0);
+                publisher
+                    .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
+                    .await?;
+                publisher.flush().await?;
+            }
+            (None, packager, existing.confirmed_flush)
+        }
         Some(existing) => {
             let generation = last_heartbeat
                 .as_ref()
@@ -244,23 +329,32 @@ async fn run_once(
             snapshot::initial(
                 config,
                 &settings,
-                &created.snapshot_name,
-                created.consistent_point,
-                &tables,
-                reason,
+                snapshot::Initial {
+                    snapshot_name: &created.snapshot_name,
+                    consistent_point: created.consistent_point,
+                    generation,
+                    tables: tables
+                        .iter()
+                        .map(|table| (table.clone(), snapshot::TableStart::Fresh))
+                        .collect(),
+                    reason,
+                },
                 &mut packager,
                 &mut publisher,
                 shutdown,
             )
             .await?;
             // The heartbeat records the generation: its presence tells a
-            // restart that the snapshot is complete.
-            let heartbeat =
-                heartbeat_package(&config.source, generation, created.consistent_point.0);
-            publisher
-                .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
-                .await?;
-            publisher.flush().await?;
+            // restart that the snapshot is complete (a stop in the middle
+            // leaves it out, and the next start continues the snapshot).
+            if !shutdown.is_cancelled() {
+                let heartbeat =
+                    heartbeat_package(&config.source, generation, created.consistent_point.0);
+                publisher
+                    .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
+                    .await?;
+                publisher.flush().await?;
+            }
             (Some(client), packager, created.consistent_point)
         }
     };

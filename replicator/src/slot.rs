@@ -68,6 +68,11 @@ pub enum Start {
     /// The slot exists and the stream recorded its snapshot: resume from its
     /// confirmed LSN, each chain after its last package.
     Resume,
+    /// The slot exists, its initial snapshot did not complete, and the stream
+    /// holds that snapshot's progress record (its generation is the slot's
+    /// consistent point, where the slot still stands): read what is missing
+    /// under a new exported snapshot, keeping the slot and the chains.
+    ContinueSnapshot,
     /// First start: create the slot and snapshot every table (reason `initial`).
     Create,
     /// The slot cannot be continued: (drop and) create it, then snapshot
@@ -110,12 +115,20 @@ impl SlotLost {
     }
 }
 
-/// Decides how to start from the slot (if it exists) and whether the stream
-/// holds a heartbeat (written once the initial snapshot is complete).
-pub fn decide(state: Option<&SlotState>, has_heartbeat: bool) -> Start {
+/// Decides how to start from the slot (if it exists), whether the stream
+/// holds a heartbeat (written once the initial snapshot is complete) and
+/// the generation of the last snapshot progress record, if any.
+pub fn decide(
+    state: Option<&SlotState>,
+    has_heartbeat: bool,
+    snapshot_record: Option<u64>,
+) -> Start {
     match state {
         Some(existing) if existing.wal_status.as_deref() == Some("lost") => {
             Start::Recreate(SlotLost::Invalidated)
+        }
+        Some(existing) if !has_heartbeat && snapshot_record == Some(existing.confirmed_flush.0) => {
+            Start::ContinueSnapshot
         }
         Some(_) if !has_heartbeat => Start::Recreate(SlotLost::NoSnapshotRecord),
         Some(_) => Start::Resume,
@@ -154,14 +167,36 @@ mod tests {
     #[test]
     fn an_existing_slot_with_a_recorded_snapshot_resumes() {
         let s = slot("pgoutput", None, "reserved");
-        assert_eq!(decide(Some(&s), true), Start::Resume);
+        assert_eq!(decide(Some(&s), true, None), Start::Resume);
         let s = slot("pgoutput", None, "extended");
-        assert_eq!(decide(Some(&s), true), Start::Resume);
+        assert_eq!(decide(Some(&s), true, None), Start::Resume);
+    }
+
+    #[test]
+    fn an_unfinished_snapshot_with_its_progress_record_continues() {
+        let s = slot("pgoutput", None, "reserved");
+        assert_eq!(
+            decide(Some(&s), false, Some(0x100)),
+            Start::ContinueSnapshot
+        );
+        // A record of another slot's snapshot (an older one): start over.
+        assert_eq!(
+            decide(Some(&s), false, Some(0x80)),
+            Start::Recreate(SlotLost::NoSnapshotRecord)
+        );
+        // Complete (heartbeat) or lost: the record does not matter.
+        assert_eq!(decide(Some(&s), true, Some(0x100)), Start::Resume);
+        let lost = slot("pgoutput", None, "lost");
+        assert_eq!(
+            decide(Some(&lost), false, Some(0x100)),
+            Start::Recreate(SlotLost::Invalidated)
+        );
+        assert_eq!(decide(None, false, Some(0x100)), Start::Create);
     }
 
     #[test]
     fn no_slot_and_no_heartbeat_is_a_first_start() {
-        assert_eq!(decide(None, false), Start::Create);
+        assert_eq!(decide(None, false, None), Start::Create);
     }
 
     #[test]
@@ -169,16 +204,16 @@ mod tests {
         let lost = slot("pgoutput", None, "lost");
         for heartbeat in [true, false] {
             assert_eq!(
-                decide(Some(&lost), heartbeat),
+                decide(Some(&lost), heartbeat, None),
                 Start::Recreate(SlotLost::Invalidated)
             );
         }
         let fine = slot("pgoutput", None, "reserved");
         assert_eq!(
-            decide(Some(&fine), false),
+            decide(Some(&fine), false, None),
             Start::Recreate(SlotLost::NoSnapshotRecord)
         );
-        assert_eq!(decide(None, true), Start::Recreate(SlotLost::Gone));
+        assert_eq!(decide(None, true, None), Start::Recreate(SlotLost::Gone));
         assert!(SlotLost::Invalidated.must_drop());
         assert!(SlotLost::NoSnapshotRecord.must_drop());
         assert!(!SlotLost::Gone.must_drop());

@@ -10,7 +10,7 @@
 //! ordered. Snapshot rows carry the consistent point as their commit LSN; see
 //! `sluice_proto::row_version` for why streamed changes always win over them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -20,6 +20,7 @@ use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_broker::publish::PublishError;
 use sluice_broker::table::quote_ident;
+use sluice_broker::topology;
 use sluice_proto::v1;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::{Packager, value_size};
 use crate::pg::{PgError, PgSettings};
-use crate::publish::{Publisher, now_us};
+use crate::publish::{Mark, Publisher, now_us};
 use crate::replication::{Lsn, ReplicationError, quote_literal};
 use crate::values;
 
@@ -51,6 +52,10 @@ pub enum SnapshotError {
     },
     #[error("snapshot reader of {0} stopped unexpectedly")]
     ReaderLost(String),
+    #[error(
+        "{0} was rewritten (VACUUM FULL, CLUSTER, TRUNCATE or ALTER TABLE) while its snapshot was read; the snapshot starts again"
+    )]
+    Rewritten(String),
     /// A resync could not open its replication connection or create its
     /// temporary slot.
     #[error("resync of {table}: cannot create its temporary slot")]
@@ -61,7 +66,8 @@ pub enum SnapshotError {
     },
 }
 
-/// What a snapshot reader reports, in order: Begin, Package…, End.
+/// What a snapshot reader reports, per table in order: Begin, then
+/// Package… and ChunkDone… (of several chunks interleaved), then End.
 pub(crate) enum Event {
     Begin {
         table: TableName,
@@ -69,8 +75,20 @@ pub(crate) enum Event {
         estimate: u64,
         /// The snapshot's consistent point.
         lsn: Lsn,
+        /// The table's chunks, and the file they were cut from.
+        ranges: Vec<PageRange>,
+        relfilenode: u32,
+        /// Set when an earlier run began the table (its RESYNC_BEGIN is in
+        /// the stream): the chunks it finished and their rows.
+        resumed: Option<(BTreeSet<u32>, u64)>,
     },
     Package(Box<v1::Package>),
+    /// Every package of a chunk was reported.
+    ChunkDone {
+        table: TableName,
+        index: u32,
+        rows: u64,
+    },
     End {
         table: TableName,
         relation: Arc<v1::Relation>,
@@ -88,37 +106,66 @@ pub struct SnapshotSpec {
     pub reason: String,
 }
 
-/// The initial snapshot of every table (also used after a slot was lost).
-#[allow(clippy::too_many_arguments)]
+/// How a table's part of a snapshot starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableStart {
+    /// From the beginning: RESYNC_BEGIN, every chunk, RESYNC_END.
+    Fresh,
+    /// Begun by an earlier run of the initial snapshot (its RESYNC_BEGIN is
+    /// in the stream, its RESYNC_END is not): the chunks its progress record
+    /// does not list as finished, then RESYNC_END. Without a record, or when
+    /// the table was rewritten since (another relfilenode), every chunk.
+    Continue(Option<v1::TableProgress>),
+}
+
+/// The initial snapshot: which slot generation its chains belong to, and
+/// for a snapshot that an earlier run began, how far that got.
+pub struct Initial<'a> {
+    pub snapshot_name: &'a str,
+    /// Where this run's snapshot is consistent: the slot's consistent point,
+    /// or when resuming, a temporary slot's (see README "Snapshots of big
+    /// tables" for why rows read at a later point are still consistent).
+    pub consistent_point: Lsn,
+    /// The slot's consistent point (the chains' generation).
+    pub generation: u64,
+    pub tables: Vec<(TableName, TableStart)>,
+    pub reason: &'a str,
+}
+
+/// The initial snapshot of every table (also used after a slot was lost),
+/// or the rest of one an earlier run began. Publishes a progress record
+/// (`SnapshotProgress`) at the start and whenever chunks are durable.
 pub async fn initial(
     config: &Config,
     settings: &PgSettings,
-    snapshot_name: &str,
-    consistent_point: Lsn,
-    tables: &[TableName],
-    reason: &str,
+    initial: Initial<'_>,
     packager: &mut Packager,
     publisher: &mut Publisher,
     shutdown: &CancellationToken,
 ) -> Result<(), SnapshotError> {
     let spec = SnapshotSpec {
         resync_id: String::new(),
-        snapshot_name: snapshot_name.to_owned(),
-        consistent_point,
-        reason: reason.to_owned(),
+        snapshot_name: initial.snapshot_name.to_owned(),
+        consistent_point: initial.consistent_point,
+        reason: initial.reason.to_owned(),
     };
+    let generation = initial.generation;
+    let mut progress = Progress::new(generation);
+    for (table, start) in &initial.tables {
+        if let TableStart::Continue(Some(recorded)) = start {
+            progress.tables.insert(table.clone(), recorded.clone());
+        }
+    }
     let (tx, mut rx) = mpsc::channel::<Result<Event, SnapshotError>>(8);
     let readers = Readers::new(config, settings, spec.clone());
     let source = config.source.clone();
-    let reading = tokio::spawn({
-        let tables = tables.to_vec();
-        async move {
-            if let Err(error) = read_tables(readers, tables, &tx).await {
-                let _ = tx.send(Err(error)).await;
-            }
+    let slot = config.postgres.slot.clone();
+    let reading = tokio::spawn(async move {
+        if let Err(error) = read_tables(readers, initial.tables, &tx).await {
+            let _ = tx.send(Err(error)).await;
         }
     });
-    let generation = packager.generation();
+    publisher.publish(progress.outgoing(&source, &slot)).await?;
     let mut ordinals: HashMap<TableName, Ordinals> = HashMap::new();
     while let Some(event) = tokio::select! {
         event = rx.recv() => event,
@@ -129,28 +176,51 @@ pub async fn initial(
                 table,
                 relation,
                 estimate,
+                ranges,
+                relfilenode,
+                resumed,
                 ..
             } => {
                 let label = table.to_string();
-                tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
-                counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone())
-                    .increment(1);
-                let package = marker(
-                    &source,
-                    &table,
-                    &relation,
-                    v1::Kind::ResyncBegin,
-                    &spec,
-                    generation,
-                    estimate,
-                );
-                publisher.publish(packager.chain_package(package)).await?;
+                let recorded = progress.tables.entry(table.clone()).or_default();
+                recorded.schema = table.schema.clone();
+                recorded.table = table.name.clone();
+                recorded.bounds = bounds_of(&ranges);
+                recorded.relfilenode = relfilenode;
+                match resumed {
+                    Some((finished, rows)) => {
+                        tracing::info!(table = %label, chunks = ranges.len(), finished = finished.len(), rows, "snapshot resumed");
+                        recorded.finished = finished.into_iter().collect();
+                        recorded.rows = rows;
+                        ordinals.insert(table, Ordinals { packages: 0, rows });
+                    }
+                    None => {
+                        tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
+                        recorded.finished.clear();
+                        recorded.rows = 0;
+                        counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone())
+                            .increment(1);
+                        let package = marker(
+                            &source,
+                            &table,
+                            &relation,
+                            v1::Kind::ResyncBegin,
+                            &spec,
+                            generation,
+                            estimate,
+                        );
+                        publisher.publish(packager.chain_package(package)).await?;
+                    }
+                }
             }
             Event::Package(mut package) => {
                 let table = TableName::new(&package.schema, &package.table);
                 ordinals.entry(table).or_default().stamp(&mut package);
                 publisher.publish(packager.chain_package(*package)).await?;
+            }
+            Event::ChunkDone { table, index, rows } => {
+                publisher.mark(Mark::Chunk { table, index, rows });
             }
             Event::End {
                 table,
@@ -169,17 +239,107 @@ pub async fn initial(
                     rows,
                 );
                 publisher.publish(packager.chain_package(package)).await?;
+                publisher.mark(Mark::TableEnd { table });
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 tracing::info!(table = %label, rows, "snapshot published");
+            }
+        }
+        if progress.release(publisher.poll_released()?) {
+            publisher.publish(progress.outgoing(&source, &slot)).await?;
+            // Crash tests: the process dies once a progress record is stored.
+            #[cfg(feature = "failpoints")]
+            if fail::eval("replicator::snapshot::progress_recorded", |_| ()).is_some() {
+                let _ = publisher.flush().await;
+                crate::crash_here::<()>();
             }
         }
     }
     reading.abort();
     let _ = reading.await;
     if !shutdown.is_cancelled() {
+        if progress.release(publisher.flush().await?) {
+            publisher.publish(progress.outgoing(&source, &slot)).await?;
+        }
         publisher.flush().await?;
     }
     Ok(())
+}
+
+/// The initial snapshot's progress record, as the stream holds it once
+/// every package it counts is acknowledged.
+struct Progress {
+    generation: u64,
+    tables: std::collections::BTreeMap<TableName, v1::TableProgress>,
+}
+
+impl Progress {
+    fn new(generation: u64) -> Progress {
+        Progress {
+            generation,
+            tables: Default::default(),
+        }
+    }
+
+    /// Takes in released marks; whether the record changed.
+    fn release(&mut self, marks: Vec<Mark>) -> bool {
+        let mut changed = false;
+        for mark in marks {
+            match mark {
+                Mark::Chunk { table, index, rows } => {
+                    if let Some(recorded) = self.tables.get_mut(&table)
+                        && !recorded.finished.contains(&index)
+                    {
+                        recorded.finished.push(index);
+                        recorded.rows += rows;
+                        changed = true;
+                    }
+                }
+                Mark::TableEnd { table } => {
+                    changed |= self.tables.remove(&table).is_some();
+                }
+                Mark::Commit { .. } => {}
+            }
+        }
+        changed
+    }
+
+    fn outgoing(&self, source: &str, slot: &str) -> sluice_broker::publish::Outgoing {
+        let package = v1::Package {
+            source: source.to_owned(),
+            kind: v1::Kind::SnapshotProgress as i32,
+            commit_lsn: self.generation,
+            commit_time_us: now_us(),
+            snapshot_progress: Some(v1::SnapshotProgress {
+                generation: self.generation,
+                tables: self.tables.values().cloned().collect(),
+            }),
+            ..Default::default()
+        };
+        sluice_broker::publish::Outgoing {
+            subject: topology::snapshot_progress_subject(source),
+            // Unique per instant, like heartbeats: the last one counts.
+            msg_id: format!("{slot}:snapshot:{}", package.commit_time_us),
+            position: sluice_broker::chunk::position_of(&package),
+            payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
+        }
+    }
+}
+
+/// The chunk boundaries of a progress record (see `v1::TableProgress`).
+fn bounds_of(ranges: &[PageRange]) -> Vec<u64> {
+    ranges.iter().filter_map(|range| range.to).collect()
+}
+
+/// The chunks a progress record's boundaries stand for.
+fn ranges_of(bounds: &[u64]) -> Vec<PageRange> {
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut from = None;
+    for &to in bounds {
+        ranges.push(PageRange { from, to: Some(to) });
+        from = Some(to);
+    }
+    ranges.push(PageRange { from, to: None });
+    ranges
 }
 
 /// Where a table's next snapshot package goes: its index and the ordinal of
@@ -266,6 +426,8 @@ struct TableRun {
     table: TableName,
     label: String,
     relation: Arc<v1::Relation>,
+    /// The table's file when it was planned; every reader checks it.
+    relfilenode: u32,
     column_types: Vec<TypeInfo>,
     column_names: Vec<String>,
     /// `SELECT <published columns> FROM <table>`.
@@ -338,8 +500,9 @@ pub(crate) fn page_ranges(pages: u64, workers: usize, chunk_pages: u64) -> Vec<P
 }
 
 enum Work {
-    Table(TableName),
-    Chunk(Arc<TableRun>, PageRange),
+    Table(TableName, TableStart),
+    /// A table's chunk and its index.
+    Chunk(Arc<TableRun>, u32, PageRange),
 }
 
 /// Tables waiting to be planned and chunks waiting to be read. A worker that
@@ -372,7 +535,7 @@ impl WorkQueue {
             {
                 let mut state = self.lock();
                 if let Some(work) = state.items.pop_front() {
-                    if matches!(work, Work::Table(_)) {
+                    if matches!(work, Work::Table(..)) {
                         state.planning += 1;
                     }
                     return Some(work);
@@ -404,14 +567,17 @@ impl WorkQueue {
 /// chunks interleaved; see [`Ordinals`]). The first error stops every reader.
 pub(crate) async fn read_tables(
     readers: Readers,
-    tables: Vec<TableName>,
+    tables: Vec<(TableName, TableStart)>,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
 ) -> Result<(), SnapshotError> {
     let workers = readers.parallelism;
     let readers = Arc::new(readers);
     let queue = Arc::new(WorkQueue {
         state: std::sync::Mutex::new(QueueState {
-            items: tables.into_iter().map(Work::Table).collect(),
+            items: tables
+                .into_iter()
+                .map(|(table, start)| Work::Table(table, start))
+                .collect(),
             planning: 0,
         }),
         changed: tokio::sync::Notify::new(),
@@ -438,40 +604,63 @@ async fn worker(
     queue: Arc<WorkQueue>,
     tx: mpsc::Sender<Result<Event, SnapshotError>>,
 ) -> Result<(), SnapshotError> {
-    let mut conn = None;
+    let mut conn: Option<sluice_postgres::SqlConn> = None;
+    // The table this worker's transaction is about: one transaction per
+    // table, so that a table's lock is held only while it is read.
+    let mut in_table: Option<TableName> = None;
     let mut next = queue.next().await;
     while let Some(work) = next.take() {
         let client = match &conn {
             Some(conn) => conn,
-            None => conn.insert(open_snapshot(&readers).await?),
+            None => conn.insert(readers.settings.connect("a snapshot").await?),
         };
         let client = &client.client;
+        let table = match &work {
+            Work::Table(table, _) => table,
+            Work::Chunk(run, ..) => &run.table,
+        };
+        if in_table.as_ref() != Some(table) {
+            if in_table.take().is_some() {
+                commit(client).await?;
+            }
+            begin_snapshot(client, &readers).await?;
+            in_table = Some(table.clone());
+            if let Work::Chunk(run, ..) = &work
+                && relfilenode(client, &run.table).await? != run.relfilenode
+            {
+                return Err(SnapshotError::Rewritten(run.label.clone()));
+            }
+        }
         match work {
-            Work::Table(table) => {
-                let run = plan_table(&readers, client, &table, &tx).await?;
-                let mut chunks = run
-                    .1
+            Work::Table(table, start) => {
+                let (run, chunks) = plan_table(&readers, client, &table, start, &tx).await?;
+                if chunks.is_empty() {
+                    // Every chunk was finished by an earlier run.
+                    finish_table(&run, &tx).await?;
+                }
+                let mut chunks = chunks
                     .into_iter()
-                    .map(|range| Work::Chunk(run.0.clone(), range));
+                    .map(|(index, range)| Work::Chunk(run.clone(), index, range));
                 // This worker reads the first chunk itself: a table of one
                 // chunk never takes a second connection.
                 next = chunks.next();
                 queue.planned(chunks.collect());
             }
-            Work::Chunk(run, range) => {
-                read_chunk(&readers, client, &run, range, &tx).await?;
+            Work::Chunk(run, index, range) => {
+                let rows = read_chunk(&readers, client, &run, range, &tx).await?;
                 counter!(m::SNAPSHOT_CHUNKS, "table" => run.label.clone()).increment(1);
+                send(
+                    &tx,
+                    &run.label,
+                    Event::ChunkDone {
+                        table: run.table.clone(),
+                        index,
+                        rows,
+                    },
+                )
+                .await?;
                 if run.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    send(
-                        &tx,
-                        &run.label,
-                        Event::End {
-                            table: run.table.clone(),
-                            relation: run.relation.clone(),
-                            rows: run.rows.load(Ordering::Acquire),
-                        },
-                    )
-                    .await?;
+                    finish_table(&run, &tx).await?;
                 }
             }
         }
@@ -479,13 +668,37 @@ async fn worker(
             next = queue.next().await;
         }
     }
-    if let Some(conn) = conn {
-        conn.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(PgError::sql("cannot end a snapshot transaction"))?;
+    if let Some(conn) = conn
+        && in_table.is_some()
+    {
+        commit(&conn.client).await?;
     }
     Ok(())
+}
+
+async fn commit(client: &tokio_postgres::Client) -> Result<(), SnapshotError> {
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(PgError::sql("cannot end a snapshot transaction"))?;
+    Ok(())
+}
+
+/// Reports a table's end, once its last chunk is read.
+async fn finish_table(
+    run: &TableRun,
+    tx: &mpsc::Sender<Result<Event, SnapshotError>>,
+) -> Result<(), SnapshotError> {
+    send(
+        tx,
+        &run.label,
+        Event::End {
+            table: run.table.clone(),
+            relation: run.relation.clone(),
+            rows: run.rows.load(Ordering::Acquire),
+        },
+    )
+    .await
 }
 
 async fn send(
@@ -498,11 +711,13 @@ async fn send(
         .map_err(|_| SnapshotError::ReaderLost(label.to_owned()))
 }
 
-/// A connection inside the exported snapshot, with the output styles the
-/// value decoder expects.
-async fn open_snapshot(readers: &Readers) -> Result<sluice_postgres::SqlConn, SnapshotError> {
-    let conn = readers.settings.connect("a snapshot").await?;
-    conn.client
+/// Starts a transaction inside the exported snapshot, with the output
+/// styles the value decoder expects.
+async fn begin_snapshot(
+    client: &tokio_postgres::Client,
+    readers: &Readers,
+) -> Result<(), SnapshotError> {
+    client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
              SET LOCAL datestyle = ISO; SET LOCAL intervalstyle = postgres; SET LOCAL extra_float_digits = 3; \
@@ -511,7 +726,7 @@ async fn open_snapshot(readers: &Readers) -> Result<sluice_postgres::SqlConn, Sn
         ))
         .await
         .map_err(PgError::sql("cannot import the exported snapshot"))?;
-    Ok(conn)
+    Ok(())
 }
 
 /// Reads what a table's chunks need (inside the snapshot), announces the
@@ -520,9 +735,11 @@ async fn plan_table(
     readers: &Readers,
     client: &tokio_postgres::Client,
     table: &TableName,
+    start: TableStart,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
-) -> Result<(Arc<TableRun>, Vec<PageRange>), SnapshotError> {
+) -> Result<(Arc<TableRun>, Vec<(u32, PageRange)>), SnapshotError> {
     let label = table.to_string();
+    let relfilenode = relfilenode(client, table).await?;
     // Only what the publication publishes: its column list and row filter
     // (the stream carries the same, pgoutput applies them).
     let view = catalog::published_view(client, &readers.publication, table).await?;
@@ -561,30 +778,58 @@ async fn plan_table(
         .map_err(PgError::sql(format!("cannot estimate the size of {label}")))?;
     let estimate: f32 = row.get(0);
     let pages: i64 = row.get(1);
-    let ranges = page_ranges(
-        u64::try_from(pages).unwrap_or(0),
-        readers.parallelism,
-        readers.chunk_pages,
-    );
+    let fresh = || {
+        page_ranges(
+            u64::try_from(pages).unwrap_or(0),
+            readers.parallelism,
+            readers.chunk_pages,
+        )
+    };
+    let (ranges, resumed) = match start {
+        TableStart::Fresh => (fresh(), None),
+        TableStart::Continue(Some(recorded)) => {
+            let ranges = ranges_of(&recorded.bounds);
+            let finished: BTreeSet<u32> = recorded.finished.iter().copied().collect();
+            let all = (0..ranges.len() as u32).all(|index| finished.contains(&index));
+            if all || (recorded.relfilenode != 0 && recorded.relfilenode == relfilenode) {
+                (ranges, Some((finished, recorded.rows)))
+            } else {
+                tracing::warn!(table = %label, "table rewritten since its snapshot began (VACUUM FULL, CLUSTER, TRUNCATE or ALTER TABLE): reading every chunk again");
+                (fresh(), Some((BTreeSet::new(), 0)))
+            }
+        }
+        TableStart::Continue(None) => (fresh(), Some((BTreeSet::new(), 0))),
+    };
+    let chunks: Vec<(u32, PageRange)> = ranges
+        .iter()
+        .enumerate()
+        .map(|(index, range)| (index as u32, *range))
+        .filter(|(index, _)| {
+            resumed
+                .as_ref()
+                .is_none_or(|(finished, _)| !finished.contains(index))
+        })
+        .collect();
     let columns: Vec<String> = info.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let run = Arc::new(TableRun {
         table: table.clone(),
         label: label.clone(),
         relation: relation.clone(),
+        relfilenode,
         column_types,
         column_names: info.columns.iter().map(|c| c.name.clone()).collect(),
         select: format!("SELECT {} FROM {}", columns.join(", "), table.quoted()),
         row_filter: view.row_filter.clone(),
         estimate: estimate as u64,
-        remaining: AtomicUsize::new(ranges.len()),
-        rows: AtomicU64::new(0),
+        remaining: AtomicUsize::new(chunks.len()),
+        rows: AtomicU64::new(resumed.as_ref().map_or(0, |(_, rows)| *rows)),
         started: std::time::Instant::now(),
         started_us: now_us(),
         last_log: std::sync::Mutex::new(std::time::Instant::now()),
     });
     gauge!(m::SNAPSHOT_ROWS_ESTIMATED, "table" => label.clone()).set(f64::from(estimate));
     if ranges.len() > 1 {
-        tracing::info!(table = %label, chunks = ranges.len(), pages, "snapshot divided into chunks");
+        tracing::info!(table = %label, chunks = ranges.len(), to_read = chunks.len(), pages, "snapshot divided into chunks");
     }
     send(
         tx,
@@ -594,10 +839,43 @@ async fn plan_table(
             relation,
             estimate: estimate as u64,
             lsn: readers.spec.consistent_point,
+            ranges,
+            relfilenode,
+            resumed,
         },
     )
     .await?;
-    Ok((run, ranges))
+    Ok((run, chunks))
+}
+
+/// Takes the lock every reader of a table holds until it moves on (so the
+/// table cannot be rewritten under its chunks), and returns the table's file
+/// (`pg_relation_filenode`, 0 for a partitioned table).
+async fn relfilenode(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<u32, SnapshotError> {
+    let label = table.to_string();
+    client
+        .batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            table.quoted()
+        ))
+        .await
+        .map_err(PgError::sql(format!(
+            "cannot lock {label} for its snapshot"
+        )))?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(pg_catalog.pg_relation_filenode(c.oid), 0)::int8 \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(PgError::sql(format!("cannot read the file of {label}")))?;
+    let node: i64 = row.get(0);
+    Ok(u32::try_from(node).unwrap_or(0))
 }
 
 /// Reads one chunk of a table with `COPY … TO STDOUT` and reports its
@@ -608,7 +886,7 @@ async fn read_chunk(
     run: &TableRun,
     range: PageRange,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
-) -> Result<(), SnapshotError> {
+) -> Result<u64, SnapshotError> {
     let label = &run.label;
     let conditions: Vec<String> = run
         .row_filter
@@ -709,7 +987,7 @@ async fn read_chunk(
         let package = flush(&mut rows, &mut bytes);
         send(tx, label, Event::Package(Box::new(package))).await?;
     }
-    Ok(())
+    Ok(read)
 }
 
 /// One line of `COPY … TO STDOUT` text format (without its newline) as a
@@ -853,7 +1131,40 @@ pub(crate) fn progress(
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_CHUNK_PAGES, PageRange, page_ranges, parse_copy_line, progress};
+    use super::{
+        MIN_CHUNK_PAGES, Mark, PageRange, Progress, bounds_of, page_ranges, parse_copy_line,
+        progress, ranges_of,
+    };
+    use sluice_broker::TableName;
+
+    #[test]
+    fn a_progress_record_keeps_the_chunks_and_lists_only_durable_ones() {
+        for ranges in [page_ranges(100, 2, 10), page_ranges(5, 2, 10)] {
+            assert_eq!(ranges_of(&bounds_of(&ranges)), ranges);
+        }
+        let table = TableName::new("public", "big");
+        let mut progress = Progress::new(7);
+        progress.tables.insert(table.clone(), Default::default());
+        let chunk = |index| Mark::Chunk {
+            table: table.clone(),
+            index,
+            rows: 10,
+        };
+        assert!(progress.release(vec![chunk(3), chunk(0)]));
+        assert!(!progress.release(vec![chunk(3)]), "counted once");
+        let recorded = &progress.tables[&table];
+        assert_eq!((recorded.finished.clone(), recorded.rows), (vec![3, 0], 20));
+        // A chunk of a table the record does not hold (ended) is no news.
+        assert!(!progress.release(vec![Mark::Chunk {
+            table: TableName::new("public", "other"),
+            index: 0,
+            rows: 1
+        }]));
+        assert!(progress.release(vec![Mark::TableEnd {
+            table: table.clone()
+        }]));
+        assert!(progress.tables.is_empty());
+    }
 
     /// The ranges follow each other without a gap or an overlap, the first
     /// and the last open.

@@ -105,6 +105,10 @@ pub(super) fn plan<'b>(
             plan.heartbeat = Some(package.commit_time_us);
             continue;
         }
+        // The replicator's own record of its snapshot; nothing to apply.
+        if package.kind == v1::Kind::SnapshotProgress as i32 {
+            continue;
+        }
         let table = TableName::new(&package.schema, &package.table);
         if !plan.seen.contains(&table) {
             plan.seen.insert(table.clone());
@@ -166,7 +170,7 @@ impl<'b> TablePlan<'b> {
             v1::Kind::Truncate => Step::Truncate(package),
             v1::Kind::ResyncBegin => Step::BeginResync(package),
             v1::Kind::ResyncEnd => Step::FinishResync(package),
-            v1::Kind::Heartbeat | v1::Kind::Unspecified => return,
+            v1::Kind::Heartbeat | v1::Kind::SnapshotProgress | v1::Kind::Unspecified => return,
         };
         self.steps.push(step);
     }

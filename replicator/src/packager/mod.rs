@@ -352,6 +352,7 @@ impl Packager {
             truncate: None,
             resync: None,
             last_in_transaction: false,
+            snapshot_progress: None,
         }
     }
 

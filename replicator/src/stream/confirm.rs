@@ -49,13 +49,16 @@ impl Confirmation {
 
     /// Marks the publisher released: their transactions are durable.
     pub(super) fn release(&mut self, marks: impl IntoIterator<Item = Mark>) {
-        for Mark::Commit {
-            end_lsn,
-            commit_time_us,
-        } in marks
-        {
-            self.confirmed = self.confirmed.max(end_lsn);
-            self.last_commit_time_us = Some(commit_time_us);
+        for mark in marks {
+            // The other marks belong to the initial snapshot.
+            if let Mark::Commit {
+                end_lsn,
+                commit_time_us,
+            } = mark
+            {
+                self.confirmed = self.confirmed.max(end_lsn);
+                self.last_commit_time_us = Some(commit_time_us);
+            }
         }
     }
 

@@ -252,6 +252,8 @@ impl Loop<'_> {
                 tracing::info!(table = %label, consistent_point = %lsn, estimated_rows = estimate, "resync snapshot started");
                 self.resync_progress(&table, false, None).await;
             }
+            // Resyncs are not resumed: no progress record.
+            Ok(Event::ChunkDone { .. }) => {}
             Ok(Event::Package(mut package)) => {
                 active.ordinals.stamp(&mut package);
                 active.rows += package.rows.len() as u64;
@@ -392,7 +394,12 @@ async fn resync_task(
         let reader = {
             let table = table.clone();
             async move {
-                let read = snapshot::read_tables(readers, vec![table], &inner_tx).await;
+                let read = snapshot::read_tables(
+                    readers,
+                    vec![(table, snapshot::TableStart::Fresh)],
+                    &inner_tx,
+                )
+                .await;
                 // Ends the forwarding loop below.
                 drop(inner_tx);
                 read
