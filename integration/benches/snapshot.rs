@@ -13,6 +13,10 @@
 //!   publisher was flushed. The time of the "snapshot published" log line
 //!   (the end marker queued) is printed too.
 //!
+//! - then the loader, started once the stream holds the snapshot, until the
+//!   table is visible in ClickHouse (it is swapped in at RESYNC_END), with
+//!   the loader's peak RSS (`VmHWM`).
+//!
 //! Prints rows/s of both and the ratio snapshot / COPY.
 //!
 //! ```text
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use sluice_broker::topology;
-use sluice_integration::pipeline::Pipeline;
+use sluice_integration::pipeline::{self, Pipeline};
 
 const TABLE: &str = "bench_rows";
 /// Rows per inserting transaction.
@@ -128,6 +132,39 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let sluice = started.elapsed();
     p.stop_replicator().await?;
 
+    // (c) The loader, started once the stream holds the snapshot: until the
+    // table is visible in ClickHouse (swapped in at RESYNC_END), and its
+    // peak RSS meanwhile.
+    let servers = sluice_integration::Servers::get();
+    let count_sql = format!(
+        "SELECT count() FROM `{}`.`{TABLE}`",
+        p.config.clickhouse_database()
+    );
+    let started = Instant::now();
+    p.spawn_loader()?;
+    let pid = p.loader_pid().context("loader not running")?;
+    let mut peak_kb = 0;
+    loop {
+        p.check_alive()?;
+        peak_kb = peak_kb.max(pipeline::peak_rss_kb(pid)?);
+        let visible: u64 = servers
+            .clickhouse_sql(&count_sql)
+            .await
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        if visible >= rows {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the snapshot was not visible in ClickHouse within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded = started.elapsed();
+    peak_kb = peak_kb.max(pipeline::peak_rss_kb(pid)?);
+    p.stop_loader().await?;
+
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
     let (copy_rate, sluice_rate) = (rate(baseline), rate(sluice));
     let ratio = sluice_rate / copy_rate;
@@ -154,5 +191,11 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         sluice_rate
     );
     println!("ratio snapshot / COPY: {ratio:.2}");
+    println!(
+        "sluice-loader, started after that, until the table is visible in ClickHouse: {:>8.2} s  {:>10.0} rows/s  peak RSS {} MiB",
+        loaded.as_secs_f64(),
+        rate(loaded),
+        peak_kb / 1024
+    );
     Ok(())
 }
