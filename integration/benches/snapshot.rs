@@ -17,7 +17,10 @@
 //!   table is visible in ClickHouse (it is swapped in at RESYNC_END), with
 //!   the loader's peak RSS (`VmHWM`).
 //!
-//! Prints rows/s of both and the ratio snapshot / COPY.
+//! Prints rows/s of both and the ratio snapshot / COPY. With
+//! `SLUICE_BENCH_SNAPSHOT_KILL=1` the replicator is killed (kill -9) once half
+//! of the table's chunks are read and started again: the time then includes
+//! the restart, and the bench prints how many chunks were read twice.
 //!
 //! ```text
 //! set -a; . /tmp/sdev/stack/env; set +a
@@ -100,8 +103,34 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(3600);
     let mut published_line = None;
     let mut started_line = None;
+    let kill = std::env::var("SLUICE_BENCH_SNAPSHOT_KILL").is_ok_and(|v| v == "1");
+    let chunks_series = format!("sluice_snapshot_chunks_total{{table=\"public.{TABLE}\"}}");
+    // With SLUICE_BENCH_SNAPSHOT_KILL=1: chunks planned, and read by the
+    // first run when it was killed.
+    let mut killed: Option<(f64, f64)> = None;
     loop {
         p.check_alive()?;
+        if kill && killed.is_none() {
+            let planned = p
+                .log_lines_containing("replicator", "snapshot divided into chunks")
+                .first()
+                .and_then(|line| {
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix("chunks="))
+                        .and_then(|n| n.parse::<f64>().ok())
+                });
+            if let Some(planned) = planned
+                && let Ok(metrics) = p.replicator_metrics().await
+            {
+                let read = pipeline::metric(&metrics, &chunks_series).unwrap_or(0.0);
+                if read >= (planned / 2.0).floor() {
+                    p.kill_9_replicator()?;
+                    println!("replicator killed (kill -9) with {read} of {planned} chunks read");
+                    killed = Some((planned, read));
+                    p.spawn_replicator()?;
+                }
+            }
+        }
         if started_line.is_none()
             && std::fs::read_to_string(&log)
                 .map(|t| t.contains("snapshot started"))
@@ -130,6 +159,25 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sluice = started.elapsed();
+    if let Some((planned, read_before)) = killed {
+        let metrics = p.replicator_metrics().await?;
+        let read_after = pipeline::metric(&metrics, &chunks_series).unwrap_or(0.0);
+        let finished = p
+            .log_lines_containing("replicator", "snapshot resumed")
+            .last()
+            .and_then(|line| {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix("finished="))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        println!(
+            "after the restart: {finished} chunks recorded as finished, {read_after} read; \
+             chunks read to their end twice: {} (besides, the chunks being read at the kill, \
+             one per connection, were read again)",
+            read_before + read_after - planned
+        );
+    }
     p.stop_replicator().await?;
 
     // (c) The loader, started once the stream holds the snapshot: until the
