@@ -254,31 +254,27 @@ async fn run_once(
             let created = temporary
                 .create_logical_slot(&format!("{slot}_continue"), true)
                 .await?;
-            snapshot::initial(
+            let initial = snapshot::Initial {
+                snapshot_name: &created.snapshot_name,
+                consistent_point: created.consistent_point,
+                generation,
+                tables: starts,
+                reason,
+            };
+            let at = existing.confirmed_flush;
+            let outcome = snapshot_and_mark(
                 config,
                 &settings,
-                snapshot::Initial {
-                    snapshot_name: &created.snapshot_name,
-                    consistent_point: created.consistent_point,
-                    generation,
-                    tables: starts,
-                    reason,
-                },
+                initial,
+                at,
                 &mut packager,
                 &mut publisher,
                 shutdown,
             )
-            .await?;
+            .await;
             // Closing the connection drops the temporary slot.
             let _ = temporary.close().await;
-            if !shutdown.is_cancelled() {
-                let heartbeat =
-                    heartbeat_package(&config.source, generation, existing.confirmed_flush.0);
-                publisher
-                    .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
-                    .await?;
-                publisher.flush().await?;
-            }
+            outcome?;
             (None, packager, existing.confirmed_flush)
         }
         Some(existing) => {
@@ -326,35 +322,27 @@ async fn run_once(
             for table in &tables {
                 packager.set_publication(table, shape.fingerprint(table));
             }
-            snapshot::initial(
+            let initial = snapshot::Initial {
+                snapshot_name: &created.snapshot_name,
+                consistent_point: created.consistent_point,
+                generation,
+                tables: tables
+                    .iter()
+                    .map(|table| (table.clone(), snapshot::TableStart::Fresh))
+                    .collect(),
+                reason,
+            };
+            let at = created.consistent_point;
+            snapshot_and_mark(
                 config,
                 &settings,
-                snapshot::Initial {
-                    snapshot_name: &created.snapshot_name,
-                    consistent_point: created.consistent_point,
-                    generation,
-                    tables: tables
-                        .iter()
-                        .map(|table| (table.clone(), snapshot::TableStart::Fresh))
-                        .collect(),
-                    reason,
-                },
+                initial,
+                at,
                 &mut packager,
                 &mut publisher,
                 shutdown,
             )
             .await?;
-            // The heartbeat records the generation: its presence tells a
-            // restart that the snapshot is complete (a stop in the middle
-            // leaves it out, and the next start continues the snapshot).
-            if !shutdown.is_cancelled() {
-                let heartbeat =
-                    heartbeat_package(&config.source, generation, created.consistent_point.0);
-                publisher
-                    .publish(heartbeat_outgoing(&config.source, slot, heartbeat))
-                    .await?;
-                publisher.flush().await?;
-            }
             (Some(client), packager, created.consistent_point)
         }
     };
@@ -426,6 +414,35 @@ async fn run_once(
 }
 
 /// Creates the publication from `postgres.tables` when it does not exist.
+/// The initial snapshot (or what an earlier run left of it), then the
+/// heartbeat that records its generation at the slot's consistent point
+/// `at`: its presence tells a restart that the snapshot is complete. A stop
+/// in the middle leaves it out, and the next start continues the snapshot.
+async fn snapshot_and_mark(
+    config: &Config,
+    settings: &crate::pg::PgSettings,
+    initial: snapshot::Initial<'_>,
+    at: Lsn,
+    packager: &mut Packager,
+    publisher: &mut crate::publish::Publisher,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let generation = initial.generation;
+    snapshot::initial(config, settings, initial, packager, publisher, shutdown).await?;
+    if !shutdown.is_cancelled() {
+        let heartbeat = heartbeat_package(&config.source, generation, at.0);
+        publisher
+            .publish(heartbeat_outgoing(
+                &config.source,
+                &config.postgres.slot,
+                heartbeat,
+            ))
+            .await?;
+        publisher.flush().await?;
+    }
+    Ok(())
+}
+
 async fn ensure_publication(
     client: &tokio_postgres::Client,
     config: &Config,
