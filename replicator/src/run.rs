@@ -413,7 +413,6 @@ async fn run_once(
     Ok(())
 }
 
-/// Creates the publication from `postgres.tables` when it does not exist.
 /// The initial snapshot (or what an earlier run left of it), then the
 /// heartbeat that records its generation at the slot's consistent point
 /// `at`: its presence tells a restart that the snapshot is complete. A stop
@@ -443,6 +442,7 @@ async fn snapshot_and_mark(
     Ok(())
 }
 
+/// Creates the publication from `postgres.tables` when it does not exist.
 async fn ensure_publication(
     client: &tokio_postgres::Client,
     config: &Config,
