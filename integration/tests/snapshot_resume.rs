@@ -120,6 +120,19 @@ async fn an_interrupted_initial_snapshot_continues_with_the_chunks_it_did_not_fi
         "run 1 read {read_by_run_1} chunks, run 2 found {finished_2} finished: \
          more than one chunk per connection is read again"
     );
+    // With no replicator running, `status` tells how far the snapshot got.
+    let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
+    let status: serde_json::Value = serde_json::from_str(&stdout)?;
+    let big = status["tables"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["table"] == "public.big"))
+        .with_context(|| format!("public.big missing:\n{stdout}"))?
+        .clone();
+    assert_eq!(big["state"], "snapshotting", "{big}");
+    assert_eq!(big["snapshot"]["chunks"].as_f64(), Some(chunks), "{big}");
+    let finished_in_status = big["snapshot"]["chunks_finished"]
+        .as_u64()
+        .with_context(|| format!("no chunks_finished: {big}"))?;
     pg.batch_execute("UPDATE big SET n = n + 1 WHERE id % 10 = 1")
         .await?;
 
@@ -138,6 +151,10 @@ async fn an_interrupted_initial_snapshot_continues_with_the_chunks_it_did_not_fi
         anyhow::ensure!(Instant::now() < deadline, "run 3 did not continue big");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    assert_eq!(
+        finished_in_status, finished_3,
+        "status showed the progress record run 3 continued from"
+    );
     assert!(
         finished_3 > finished_2,
         "run 2 recorded chunks before it crashed: {finished_2} then {finished_3}"

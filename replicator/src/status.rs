@@ -102,6 +102,7 @@ async fn table_status(
     table: &TableName,
     heartbeat: Option<&v1::Package>,
     slot_confirmed: Option<Lsn>,
+    record: Option<&v1::SnapshotProgress>,
 ) -> Value {
     let replicable = replicable(client, table).await;
     let subject = topology::table_subject(&config.source, &table.schema, &table.name);
@@ -115,7 +116,34 @@ async fn table_status(
         heartbeat,
         slot_confirmed,
     );
-    entry(table, state, last.as_ref(), read_error)
+    let mut entry = entry(table, state, last.as_ref(), read_error);
+    if let (Some(record), Some(snapshot)) = (record, entry["snapshot"].as_object_mut()) {
+        add_chunks(snapshot, record, table, last.as_ref());
+    }
+    entry
+}
+
+/// The chunks of a table's initial snapshot and how many are finished, from
+/// the snapshot's progress record, when the record is of the table's chain
+/// (the same generation).
+fn add_chunks(
+    snapshot: &mut serde_json::Map<String, Value>,
+    record: &v1::SnapshotProgress,
+    table: &TableName,
+    last: Option<&v1::Package>,
+) {
+    let generation = last.and_then(|p| p.position).map(|p| p.generation);
+    if generation != Some(record.generation) {
+        return;
+    }
+    if let Some(recorded) = record
+        .tables
+        .iter()
+        .find(|t| t.schema == table.schema && t.table == table.name)
+    {
+        snapshot.insert("chunks".into(), json!(recorded.bounds.len() + 1));
+        snapshot.insert("chunks_finished".into(), json!(recorded.finished.len()));
+    }
 }
 
 /// The JSON of one table.
@@ -218,6 +246,14 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
                 .ok()
                 .flatten();
             let confirmed = slot.as_ref().map(|s| s.confirmed_flush);
+            let record = last_package(
+                &stream,
+                &topology::snapshot_progress_subject(&config.source),
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|package| package.snapshot_progress);
             for table in &published {
                 tables_json.push(
                     table_status(
@@ -227,6 +263,7 @@ async fn gather(config: &Config) -> Result<Value, StatusError> {
                         table,
                         heartbeat.as_ref(),
                         confirmed,
+                        record.as_ref(),
                     )
                     .await,
                 );
@@ -418,8 +455,15 @@ fn print_text(status: &Value) {
                 let eta = snapshot["eta_seconds"]
                     .as_u64()
                     .map_or_else(|| "-".to_owned(), |eta| format!("{eta}s"));
+                let chunks = match (
+                    snapshot["chunks_finished"].as_u64(),
+                    snapshot["chunks"].as_u64(),
+                ) {
+                    (Some(done), Some(all)) => format!(" chunks={done}/{all} (finished)"),
+                    _ => String::new(),
+                };
                 println!(
-                    "    snapshot rows={}/{} (estimated) rows_per_second={} eta={} updated={:.1}s ago",
+                    "    snapshot rows={}/{} (estimated) rows_per_second={} eta={} updated={:.1}s ago{chunks}",
                     s(&snapshot["rows"]),
                     s(&snapshot["estimated_rows"]),
                     s(&snapshot["rows_per_second"]),
@@ -488,6 +532,31 @@ mod tests {
             commit_lsn: generation,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn chunks_come_from_the_progress_record_of_the_same_chain() {
+        let table = TableName::new("public", "big");
+        let record = v1::SnapshotProgress {
+            generation: 100,
+            tables: vec![v1::TableProgress {
+                schema: "public".into(),
+                table: "big".into(),
+                bounds: vec![16, 32, 48],
+                finished: vec![0, 2],
+                ..Default::default()
+            }],
+        };
+        let mut snapshot = serde_json::Map::new();
+        let last = package(v1::Kind::Snapshot, 100, 9);
+        add_chunks(&mut snapshot, &record, &table, Some(&last));
+        assert_eq!(snapshot["chunks"], 4);
+        assert_eq!(snapshot["chunks_finished"], 2);
+        // A record of another generation (an older slot's) says nothing.
+        let mut snapshot = serde_json::Map::new();
+        let last = package(v1::Kind::Snapshot, 200, 9);
+        add_chunks(&mut snapshot, &record, &table, Some(&last));
+        assert!(snapshot.is_empty());
     }
 
     #[test]
