@@ -55,6 +55,19 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// Reads a `COPY … TO STDOUT` to its end, discarding it: how long, and how
+/// many bytes.
+async fn read_copy(pg: &tokio_postgres::Client, copy: &str) -> anyhow::Result<(Duration, usize)> {
+    let started = Instant::now();
+    let stream = pg.copy_out(copy).await.context("starting COPY")?;
+    let mut stream = std::pin::pin!(stream);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk.context("reading COPY")?.len();
+    }
+    Ok((started.elapsed(), bytes))
+}
+
 async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let pg = p.pg().await?;
     p.publish_workload_tables(&[TABLE]).await?;
@@ -78,19 +91,19 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         .query_one(&format!("SELECT count(*) FROM {TABLE}"), &[])
         .await?
         .get(0);
-    let started = Instant::now();
-    let copy = pg
-        .copy_out(&format!("COPY {TABLE} TO STDOUT"))
-        .await
-        .context("starting COPY")?;
-    let mut copy = std::pin::pin!(copy);
-    let mut bytes = 0usize;
-    while let Some(chunk) = copy.next().await {
-        bytes += chunk.context("reading COPY")?.len();
-    }
-    let baseline = started.elapsed();
+    let (baseline, bytes) = read_copy(&pg, &format!("COPY {TABLE} TO STDOUT")).await?;
     println!(
         "COPY TO STDOUT: {:.1} MiB of text",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    // For comparison only (not the baseline): the binary format, which
+    // the replicator does not use.
+    let (binary, bytes) =
+        read_copy(&pg, &format!("COPY {TABLE} TO STDOUT (FORMAT binary)")).await?;
+    println!(
+        "COPY TO STDOUT (FORMAT binary, discarded): {:>8.2} s  {:>10.0} rows/s  {:.1} MiB",
+        binary.as_secs_f64(),
+        rows as f64 / binary.as_secs_f64(),
         bytes as f64 / (1024.0 * 1024.0)
     );
 

@@ -220,8 +220,8 @@ async fn run_once(
             for table in &tables {
                 packager.set_publication(table, shape.fingerprint(table));
                 let subject = topology::table_subject(&config.source, &table.schema, &table.name);
-                let resume = last_package(&stream_handle, &subject)
-                    .await?
+                let last = last_package(&stream_handle, &subject).await?;
+                let resume = last
                     .as_ref()
                     .and_then(Resume::from_package)
                     .filter(|resume| resume.generation == generation);
@@ -229,17 +229,40 @@ async fn run_once(
                     // Begun by the earlier run: its chain goes on.
                     Some(resume) => {
                         packager.resume(table.clone(), resume);
+                        let then = last.and_then(|package| package.relation);
+                        // What the publication said of the table when its
+                        // rows were read.
+                        let then_publication = then
+                            .as_ref()
+                            .map(|r| r.publication.clone())
+                            .unwrap_or_default();
+                        let publication_changed = !then_publication.is_empty()
+                            && then_publication != shape.fingerprint(table);
                         if resume.kind == sluice_proto::v1::Kind::ResyncEnd {
+                            // Ended; a publication changed since is the
+                            // streaming loop's to follow, as after any start.
                             done += 1;
+                            if publication_changed {
+                                changed_while_stopped.push(table.clone());
+                                packager.set_publication(table, then_publication);
+                            }
                             continue;
                         }
-                        snapshot::TableStart::Continue(
-                            record
-                                .tables
-                                .iter()
-                                .find(|t| t.schema == table.schema && t.table == table.name)
-                                .cloned(),
-                        )
+                        if publication_changed {
+                            // Its column list or row filter changed: the
+                            // rows read so far follow the old one.
+                            tracing::warn!(table = %table, "publication of the table changed since its snapshot began: its snapshot starts over");
+                            snapshot::TableStart::Fresh
+                        } else {
+                            snapshot::TableStart::Continue(
+                                record
+                                    .tables
+                                    .iter()
+                                    .find(|t| t.schema == table.schema && t.table == table.name)
+                                    .cloned(),
+                                then,
+                            )
+                        }
                     }
                     None => snapshot::TableStart::Fresh,
                 };

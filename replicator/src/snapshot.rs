@@ -107,7 +107,7 @@ pub struct SnapshotSpec {
 }
 
 /// How a table's part of a snapshot starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TableStart {
     /// From the beginning: RESYNC_BEGIN, every chunk, RESYNC_END.
     Fresh,
@@ -115,7 +115,10 @@ pub enum TableStart {
     /// in the stream, its RESYNC_END is not): the chunks its progress record
     /// does not list as finished, then RESYNC_END. Without a record, or when
     /// the table was rewritten since (another relfilenode), every chunk.
-    Continue(Option<v1::TableProgress>),
+    /// With the relation of its last package: when the table's columns or
+    /// replica identity differ now, it starts over (a new RESYNC_BEGIN, so
+    /// the loader drops the rows of the old shape).
+    Continue(Option<v1::TableProgress>, Option<v1::Relation>),
 }
 
 /// The initial snapshot: which slot generation its chains belong to, and
@@ -152,7 +155,7 @@ pub async fn initial(
     let generation = initial.generation;
     let mut progress = Progress::new(generation);
     for (table, start) in &initial.tables {
-        if let TableStart::Continue(Some(recorded)) = start {
+        if let TableStart::Continue(Some(recorded), _) = start {
             progress.tables.insert(table.clone(), recorded.clone());
         }
     }
@@ -785,9 +788,19 @@ async fn plan_table(
             readers.chunk_pages,
         )
     };
+    let start = match start {
+        TableStart::Continue(_, Some(then))
+            if then.columns != relation.columns
+                || then.replica_identity != relation.replica_identity =>
+        {
+            tracing::warn!(table = %label, "table's columns changed since its snapshot began: its snapshot starts over");
+            TableStart::Fresh
+        }
+        start => start,
+    };
     let (ranges, resumed) = match start {
         TableStart::Fresh => (fresh(), None),
-        TableStart::Continue(Some(recorded)) => {
+        TableStart::Continue(Some(recorded), _) => {
             let ranges = ranges_of(&recorded.bounds);
             let finished: BTreeSet<u32> = recorded.finished.iter().copied().collect();
             let all = (0..ranges.len() as u32).all(|index| finished.contains(&index));
@@ -798,7 +811,7 @@ async fn plan_table(
                 (fresh(), Some((BTreeSet::new(), 0)))
             }
         }
-        TableStart::Continue(None) => (fresh(), Some((BTreeSet::new(), 0))),
+        TableStart::Continue(None, _) => (fresh(), Some((BTreeSet::new(), 0))),
     };
     let chunks: Vec<(u32, PageRange)> = ranges
         .iter()
