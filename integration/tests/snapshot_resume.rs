@@ -224,24 +224,7 @@ async fn a_table_whose_columns_changed_while_its_snapshot_was_interrupted_starts
     let (mut p, pg, _) = start_and_kill_mid_snapshot("reshaped_snapshot").await?;
     pg.batch_execute("ALTER TABLE big ADD COLUMN extra int NOT NULL DEFAULT 7")
         .await?;
-    p.set_failpoints(None);
-    p.spawn_replicator()?;
-    p.wait_until_equal(CONVERGE).await?;
-    assert_eq!(
-        p.log_lines_containing("replicator", "columns changed since its snapshot began")
-            .len(),
-        1,
-        "{}",
-        p.log_tail("replicator", 20)
-    );
-    assert_eq!(
-        p.resyncs_in_stream("big", "initial").await?,
-        2,
-        "a second RESYNC_BEGIN of big"
-    );
-    assert_eq!(p.resyncs_in_stream("big", "schema_change").await?, 0);
-    p.check_chains_have_no_duplicates().await?;
-    Ok(())
+    restarted_snapshot_of_big_starts_over(&mut p, "columns changed since its snapshot began").await
 }
 
 /// A table whose row filter changed while its snapshot was interrupted
@@ -259,20 +242,37 @@ async fn a_table_whose_row_filter_changed_while_its_snapshot_was_interrupted_sta
     }
     pg.batch_execute("ALTER PUBLICATION sluice SET TABLE big WHERE (id % 2 = 0), small")
         .await?;
+    restarted_snapshot_of_big_starts_over(
+        &mut p,
+        "publication of the table changed since its snapshot began",
+    )
+    .await
+}
+
+/// Starts the replicator again after `big`'s snapshot was interrupted and
+/// changed, and checks that the snapshot of `big` started over: the log
+/// says `warning` once, the stream holds a second RESYNC_BEGIN of `big` and
+/// no schema-change resync, and it ends with `verify` equal and chains
+/// without repeats.
+async fn restarted_snapshot_of_big_starts_over(
+    p: &mut Pipeline,
+    warning: &str,
+) -> anyhow::Result<()> {
     p.set_failpoints(None);
     p.spawn_replicator()?;
     p.wait_until_equal(CONVERGE).await?;
     assert_eq!(
-        p.log_lines_containing(
-            "replicator",
-            "publication of the table changed since its snapshot began"
-        )
-        .len(),
+        p.log_lines_containing("replicator", warning).len(),
         1,
         "{}",
         p.log_tail("replicator", 20)
     );
-    assert_eq!(p.resyncs_in_stream("big", "initial").await?, 2);
+    assert_eq!(
+        p.resyncs_in_stream("big", "initial").await?,
+        2,
+        "a second RESYNC_BEGIN of big"
+    );
+    assert_eq!(p.resyncs_in_stream("big", "schema_change").await?, 0);
     p.check_chains_have_no_duplicates().await?;
     Ok(())
 }

@@ -218,7 +218,8 @@ async fn run_once(
             let mut starts = Vec::new();
             let mut done = 0;
             for table in &tables {
-                packager.set_publication(table, shape.fingerprint(table));
+                let now = shape.fingerprint(table);
+                packager.set_publication(table, now.clone());
                 let subject = topology::table_subject(&config.source, &table.schema, &table.name);
                 let last = last_package(&stream_handle, &subject).await?;
                 let resume = last
@@ -230,25 +231,18 @@ async fn run_once(
                     Some(resume) => {
                         packager.resume(table.clone(), resume);
                         let then = last.and_then(|package| package.relation);
-                        // What the publication said of the table when its
-                        // rows were read.
-                        let then_publication = then
-                            .as_ref()
-                            .map(|r| r.publication.clone())
-                            .unwrap_or_default();
-                        let publication_changed = !then_publication.is_empty()
-                            && then_publication != shape.fingerprint(table);
+                        let changed = publication_changed(then.as_ref(), &now);
                         if resume.kind == sluice_proto::v1::Kind::ResyncEnd {
                             // Ended; a publication changed since is the
                             // streaming loop's to follow, as after any start.
                             done += 1;
-                            if publication_changed {
+                            if let Some(then) = changed {
                                 changed_while_stopped.push(table.clone());
-                                packager.set_publication(table, then_publication);
+                                packager.set_publication(table, then);
                             }
                             continue;
                         }
-                        if publication_changed {
+                        if changed.is_some() {
                             // Its column list or row filter changed: the
                             // rows read so far follow the old one.
                             tracing::warn!(table = %table, "publication of the table changed since its snapshot began: its snapshot starts over");
@@ -315,11 +309,7 @@ async fn run_once(
                         if let Some(resume) = Resume::from_package(&package) {
                             packager.resume(table.clone(), resume);
                         }
-                        // What the publication said of the table when its
-                        // rows were last made to match it (empty: written by
-                        // a replicator before fingerprints).
-                        let then = package.relation.map(|r| r.publication).unwrap_or_default();
-                        if !then.is_empty() && then != now {
+                        if let Some(then) = publication_changed(package.relation.as_ref(), &now) {
                             changed_while_stopped.push(table.clone());
                             packager.set_publication(table, then);
                             continue;
@@ -434,6 +424,15 @@ async fn run_once(
     .await?;
     drop(nats);
     Ok(())
+}
+
+/// What the publication said of a table when its rows were last made to
+/// match it (the fingerprint of its last package's relation), when that
+/// differs from `now`; `None` when it is the same, or when the package was
+/// written by a replicator before fingerprints (empty).
+fn publication_changed(last: Option<&sluice_proto::v1::Relation>, now: &str) -> Option<String> {
+    let then = last.map_or("", |relation| relation.publication.as_str());
+    (!then.is_empty() && then != now).then(|| then.to_owned())
 }
 
 /// The initial snapshot (or what an earlier run left of it), then the

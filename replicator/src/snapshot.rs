@@ -247,8 +247,8 @@ pub async fn initial(
                 tracing::info!(table = %label, rows, "snapshot published");
             }
         }
-        if progress.release(publisher.poll_released()?) {
-            publisher.publish(progress.outgoing(&source, &slot)).await?;
+        let released = publisher.poll_released()?;
+        if progress.record(released, publisher, &source, &slot).await? {
             // Crash tests: the process dies once a progress record is stored.
             #[cfg(feature = "failpoints")]
             if fail::eval("replicator::snapshot::progress_recorded", |_| ()).is_some() {
@@ -260,9 +260,8 @@ pub async fn initial(
     reading.abort();
     let _ = reading.await;
     if !shutdown.is_cancelled() {
-        if progress.release(publisher.flush().await?) {
-            publisher.publish(progress.outgoing(&source, &slot)).await?;
-        }
+        let released = publisher.flush().await?;
+        progress.record(released, publisher, &source, &slot).await?;
         publisher.flush().await?;
     }
     Ok(())
@@ -304,6 +303,22 @@ impl Progress {
             }
         }
         changed
+    }
+
+    /// Takes in released marks and publishes the record if they changed
+    /// it; whether they did.
+    async fn record(
+        &mut self,
+        marks: Vec<Mark>,
+        publisher: &mut Publisher,
+        source: &str,
+        slot: &str,
+    ) -> Result<bool, SnapshotError> {
+        let changed = self.release(marks);
+        if changed {
+            publisher.publish(self.outgoing(source, slot)).await?;
+        }
+        Ok(changed)
     }
 
     fn outgoing(&self, source: &str, slot: &str) -> sluice_broker::publish::Outgoing {
