@@ -362,6 +362,12 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
         (accounts.postgres_rows, accounts.clickhouse_rows),
         (20000, 20000)
     );
+    // Found through the checksums of the key buckets: only the buckets of the three keys differ.
+    let checksums = accounts.checksums.context("accounts not checksummed")?;
+    assert!(
+        checksums.buckets > 4000 && (1..=3).contains(&checksums.differing_buckets),
+        "{checksums:?}"
+    );
     let readings = reports
         .iter()
         .find(|r| r.table == "public.readings")
@@ -400,5 +406,140 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
         Err(error) => format!("{error:#}"),
     };
     assert!(text.contains("sample of 10.2% of keys"), "{text}");
+    Ok(())
+}
+
+/// `verify` compares a table whose columns have a checksum text (every kind but arrays) by checksums
+/// computed inside each server: equal data gives equal checksums in every key bucket (edge values
+/// and NULLs included), and one changed value of any kind in ClickHouse is found, with only the
+/// buckets of the changed keys compared value by value. A value whose `\x1f` moved into the next
+/// column is a change too.
+#[tokio::test]
+async fn verify_checksums_agree_on_equal_data_and_see_each_changed_value() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("verify_sums").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        r#"CREATE TABLE kinds (id int PRIMARY KEY, b bool, f4 real, f8 float8, n numeric(12,3),
+             m money, d date, ts timestamp, tz timestamptz, t time, by bytea, u uuid, j jsonb,
+             c char(4), tx text, tx2 text, iv interval);
+         INSERT INTO kinds SELECT g, g % 2 = 0, g / 3.0, g / 7.0, g * 1.5, g * 0.25,
+             '2024-01-01'::date + g, '2024-01-01 00:00:00'::timestamp + g * interval '1.5 s',
+             '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 min',
+             '00:00:00'::time + g * interval '1.25 s', int4send(g), md5(g::text)::uuid,
+             jsonb_build_object('g', g), 'c' || (g % 100), 'text ' || g, NULL, g * interval '1 h'
+             FROM generate_series(1, 3000) g;
+         UPDATE kinds SET b = NULL, f4 = NULL, f8 = NULL, n = NULL, m = NULL, d = NULL, ts = NULL,
+             tz = NULL, t = NULL, by = NULL, u = NULL, j = NULL, c = NULL, tx = NULL, iv = NULL
+             WHERE id % 11 = 0;
+         INSERT INTO kinds VALUES
+             (9001, false, 'NaN', '-0', 'NaN', -1.5, 'infinity', '1800-01-01', '-infinity',
+              '24:00:00', '\x', '00000000-0000-0000-0000-000000000000', '[]', 'ab', '', E'\\N', '0'),
+             (9002, true, 'Infinity', 1e300, 0.100, 0, '-infinity', '2400-01-01', '1970-01-01 00:00:00.000001+00',
+              '12:34:56.5', '\x00ff', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '{"é": "\u00e9\t"}', '', E'a\x1f', 'b', '-1 days'),
+             (9003, NULL, '-Infinity', 5e-324, -0.001, NULL, '1900-01-01', '2299-12-31 23:59:59.999999', NULL,
+              '00:00:00.000001', NULL, NULL, 'null', NULL, E'tab\there\nnewline \\ backslash', NULL, NULL);
+         CREATE PUBLICATION sluice FOR TABLE kinds;"#,
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(Duration::from_secs(120)).await?;
+    p.stop_loader().await?;
+    let reports = p.verify().await?;
+    let kinds = &reports[0];
+    let checksums = kinds
+        .checksums
+        .context("kinds was not compared by checksums")?;
+    assert!(
+        checksums.buckets > 1000 && checksums.differing_buckets == 0,
+        "{kinds}: {checksums:?}"
+    );
+    assert_eq!((kinds.postgres_rows, kinds.clickhouse_rows), (3003, 3003));
+
+    // One changed value per column, each in its own row, written as a newer version.
+    let db = p.name.clone();
+    let changes: [(i32, &str, &str); 17] = [
+        (1, "b", "NOT b"),
+        (2, "f4", "f4 + 0.0001"),
+        (3, "f8", "f8 + 1e-12"),
+        (4, "n", "n + 0.001"),
+        (5, "m", "m + 0.01"),
+        (6, "d", "d + 1"),
+        (7, "ts", "ts + toIntervalMicrosecond(1)"),
+        (8, "tz", "tz + toIntervalMicrosecond(1)"),
+        (9, "t", "t + 1"),
+        (10, "by", "concat(by, 'x')"),
+        (12, "u", "generateUUIDv4()"),
+        (13, "j", "concat(j, ' ')"),
+        (14, "c", "'zz  '"),
+        (15, "tx", "NULL"),
+        (16, "iv", "'PT17H'"),
+        (9001, "n", "1"),
+        (9002, "tx", "'a'"),
+    ];
+    for (id, column, value) in changes {
+        let also = if id == 9002 {
+            ", concat('\\x1f', tx2) AS tx2"
+        } else {
+            ""
+        };
+        p.servers()
+            .clickhouse_sql(&format!(
+                "INSERT INTO `{db}`.kinds SELECT * REPLACE ({value} AS {column}{also}, \
+                 _sluice_version + 1 AS _sluice_version) FROM `{db}`.kinds FINAL WHERE id = {id}"
+            ))
+            .await
+            .with_context(|| format!("changing {column} of {id}"))?;
+    }
+    let reports = sluice_loader::verify::verify_with(
+        &p.config,
+        Some("public.kinds"),
+        sluice_loader::verify::Options::default(),
+    )
+    .await?;
+    let kinds = &reports[0];
+    assert_eq!(kinds.differing_keys, changes.len() as u64, "{kinds}");
+    let mut found: Vec<(String, Vec<String>)> = kinds
+        .differences
+        .iter()
+        .map(|d| match &d.kind {
+            sluice_loader::verify::DifferenceKind::Values(columns) => (
+                d.key.clone(),
+                columns.iter().map(|c| c.column.clone()).collect(),
+            ),
+            other => (d.key.clone(), vec![format!("{other:?}")]),
+        })
+        .collect();
+    found.sort();
+    // Only the first ten differences are kept, in key order.
+    assert_eq!(
+        found,
+        [
+            ("(1)", vec!["b"]),
+            ("(10)", vec!["by"]),
+            ("(12)", vec!["u"]),
+            ("(13)", vec!["j"]),
+            ("(14)", vec!["c"]),
+            ("(15)", vec!["tx"]),
+            ("(16)", vec!["iv"]),
+            ("(2)", vec!["f4"]),
+            ("(3)", vec!["f8"]),
+            ("(4)", vec!["n"]),
+        ]
+        .map(|(k, c)| (k.to_owned(), c.iter().map(|s| s.to_string()).collect()))
+    );
+    let checksums = kinds.checksums.context("no checksums")?;
+    assert!(
+        (1..=changes.len() as u64).contains(&checksums.differing_buckets),
+        "{kinds}"
+    );
+    // The count covers the keys after the first ten: each change is needed to reach 17, the
+    // `\x1f` shifted from `tx` into `tx2` of 9002 too (a text without lengths would hide it).
+    let text = kinds.to_string();
+    assert!(
+        text.contains("17 keys differ (in ")
+            && text.contains("key buckets whose checksums differ)"),
+        "{text}"
+    );
     Ok(())
 }

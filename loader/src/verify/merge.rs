@@ -13,9 +13,10 @@
 //! `YYYY-MM-DD HH:MM:SS.ffffff`), bytea (as hex). Other keys (bool, floats,
 //! decimals, time, arrays) are compared in memory by the caller.
 //!
-//! With a sample, only the rows whose hash starts with one of the chosen
-//! two-hex-digit buckets are read (both sides still scan the table, but sort
-//! and send only the sample).
+//! It is the second pass when [`super::checksum`] applies: only the buckets
+//! whose checksums differ are read. With a sample, only the rows whose hash
+//! starts with one of the chosen two-hex-digit buckets are read (both sides
+//! still scan the table, but sort and send only the sample).
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -91,7 +92,10 @@ pub(super) struct Sides<'a> {
     pub(super) database: &'a str,
     pub(super) target: &'a str,
     pub(super) columns: &'a [Column],
-    pub(super) sample: Option<&'a [String]>,
+    /// Read only the rows whose key hash starts with one of these prefixes
+    /// (all of the same length): a sample's buckets, or the buckets whose
+    /// checksums differ.
+    pub(super) buckets: Option<&'a [String]>,
 }
 
 pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
@@ -99,34 +103,13 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
     let pg_context = |what: &str| format!("{what} of {}", sides.pg_table);
     let ch_context = format!("rows of {}.{}", sides.database, sides.target);
 
-    let pg_hash = columns
-        .iter()
-        .filter(|c| c.key)
-        .map(|c| {
-            // The type's output text, as the loader stored it (a `::text`
-            // cast would drop `char(n)`'s padding).
-            let e = pg_expr(c, sides.server_version_num);
-            format!("CASE WHEN ({e}) IS NULL THEN '\\N' ELSE format('%s', {e}) END")
-        })
-        .collect::<Vec<_>>()
-        .join(" || E'\\x1f' || ");
+    let pg_hash = pg_key_hash(columns, sides.server_version_num);
     let pg_columns: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| format!("{} AS {ALIAS}{i}", pg_expr(c, sides.server_version_num)))
         .collect();
     let names: Vec<String> = (0..columns.len()).map(|i| format!("{ALIAS}{i}")).collect();
-    let sample_sql = |left: &str| match sides.sample {
-        Some(buckets) => format!(
-            " WHERE {left} IN ({})",
-            buckets
-                .iter()
-                .map(|b| format!("'{b}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        None => String::new(),
-    };
     let pg_sql = format!(
         "DECLARE sluice_verify NO SCROLL CURSOR FOR \
          SELECT {HASH}, {} FROM (SELECT md5({pg_hash}) AS {HASH}, {} FROM {}{}) s{} \
@@ -135,7 +118,7 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
         pg_columns.join(", "),
         sides.pg_table,
         sides.pg_where,
-        sample_sql(&format!("left({HASH}, 2)"))
+        bucket_filter(sides.buckets, Side::Postgres, HASH)
     );
     sides
         .pg
@@ -146,12 +129,7 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
             source,
         })?;
 
-    let ch_hash = columns
-        .iter()
-        .filter(|c| c.key)
-        .map(|c| format!("ifNull(toString({}), '\\\\N')", ch_expr(c)))
-        .collect::<Vec<_>>()
-        .join(", '\\x1f', ");
+    let ch_hash = ch_key_hash(columns);
     let ch_columns: Vec<String> = columns
         .iter()
         .enumerate()
@@ -165,7 +143,7 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
         quote_ident(sides.database),
         quote_ident(sides.target),
         quote_ident(DELETED_COLUMN),
-        sample_sql(&format!("substring({HASH}, 1, 2)"))
+        bucket_filter(sides.buckets, Side::ClickHouse, HASH)
     );
     let cursor = sides
         .ch
@@ -221,6 +199,60 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
             source,
         })?;
     Ok(outcome)
+}
+
+/// The key's text on the Postgres side, whose MD5 orders and buckets the
+/// rows: the type's output text, as the loader stored it (a `::text` cast
+/// would drop `char(n)`'s padding).
+pub(super) fn pg_key_hash(columns: &[Column], server_version_num: i32) -> String {
+    columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| {
+            let e = pg_expr(c, server_version_num);
+            format!("CASE WHEN ({e}) IS NULL THEN '\\N' ELSE format('%s', {e}) END")
+        })
+        .collect::<Vec<_>>()
+        .join(" || E'\\x1f' || ")
+}
+
+/// The key's text on the ClickHouse side, printed as [`pg_key_hash`].
+pub(super) fn ch_key_hash(columns: &[Column]) -> String {
+    columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| format!("ifNull(toString({}), '\\\\N')", ch_expr(c)))
+        .collect::<Vec<_>>()
+        .join(", '\\x1f', ")
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Side {
+    Postgres,
+    ClickHouse,
+}
+
+/// ` WHERE <prefix of hash> IN (…)` when only some buckets are read (all of
+/// the same number of hex digits), else nothing.
+pub(super) fn bucket_filter(buckets: Option<&[String]>, side: Side, hash: &str) -> String {
+    let Some(buckets) = buckets else {
+        return String::new();
+    };
+    let digits = buckets.first().map_or(2, String::len);
+    let prefix = match side {
+        Side::Postgres => format!("left({hash}, {digits})"),
+        Side::ClickHouse => format!("substring({hash}, 1, {digits})"),
+    };
+    let list = buckets
+        .iter()
+        .map(|b| format!("'{b}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // An empty choice reads nothing.
+    if list.is_empty() {
+        return " WHERE false".into();
+    }
+    format!(" WHERE {prefix} IN ({list})")
 }
 
 /// Splits a canonical row into its key and the row.

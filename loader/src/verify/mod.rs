@@ -46,6 +46,7 @@
 //! the two connections, and `report` the result and its text.
 
 mod canonical;
+mod checksum;
 mod merge;
 mod read;
 mod report;
@@ -61,7 +62,7 @@ use crate::clickhouse::schema::{DELETED_COLUMN, quote_ident};
 use canonical::{Column, ch_expr, classify, pg_expr};
 use read::{clickhouse_client, clickhouse_rows, connect_postgres, text_row};
 pub use report::{
-    ColumnDifference, Difference, DifferenceKind, MAX_REPORTED_DIFFERENCES, TableReport,
+    Checksums, ColumnDifference, Difference, DifferenceKind, MAX_REPORTED_DIFFERENCES, TableReport,
 };
 
 /// Verification could not run (as opposed to: it ran and found differences).
@@ -274,6 +275,7 @@ async fn verify_table(
         differences: Vec::new(),
         problem: None,
         sample: None,
+        checksums: None,
     };
     if ch_types.is_empty() {
         let pg_count = count().await?;
@@ -330,7 +332,7 @@ async fn verify_table(
         .filter(|c| c.key)
         .all(|c| merge::hashable(&c.kind))
     {
-        let outcome = merge::compare(&merge::Sides {
+        let mut sides = merge::Sides {
             pg,
             server_version_num,
             pg_table: source.quoted(),
@@ -339,12 +341,32 @@ async fn verify_table(
             database,
             target: &target,
             columns: &columns,
-            sample: sample.map(|(_, buckets)| buckets),
-        })
-        .await?;
-        report.postgres_rows = outcome.postgres_rows;
-        report.clickhouse_rows = outcome.clickhouse_rows;
+            buckets: sample.map(|(_, buckets)| buckets),
+        };
         report.sample = sample.map(|(fraction, _)| fraction);
+        if !checksum::eligible(&columns) {
+            let outcome = merge::compare(&sides).await?;
+            report.postgres_rows = outcome.postgres_rows;
+            report.clickhouse_rows = outcome.clickhouse_rows;
+            add_differences(&mut report, outcome);
+            return Ok(report);
+        }
+        // Checksums first; then only the buckets that differ, value by value.
+        let summary = checksum::compare(&sides).await?;
+        report.checksums = Some(Checksums {
+            buckets: summary.buckets,
+            differing_buckets: summary.differing.len() as u64,
+        });
+        report.postgres_rows = summary.postgres_rows;
+        report.clickhouse_rows = summary.clickhouse_rows;
+        if summary.differing.is_empty() {
+            return Ok(report);
+        }
+        sides.buckets = Some(&summary.differing);
+        let outcome = merge::compare(&sides).await?;
+        // The rows of the buckets compared again, as the second read saw them.
+        report.postgres_rows = summary.equal_rows + outcome.postgres_rows;
+        report.clickhouse_rows = summary.equal_rows + outcome.clickhouse_rows;
         add_differences(&mut report, outcome);
         return Ok(report);
     }

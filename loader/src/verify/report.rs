@@ -49,6 +49,17 @@ pub struct TableReport {
     /// The share of keys compared, when only a sample was (the row counts
     /// are the sample's).
     pub sample: Option<f64>,
+    /// When the table was compared by checksums first: the key buckets
+    /// holding rows, and those whose checksums differed (only these were
+    /// compared value by value).
+    pub checksums: Option<Checksums>,
+}
+
+/// The checksum pass of one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checksums {
+    pub buckets: u64,
+    pub differing_buckets: u64,
 }
 
 impl TableReport {
@@ -77,7 +88,15 @@ impl fmt::Display for TableReport {
             write!(f, " ({problem})")?;
         }
         if self.differing_keys > 0 {
-            write!(f, " {} keys differ; first keys:", self.differing_keys)?;
+            write!(f, " {} keys differ", self.differing_keys)?;
+            if let Some(checksums) = self.checksums {
+                write!(
+                    f,
+                    " (in {} of {} key buckets whose checksums differ)",
+                    checksums.differing_buckets, checksums.buckets
+                )?;
+            }
+            f.write_str("; first keys:")?;
             for (i, d) in self.differences.iter().enumerate() {
                 let sep = if i == 0 { " " } else { ", " };
                 let what = match &d.kind {
