@@ -45,6 +45,32 @@ pub(super) struct Column {
     pub(super) key: bool,
     /// Absent from the ClickHouse table.
     pub(super) missing: bool,
+    /// The Postgres type (a domain's base type), e.g. `int8`.
+    pub(super) pg_type: String,
+}
+
+/// Postgres types whose `::text` cast is their output function and whose
+/// text never holds a `\x1f` nor is `\N`.
+const PLAIN_TOKENS: [&str; 5] = ["int2", "int4", "int8", "oid", "uuid"];
+
+impl Column {
+    /// A [`ColumnKind::Plain`] column whose text is a token: digits, signs,
+    /// hex and dashes.
+    pub(super) fn is_token(&self) -> bool {
+        self.kind == ColumnKind::Plain && PLAIN_TOKENS.contains(&self.pg_type.as_str())
+    }
+
+    /// The Postgres output text of `e`, an expression of this column's
+    /// type: a `::text` cast where that is the same and cheaper, else
+    /// `format('%s', …)` (a `::text` cast would drop `char(n)`'s padding,
+    /// print a `bool` as `true` and an `inet` with its netmask).
+    pub(super) fn pg_output(&self, e: &str) -> String {
+        if self.is_token() || matches!(self.pg_type.as_str(), "text" | "varchar") {
+            format!("({e})::text")
+        } else {
+            format!("format('%s', {e})")
+        }
+    }
 }
 
 pub(super) fn classify(ch_type: &str, pg_base_type: &str) -> ColumnKind {
@@ -436,6 +462,7 @@ mod tests {
             kind,
             key: false,
             missing: false,
+            pg_type: "date".into(),
         };
         assert_eq!(
             pg_expr(&column(ColumnKind::Date), 150000),

@@ -14,9 +14,10 @@
 //! is `\N`. Each column's text is one both servers print alike for equal
 //! data, as the value-by-value comparison canonicalises it:
 //!
-//! - the kinds whose canonical text is the text itself (integers, text,
-//!   uuid, json, ...) as `<bytes>:<text>`, so a value holding `\x1f` or
-//!   `\N` cannot shift into its neighbour;
+//! - the kinds whose canonical text is the text itself (text, json, inet,
+//!   ...) as `<bytes>:<text>`, so a value holding `\x1f` or `\N` cannot
+//!   shift into its neighbour; integers and uuids, which hold neither, as
+//!   they print;
 //! - dates, timestamps (clamped like the loader clamps) and bytea (hex) as
 //!   the comparison reads them;
 //! - `bool` as `true`/`false`;
@@ -77,13 +78,14 @@ pub(super) struct Summary {
 fn pg_text(column: &Column, server_version_num: i32) -> String {
     let e = pg_expr(column, server_version_num);
     let text = match column.kind {
+        ColumnKind::Plain if column.is_token() => column.pg_output(&e),
         ColumnKind::Plain => {
-            let t = format!("format('%s', {e})");
+            let t = column.pg_output(&e);
             format!("octet_length({t})::text || ':' || {t}")
         }
-        ColumnKind::Date | ColumnKind::Timestamp { .. } | ColumnKind::Bytea => {
-            format!("format('%s', {e})")
-        }
+        ColumnKind::Date => format!("format('%s', {e})"),
+        // Already text (`to_char`, `encode`).
+        ColumnKind::Timestamp { .. } | ColumnKind::Bytea => e.clone(),
         ColumnKind::Bool => format!("CASE WHEN {e} THEN 'true' ELSE 'false' END"),
         ColumnKind::Float32 => format!("encode(float4send(({e})::float4), 'hex')"),
         ColumnKind::Float64 => format!("encode(float8send(({e})::float8), 'hex')"),
@@ -100,6 +102,7 @@ fn ch_text(column: &Column) -> String {
     let e = ch_expr(column);
     let x = format!("assumeNotNull({e})");
     let text = match column.kind {
+        ColumnKind::Plain if column.is_token() => format!("toString({x})"),
         ColumnKind::Plain => {
             format!("concat(toString(length(toString({x}))), ':', toString({x}))")
         }
@@ -231,6 +234,7 @@ mod tests {
             kind,
             key: false,
             missing: false,
+            pg_type: "text".into(),
         }
     }
 
@@ -283,7 +287,7 @@ mod tests {
             "{plain}"
         );
         assert!(
-            plain.contains("octet_length(format('%s', \"c\"))::text || ':'"),
+            plain.contains("octet_length((\"c\")::text)::text || ':'"),
             "{plain}"
         );
         let plain = ch_text(&column(ColumnKind::Plain));
@@ -292,5 +296,20 @@ mod tests {
             plain.contains("length(toString(assumeNotNull(`c`)))"),
             "{plain}"
         );
+        // An integer holds no separator: as it prints.
+        let mut id = column(ColumnKind::Plain);
+        id.pg_type = "int8".into();
+        assert_eq!(
+            pg_text(&id, 150000),
+            "CASE WHEN (\"c\") IS NULL THEN '\\N' ELSE (\"c\")::text END"
+        );
+        assert_eq!(
+            ch_text(&id),
+            "if(isNull(`c`), '\\\\N', toString(assumeNotNull(`c`)))"
+        );
+        // A char(n) keeps its padding: not a `::text` cast.
+        let mut padded = column(ColumnKind::Plain);
+        padded.pg_type = "bpchar".into();
+        assert!(pg_text(&padded, 150000).contains("format('%s', \"c\")"));
     }
 }

@@ -202,15 +202,17 @@ pub(super) async fn compare(sides: &Sides<'_>) -> Result<Outcome, VerifyError> {
 }
 
 /// The key's text on the Postgres side, whose MD5 orders and buckets the
-/// rows: the type's output text, as the loader stored it (a `::text` cast
-/// would drop `char(n)`'s padding).
+/// rows: the type's output text, as the loader stored it.
 pub(super) fn pg_key_hash(columns: &[Column], server_version_num: i32) -> String {
     columns
         .iter()
         .filter(|c| c.key)
         .map(|c| {
             let e = pg_expr(c, server_version_num);
-            format!("CASE WHEN ({e}) IS NULL THEN '\\N' ELSE format('%s', {e}) END")
+            format!(
+                "CASE WHEN ({e}) IS NULL THEN '\\N' ELSE {} END",
+                c.pg_output(&e)
+            )
         })
         .collect::<Vec<_>>()
         .join(" || E'\\x1f' || ")

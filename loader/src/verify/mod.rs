@@ -304,6 +304,7 @@ async fn verify_table(
                     missing: false,
                     name,
                     ch_name,
+                    pg_type: base,
                 },
                 None => Column {
                     kind: classify("", &base),
@@ -311,6 +312,7 @@ async fn verify_table(
                     missing: true,
                     name,
                     ch_name,
+                    pg_type: base,
                 },
             }
         })
