@@ -302,6 +302,8 @@ pub struct ReplicatorConfig {
     /// files, gone when the process ends); the system's temporary directory
     /// when unset.
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Threads of the replicator's async runtime; `0`: one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ReplicatorConfig {
@@ -320,6 +322,7 @@ impl Default for ReplicatorConfig {
             catchup_chunk_changes: 500_000,
             streaming: true,
             spill_dir: None,
+            worker_threads: 0,
         }
     }
 }
@@ -490,6 +493,15 @@ impl Config {
                 format!(
                     "{:?}: slot names are lower-case letters, digits and `_`",
                     self.postgres.slot
+                ),
+            ));
+        }
+        if self.postgres.slot.len() > 63 {
+            return Err(invalid(
+                "postgres.slot",
+                format!(
+                    "{} characters: Postgres allows slot names of at most 63",
+                    self.postgres.slot.len()
                 ),
             ));
         }
@@ -955,6 +967,19 @@ mod tests {
             assert_eq!(ch.expose_secret(), "12345");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_slot_name_longer_than_postgres_allows_is_refused() {
+        let longest = format!("[postgres]\nslot = \"{}\"\n", "s".repeat(63));
+        assert!(Config::load_with_env(write(&longest).path(), no_env()).is_ok());
+        let longer = format!("[postgres]\nslot = \"{}\"\n", "s".repeat(64));
+        let err = Config::load_with_env(write(&longer).path(), no_env()).unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(
+            text.contains("postgres.slot") && text.contains("at most 63"),
+            "{text}"
+        );
     }
 
     #[test]

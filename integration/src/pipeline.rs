@@ -1058,8 +1058,9 @@ impl Drop for Pipeline {
         // The slot would pin WAL on a long-lived server: drop it and the other
         // objects, on a thread with its own runtime (Drop cannot await).
         let servers = self.servers;
-        let (name, pg_url, nats_urls, stream) = (
+        let (name, slot, pg_url, nats_urls, stream) = (
             self.name.clone(),
+            self.config.postgres.slot.clone(),
             self.pg_url.clone(),
             self.nats_urls.clone(),
             self.config.stream_name(),
@@ -1068,7 +1069,7 @@ impl Drop for Pipeline {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(cleanup(servers, &name, &pg_url, &nats_urls, &stream))
+            runtime.block_on(cleanup(servers, &name, &slot, &pg_url, &nats_urls, &stream))
         });
         match cleanup.join() {
             Ok(Ok(())) => {}
@@ -1330,6 +1331,7 @@ pub async fn run_workload(
 async fn cleanup(
     servers: &Servers,
     name: &str,
+    slot: &str,
     pg_url: &str,
     nats_urls: &str,
     stream: &str,
@@ -1340,7 +1342,7 @@ async fn cleanup(
         let active: Option<bool> = admin
             .query_opt(
                 "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&name],
+                &[&slot],
             )
             .await?
             .map(|r| r.get(0));
@@ -1348,7 +1350,7 @@ async fn cleanup(
             None => break,
             Some(false) => {
                 admin
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                     .await?;
                 break;
             }

@@ -115,9 +115,14 @@ async fn a_dropped_slot_resyncs_every_table() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Also: with a slot name of 63 characters.
 #[tokio::test]
 async fn manual_resync_under_load_never_shows_fewer_rows() -> anyhow::Result<()> {
     let mut p = pipeline_with("r_manual", &["items", "other"]).await?;
+    // A slot name as long as Postgres allows (63): the resync's temporary slot, named after it,
+    // must still fit.
+    let slot = format!("{}_{}", p.name, "x".repeat(62 - p.name.len()));
+    p.set_config("postgres", "slot", &format!("\"{slot}\""))?;
     let pg = p.pg().await?;
     pg.batch_execute(
         "INSERT INTO items SELECT g, g, md5(g::text) FROM generate_series(1, 30000) g",

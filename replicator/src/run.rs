@@ -269,7 +269,7 @@ async fn run_once(
             let mut temporary =
                 ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?;
             let created = temporary
-                .create_logical_slot(&format!("{slot}_continue"), true)
+                .create_logical_slot(&crate::slot::temporary_slot_name(slot, "_continue"), true)
                 .await?;
             let initial = snapshot::Initial {
                 snapshot_name: &created.snapshot_name,

@@ -7,6 +7,28 @@
 use crate::pg::{PgSettings, SlotState};
 use crate::replication::{ReplicationClient, ReplicationError};
 
+/// Longest replication slot name Postgres accepts (`NAMEDATALEN - 1`).
+pub const MAX_SLOT_NAME: usize = 63;
+
+/// The name of a temporary slot of this replicator: `{slot}{suffix}`
+/// (`suffix` such as `_continue` or `_resync_<µs>`), kept within
+/// [`MAX_SLOT_NAME`]. When it would be longer, `slot` is cut and its cut end
+/// replaced by 8 hex digits of a hash of the whole name, so that two slots
+/// sharing a long prefix still get different names. `slot` is lower-case
+/// ASCII (the config checks it).
+pub fn temporary_slot_name(slot: &str, suffix: &str) -> String {
+    if slot.len() + suffix.len() <= MAX_SLOT_NAME {
+        return format!("{slot}{suffix}");
+    }
+    // FNV-1a: stable across builds and versions, unlike std's hasher.
+    let hash = slot.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let keep = MAX_SLOT_NAME.saturating_sub(suffix.len() + 8);
+    let prefix: String = slot.chars().take(keep).collect();
+    format!("{prefix}{hash:08x}{suffix}")
+}
+
 /// The slot exists but cannot be used by this replicator.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -153,6 +175,37 @@ pub async fn drop_slot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_slot_names_fit_postgres_and_stay_apart() {
+        assert_eq!(
+            temporary_slot_name("sluice", "_continue"),
+            "sluice_continue"
+        );
+        let suffix = "_resync_1764900000000000";
+        let a = "a".repeat(63);
+        let b = format!("{}b", "a".repeat(62));
+        let (ta, tb) = (
+            temporary_slot_name(&a, suffix),
+            temporary_slot_name(&b, suffix),
+        );
+        assert_eq!(ta.len(), MAX_SLOT_NAME);
+        assert!(
+            ta.starts_with(&"a".repeat(31)) && ta.ends_with(suffix),
+            "{ta}"
+        );
+        assert_ne!(ta, tb);
+        let exact = "x".repeat(63 - suffix.len());
+        assert_eq!(
+            temporary_slot_name(&exact, suffix),
+            format!("{exact}{suffix}")
+        );
+        assert!(
+            temporary_slot_name(&a, "_continue")
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
+    }
     use crate::replication::Lsn;
 
     fn slot(plugin: &str, active_pid: Option<i32>, wal_status: &str) -> SlotState {

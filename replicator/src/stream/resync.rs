@@ -378,7 +378,10 @@ async fn resync_task(
         let mut client = ReplicationClient::connect_with_tls(&repl_config, &settings.tls)
             .await
             .map_err(slot_failed)?;
-        let slot = format!("{}_resync_{}", config.postgres.slot, unique_now_us());
+        let slot = crate::slot::temporary_slot_name(
+            &config.postgres.slot,
+            &format!("_resync_{}", unique_now_us()),
+        );
         let created = client
             .create_logical_slot(&slot, true)
             .await
