@@ -144,8 +144,10 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     let open = p.pg().await?;
     open.batch_execute("BEGIN; INSERT INTO snap VALUES (-1, 'open during start'); UPDATE other SET w = -w WHERE id <= 100;")
         .await?;
-    // The other tests load with LZ4 (the default); this one uncompressed.
+    // The other tests load with LZ4 (the default); this one uncompressed. And the replicator
+    // runs on one worker thread.
     p.set_config("clickhouse", "compression", "\"none\"")?;
+    p.set_config("replicator", "worker_threads", "1")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     let writer = {
@@ -174,6 +176,11 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     assert_eq!(
         reports.iter().map(|r| r.postgres_rows).sum::<u64>(),
         20_001 + 40 + 460
+    );
+    let started = p.log_lines_containing("replicator", "metrics endpoint listening");
+    assert!(
+        started.len() == 1 && started[0].contains("worker_threads=1"),
+        "{started:?}"
     );
     Ok(())
 }

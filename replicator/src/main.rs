@@ -98,20 +98,38 @@ fn main() -> ExitCode {
         },
         default_level,
     );
-    let runtime = match tokio::runtime::Runtime::new() {
+    let config = match &cli.command {
+        Command::Run { config }
+        | Command::Resync { config, .. }
+        | Command::Status { config, .. } => match load(config) {
+            Ok(config) => config,
+            Err(failure) => return exit(failure),
+        },
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.replicator.worker_threads > 0 {
+        builder.worker_threads(config.replicator.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("sluice-replicator: cannot start the async runtime: {error}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(try_main(cli.command)) {
+    match runtime.block_on(try_main(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Config(error)) => {
+        Err(failure) => exit(failure),
+    }
+}
+
+fn exit(failure: Failure) -> ExitCode {
+    match failure {
+        Failure::Config(error) => {
             eprintln!("sluice-replicator: {error}");
             ExitCode::from(2)
         }
-        Err(Failure::Runtime(error)) => {
+        Failure::Runtime(error) => {
             eprintln!("sluice-replicator: {error:#}");
             ExitCode::from(1)
         }
@@ -133,23 +151,20 @@ fn load(arg: &ConfigArg) -> Result<Config, Failure> {
     Config::load(&arg.config).map_err(Failure::Config)
 }
 
-async fn try_main(command: Command) -> Result<(), Failure> {
+async fn try_main(command: Command, config: Config) -> Result<(), Failure> {
     match command {
-        Command::Run { config } => {
-            let config = load(&config)?;
+        Command::Run { .. } => {
             sluice_replicator::run::run(config).await?;
         }
         Command::Resync {
-            config,
             tables,
             all,
             no_wait,
+            ..
         } => {
-            let config = load(&config)?;
             sluice_replicator::control::request_resync(&config, &tables, all, !no_wait).await?;
         }
-        Command::Status { config, json } => {
-            let config = load(&config)?;
+        Command::Status { json, .. } => {
             sluice_replicator::status::print(&config, json).await?;
         }
     }

@@ -55,7 +55,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let server = telemetry::serve_metrics(listen, handle, readiness.clone(), shutdown.clone())
         .await
         .map_err(|source| RunError::Metrics { listen, source })?;
-    tracing::info!(%listen, "metrics endpoint listening");
+    tracing::info!(
+        %listen,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "metrics endpoint listening"
+    );
     m::counters_at_zero();
     if config.replicator.streaming {
         // Found now rather than in the middle of the first large transaction.
