@@ -22,7 +22,7 @@
 //!   the comparison reads them;
 //! - `bool` as `true`/`false`;
 //! - floats as the hex of their IEEE bytes (Postgres `float8send`), which
-//!   no decimal printing can blur;
+//!   no decimal printing can blur (`-0` as `0`);
 //! - decimals without trailing zeros (`trim_scale`, Postgres 13+; ClickHouse
 //!   prints no trailing zeros);
 //! - `time` padded to microseconds.
@@ -74,8 +74,9 @@ pub(super) struct Summary {
     pub(super) equal_rows: u64,
 }
 
-/// The checksum text of one column on the Postgres side.
-fn pg_text(column: &Column, server_version_num: i32) -> String {
+/// The checksum text of one column on the Postgres side (also the key text
+/// of the kinds whose output differs between the servers).
+pub(super) fn pg_text(column: &Column, server_version_num: i32) -> String {
     let e = pg_expr(column, server_version_num);
     let text = match column.kind {
         ColumnKind::Plain if column.is_token() => column.pg_output(&e),
@@ -87,8 +88,17 @@ fn pg_text(column: &Column, server_version_num: i32) -> String {
         // Already text (`to_char`, `encode`).
         ColumnKind::Timestamp { .. } | ColumnKind::Bytea => e.clone(),
         ColumnKind::Bool => format!("CASE WHEN {e} THEN 'true' ELSE 'false' END"),
-        ColumnKind::Float32 => format!("encode(float4send(({e})::float4), 'hex')"),
-        ColumnKind::Float64 => format!("encode(float8send(({e})::float8), 'hex')"),
+        // `-0` as `0`: equal values (and keys).
+        ColumnKind::Float32 => {
+            format!(
+                "encode(float4send(CASE WHEN {e} = 0 THEN 0::float4 ELSE ({e})::float4 END), 'hex')"
+            )
+        }
+        ColumnKind::Float64 => {
+            format!(
+                "encode(float8send(CASE WHEN {e} = 0 THEN 0::float8 ELSE ({e})::float8 END), 'hex')"
+            )
+        }
         ColumnKind::Decimal { .. } => format!("trim_scale({e})::text"),
         ColumnKind::Time => format!("to_char(({e})::interval, 'HH24:MI:SS.US')"),
         // Not eligible; never asked for.
@@ -98,7 +108,7 @@ fn pg_text(column: &Column, server_version_num: i32) -> String {
 }
 
 /// The checksum text of one column on the ClickHouse side.
-fn ch_text(column: &Column) -> String {
+pub(super) fn ch_text(column: &Column) -> String {
     let e = ch_expr(column);
     let x = format!("assumeNotNull({e})");
     let text = match column.kind {
@@ -107,10 +117,10 @@ fn ch_text(column: &Column) -> String {
             format!("concat(toString(length(toString({x}))), ':', toString({x}))")
         }
         ColumnKind::Float32 => {
-            format!("lower(hex(reverse(reinterpretAsFixedString(toFloat32({x})))))")
+            format!("lower(hex(reverse(reinterpretAsFixedString(toFloat32(if({x} = 0, 0, {x}))))))")
         }
         ColumnKind::Float64 => {
-            format!("lower(hex(reverse(reinterpretAsFixedString(toFloat64({x})))))")
+            format!("lower(hex(reverse(reinterpretAsFixedString(toFloat64(if({x} = 0, 0, {x}))))))")
         }
         _ => format!("toString({x})"),
     };

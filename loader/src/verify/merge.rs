@@ -7,11 +7,13 @@
 //! key, or a duplicate in ClickHouse) are compared as a group; nothing else
 //! is held, so memory does not grow with the table.
 //!
-//! The order needs the key's text to be the same on both sides, which holds
-//! for the kinds whose canonical text is the text itself ([`hashable`]):
-//! integers, text, uuid, dates, timestamps (both printed
-//! `YYYY-MM-DD HH:MM:SS.ffffff`), bytea (as hex). Other keys (bool, floats,
-//! decimals, time, arrays) are compared in memory by the caller.
+//! The order needs the key's text to be the same on both sides: for the
+//! kinds whose canonical text is the text itself (integers, text, uuid,
+//! dates, timestamps both printed `YYYY-MM-DD HH:MM:SS.ffffff`, bytea as
+//! hex) the text; for bool, floats, decimals and time their checksum text
+//! ([`super::checksum`]: `true`/`false`, IEEE bytes, no trailing zeros,
+//! microseconds). Array keys have none ([`hashable`]) and are compared in
+//! memory by the caller.
 //!
 //! It is the second pass when [`super::checksum`] applies: only the buckets
 //! whose checksums differ are read. With a sample, only the rows whose hash
@@ -41,9 +43,15 @@ const ALIAS: &str = "_sluice_verify_c";
 /// Buckets a sample chooses from: the first two hex digits of the hash.
 pub(super) const BUCKETS: usize = 256;
 
-/// Whether a key column's text is the same on both sides, so that both can
-/// be ordered by its hash.
+/// Whether a key column has a text that is the same on both sides, so that
+/// both can be ordered by its hash.
 pub(super) fn hashable(kind: &ColumnKind) -> bool {
+    !matches!(kind, ColumnKind::Array { .. })
+}
+
+/// Whether the key text of a column is its output text (else its checksum
+/// text).
+fn prints_alike(kind: &ColumnKind) -> bool {
     matches!(
         kind,
         ColumnKind::Plain | ColumnKind::Date | ColumnKind::Timestamp { .. } | ColumnKind::Bytea
@@ -208,6 +216,9 @@ pub(super) fn pg_key_hash(columns: &[Column], server_version_num: i32) -> String
         .iter()
         .filter(|c| c.key)
         .map(|c| {
+            if !prints_alike(&c.kind) {
+                return super::checksum::pg_text(c, server_version_num);
+            }
             let e = pg_expr(c, server_version_num);
             format!(
                 "CASE WHEN ({e}) IS NULL THEN '\\N' ELSE {} END",
@@ -223,7 +234,13 @@ pub(super) fn ch_key_hash(columns: &[Column]) -> String {
     columns
         .iter()
         .filter(|c| c.key)
-        .map(|c| format!("ifNull(toString({}), '\\\\N')", ch_expr(c)))
+        .map(|c| {
+            if prints_alike(&c.kind) {
+                format!("ifNull(toString({}), '\\\\N')", ch_expr(c))
+            } else {
+                super::checksum::ch_text(c)
+            }
+        })
         .collect::<Vec<_>>()
         .join(", '\\x1f', ")
 }
@@ -411,11 +428,14 @@ mod tests {
     }
 
     #[test]
-    fn only_keys_printed_alike_on_both_sides_are_ordered_by_hash() {
+    fn keys_of_every_kind_but_arrays_are_ordered_by_hash() {
         assert!(hashable(&ColumnKind::Plain));
         assert!(hashable(&ColumnKind::Bytea));
-        assert!(!hashable(&ColumnKind::Bool));
-        assert!(!hashable(&ColumnKind::Float64));
-        assert!(!hashable(&ColumnKind::Time));
+        assert!(hashable(&ColumnKind::Bool));
+        assert!(hashable(&ColumnKind::Float64));
+        assert!(hashable(&ColumnKind::Time));
+        assert!(!hashable(&ColumnKind::Array { depth: 1 }));
+        assert!(prints_alike(&ColumnKind::Date));
+        assert!(!prints_alike(&ColumnKind::Float32));
     }
 }

@@ -32,17 +32,17 @@
 //! admits (`pg_publication_tables.attnames`, `rowfilter`).
 //!
 //! Postgres is read inside one REPEATABLE READ transaction for all tables.
-//! A table whose key columns print alike on both sides (integers, text,
-//! uuid, dates, timestamps, bytea: nearly every primary key) is compared in
-//! bounded memory, in two passes: [`checksum`] has each server sum a hash of
+//! A table is compared in bounded memory, in two passes: [`checksum`] has each server sum a hash of
 //! every row per bucket of key hashes (nothing but 4,096 small rows comes
 //! back), then [`merge`] reads only the buckets whose checksums differ, both
 //! sides ordered by the MD5 of the key and merged as they stream, down to the
 //! differing keys. A table with an array column skips the first pass.
-//! `--sample FRACTION` reads only a random share of the hash buckets. Other
-//! keys (bool, float, decimal, time, array, or a REPLICA IDENTITY FULL table
-//! with such a column) are compared with the table's Postgres rows held in
-//! memory, and always whole.
+//! The key's text is the same on both sides: its output text where both
+//! servers print it alike (integers, text, uuid, dates, timestamps, bytea),
+//! else its checksum text (bool, floats, decimals, time). `--sample
+//! FRACTION` reads only a random share of the hash buckets. Array keys (or
+//! a REPLICA IDENTITY FULL table with an array column) are compared with the
+//! table's Postgres rows held in memory, and always whole.
 //!
 //! This module runs the comparison; `canonical` owns the per-column read
 //! expressions and canonical forms, `checksum` the in-server checksums,
