@@ -6,8 +6,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_loader::verify::TableReport;
 
 const CONVERGE: Duration = Duration::from_secs(90);
+
+/// The report of `table` (`schema.table`) among `reports`.
+fn report_of<'a>(reports: &'a [TableReport], table: &str) -> anyhow::Result<&'a TableReport> {
+    reports
+        .iter()
+        .find(|r| r.table == table)
+        .with_context(|| format!("no report for {table}"))
+}
+
+/// The differing keys of a report, each with its kind of difference.
+fn differences(report: &TableReport) -> Vec<(&str, String)> {
+    report
+        .differences
+        .iter()
+        .map(|d| (d.key.as_str(), format!("{:?}", d.kind)))
+        .collect()
+}
 
 const ALL_TYPES: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -359,15 +377,8 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
     .await?;
 
     let reports = p.verify().await?;
-    let accounts = reports
-        .iter()
-        .find(|r| r.table == "public.accounts")
-        .context("no report for accounts")?;
-    let keys: Vec<(&str, String)> = accounts
-        .differences
-        .iter()
-        .map(|d| (d.key.as_str(), format!("{:?}", d.kind)))
-        .collect();
+    let accounts = report_of(&reports, "public.accounts")?;
+    let keys = differences(accounts);
     assert_eq!(accounts.differing_keys, 3, "{accounts}");
     assert_eq!(keys.len(), 3, "{accounts}");
     assert!(
@@ -392,21 +403,11 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
         checksums.buckets > 4000 && (1..=3).contains(&checksums.differing_buckets),
         "{checksums:?}"
     );
-    let readings = reports
-        .iter()
-        .find(|r| r.table == "public.readings")
-        .context("no report for readings")?;
+    let readings = report_of(&reports, "public.readings")?;
     assert_eq!(readings.differing_keys, 1, "{readings}");
     assert_eq!(readings.differences[0].key, "(0.5)", "{readings}");
-    let combos = reports
-        .iter()
-        .find(|r| r.table == "public.combos")
-        .context("no report for combos")?;
-    let keys: Vec<(&str, String)> = combos
-        .differences
-        .iter()
-        .map(|d| (d.key.as_str(), format!("{:?}", d.kind)))
-        .collect();
+    let combos = report_of(&reports, "public.combos")?;
+    let keys = differences(combos);
     assert_eq!(
         keys,
         [
@@ -415,10 +416,7 @@ async fn verify_names_exactly_the_keys_that_differ() -> anyhow::Result<()> {
         ],
         "{combos}"
     );
-    let countries = reports
-        .iter()
-        .find(|r| r.table == "public.countries")
-        .context("no report for countries")?;
+    let countries = report_of(&reports, "public.countries")?;
     assert!(
         countries.is_equal() && countries.postgres_rows == 100,
         "{countries}"

@@ -253,11 +253,7 @@ async fn run_once(
                             snapshot::TableStart::Fresh
                         } else {
                             snapshot::TableStart::Continue(
-                                record
-                                    .tables
-                                    .iter()
-                                    .find(|t| t.schema == table.schema && t.table == table.name)
-                                    .cloned(),
+                                snapshot::recorded(&record, table).cloned(),
                                 then,
                             )
                         }

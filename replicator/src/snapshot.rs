@@ -343,6 +343,17 @@ impl Progress {
     }
 }
 
+/// What a progress record says of `table`, if it lists it.
+pub(crate) fn recorded<'a>(
+    record: &'a v1::SnapshotProgress,
+    table: &TableName,
+) -> Option<&'a v1::TableProgress> {
+    record
+        .tables
+        .iter()
+        .find(|t| t.schema == table.schema && t.table == table.name)
+}
+
 /// The chunk boundaries of a progress record (see `v1::TableProgress`).
 fn bounds_of(ranges: &[PageRange]) -> Vec<u64> {
     ranges.iter().filter_map(|range| range.to).collect()

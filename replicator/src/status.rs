@@ -136,11 +136,7 @@ fn add_chunks(
     if generation != Some(record.generation) {
         return;
     }
-    if let Some(recorded) = record
-        .tables
-        .iter()
-        .find(|t| t.schema == table.schema && t.table == table.name)
-    {
+    if let Some(recorded) = crate::snapshot::recorded(record, table) {
         snapshot.insert("chunks".into(), json!(recorded.bounds.len() + 1));
         snapshot.insert("chunks_finished".into(), json!(recorded.finished.len()));
     }
