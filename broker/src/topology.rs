@@ -83,6 +83,39 @@ pub fn snapshot_progress_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.snapshot")
 }
 
+/// Subject of the progress records of one table's resync (in the stream;
+/// the replicator reads the last one when it restarts mid-resync). One
+/// token after `_control`: `resync~<schema>~<table>`, the names escaped as
+/// in [`table_subject`], whose tokens never hold a `~`.
+pub fn resync_progress_subject(source: &str, schema: &str, table: &str) -> String {
+    format!(
+        "sluice.{source}.{CONTROL_TOKEN}.{RESYNC_PROGRESS_PREFIX}{}~{}",
+        subject_token(schema),
+        subject_token(table)
+    )
+}
+
+/// What every resync progress subject's last token starts with.
+const RESYNC_PROGRESS_PREFIX: &str = "resync~";
+
+/// The table whose resync progress `subject` records: [`resync_progress_subject`] undone.
+pub fn table_of_resync_progress_subject(source: &str, subject: &str) -> Option<TableName> {
+    let rest = subject.strip_prefix(&format!(
+        "sluice.{source}.{CONTROL_TOKEN}.{RESYNC_PROGRESS_PREFIX}"
+    ))?;
+    let (schema, table) = rest.split_once('~')?;
+    if table.contains(['~', '.']) {
+        return None;
+    }
+    Some(TableName::new(&token_name(schema)?, &token_name(table)?))
+}
+
+/// The filter of every resync progress subject's source (with the control
+/// subjects, which [`table_of_resync_progress_subject`] tells apart).
+pub fn control_subjects(source: &str) -> String {
+    format!("sluice.{source}.{CONTROL_TOKEN}.*")
+}
+
 /// Subject the replicator answers resync requests on.
 pub fn resync_request_subject(source: &str) -> String {
     format!("sluice.{source}.{CONTROL_TOKEN}.resync.request")
@@ -335,6 +368,42 @@ mod tests {
             None
         );
         assert_eq!(table_of_subject("src", "sluice.src.a.%4"), None);
+    }
+
+    #[test]
+    fn resync_progress_subjects_are_one_token_per_table_and_read_back() {
+        let mut seen = std::collections::HashSet::new();
+        for (schema, table) in [
+            ("public", "orders"),
+            ("public~x", "y"),
+            ("public", "x~y"),
+            ("Sales Dept", "Order.Items"),
+            ("%41", "é*>"),
+        ] {
+            let subject = resync_progress_subject("src", schema, table);
+            // In the stream (`sluice.src.*.*`), a control subject.
+            assert_eq!(subject.split('.').count(), 4, "{subject}");
+            assert!(subject.starts_with("sluice.src._control."), "{subject}");
+            assert!(!subject.contains([' ', '*', '>']), "{subject}");
+            assert!(seen.insert(subject.clone()), "two tables share {subject}");
+            assert_eq!(table_of_subject("src", &subject), None);
+            assert_eq!(
+                table_of_resync_progress_subject("src", &subject),
+                Some(TableName::new(schema, table))
+            );
+        }
+        for other in [
+            heartbeat_subject("src"),
+            snapshot_progress_subject("src"),
+            table_subject("src", "_control", "resync~a~b"),
+            resync_progress_subject("other", "a", "b"),
+        ] {
+            assert_eq!(
+                table_of_resync_progress_subject("src", &other),
+                None,
+                "{other}"
+            );
+        }
     }
 
     #[test]

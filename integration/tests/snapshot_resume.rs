@@ -18,7 +18,12 @@ fn metric(text: &str, series: &str) -> f64 {
 
 /// The "snapshot resumed" log lines of `table`, oldest first.
 fn resumed_lines(p: &Pipeline, table: &str) -> Vec<String> {
-    p.log_lines_containing("replicator", "snapshot resumed")
+    lines_of(p, table, "snapshot resumed")
+}
+
+/// The replicator's log lines saying `message` of `table`, oldest first.
+fn lines_of(p: &Pipeline, table: &str, message: &str) -> Vec<String> {
+    p.log_lines_containing("replicator", message)
         .into_iter()
         .filter(|line| line.contains(&format!("table={table} ")))
         .collect()
@@ -26,7 +31,12 @@ fn resumed_lines(p: &Pipeline, table: &str) -> Vec<String> {
 
 /// `finished=N` of the newest "snapshot resumed" log line of `table`.
 fn finished_when_resumed(p: &Pipeline, table: &str) -> Option<u64> {
-    resumed_lines(p, table).last().and_then(|line| {
+    finished_in(resumed_lines(p, table).last())
+}
+
+/// `finished=N` of a log line.
+fn finished_in(line: Option<&String>) -> Option<u64> {
+    line.and_then(|line| {
         line.split_whitespace()
             .find_map(|field| field.strip_prefix("finished="))
             .and_then(|n| n.parse().ok())
@@ -274,5 +284,162 @@ async fn restarted_snapshot_of_big_starts_over(
     );
     assert_eq!(p.resyncs_in_stream("big", "schema_change").await?, 0);
     p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
+
+/// `sluice-replicator status --json`'s entry of `table`.
+fn status_of(p: &Pipeline, table: &str) -> anyhow::Result<serde_json::Value> {
+    let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
+    let status: serde_json::Value = serde_json::from_str(&stdout)?;
+    status["tables"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["table"] == table))
+        .cloned()
+        .with_context(|| format!("{table} missing:\n{stdout}"))
+}
+
+/// Waits until the replicator has read `chunks` chunks of `big`.
+async fn wait_for_chunks(p: &mut Pipeline, chunks: f64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        if let Ok(metrics) = p.replicator_metrics().await {
+            let read = metric(&metrics, BIG_CHUNKS);
+            if read >= chunks {
+                return Ok(read);
+            }
+        }
+        p.check_alive()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "fewer than {chunks} chunks of big were read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A resync interrupted twice, like the initial snapshot: the replicator
+/// killed with kill -9 while it reads chunks, then crashed right after a
+/// progress record of the resync was stored, while the table changes. Each
+/// start continues the resync on its chain with only the chunks its record
+/// does not list (at most one per connection read again), `status` shows
+/// how far it got, the loader (running all along) swaps it in once, and
+/// nothing asks for another resync. It ends with `verify` equal and chains
+/// without repeats.
+#[tokio::test]
+async fn an_interrupted_resync_continues_with_the_chunks_it_did_not_finish() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("resumed_resync").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE big (id bigint PRIMARY KEY, v text, n int);
+         CREATE INDEX ON big (n);
+         INSERT INTO big SELECT g, md5(g::text), g % 1000 FROM generate_series(1, 40000) g;
+         CREATE PUBLICATION sluice FOR TABLE big;",
+    )
+    .await?;
+    pg.batch_execute("VACUUM ANALYZE big").await?;
+    p.set_configs(
+        "replicator",
+        &[
+            ("snapshot_parallelism", "2"),
+            ("snapshot_chunk_pages", &CHUNK_PAGES.to_string()),
+            ("package_max_rows", "200"),
+        ],
+    )?;
+    p.set_failpoints(Some(SLOW));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(CONVERGE).await?;
+    let chunks = pipeline::snapshot_chunks(&pg, "big", CHUNK_PAGES).await?;
+
+    // Run 1: killed with kill -9 once 4 chunks of the resync are read.
+    let initial = metric(&p.replicator_metrics().await?, BIG_CHUNKS);
+    let mut resync = p.replicator_command(&["resync", "--no-wait", "--table", "public.big"])?;
+    assert!(resync.wait()?.success(), "resync request failed");
+    let read_by_run_1 = wait_for_chunks(&mut p, initial + 4.0).await? - initial;
+    p.kill_9_replicator()?;
+    pg.batch_execute(
+        "UPDATE big SET n = n + 1, v = 'moved' WHERE id % 10 = 0;
+         DELETE FROM big WHERE id % 97 = 0;
+         INSERT INTO big SELECT g, 'new', 0 FROM generate_series(100001, 101000) g;",
+    )
+    .await?;
+
+    // Run 2: crashes right after its third progress record of the resync.
+    p.set_failpoints(Some(&format!(
+        "{SLOW};replicator::resync::progress_recorded=2*off->return"
+    )));
+    p.spawn_replicator()?;
+    let status = p.wait_exit("replicator", Duration::from_secs(120)).await?;
+    assert_eq!(
+        status.code(),
+        Some(86),
+        "run 2 should crash at the failpoint\n{}",
+        p.log_tail("replicator", 20)
+    );
+    let resumed = lines_of(&p, "public.big", "resync resumed");
+    let finished_2 = finished_in(resumed.last()).with_context(|| {
+        format!(
+            "run 2 did not continue the resync\n{}",
+            p.log_tail("replicator", 30)
+        )
+    })?;
+    assert!(
+        finished_2 as f64 >= read_by_run_1 - 2.0,
+        "run 1 read {read_by_run_1} chunks, run 2 found {finished_2} finished: \
+         more than one chunk per connection is read again"
+    );
+    // With no replicator running, `status` tells how far the resync got.
+    let big = status_of(&p, "public.big")?;
+    assert_eq!(big["state"], "resyncing", "{big}");
+    assert_eq!(big["snapshot"]["chunks"].as_f64(), Some(chunks), "{big}");
+    let finished_in_status = big["snapshot"]["chunks_finished"]
+        .as_u64()
+        .with_context(|| format!("no chunks_finished: {big}"))?;
+    pg.batch_execute("UPDATE big SET n = n + 1 WHERE id % 10 = 1")
+        .await?;
+
+    // Run 3: finishes it. (The live table stays equal all along: the
+    // stream keeps it so; the swap is what ends the resync.)
+    p.set_failpoints(Some(SLOW));
+    p.spawn_replicator()?;
+    p.set_failpoints(None);
+    let completed = "sluice_loader_resyncs_completed_total{table=\"public.big\"}";
+    let deadline = Instant::now() + CONVERGE;
+    while metric(&p.loader_metrics().await?, completed) < 2.0 {
+        p.check_alive()?;
+        anyhow::ensure!(Instant::now() < deadline, "the resync was never swapped in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.wait_until_equal(CONVERGE).await?;
+    let resumed = lines_of(&p, "public.big", "resync resumed");
+    assert_eq!(resumed.len(), 2, "runs 2 and 3 continued the resync");
+    let finished_3 = finished_in(resumed.last()).context("no finished= in run 3's line")?;
+    assert_eq!(
+        finished_in_status, finished_3,
+        "status showed the progress record run 3 continued from"
+    );
+    assert!(
+        finished_3 > finished_2,
+        "run 2 recorded chunks before it crashed: {finished_2} then {finished_3}"
+    );
+    let metrics = p.replicator_metrics().await?;
+    assert_eq!(
+        metric(&metrics, BIG_CHUNKS),
+        chunks - finished_3 as f64,
+        "run 3 reads exactly the chunks not recorded as finished"
+    );
+    assert_eq!(
+        p.resyncs_in_stream("big", "manual").await?,
+        1,
+        "one RESYNC_BEGIN of the resync: it went on, it did not start over"
+    );
+    assert_eq!(p.resyncs_in_stream("big", "stalled").await?, 0);
+    assert_eq!(
+        metric(&p.loader_metrics().await?, completed),
+        2.0,
+        "the initial snapshot and the resync were each swapped in once"
+    );
+    p.check_chains_have_no_duplicates().await?;
+    p.check_alive()?;
     Ok(())
 }

@@ -32,6 +32,11 @@ pub enum RunError {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     StreamRead(#[from] StreamReadError),
+    #[error("cannot list the stream's control subjects (resync progress records)")]
+    ControlSubjects {
+        #[source]
+        source: async_nats::jetstream::stream::InfoError,
+    },
     #[error("cannot publish to the stream")]
     Publish(#[from] sluice_broker::publish::PublishError),
     #[error(transparent)]

@@ -18,15 +18,18 @@ use crate::replication::Lsn;
 pub enum Mark {
     /// A transaction is durable up to this LSN; its commit time.
     Commit { end_lsn: Lsn, commit_time_us: i64 },
-    /// Every package of chunk `index` of a table's initial snapshot
-    /// (`rows` rows) is durable: its progress record may list it.
+    /// Every package of chunk `index` of a table's snapshot (initial or a
+    /// resync's, on the chain of `generation`; `rows` rows) is durable: its
+    /// progress record may list it.
     Chunk {
         table: TableName,
+        generation: u64,
         index: u32,
         rows: u64,
     },
-    /// A table's RESYNC_END is durable: its snapshot needs no record.
-    TableEnd { table: TableName },
+    /// A table's RESYNC_END (on the chain of `generation`) is durable: its
+    /// snapshot needs no record.
+    TableEnd { table: TableName, generation: u64 },
 }
 
 /// The publisher of the replicator: packages out, [`Mark`]s released in order.

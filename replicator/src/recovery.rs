@@ -59,6 +59,7 @@ pub fn recovery(error: &RunError) -> Recovery {
         RunError::NatsConnect(ConnectError::Connect { .. })
         | RunError::Topology(_)
         | RunError::StreamRead(_)
+        | RunError::ControlSubjects { .. }
         | RunError::Publish(_) => Recovery::Retry,
         // Configuration: a credentials or password file that cannot be
         // read, a password without a user. Retrying cannot fix them.

@@ -214,6 +214,7 @@ async fn run_once(
 
     let mut not_in_stream = Vec::new();
     let mut changed_while_stopped = Vec::new();
+    let mut unfinished_resyncs = Vec::new();
     let (client, packager, start) = match state {
         Some(existing) if continue_snapshot => {
             let generation = existing.confirmed_flush.0;
@@ -301,18 +302,32 @@ async fn run_once(
                 .map_or(existing.confirmed_flush.0, |p| p.generation);
             let mut packager = Packager::new(&config.source, slot, generation, limits);
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
+            let mut records = resync_records(&stream_handle, &config.source).await?;
             for table in &tables {
                 let subject = topology::table_subject(&config.source, &table.schema, &table.name);
                 let now = shape.fingerprint(table);
                 match last_package(&stream_handle, &subject).await? {
                     Some(package) => {
-                        if let Some(resume) = Resume::from_package(&package) {
+                        let resume = Resume::from_package(&package);
+                        if let Some(resume) = resume {
                             packager.resume(table.clone(), resume);
                         }
                         if let Some(then) = publication_changed(package.relation.as_ref(), &now) {
                             changed_while_stopped.push(table.clone());
                             packager.set_publication(table, then);
                             continue;
+                        }
+                        // A resync of the table's chain, begun and not
+                        // ended: it goes on.
+                        if let (Some(resume), Some(record)) = (resume, records.remove(table))
+                            && record.generation == resume.generation
+                            && resume.kind != sluice_proto::v1::Kind::ResyncEnd
+                        {
+                            unfinished_resyncs.push(stream::UnfinishedResync {
+                                table: table.clone(),
+                                record,
+                                relation: package.relation,
+                            });
                         }
                     }
                     // Never published (every snapshot leaves its markers in the
@@ -415,6 +430,7 @@ async fn run_once(
         shape,
         not_in_stream,
         changed_while_stopped,
+        unfinished_resyncs,
         packager,
         publisher,
         decoder,
@@ -424,6 +440,37 @@ async fn run_once(
     .await?;
     drop(nats);
     Ok(())
+}
+
+/// The last progress record of every resync that has not ended (their
+/// subjects listed by the stream, then read one by one), by table.
+async fn resync_records(
+    stream: &jetstream::stream::Stream,
+    source: &str,
+) -> Result<std::collections::HashMap<TableName, sluice_proto::v1::SnapshotProgress>, RunError> {
+    use futures::TryStreamExt as _;
+    let listing = |source| RunError::ControlSubjects { source };
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(topology::control_subjects(source))
+        .await
+        .map_err(listing)?
+        .try_collect()
+        .await
+        .map_err(listing)?;
+    let mut records = std::collections::HashMap::new();
+    for (subject, _) in subjects {
+        let Some(table) = topology::table_of_resync_progress_subject(source, &subject) else {
+            continue;
+        };
+        if let Some(record) = last_package(stream, &subject)
+            .await?
+            .and_then(|package| package.snapshot_progress)
+            .filter(|record| !record.tables.is_empty())
+        {
+            records.insert(table, record);
+        }
+    }
+    Ok(records)
 }
 
 /// What the publication said of a table when its rows were last made to

@@ -153,7 +153,8 @@ pub async fn initial(
         reason: initial.reason.to_owned(),
     };
     let generation = initial.generation;
-    let mut progress = Progress::new(generation);
+    let source = config.source.clone();
+    let mut progress = Progress::initial(generation, &source, &config.postgres.slot);
     for (table, start) in &initial.tables {
         if let TableStart::Continue(Some(recorded), _) = start {
             progress.tables.insert(table.clone(), recorded.clone());
@@ -161,14 +162,12 @@ pub async fn initial(
     }
     let (tx, mut rx) = mpsc::channel::<Result<Event, SnapshotError>>(8);
     let readers = Readers::new(config, settings, spec.clone());
-    let source = config.source.clone();
-    let slot = config.postgres.slot.clone();
     let reading = tokio::spawn(async move {
         if let Err(error) = read_tables(readers, initial.tables, &tx).await {
             let _ = tx.send(Err(error)).await;
         }
     });
-    publisher.publish(progress.outgoing(&source, &slot)).await?;
+    publisher.publish(progress.outgoing()).await?;
     let mut ordinals: HashMap<TableName, Ordinals> = HashMap::new();
     while let Some(event) = tokio::select! {
         event = rx.recv() => event,
@@ -186,22 +185,14 @@ pub async fn initial(
             } => {
                 let label = table.to_string();
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
-                let recorded = progress.tables.entry(table.clone()).or_default();
-                recorded.schema = table.schema.clone();
-                recorded.table = table.name.clone();
-                recorded.bounds = bounds_of(&ranges);
-                recorded.relfilenode = relfilenode;
+                progress.begin(&table, &ranges, relfilenode, resumed.clone());
                 match resumed {
                     Some((finished, rows)) => {
                         tracing::info!(table = %label, chunks = ranges.len(), finished = finished.len(), rows, "snapshot resumed");
-                        recorded.finished = finished.into_iter().collect();
-                        recorded.rows = rows;
-                        ordinals.insert(table, Ordinals { packages: 0, rows });
+                        ordinals.insert(table, Ordinals::starting_at(rows));
                     }
                     None => {
                         tracing::info!(table = %label, estimated_rows = estimate, reason = %spec.reason, "snapshot started");
-                        recorded.finished.clear();
-                        recorded.rows = 0;
                         counter!(m::RESYNCS, "table" => label, "reason" => spec.reason.clone())
                             .increment(1);
                         let package = marker(
@@ -223,7 +214,12 @@ pub async fn initial(
                 publisher.publish(packager.chain_package(*package)).await?;
             }
             Event::ChunkDone { table, index, rows } => {
-                publisher.mark(Mark::Chunk { table, index, rows });
+                publisher.mark(Mark::Chunk {
+                    table,
+                    generation,
+                    index,
+                    rows,
+                });
             }
             Event::End {
                 table,
@@ -242,13 +238,13 @@ pub async fn initial(
                     rows,
                 );
                 publisher.publish(packager.chain_package(package)).await?;
-                publisher.mark(Mark::TableEnd { table });
+                publisher.mark(Mark::TableEnd { table, generation });
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 tracing::info!(table = %label, rows, "snapshot published");
             }
         }
         let released = publisher.poll_released()?;
-        if progress.record(released, publisher, &source, &slot).await? {
+        if progress.record(&released, publisher).await? {
             // Crash tests: the process dies once a progress record is stored.
             #[cfg(feature = "failpoints")]
             if fail::eval("replicator::snapshot::progress_recorded", |_| ()).is_some() {
@@ -261,45 +257,118 @@ pub async fn initial(
     let _ = reading.await;
     if !shutdown.is_cancelled() {
         let released = publisher.flush().await?;
-        progress.record(released, publisher, &source, &slot).await?;
+        progress.record(&released, publisher).await?;
         publisher.flush().await?;
     }
     Ok(())
 }
 
-/// The initial snapshot's progress record, as the stream holds it once
-/// every package it counts is acknowledged.
-struct Progress {
+/// A snapshot's progress record (the initial snapshot's, or one table's
+/// resync's), as the stream holds it once every package it counts is
+/// acknowledged.
+pub(crate) struct Progress {
     generation: u64,
     tables: std::collections::BTreeMap<TableName, v1::TableProgress>,
+    /// Empty for the initial snapshot.
+    resync_id: String,
+    reason: String,
+    source: String,
+    subject: String,
+    /// Prefix of the records' message IDs.
+    msg_id: String,
 }
 
 impl Progress {
-    fn new(generation: u64) -> Progress {
+    /// The initial snapshot's record, of the chains of `generation`.
+    pub(crate) fn initial(generation: u64, source: &str, slot: &str) -> Progress {
         Progress {
             generation,
             tables: Default::default(),
+            resync_id: String::new(),
+            reason: String::new(),
+            source: source.to_owned(),
+            subject: topology::snapshot_progress_subject(source),
+            msg_id: format!("{slot}:snapshot"),
         }
     }
 
-    /// Takes in released marks; whether the record changed.
-    fn release(&mut self, marks: Vec<Mark>) -> bool {
+    /// The record of one table's resync, on the chain of `generation`.
+    pub(crate) fn resync(
+        table: &TableName,
+        generation: u64,
+        spec: &SnapshotSpec,
+        source: &str,
+        slot: &str,
+    ) -> Progress {
+        Progress {
+            generation,
+            tables: Default::default(),
+            resync_id: spec.resync_id.clone(),
+            reason: spec.reason.clone(),
+            source: source.to_owned(),
+            subject: topology::resync_progress_subject(source, &table.schema, &table.name),
+            msg_id: format!(
+                "{slot}:resync:{}.{}",
+                topology::subject_token(&table.schema),
+                topology::subject_token(&table.name)
+            ),
+        }
+    }
+
+    /// Whether the record lists no table: for a resync's, that it ended.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// How many chunks the record lists as finished.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn finished_chunks(&self) -> usize {
+        self.tables.values().map(|t| t.finished.len()).sum()
+    }
+
+    /// A table's snapshot began (`resumed`: what an earlier run finished of
+    /// it): its chunks as planned now.
+    pub(crate) fn begin(
+        &mut self,
+        table: &TableName,
+        ranges: &[PageRange],
+        relfilenode: u32,
+        resumed: Option<(BTreeSet<u32>, u64)>,
+    ) {
+        let recorded = self.tables.entry(table.clone()).or_default();
+        recorded.schema = table.schema.clone();
+        recorded.table = table.name.clone();
+        recorded.bounds = bounds_of(ranges);
+        recorded.relfilenode = relfilenode;
+        let (finished, rows) = resumed.unwrap_or_default();
+        recorded.finished = finished.into_iter().collect();
+        recorded.rows = rows;
+    }
+
+    /// Takes in released marks (those of other chains are not its); whether
+    /// the record changed.
+    pub(crate) fn release(&mut self, marks: &[Mark]) -> bool {
         let mut changed = false;
         for mark in marks {
             match mark {
-                Mark::Chunk { table, index, rows } => {
-                    if let Some(recorded) = self.tables.get_mut(&table)
-                        && !recorded.finished.contains(&index)
+                Mark::Chunk {
+                    table,
+                    generation,
+                    index,
+                    rows,
+                } if *generation == self.generation => {
+                    if let Some(recorded) = self.tables.get_mut(table)
+                        && !recorded.finished.contains(index)
                     {
-                        recorded.finished.push(index);
+                        recorded.finished.push(*index);
                         recorded.rows += rows;
                         changed = true;
                     }
                 }
-                Mark::TableEnd { table } => {
-                    changed |= self.tables.remove(&table).is_some();
+                Mark::TableEnd { table, generation } if *generation == self.generation => {
+                    changed |= self.tables.remove(table).is_some();
                 }
-                Mark::Commit { .. } => {}
+                _ => {}
             }
         }
         changed
@@ -309,34 +378,34 @@ impl Progress {
     /// it; whether they did.
     async fn record(
         &mut self,
-        marks: Vec<Mark>,
+        marks: &[Mark],
         publisher: &mut Publisher,
-        source: &str,
-        slot: &str,
-    ) -> Result<bool, SnapshotError> {
+    ) -> Result<bool, PublishError> {
         let changed = self.release(marks);
         if changed {
-            publisher.publish(self.outgoing(source, slot)).await?;
+            publisher.publish(self.outgoing()).await?;
         }
         Ok(changed)
     }
 
-    fn outgoing(&self, source: &str, slot: &str) -> sluice_broker::publish::Outgoing {
+    pub(crate) fn outgoing(&self) -> sluice_broker::publish::Outgoing {
         let package = v1::Package {
-            source: source.to_owned(),
+            source: self.source.clone(),
             kind: v1::Kind::SnapshotProgress as i32,
             commit_lsn: self.generation,
             commit_time_us: now_us(),
             snapshot_progress: Some(v1::SnapshotProgress {
                 generation: self.generation,
                 tables: self.tables.values().cloned().collect(),
+                resync_id: self.resync_id.clone(),
+                reason: self.reason.clone(),
             }),
             ..Default::default()
         };
         sluice_broker::publish::Outgoing {
-            subject: topology::snapshot_progress_subject(source),
+            subject: self.subject.clone(),
             // Unique per instant, like heartbeats: the last one counts.
-            msg_id: format!("{slot}:snapshot:{}", package.commit_time_us),
+            msg_id: format!("{}:{}", self.msg_id, package.commit_time_us),
             position: sluice_broker::chunk::position_of(&package),
             payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
         }
@@ -383,6 +452,11 @@ pub(crate) struct Ordinals {
 }
 
 impl Ordinals {
+    /// Continuing a table's snapshot after `rows` rows.
+    pub(crate) fn starting_at(rows: u64) -> Ordinals {
+        Ordinals { packages: 0, rows }
+    }
+
     pub(crate) fn stamp(&mut self, package: &mut v1::Package) {
         package.package_index = self.packages;
         package.first_row_ordinal = self.rows;
@@ -1182,27 +1256,71 @@ mod tests {
             assert_eq!(ranges_of(&bounds_of(&ranges)), ranges);
         }
         let table = TableName::new("public", "big");
-        let mut progress = Progress::new(7);
-        progress.tables.insert(table.clone(), Default::default());
-        let chunk = |index| Mark::Chunk {
+        let mut progress = Progress::initial(7, "src", "slot");
+        progress.begin(&table, &page_ranges(100, 2, 10), 1, None);
+        let chunk = |index, generation| Mark::Chunk {
             table: table.clone(),
+            generation,
             index,
             rows: 10,
         };
-        assert!(progress.release(vec![chunk(3), chunk(0)]));
-        assert!(!progress.release(vec![chunk(3)]), "counted once");
+        assert!(progress.release(&[chunk(3, 7), chunk(0, 7)]));
+        assert!(!progress.release(&[chunk(3, 7)]), "counted once");
+        // A chunk of another chain (an earlier resync of the table) is not
+        // this record's.
+        assert!(!progress.release(&[chunk(4, 6)]));
         let recorded = &progress.tables[&table];
         assert_eq!((recorded.finished.clone(), recorded.rows), (vec![3, 0], 20));
         // A chunk of a table the record does not hold (ended) is no news.
-        assert!(!progress.release(vec![Mark::Chunk {
+        assert!(!progress.release(&[Mark::Chunk {
             table: TableName::new("public", "other"),
+            generation: 7,
             index: 0,
             rows: 1
         }]));
-        assert!(progress.release(vec![Mark::TableEnd {
-            table: table.clone()
+        assert!(!progress.release(&[Mark::TableEnd {
+            table: table.clone(),
+            generation: 6,
         }]));
-        assert!(progress.tables.is_empty());
+        assert!(!progress.is_empty());
+        assert!(progress.release(&[Mark::TableEnd {
+            table: table.clone(),
+            generation: 7,
+        }]));
+        assert!(progress.is_empty());
+    }
+
+    #[test]
+    fn a_resync_record_is_on_its_tables_subject_and_keeps_its_id() {
+        let table = TableName::new("Sales", "order items");
+        let spec = super::SnapshotSpec {
+            resync_id: "id-1".into(),
+            snapshot_name: String::new(),
+            consistent_point: crate::replication::Lsn(5),
+            reason: "manual".into(),
+        };
+        let mut progress = Progress::resync(&table, 9, &spec, "src", "slot");
+        progress.begin(&table, &page_ranges(100, 2, 10), 1, Some(([1].into(), 5)));
+        let outgoing = progress.outgoing();
+        assert_eq!(
+            outgoing.subject,
+            sluice_broker::topology::resync_progress_subject("src", "Sales", "order items")
+        );
+        let package = sluice_proto::decode(&outgoing.payload, None).unwrap();
+        let record = package.snapshot_progress.unwrap();
+        assert_eq!(
+            (
+                record.generation,
+                record.resync_id.as_str(),
+                record.reason.as_str()
+            ),
+            (9, "id-1", "manual")
+        );
+        assert_eq!(record.tables.len(), 1);
+        assert_eq!(
+            (record.tables[0].finished.clone(), record.tables[0].rows),
+            (vec![1], 5)
+        );
     }
 
     /// The ranges follow each other without a gap or an overlap, the first

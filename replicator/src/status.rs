@@ -70,6 +70,7 @@ pub fn table_state(
     last: Option<&v1::Package>,
     heartbeat: Option<&v1::Package>,
     slot_confirmed: Option<Lsn>,
+    resync_record: Option<&v1::SnapshotProgress>,
 ) -> String {
     if let Err(reason) = replicable {
         return format!("failed: {reason}");
@@ -83,8 +84,10 @@ pub fn table_state(
             // The initial snapshot of a recreated slot runs in the slot's
             // generation, its consistent point, which the slot keeps as its
             // confirmed LSN until streaming starts; a resync's chain starts
-            // at a generation of its own.
-            if generation.is_some() && generation == slot_confirmed.map(|lsn| lsn.0) {
+            // at a generation of its own, which its progress record names
+            // (and which may be the slot's confirmed LSN too).
+            let resync = resync_record.is_some_and(|r| Some(r.generation) == generation);
+            if !resync && generation.is_some() && generation == slot_confirmed.map(|lsn| lsn.0) {
                 "snapshotting".to_owned()
             } else {
                 "resyncing".to_owned()
@@ -110,22 +113,40 @@ async fn table_status(
         Ok(last) => (last, None),
         Err(error) => (None, Some(sluice_broker::error_chain(&error))),
     };
+    // A resync's progress record, on its table's own subject, for a table
+    // that is being snapshotted.
+    let snapshotting = last.as_ref().is_some_and(|p| {
+        p.kind == v1::Kind::ResyncBegin as i32 || p.kind == v1::Kind::Snapshot as i32
+    });
+    let resync_record = if snapshotting {
+        let subject = topology::resync_progress_subject(&config.source, &table.schema, &table.name);
+        last_package(stream, &subject)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| p.snapshot_progress)
+    } else {
+        None
+    };
     let state = table_state(
         replicable.as_ref().map(|_| ()).map_err(String::as_str),
         last.as_ref(),
         heartbeat,
         slot_confirmed,
+        resync_record.as_ref(),
     );
     let mut entry = entry(table, state, last.as_ref(), read_error);
-    if let (Some(record), Some(snapshot)) = (record, entry["snapshot"].as_object_mut()) {
-        add_chunks(snapshot, record, table, last.as_ref());
+    if let Some(snapshot) = entry["snapshot"].as_object_mut() {
+        for record in [record, resync_record.as_ref()].into_iter().flatten() {
+            add_chunks(snapshot, record, table, last.as_ref());
+        }
     }
     entry
 }
 
-/// The chunks of a table's initial snapshot and how many are finished, from
-/// the snapshot's progress record, when the record is of the table's chain
-/// (the same generation).
+/// The chunks of a table's snapshot (initial or a resync's) and how many are
+/// finished, from the snapshot's progress record, when the record is of the
+/// table's chain (the same generation).
 fn add_chunks(
     snapshot: &mut serde_json::Map<String, Value>,
     record: &v1::SnapshotProgress,
@@ -374,6 +395,7 @@ async fn table_status_without_stream(client: &tokio_postgres::Client, table: &Ta
         None,
         None,
         None,
+        None,
     );
     entry(table, state, None, None)
 }
@@ -542,6 +564,7 @@ mod tests {
                 finished: vec![0, 2],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let mut snapshot = serde_json::Map::new();
         let last = package(v1::Kind::Snapshot, 100, 9);
@@ -561,28 +584,28 @@ mod tests {
         let hb = Some(&hb);
         let slot = Some(Lsn(500));
         assert_eq!(
-            table_state(Err("no replica identity"), None, hb, slot),
+            table_state(Err("no replica identity"), None, hb, slot, None),
             "failed: no replica identity"
         );
         // Before the first heartbeat the initial snapshot is not complete.
         let begin = package(v1::Kind::ResyncBegin, 100, 1);
         assert_eq!(
-            table_state(Ok(()), Some(&begin), None, Some(Lsn(100))),
+            table_state(Ok(()), Some(&begin), None, Some(Lsn(100)), None),
             "snapshotting"
         );
-        assert_eq!(table_state(Ok(()), None, None, None), "snapshotting");
+        assert_eq!(table_state(Ok(()), None, None, None, None), "snapshotting");
         // Streaming: changes, a truncate, the end of a snapshot, or nothing yet.
         for kind in [v1::Kind::Changes, v1::Kind::Truncate, v1::Kind::ResyncEnd] {
             assert_eq!(
-                table_state(Ok(()), Some(&package(kind, 100, 7)), hb, slot),
+                table_state(Ok(()), Some(&package(kind, 100, 7)), hb, slot, None),
                 "streaming"
             );
         }
-        assert_eq!(table_state(Ok(()), None, hb, slot), "streaming");
+        assert_eq!(table_state(Ok(()), None, hb, slot, None), "streaming");
         // A resync's chain has a generation of its own.
         for kind in [v1::Kind::ResyncBegin, v1::Kind::Snapshot] {
             assert_eq!(
-                table_state(Ok(()), Some(&package(kind, 900, 2)), hb, slot),
+                table_state(Ok(()), Some(&package(kind, 900, 2)), hb, slot, None),
                 "resyncing"
             );
         }
@@ -590,7 +613,26 @@ mod tests {
         // heartbeat is still the last one.
         let recreated = package(v1::Kind::Snapshot, 500, 3);
         assert_eq!(
-            table_state(Ok(()), Some(&recreated), hb, slot),
+            table_state(Ok(()), Some(&recreated), hb, slot, None),
+            "snapshotting"
+        );
+        // A resync whose chain's generation is the slot's confirmed LSN
+        // (the slot was idle when the resync's temporary slot was made)
+        // says so in its progress record.
+        let record = v1::SnapshotProgress {
+            generation: 500,
+            ..Default::default()
+        };
+        assert_eq!(
+            table_state(Ok(()), Some(&recreated), hb, slot, Some(&record)),
+            "resyncing"
+        );
+        let older = v1::SnapshotProgress {
+            generation: 400,
+            ..Default::default()
+        };
+        assert_eq!(
+            table_state(Ok(()), Some(&recreated), hb, slot, Some(&older)),
             "snapshotting"
         );
     }

@@ -56,6 +56,7 @@ use crate::replication::{
 };
 use confirm::Confirmation;
 use resync::Resyncs;
+pub use resync::UnfinishedResync;
 use streamed::{Replay, Streamed};
 pub use streamed::{ReplayError, SpillError};
 use translate::Translator;
@@ -118,6 +119,8 @@ pub struct Setup<'a> {
     /// replicator was stopped): resynced at once (reason
     /// `publication_changed`).
     pub changed_while_stopped: Vec<TableName>,
+    /// Resyncs an earlier run began and did not end: continued at once.
+    pub unfinished_resyncs: Vec<UnfinishedResync>,
     pub packager: Packager,
     pub publisher: Publisher,
     /// The decoder for the source's pgoutput protocol ([`start_walsender`]).
@@ -215,6 +218,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         shape,
         not_in_stream,
         changed_while_stopped,
+        unfinished_resyncs,
         packager,
         publisher,
         decoder,
@@ -258,6 +262,8 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
     let mut publication_check =
         tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
     publication_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Before any request is read: a request for one of these joins it.
+    state.continue_resyncs(unfinished_resyncs);
     if !not_in_stream.is_empty() {
         let names: Vec<String> = not_in_stream.iter().map(TableName::to_string).collect();
         tracing::info!(tables = %names.join(", "), "published tables without a package in the stream (added to the publication while stopped, or aged out of the stream): loading them");
@@ -323,6 +329,7 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         }
         let marks = state.publisher.poll_released()?;
         state.release(marks);
+        state.record_resyncs().await?;
     }
 }
 
@@ -355,6 +362,7 @@ impl Loop<'_> {
     }
 
     fn release(&mut self, marks: Vec<Mark>) {
+        self.resyncs.release(&marks);
         self.confirm.release(marks);
         let (published, duplicates) = self.publisher.counts();
         self.published_packages.absolute(published);

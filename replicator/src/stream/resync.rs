@@ -9,8 +9,19 @@
 //! (ARCHITECTURE.md invariant 3). Concurrent requests for a table coalesce.
 //! A resync that fails is reported (`sluice-replicator resync` shows it) and
 //! dropped; the stream goes on and the operator requests it again.
+//!
+//! A resync is resumable like the initial snapshot (invariant 9): its
+//! progress record (`sluice.<source>._control.resync~<schema>~<table>`)
+//! lists a chunk once every package of it is acknowledged, and a record
+//! without tables says it ended. A replicator that restarts mid-resync
+//! continues it on the same chain ([`Loop::continue_resyncs`]), reading only
+//! the chunks the record does not list, under a new temporary slot's
+//! snapshot: its rows carry that later consistent point as their version,
+//! and every change of the table since the first one is on the chain (the
+//! stream restarts at the slot's confirmed LSN), so the table stays
+//! consistent as after a continued initial snapshot.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use metrics::{counter, gauge};
 use sluice_broker::TableName;
@@ -23,9 +34,9 @@ use tokio::sync::mpsc;
 use super::{Loop, StreamError};
 use crate::metrics as m;
 use crate::pg::PgSettings;
-use crate::publish::now_us;
+use crate::publish::{Mark, now_us};
 use crate::replication::{Lsn, ReplicationClient};
-use crate::snapshot::{self, Event, SnapshotError, SnapshotSpec};
+use crate::snapshot::{self, Event, Progress, SnapshotError, SnapshotSpec, TableStart};
 
 /// What a resync reader reports to the loop, per table.
 pub(super) type ResyncEvent = (TableName, Result<Event, SnapshotError>);
@@ -39,7 +50,21 @@ struct ActiveResync {
     ordinals: snapshot::Ordinals,
     /// Consistent point of its snapshot, once the reader started.
     lsn: Option<Lsn>,
+    /// The generation of the table's chain it fills: set at its begin, or
+    /// when it continues one an earlier run began.
+    generation: u64,
+    /// Whether it continues a resync an earlier run began.
+    continued: bool,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A resync an earlier run began and did not end: the last progress record
+/// of its table, which is on the same chain (generation) as the table's last
+/// package, and that package's relation.
+pub struct UnfinishedResync {
+    pub table: TableName,
+    pub record: v1::SnapshotProgress,
+    pub relation: Option<v1::Relation>,
 }
 
 /// The resyncs in progress and the channel their readers report on.
@@ -49,6 +74,10 @@ pub(super) struct Resyncs {
     /// reached the loader, which would otherwise wait for nothing), with
     /// their reason: started again at the next publication check.
     retry: BTreeMap<TableName, String>,
+    /// The progress records of resyncs whose end is not yet durable.
+    records: HashMap<TableName, Progress>,
+    /// Tables whose record changed and is still to be published.
+    dirty: BTreeSet<TableName>,
     tx: mpsc::Sender<ResyncEvent>,
 }
 
@@ -64,9 +93,24 @@ impl Resyncs {
         let resyncs = Resyncs {
             active: HashMap::new(),
             retry: BTreeMap::new(),
+            records: HashMap::new(),
+            dirty: BTreeSet::new(),
             tx,
         };
         (resyncs, rx)
+    }
+
+    /// Takes in the marks the publisher released: chunks and ends of
+    /// resyncs change their records.
+    pub(super) fn release(&mut self, marks: &[Mark]) {
+        if self.records.is_empty() {
+            return;
+        }
+        for (table, record) in &mut self.records {
+            if record.release(marks) {
+                self.dirty.insert(table.clone());
+            }
+        }
     }
 }
 
@@ -164,26 +208,7 @@ impl Loop<'_> {
             }
             let id = format!("{label}@{}", now_us());
             tracing::info!(table = %label, reason = %reason, resync_id = %id, "resync requested");
-            let task = tokio::spawn(resync_task(
-                self.settings.clone(),
-                self.repl_config.clone(),
-                self.config.clone(),
-                table.clone(),
-                id.clone(),
-                reason.clone(),
-                self.resyncs.tx.clone(),
-            ));
-            self.resyncs.active.insert(
-                table,
-                ActiveResync {
-                    id: id.clone(),
-                    reason: reason.clone(),
-                    rows: 0,
-                    ordinals: Default::default(),
-                    lsn: None,
-                    task,
-                },
-            );
+            self.spawn_resync(table, id.clone(), reason.clone(), TableStart::Fresh, None);
             started.push(v1::ResyncStarted {
                 table: label,
                 resync_id: id,
@@ -192,6 +217,76 @@ impl Loop<'_> {
         v1::ResyncReply {
             started,
             ..Default::default()
+        }
+    }
+
+    /// Starts a resync's reader and records it as running.
+    fn spawn_resync(
+        &mut self,
+        table: TableName,
+        id: String,
+        reason: String,
+        start: TableStart,
+        continues: Option<u64>,
+    ) {
+        let task = tokio::spawn(resync_task(
+            self.settings.clone(),
+            self.repl_config.clone(),
+            self.config.clone(),
+            table.clone(),
+            ResyncStart {
+                id: id.clone(),
+                reason: reason.clone(),
+                start,
+            },
+            self.resyncs.tx.clone(),
+        ));
+        self.resyncs.active.insert(
+            table,
+            ActiveResync {
+                id,
+                reason,
+                rows: 0,
+                ordinals: Default::default(),
+                lsn: None,
+                generation: continues.unwrap_or(0),
+                continued: continues.is_some(),
+                task,
+            },
+        );
+    }
+
+    /// Continues the resyncs an earlier run began and did not end, on their
+    /// chains, with the chunks their records do not list as finished.
+    pub(super) fn continue_resyncs(&mut self, unfinished: Vec<UnfinishedResync>) {
+        for UnfinishedResync {
+            table,
+            record,
+            relation,
+        } in unfinished
+        {
+            if self.resyncs.is_running(&table) {
+                continue;
+            }
+            let recorded = snapshot::recorded(&record, &table).cloned();
+            let id = if record.resync_id.is_empty() {
+                format!("{table}@{}", now_us())
+            } else {
+                record.resync_id.clone()
+            };
+            let reason = if record.reason.is_empty() {
+                MANUAL.to_owned()
+            } else {
+                record.reason.clone()
+            };
+            tracing::info!(table = %table, resync_id = %id, reason = %reason, chunks_finished = recorded.as_ref().map_or(0, |r| r.finished.len()), "continuing a resync an earlier run began");
+            self.spawn_resync(
+                table,
+                id,
+                reason,
+                TableStart::Continue(recorded, relation),
+                Some(record.generation),
+            );
         }
     }
 
@@ -210,18 +305,47 @@ impl Loop<'_> {
                 relation,
                 estimate,
                 lsn,
+                ranges,
+                relfilenode,
+                resumed,
                 ..
             }) => {
                 active.lsn = Some(lsn);
+                if resumed.is_none() && active.continued {
+                    // The continued resync starts over (the table's columns
+                    // changed): a new resync on a new chain.
+                    active.id = format!("{label}@{}", now_us());
+                    active.continued = false;
+                }
                 let spec = SnapshotSpec {
                     resync_id: active.id.clone(),
                     snapshot_name: String::new(),
                     consistent_point: lsn,
                     reason: active.reason.clone(),
                 };
+                if let Some((finished, rows)) = resumed {
+                    // Its chain goes on where the earlier run left it.
+                    tracing::info!(table = %label, resync_id = %active.id, consistent_point = %lsn, chunks = ranges.len(), finished = finished.len(), rows, "resync resumed");
+                    active.ordinals = snapshot::Ordinals::starting_at(rows);
+                    active.rows = rows;
+                    let mut record = Progress::resync(
+                        &table,
+                        active.generation,
+                        &spec,
+                        &self.config.source,
+                        &self.config.postgres.slot,
+                    );
+                    record.begin(&table, &ranges, relfilenode, Some((finished, rows)));
+                    self.resyncs.records.insert(table.clone(), record);
+                    self.resyncs.dirty.insert(table.clone());
+                    gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(1.0);
+                    self.resync_progress(&table, false, None).await;
+                    return Ok(());
+                }
                 // A new chain: everything of this table from now on, live
                 // changes included, follows the RESYNC_BEGIN.
                 let generation = lsn.0.max(self.packager.generation() + 1);
+                active.generation = generation;
                 self.packager.start_generation(table.clone(), generation);
                 // The snapshot reads the publication as it is now: its rows
                 // match the shape last read, or a newer one (then the next
@@ -240,6 +364,19 @@ impl Loop<'_> {
                 self.publisher
                     .publish(self.packager.chain_package(package))
                     .await?;
+                // Its progress record follows the RESYNC_BEGIN: a record
+                // without its chain in the stream is of no chain a restart
+                // finds, and is ignored.
+                let mut record = Progress::resync(
+                    &table,
+                    generation,
+                    &spec,
+                    &self.config.source,
+                    &self.config.postgres.slot,
+                );
+                record.begin(&table, &ranges, relfilenode, None);
+                self.publisher.publish(record.outgoing()).await?;
+                self.resyncs.records.insert(table.clone(), record);
                 // Crash tests: the process dies once RESYNC_BEGIN is stored.
                 #[cfg(feature = "failpoints")]
                 if fail::eval("replicator::resync::after_begin", |_| ()).is_some() {
@@ -252,8 +389,14 @@ impl Loop<'_> {
                 tracing::info!(table = %label, consistent_point = %lsn, estimated_rows = estimate, "resync snapshot started");
                 self.resync_progress(&table, false, None).await;
             }
-            // Resyncs are not resumed: no progress record.
-            Ok(Event::ChunkDone { .. }) => {}
+            Ok(Event::ChunkDone { index, rows, .. }) => {
+                self.publisher.mark(Mark::Chunk {
+                    table: table.clone(),
+                    generation: active.generation,
+                    index,
+                    rows,
+                });
+            }
             Ok(Event::Package(mut package)) => {
                 active.ordinals.stamp(&mut package);
                 active.rows += package.rows.len() as u64;
@@ -281,6 +424,10 @@ impl Loop<'_> {
                 self.publisher
                     .publish(self.packager.chain_package(package))
                     .await?;
+                self.publisher.mark(Mark::TableEnd {
+                    table: table.clone(),
+                    generation: active.generation,
+                });
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 tracing::info!(table = %label, rows, "resync snapshot published");
                 self.resync_progress(&table, true, None).await;
@@ -301,6 +448,31 @@ impl Loop<'_> {
                 gauge!(m::RESYNC_IN_PROGRESS, "table" => label.clone()).set(0.0);
                 self.resync_progress(&table, true, Some(error)).await;
                 self.resyncs.active.remove(&table);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the progress records that changed; a record saying its
+    /// resync ended is the last of it.
+    pub(super) async fn record_resyncs(&mut self) -> Result<(), StreamError> {
+        while let Some(table) = self.resyncs.dirty.pop_first() {
+            let Some(record) = self.resyncs.records.get(&table) else {
+                continue;
+            };
+            self.publisher.publish(record.outgoing()).await?;
+            if record.is_empty() {
+                self.resyncs.records.remove(&table);
+                continue;
+            }
+            // Crash tests: the process dies once a resync's progress record
+            // listing a finished chunk is stored.
+            #[cfg(feature = "failpoints")]
+            if record.finished_chunks() > 0
+                && fail::eval("replicator::resync::progress_recorded", |_| ()).is_some()
+            {
+                let _ = self.publisher.flush().await;
+                crate::crash_here::<()>();
             }
         }
         Ok(())
@@ -352,6 +524,13 @@ impl Loop<'_> {
     }
 }
 
+/// What a resync's reader is to do.
+struct ResyncStart {
+    id: String,
+    reason: String,
+    start: TableStart,
+}
+
 /// Creates a temporary slot (its exported snapshot has a known consistent
 /// point), reads the table in that snapshot and reports to the loop.
 async fn resync_task(
@@ -359,8 +538,7 @@ async fn resync_task(
     repl_config: tokio_postgres::Config,
     config: Config,
     table: TableName,
-    id: String,
-    reason: String,
+    resync: ResyncStart,
     tx: mpsc::Sender<ResyncEvent>,
 ) {
     let result = async {
@@ -387,22 +565,18 @@ async fn resync_task(
             .await
             .map_err(slot_failed)?;
         let spec = SnapshotSpec {
-            resync_id: id,
+            resync_id: resync.id,
             snapshot_name: created.snapshot_name,
             consistent_point: created.consistent_point,
-            reason,
+            reason: resync.reason,
         };
         let (inner_tx, mut inner_rx) = mpsc::channel(4);
         let readers = snapshot::Readers::new(&config, &settings, spec);
         let reader = {
             let table = table.clone();
             async move {
-                let read = snapshot::read_tables(
-                    readers,
-                    vec![(table, snapshot::TableStart::Fresh)],
-                    &inner_tx,
-                )
-                .await;
+                let read =
+                    snapshot::read_tables(readers, vec![(table, resync.start)], &inner_tx).await;
                 // Ends the forwarding loop below.
                 drop(inner_tx);
                 read
