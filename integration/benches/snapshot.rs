@@ -17,7 +17,10 @@
 //!   table is visible in ClickHouse (it is swapped in at RESYNC_END), with
 //!   the loader's peak RSS (`VmHWM`).
 //!
-//! Prints rows/s of both and the ratio snapshot / COPY. With
+//! Prints rows/s of both and the ratio snapshot / COPY, and the CPU time
+//! each used (the Postgres server's, with every backend's; the replicator's
+//! and NATS' for the snapshot) against what the machine's cores can give in
+//! the time the 0.8 target allows. With
 //! `SLUICE_BENCH_SNAPSHOT_KILL=1` the replicator is killed (kill -9) once half
 //! of the table's chunks are read and started again: the time then includes
 //! the restart, and the bench prints how many chunks were read twice.
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use sluice_broker::topology;
+use sluice_integration::cpu;
 use sluice_integration::pipeline::{self, Pipeline};
 
 const TABLE: &str = "bench_rows";
@@ -86,12 +90,28 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         started.elapsed()
     );
 
+    // CPU time of the Postgres server (every backend), NATS and the
+    // replicator, in seconds.
+    let servers = p.servers();
+    let pid_of = |name: &str, url: &str| {
+        cpu::port_of(url)
+            .and_then(cpu::pid_listening_on)
+            .with_context(|| format!("no local process listens on {name}'s {url}"))
+    };
+    let postmaster = pid_of("postgres", &servers.pg_url)?;
+    let nats = pid_of("nats", &servers.nats_url)?;
+    let seconds = |ticks: Option<u64>| ticks.map_or(f64::NAN, |t| t as f64 / 100.0);
+    let pg_cpu = || seconds(cpu::tree_ticks(postmaster));
+    let nats_cpu = || seconds(cpu::cpu_ticks(nats));
+
     // (a) Baseline: COPY TO STDOUT, read and dropped.
     let _: i64 = pg
         .query_one(&format!("SELECT count(*) FROM {TABLE}"), &[])
         .await?
         .get(0);
+    let pg_before = pg_cpu();
     let (baseline, bytes) = read_copy(&pg, &format!("COPY {TABLE} TO STDOUT")).await?;
+    let baseline_pg_cpu = pg_cpu() - pg_before;
     println!(
         "COPY TO STDOUT: {:.1} MiB of text",
         bytes as f64 / (1024.0 * 1024.0)
@@ -111,6 +131,7 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let js = p.jetstream().await?;
     let heartbeat = topology::heartbeat_subject(&p.config.source);
     let log = p.dir.join("replicator.1.log");
+    let (pg_before, nats_before) = (pg_cpu(), nats_cpu());
     let started = Instant::now();
     p.spawn_replicator()?;
     let deadline = started + Duration::from_secs(3600);
@@ -172,6 +193,14 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sluice = started.elapsed();
+    let snapshot_cpu = [
+        ("postgres", pg_cpu() - pg_before),
+        (
+            "replicator",
+            seconds(p.replicator_pid().and_then(cpu::cpu_ticks)),
+        ),
+        ("nats", nats_cpu() - nats_before),
+    ];
     if let Some((planned, read_before)) = killed {
         let metrics = p.replicator_metrics().await?;
         let read_after = pipeline::metric(&metrics, &chunks_series).unwrap_or(0.0);
@@ -252,6 +281,28 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         sluice_rate
     );
     println!("ratio snapshot / COPY: {ratio:.2}");
+    // What 0.8 would take: the snapshot's CPU within the time it allows.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = baseline.as_secs_f64() / 0.8;
+    let used: f64 = snapshot_cpu.iter().map(|(_, s)| s).sum();
+    println!(
+        "CPU, COPY TO STDOUT: postgres {baseline_pg_cpu:.2} s ({:.0} ns/row)",
+        baseline_pg_cpu / rows as f64 * 1e9
+    );
+    println!(
+        "CPU, snapshot: {} = {used:.2} s over {:.2} s on {cores} cores",
+        snapshot_cpu
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.2} s ({:.0} ns/row)", s / rows as f64 * 1e9))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        sluice.as_secs_f64()
+    );
+    println!(
+        "CPU at 0.8 of COPY: the snapshot would have {allowed:.2} s, {:.2} s of CPU on {cores} cores; it used {:.0} % of that",
+        allowed * cores as f64,
+        used / (allowed * cores as f64) * 100.0
+    );
     println!(
         "sluice-loader, started after that, until the table is visible in ClickHouse: {:>8.2} s  {:>10.0} rows/s  peak RSS {} MiB",
         loaded.as_secs_f64(),

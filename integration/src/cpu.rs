@@ -81,13 +81,56 @@ impl StageCpu {
 
 /// User plus system CPU ticks of `pid` (`/proc/PID/stat` fields 14 and 15).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command (field 2) may hold spaces and parentheses: skip past its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some(user + system)
+    let stat = Stat::of(pid)?;
+    Some(stat.user + stat.system)
+}
+
+/// CPU ticks of `pid` and of its children: those running and those that
+/// ended and were waited for (`cutime`, `cstime`). For a Postgres server,
+/// its postmaster's PID gives every backend's CPU, short-lived ones (a
+/// snapshot's reader connections) included.
+pub fn tree_ticks(pid: u32) -> Option<u64> {
+    let parent = Stat::of(pid)?;
+    let mut ticks = parent.user + parent.system + parent.children;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        if let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(Stat::of)
+            .filter(|stat| stat.parent == pid)
+        {
+            ticks += child.user + child.system + child.children;
+        }
+    }
+    Some(ticks)
+}
+
+/// What benchmarks read of `/proc/PID/stat`.
+struct Stat {
+    parent: u32,
+    user: u64,
+    system: u64,
+    /// Of its children that ended and were waited for.
+    children: u64,
+}
+
+impl Stat {
+    fn of(pid: u32) -> Option<Stat> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command (field 2) may hold spaces and parentheses: skip past
+        // its end. Fields from there: state, ppid, …, utime (14), stime,
+        // cutime, cstime (17).
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        Some(Stat {
+            parent: u32::try_from(field(1)?).ok()?,
+            user: field(11)?,
+            system: field(12)?,
+            children: field(13)? + field(14)?,
+        })
+    }
 }
 
 /// The PID of the local process listening on TCP `port` (IPv4 or IPv6), if
