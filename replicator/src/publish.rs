@@ -69,3 +69,47 @@ pub fn now_us() -> i64 {
         .unwrap_or(Duration::ZERO)
         .as_micros() as i64
 }
+
+/// The time in microseconds, never the same twice in this process: the
+/// suffix of a resync's temporary slot (two resyncs starting in the same
+/// microsecond, a publication change of two tables, got the same slot name,
+/// and one failed with "replication slot … already exists"), and the
+/// message IDs of progress records (two in one microsecond would have the
+/// same, and JetStream would drop the second as a duplicate).
+pub fn unique_now_us() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(now_us()).unwrap_or(0);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(actual) => last = actual,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unique_times_never_repeat() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..1000)
+                        .map(|_| super::unique_now_us())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a time was handed out twice");
+    }
+}

@@ -29,7 +29,7 @@ use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::{Packager, value_size};
 use crate::pg::{PgError, PgSettings};
-use crate::publish::{Mark, Publisher, now_us};
+use crate::publish::{Mark, Publisher, now_us, unique_now_us};
 use crate::replication::{Lsn, ReplicationError, quote_literal};
 use crate::values;
 
@@ -393,7 +393,9 @@ impl Progress {
             source: self.source.clone(),
             kind: v1::Kind::SnapshotProgress as i32,
             commit_lsn: self.generation,
-            commit_time_us: now_us(),
+            // Unique in this process: two records in one microsecond keep
+            // apart message IDs.
+            commit_time_us: i64::try_from(unique_now_us()).unwrap_or(i64::MAX),
             snapshot_progress: Some(v1::SnapshotProgress {
                 generation: self.generation,
                 tables: self.tables.values().cloned().collect(),
@@ -404,7 +406,8 @@ impl Progress {
         };
         sluice_broker::publish::Outgoing {
             subject: self.subject.clone(),
-            // Unique per instant, like heartbeats: the last one counts.
+            // Unique per record (the last one counts), never repeated by a
+            // later run: the time.
             msg_id: format!("{}:{}", self.msg_id, package.commit_time_us),
             position: sluice_broker::chunk::position_of(&package),
             payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use super::{Loop, StreamError};
 use crate::metrics as m;
 use crate::pg::PgSettings;
-use crate::publish::{Mark, now_us};
+use crate::publish::{Mark, now_us, unique_now_us};
 use crate::replication::{Lsn, ReplicationClient};
 use crate::snapshot::{self, Event, Progress, SnapshotError, SnapshotSpec, TableStart};
 
@@ -600,47 +600,8 @@ async fn resync_task(
     }
 }
 
-/// The time in microseconds, never the same twice in this process: the
-/// suffix of a resync's temporary slot. Two resyncs starting in the same
-/// microsecond (a publication change of two tables) got the same slot name,
-/// and one failed with "replication slot … already exists".
-fn unique_now_us() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = u64::try_from(now_us()).unwrap_or(0);
-    let mut last = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(last + 1);
-        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(actual) => last = actual,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn temporary_slot_suffixes_never_repeat() {
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                std::thread::spawn(|| {
-                    (0..1000)
-                        .map(|_| super::unique_now_us())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let mut all: Vec<u64> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        let n = all.len();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), n, "a suffix was handed out twice");
-    }
-
     use super::*;
 
     fn published() -> HashSet<TableName> {
