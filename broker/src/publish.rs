@@ -63,6 +63,8 @@ pub struct Outgoing {
     /// `Nats-Msg-Id`, deterministic (see [`crate::topology::change_msg_id`]).
     pub msg_id: String,
     pub payload: Bytes,
+    /// How `payload` is encoded (its `Sluice-Encoding` header).
+    pub encoding: sluice_proto::Encoding,
     /// `generation/sequence/commit_lsn/package_index/kind` of the package,
     /// sent as [`crate::chunk::POSITION_HEADER`] when it must be chunked.
     pub position: String,
@@ -128,10 +130,7 @@ impl<M> Publisher<M> {
             }
             let mut publish = PublishMessage::build()
                 .payload(part)
-                .header(
-                    sluice_proto::ENCODING_HEADER,
-                    sluice_proto::Encoding::Zstd.as_str(),
-                )
+                .header(sluice_proto::ENCODING_HEADER, message.encoding.as_str())
                 .header(sluice_proto::FORMAT_HEADER, sluice_proto::FORMAT_PACKAGE_V1);
             if count == 1 {
                 publish = publish.message_id(&message.msg_id);

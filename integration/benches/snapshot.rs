@@ -193,6 +193,13 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sluice = started.elapsed();
+    let stored = js
+        .get_stream(p.config.stream_name())
+        .await?
+        .info()
+        .await?
+        .state
+        .bytes;
     let snapshot_cpu = [
         ("postgres", pg_cpu() - pg_before),
         (
@@ -281,6 +288,11 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         sluice_rate
     );
     println!("ratio snapshot / COPY: {ratio:.2}");
+    println!(
+        "stream after the snapshot: {:.1} MiB (replicator.compression = {:?})",
+        stored as f64 / (1024.0 * 1024.0),
+        p.config.replicator.compression
+    );
     // What 0.8 would take: the snapshot's CPU within the time it allows.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let allowed = baseline.as_secs_f64() / 0.8;

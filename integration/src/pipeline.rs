@@ -920,6 +920,7 @@ ack_wait = "30s"
                 sequence,
                 subject: message.subject.to_string(),
                 package: sluice_proto::decode(&payload, encoding.as_deref()),
+                encoding,
             });
         }
         Ok(messages)
@@ -992,6 +993,8 @@ pub struct StreamMessage {
     /// Stream sequence (of the last chunk, for a chunked package).
     pub sequence: u64,
     pub subject: String,
+    /// Its `Sluice-Encoding` header (of the last chunk, for a chunked package).
+    pub encoding: Option<String>,
     pub package: Result<sluice_proto::v1::Package, sluice_proto::DecodeError>,
 }
 

@@ -162,9 +162,10 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     let open = p.pg().await?;
     open.batch_execute("BEGIN; INSERT INTO snap VALUES (-1, 'open during start'); UPDATE other SET w = -w WHERE id <= 100;")
         .await?;
-    // The other tests load with LZ4 (the default); this one uncompressed. And the replicator
-    // runs on one worker thread.
+    // The other tests load with LZ4 and store zstd packages (the defaults); this one both
+    // uncompressed. And the replicator runs on one worker thread.
     p.set_config("clickhouse", "compression", "\"none\"")?;
+    p.set_config("replicator", "compression", "\"none\"")?;
     p.set_config("replicator", "worker_threads", "1")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
@@ -200,6 +201,26 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
         started.len() == 1 && started[0].contains("worker_threads=1"),
         "{started:?}"
     );
+    // Every table package is stored as plain protobuf, and says so.
+    let mut tables = 0;
+    for message in p.stream_messages().await? {
+        if message.subject.ends_with(".snap") || message.subject.ends_with(".other") {
+            tables += 1;
+            assert_eq!(
+                message.encoding.as_deref(),
+                Some("identity"),
+                "{}",
+                message.subject
+            );
+            assert!(
+                message.package.is_ok(),
+                "{}: {:?}",
+                message.subject,
+                message.package
+            );
+        }
+    }
+    assert!(tables > 40, "only {tables} table packages in the stream");
     Ok(())
 }
 

@@ -59,6 +59,7 @@ pub fn heartbeat_outgoing(source: &str, slot: &str, package: v1::Package) -> Out
         msg_id: format!("{slot}:hb:{}", package.commit_time_us),
         position: sluice_broker::chunk::position_of(&package),
         payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
+        encoding: sluice_proto::Encoding::Zstd,
     }
 }
 

@@ -219,7 +219,8 @@ async fn run_once(
         Some(existing) if continue_snapshot => {
             let generation = existing.confirmed_flush.0;
             let record = snapshot_record.unwrap_or_default();
-            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            let mut packager = Packager::new(&config.source, slot, generation, limits)
+                .with_encoding(config.replicator.compression.encoding());
             let mut starts = Vec::new();
             let mut done = 0;
             for table in &tables {
@@ -300,7 +301,8 @@ async fn run_once(
                 .as_ref()
                 .and_then(|hb| hb.position)
                 .map_or(existing.confirmed_flush.0, |p| p.generation);
-            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            let mut packager = Packager::new(&config.source, slot, generation, limits)
+                .with_encoding(config.replicator.compression.encoding());
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             let mut records = resync_records(&stream_handle, &config.source).await?;
             for table in &tables {
@@ -346,7 +348,8 @@ async fn run_once(
             let created = client.create_logical_slot(slot, false).await?;
             let generation = created.consistent_point.0;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, generation, "created slot; snapshotting published tables");
-            let mut packager = Packager::new(&config.source, slot, generation, limits);
+            let mut packager = Packager::new(&config.source, slot, generation, limits)
+                .with_encoding(config.replicator.compression.encoding());
             for table in &tables {
                 packager.set_publication(table, shape.fingerprint(table));
             }

@@ -411,6 +411,7 @@ impl Progress {
             msg_id: format!("{}:{}", self.msg_id, package.commit_time_us),
             position: sluice_broker::chunk::position_of(&package),
             payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
+            encoding: sluice_proto::Encoding::Zstd,
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Packager {
     /// come after it). Resync packages carry it
     /// (`v1::Resync::changes_through_lsn`) for a restart after them.
     changes_through: HashMap<TableName, (u64, u32), foldhash::fast::RandomState>,
+    /// How package payloads are encoded (`replicator.compression`).
+    encoding: sluice_proto::Encoding,
 }
 
 /// Rough encoded size of a value, used for the byte limit.
@@ -131,7 +133,14 @@ impl Packager {
             txn: None,
             publication: HashMap::default(),
             changes_through: HashMap::default(),
+            encoding: sluice_proto::Encoding::Zstd,
         }
+    }
+
+    /// Encodes package payloads with `encoding` (zstd by default).
+    pub fn with_encoding(mut self, encoding: sluice_proto::Encoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// The publication fingerprint the packages of `table` carry from now on
@@ -424,7 +433,8 @@ impl Packager {
             subject: topology::table_subject(&self.source, &package.schema, &package.table),
             msg_id,
             position: sluice_broker::chunk::position_of(&package),
-            payload: sluice_proto::encode(&package, sluice_proto::Encoding::Zstd).into(),
+            payload: sluice_proto::encode(&package, self.encoding).into(),
+            encoding: self.encoding,
         }
     }
 }
