@@ -104,6 +104,10 @@ async fn a_second_source_naming_a_slot_of_another_database_is_refused() -> anyho
     }
     a.spawn_replicator()?;
     a.spawn_loader()?;
+    // Ready: a's slot exists. (Equality alone does not say so: an empty
+    // table without a ClickHouse table yet is equal, and b's replicator
+    // could then create the slot first: it did once in CI.)
+    a.wait_replicator_ready(CONVERGE).await?;
     a.wait_until_equal(CONVERGE).await?;
     // Both databases are on one server, where slot names are server-wide.
     let slot = format!("\"{}\"", a.config.postgres.slot);
