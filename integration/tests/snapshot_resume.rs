@@ -46,12 +46,13 @@ fn finished_in(line: Option<&String>) -> Option<u64> {
 const SLOW: &str = "replicator::snapshot::package=return(20)";
 const BIG_CHUNKS: &str = "sluice_snapshot_chunks_total{table=\"public.big\"}";
 
-/// A pipeline whose initial snapshot of `big` (40,000 rows, 24 chunks) and
-/// `small` is read slowly by 2 connections, the replicator killed with
-/// kill -9 once 4 chunks of `big` are read; with the chunks run 1 read.
-async fn start_and_kill_mid_snapshot(
+/// A pipeline whose snapshots of `big` (40,000 rows, 24 chunks; and of
+/// `small` when `with_small`) are read slowly by 2 connections, both
+/// programs started.
+async fn start_slowly(
     name: &str,
-) -> anyhow::Result<(Pipeline, tokio_postgres::Client, f64)> {
+    with_small: bool,
+) -> anyhow::Result<(Pipeline, tokio_postgres::Client)> {
     let mut p = Pipeline::start(name).await?;
     let pg = p.pg().await?;
     pg.batch_execute(
@@ -59,11 +60,16 @@ async fn start_and_kill_mid_snapshot(
          CREATE INDEX ON big (n);
          INSERT INTO big SELECT g, md5(g::text), g % 1000 FROM generate_series(1, 40000) g;
          CREATE TABLE small (id bigint PRIMARY KEY, v text);
-         INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
-         CREATE PUBLICATION sluice FOR TABLE big, small;",
+         INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 3000) g;",
     )
     .await?;
     pg.batch_execute("VACUUM ANALYZE big, small").await?;
+    pg.batch_execute(if with_small {
+        "CREATE PUBLICATION sluice FOR TABLE big, small"
+    } else {
+        "CREATE PUBLICATION sluice FOR TABLE big"
+    })
+    .await?;
     p.set_configs(
         "replicator",
         &[
@@ -75,19 +81,99 @@ async fn start_and_kill_mid_snapshot(
     p.set_failpoints(Some(SLOW));
     p.spawn_replicator()?;
     p.spawn_loader()?;
-    let deadline = Instant::now() + CONVERGE;
-    let read = loop {
-        if let Ok(metrics) = p.replicator_metrics().await {
-            let read = metric(&metrics, BIG_CHUNKS);
-            if read >= 4.0 {
-                break read;
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no chunk of big was read");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    Ok((p, pg))
+}
+
+/// A pipeline whose initial snapshot of `big` and `small` is read slowly by
+/// 2 connections, the replicator killed with kill -9 once 4 chunks of `big`
+/// are read; with the chunks run 1 read.
+async fn start_and_kill_mid_snapshot(
+    name: &str,
+) -> anyhow::Result<(Pipeline, tokio_postgres::Client, f64)> {
+    let (mut p, pg) = start_slowly(name, true).await?;
+    let read = wait_for_chunks(&mut p, 4.0).await?;
     p.kill_9_replicator()?;
     Ok((p, pg, read))
+}
+
+/// While no replicator runs: rows of `big` move to other pages (`n` is
+/// indexed, so no update stays on its page), rows go and come.
+async fn change_big_while_down(pg: &tokio_postgres::Client) -> anyhow::Result<()> {
+    pg.batch_execute(
+        "UPDATE big SET n = n + 1, v = 'moved' WHERE id % 10 = 0;
+         DELETE FROM big WHERE id % 97 = 0;
+         INSERT INTO big SELECT g, 'new', 0 FROM generate_series(100001, 101000) g;",
+    )
+    .await?;
+    Ok(())
+}
+
+/// After run 2 crashed: at most one chunk per connection was read again
+/// (run 2 found `finished_2` of the `read_by_run_1` chunks run 1 read
+/// finished), and `status`, with no replicator running, tells how far the
+/// snapshot of `big` got (`state`, its `chunks`); then `big` changes again.
+/// Returns the chunks `status` showed finished.
+async fn after_run_2(
+    p: &Pipeline,
+    pg: &tokio_postgres::Client,
+    state: &str,
+    chunks: f64,
+    read_by_run_1: f64,
+    finished_2: u64,
+) -> anyhow::Result<u64> {
+    assert!(
+        finished_2 as f64 >= read_by_run_1 - 2.0,
+        "run 1 read {read_by_run_1} chunks, run 2 found {finished_2} finished: \
+         more than one chunk per connection is read again"
+    );
+    let big = status_of(p, "public.big")?;
+    assert_eq!(big["state"], state, "{big}");
+    assert_eq!(big["snapshot"]["chunks"].as_f64(), Some(chunks), "{big}");
+    let finished_in_status = big["snapshot"]["chunks_finished"]
+        .as_u64()
+        .with_context(|| format!("no chunks_finished: {big}"))?;
+    pg.batch_execute("UPDATE big SET n = n + 1 WHERE id % 10 = 1")
+        .await?;
+    Ok(finished_in_status)
+}
+
+/// Run 3 (the replicator now running) read exactly the chunks of `big` its
+/// progress record did not list as finished (`finished_3` of `chunks`), and
+/// the stream holds one RESYNC_BEGIN of `big` for `reason`: the snapshot
+/// went on, it did not start over.
+async fn read_only_the_rest(
+    p: &Pipeline,
+    chunks: f64,
+    finished_3: u64,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let metrics = p.replicator_metrics().await?;
+    assert_eq!(
+        metric(&metrics, BIG_CHUNKS),
+        chunks - finished_3 as f64,
+        "run 3 reads exactly the chunks not recorded as finished"
+    );
+    assert_eq!(
+        p.resyncs_in_stream("big", reason).await?,
+        1,
+        "one RESYNC_BEGIN of big ({reason}): it went on, it did not start over"
+    );
+    Ok(())
+}
+
+/// Starts the replicator with `failpoint` (besides the slow reading) and
+/// waits for it to crash there.
+async fn run_until_crash_at(p: &mut Pipeline, failpoint: &str) -> anyhow::Result<()> {
+    p.set_failpoints(Some(&format!("{SLOW};{failpoint}")));
+    p.spawn_replicator()?;
+    let status = p.wait_exit("replicator", Duration::from_secs(120)).await?;
+    assert_eq!(
+        status.code(),
+        Some(86),
+        "the replicator should crash at {failpoint}\n{}",
+        p.log_tail("replicator", 20)
+    );
+    Ok(())
 }
 
 /// An initial snapshot interrupted three times: the replicator killed with
@@ -103,48 +189,18 @@ async fn an_interrupted_initial_snapshot_continues_with_the_chunks_it_did_not_fi
 -> anyhow::Result<()> {
     let (mut p, pg, read_by_run_1) = start_and_kill_mid_snapshot("resumed_snapshot").await?;
     let chunks = pipeline::snapshot_chunks(&pg, "big", CHUNK_PAGES).await?;
-    // While no replicator runs: rows move to other pages (`n` is indexed,
-    // so no update stays on its page), rows go and come.
-    pg.batch_execute(
-        "UPDATE big SET n = n + 1, v = 'moved' WHERE id % 10 = 0;
-         DELETE FROM big WHERE id % 97 = 0;
-         INSERT INTO big SELECT g, 'new', 0 FROM generate_series(100001, 101000) g;",
-    )
-    .await?;
+    change_big_while_down(&pg).await?;
 
     // Run 2: crashes right after its third progress record.
-    p.set_failpoints(Some(&format!(
-        "{SLOW};replicator::snapshot::progress_recorded=2*off->return"
-    )));
-    p.spawn_replicator()?;
-    let status = p.wait_exit("replicator", Duration::from_secs(120)).await?;
-    assert_eq!(
-        status.code(),
-        Some(86),
-        "run 2 should crash at the failpoint"
-    );
+    run_until_crash_at(
+        &mut p,
+        "replicator::snapshot::progress_recorded=2*off->return",
+    )
+    .await?;
     let finished_2 =
         finished_when_resumed(&p, "public.big").context("run 2 did not continue big's snapshot")?;
-    assert!(
-        finished_2 as f64 >= read_by_run_1 - 2.0,
-        "run 1 read {read_by_run_1} chunks, run 2 found {finished_2} finished: \
-         more than one chunk per connection is read again"
-    );
-    // With no replicator running, `status` tells how far the snapshot got.
-    let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
-    let status: serde_json::Value = serde_json::from_str(&stdout)?;
-    let big = status["tables"]
-        .as_array()
-        .and_then(|t| t.iter().find(|t| t["table"] == "public.big"))
-        .with_context(|| format!("public.big missing:\n{stdout}"))?
-        .clone();
-    assert_eq!(big["state"], "snapshotting", "{big}");
-    assert_eq!(big["snapshot"]["chunks"].as_f64(), Some(chunks), "{big}");
-    let finished_in_status = big["snapshot"]["chunks_finished"]
-        .as_u64()
-        .with_context(|| format!("no chunks_finished: {big}"))?;
-    pg.batch_execute("UPDATE big SET n = n + 1 WHERE id % 10 = 1")
-        .await?;
+    let finished_in_status =
+        after_run_2(&p, &pg, "snapshotting", chunks, read_by_run_1, finished_2).await?;
 
     // Run 3: the loader is killed while it reads.
     p.set_failpoints(Some(SLOW));
@@ -173,17 +229,7 @@ async fn an_interrupted_initial_snapshot_continues_with_the_chunks_it_did_not_fi
     p.spawn_loader()?;
     p.wait_until_equal(CONVERGE).await?;
 
-    let metrics = p.replicator_metrics().await?;
-    assert_eq!(
-        metric(&metrics, BIG_CHUNKS),
-        chunks - finished_3 as f64,
-        "run 3 reads exactly the chunks not recorded as finished"
-    );
-    assert_eq!(
-        p.resyncs_in_stream("big", "initial").await?,
-        1,
-        "one RESYNC_BEGIN of big: the snapshot went on, it did not start over"
-    );
+    read_only_the_rest(&p, chunks, finished_3, "initial").await?;
     assert_eq!(p.resyncs_in_stream("big", "slot_lost").await?, 0);
     assert_eq!(p.resyncs_in_stream("small", "slot_lost").await?, 0);
     p.check_chains_have_no_duplicates().await?;
@@ -327,27 +373,7 @@ async fn wait_for_chunks(p: &mut Pipeline, chunks: f64) -> anyhow::Result<f64> {
 /// without repeats.
 #[tokio::test]
 async fn an_interrupted_resync_continues_with_the_chunks_it_did_not_finish() -> anyhow::Result<()> {
-    let mut p = Pipeline::start("resumed_resync").await?;
-    let pg = p.pg().await?;
-    pg.batch_execute(
-        "CREATE TABLE big (id bigint PRIMARY KEY, v text, n int);
-         CREATE INDEX ON big (n);
-         INSERT INTO big SELECT g, md5(g::text), g % 1000 FROM generate_series(1, 40000) g;
-         CREATE PUBLICATION sluice FOR TABLE big;",
-    )
-    .await?;
-    pg.batch_execute("VACUUM ANALYZE big").await?;
-    p.set_configs(
-        "replicator",
-        &[
-            ("snapshot_parallelism", "2"),
-            ("snapshot_chunk_pages", &CHUNK_PAGES.to_string()),
-            ("package_max_rows", "200"),
-        ],
-    )?;
-    p.set_failpoints(Some(SLOW));
-    p.spawn_replicator()?;
-    p.spawn_loader()?;
+    let (mut p, pg) = start_slowly("resumed_resync", false).await?;
     p.wait_until_equal(CONVERGE).await?;
     let chunks = pipeline::snapshot_chunks(&pg, "big", CHUNK_PAGES).await?;
 
@@ -357,25 +383,14 @@ async fn an_interrupted_resync_continues_with_the_chunks_it_did_not_finish() -> 
     assert!(resync.wait()?.success(), "resync request failed");
     let read_by_run_1 = wait_for_chunks(&mut p, initial + 4.0).await? - initial;
     p.kill_9_replicator()?;
-    pg.batch_execute(
-        "UPDATE big SET n = n + 1, v = 'moved' WHERE id % 10 = 0;
-         DELETE FROM big WHERE id % 97 = 0;
-         INSERT INTO big SELECT g, 'new', 0 FROM generate_series(100001, 101000) g;",
-    )
-    .await?;
+    change_big_while_down(&pg).await?;
 
     // Run 2: crashes right after its third progress record of the resync.
-    p.set_failpoints(Some(&format!(
-        "{SLOW};replicator::resync::progress_recorded=2*off->return"
-    )));
-    p.spawn_replicator()?;
-    let status = p.wait_exit("replicator", Duration::from_secs(120)).await?;
-    assert_eq!(
-        status.code(),
-        Some(86),
-        "run 2 should crash at the failpoint\n{}",
-        p.log_tail("replicator", 20)
-    );
+    run_until_crash_at(
+        &mut p,
+        "replicator::resync::progress_recorded=2*off->return",
+    )
+    .await?;
     let resumed = lines_of(&p, "public.big", "resync resumed");
     let finished_2 = finished_in(resumed.last()).with_context(|| {
         format!(
@@ -383,20 +398,8 @@ async fn an_interrupted_resync_continues_with_the_chunks_it_did_not_finish() -> 
             p.log_tail("replicator", 30)
         )
     })?;
-    assert!(
-        finished_2 as f64 >= read_by_run_1 - 2.0,
-        "run 1 read {read_by_run_1} chunks, run 2 found {finished_2} finished: \
-         more than one chunk per connection is read again"
-    );
-    // With no replicator running, `status` tells how far the resync got.
-    let big = status_of(&p, "public.big")?;
-    assert_eq!(big["state"], "resyncing", "{big}");
-    assert_eq!(big["snapshot"]["chunks"].as_f64(), Some(chunks), "{big}");
-    let finished_in_status = big["snapshot"]["chunks_finished"]
-        .as_u64()
-        .with_context(|| format!("no chunks_finished: {big}"))?;
-    pg.batch_execute("UPDATE big SET n = n + 1 WHERE id % 10 = 1")
-        .await?;
+    let finished_in_status =
+        after_run_2(&p, &pg, "resyncing", chunks, read_by_run_1, finished_2).await?;
 
     // Run 3: finishes it. (The live table stays equal all along: the
     // stream keeps it so; the swap is what ends the resync.)
@@ -422,17 +425,7 @@ async fn an_interrupted_resync_continues_with_the_chunks_it_did_not_finish() -> 
         finished_3 > finished_2,
         "run 2 recorded chunks before it crashed: {finished_2} then {finished_3}"
     );
-    let metrics = p.replicator_metrics().await?;
-    assert_eq!(
-        metric(&metrics, BIG_CHUNKS),
-        chunks - finished_3 as f64,
-        "run 3 reads exactly the chunks not recorded as finished"
-    );
-    assert_eq!(
-        p.resyncs_in_stream("big", "manual").await?,
-        1,
-        "one RESYNC_BEGIN of the resync: it went on, it did not start over"
-    );
+    read_only_the_rest(&p, chunks, finished_3, "manual").await?;
     assert_eq!(p.resyncs_in_stream("big", "stalled").await?, 0);
     assert_eq!(
         metric(&p.loader_metrics().await?, completed),
