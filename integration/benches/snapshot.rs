@@ -93,13 +93,8 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     // CPU time of the Postgres server (every backend), NATS and the
     // replicator, in seconds.
     let servers = p.servers();
-    let pid_of = |name: &str, url: &str| {
-        cpu::port_of(url)
-            .and_then(cpu::pid_listening_on)
-            .with_context(|| format!("no local process listens on {name}'s {url}"))
-    };
-    let postmaster = pid_of("postgres", &servers.pg_url)?;
-    let nats = pid_of("nats", &servers.nats_url)?;
+    let postmaster = cpu::server_pid("postgres", &servers.pg_url)?;
+    let nats = cpu::server_pid("nats", &servers.nats_url)?;
     let seconds = |ticks: Option<u64>| ticks.map_or(f64::NAN, |t| t as f64 / 100.0);
     let pg_cpu = || seconds(cpu::tree_ticks(postmaster));
     let nats_cpu = || seconds(cpu::cpu_ticks(nats));

@@ -186,12 +186,8 @@ async fn stages(p: &Pipeline, pg: &tokio_postgres::Client) -> anyhow::Result<Sta
         .get(0);
     let writer: i32 = pg.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let servers = p.servers();
-    let listening = |name: &'static str, url: &str| {
-        cpu::port_of(url)
-            .and_then(cpu::pid_listening_on)
-            .map(|pid| Stage { name, pid })
-            .with_context(|| format!("no local process listens on {name}'s {url}"))
-    };
+    let listening =
+        |name: &'static str, url: &str| cpu::server_pid(name, url).map(|pid| Stage { name, pid });
     Ok(StageCpu::new(vec![
         Stage {
             name: "pg writer",

@@ -186,6 +186,13 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
     owner
 }
 
+/// The PID of the local server `name` that listens on the port of `url`.
+pub fn server_pid(name: &str, url: &str) -> anyhow::Result<u32> {
+    port_of(url)
+        .and_then(pid_listening_on)
+        .ok_or_else(|| anyhow::anyhow!("no local process listens on {name}'s {url}"))
+}
+
 /// The port a `scheme://host:port…` URL names (`None` without one).
 pub fn port_of(url: &str) -> Option<u16> {
     url::Url::parse(url).ok()?.port()
