@@ -394,6 +394,13 @@ pub struct LoaderConfig {
     /// slowest INSERT including retries.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// How long a loader whose membership key stopped changing is still
+    /// taken for alive by the other loaders of its source. A live loader
+    /// renews its key every quarter of this and stops applying when it could
+    /// not for three quarters; its tables move to the others this long after
+    /// it died (README "Several loaders"). The same on every loader of a source.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for LoaderConfig {
@@ -408,6 +415,7 @@ impl Default for LoaderConfig {
             batch_max_wait: Duration::from_millis(500),
             incomplete_package_wait: Duration::from_secs(60),
             ack_wait: Duration::from_secs(300),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -610,6 +618,12 @@ impl Config {
                     "{:?} must be letters, digits, `_` or `-`",
                     self.loader.consumer
                 ),
+            ));
+        }
+        if self.loader.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "loader.lease_ttl",
+                "must be at least 1s (a loader renews its membership every quarter of it)".into(),
             ));
         }
         Ok(())

@@ -131,6 +131,52 @@ pub fn stream_subjects(source: &str) -> String {
     format!("sluice.{source}.*.*")
 }
 
+/// The KV bucket in which the loaders of a source share its tables (their
+/// membership and one lease per table: `sluice-loader`'s `share` module).
+/// Created by the replicator with the stream ([`ensure_stream`]), so that a
+/// least-privilege loader needs no right to create streams.
+pub fn loaders_bucket(config: &Config) -> String {
+    let stream: String = config
+        .stream_name()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{stream}_LOADERS")
+}
+
+/// The stream behind the loaders' bucket as [`ensure_stream`] creates it:
+/// what NATS clients make of a KV bucket with the last value of each key
+/// only (`KV_<bucket>`, subjects `$KV.<bucket>.>`, roll-ups, direct gets), on
+/// file, with the stream's replicas. No `max_age`: a member's liveness is
+/// judged by whether its key keeps changing. (Made as a stream because the
+/// client's own bucket creation asks the server for account details that
+/// NATS 2.9 answers in a form the client cannot read.)
+pub fn loaders_bucket_stream_config(config: &Config) -> stream::Config {
+    let bucket = loaders_bucket(config);
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(format!(
+            "which sluice loader applies which table of source {}",
+            config.source
+        )),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: config.nats.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// Subject for packages a loader could not decode or write (dead letters),
 /// stored by the dead-letter stream ([`dead_letter_stream_name`]), not the data stream.
 pub fn dead_letter_subject(source: &str) -> String {
@@ -234,6 +280,13 @@ pub async fn ensure_stream(
         .await
         .map_err(|source| TopologyError::Create {
             stream: dead_letters.name.clone(),
+            source,
+        })?;
+    let bucket = loaders_bucket_stream_config(config);
+    js.get_or_create_stream(bucket.clone())
+        .await
+        .map_err(|source| TopologyError::Create {
+            stream: bucket.name.clone(),
             source,
         })?;
     let wanted = stream_config(config);

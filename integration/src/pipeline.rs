@@ -548,6 +548,23 @@ ack_wait = "30s"
         child
     }
 
+    /// Starts one more `sluice-loader run` of this pipeline's source with its own
+    /// `loader.consumer` (`name`) and metrics port (returned); output goes to
+    /// `loader-<name>.N.log` ([`Pipeline::log_lines_containing`] with `loader-<name>`).
+    /// The caller owns the process (kill it by its handle).
+    pub fn spawn_named_loader(&mut self, name: &str) -> anyhow::Result<(Child, u16)> {
+        let port = free_port()?;
+        self.extra_env = vec![
+            ("SLUICE_LOADER__CONSUMER", name.to_owned()),
+            ("SLUICE_LOADER__METRICS_LISTEN", format!("127.0.0.1:{port}")),
+        ];
+        // The log's name lives as long as the runs' table that counts it.
+        let log: &'static str = Box::leak(format!("loader-{name}").into_boxed_str());
+        let child = self.spawn_logged("loader", log, &["run"]);
+        self.extra_env.clear();
+        Ok((child?, port))
+    }
+
     /// Runs another `sluice-loader` command (e.g. `run` watched by the test
     /// itself) against this pipeline's config; output goes to
     /// `loader-cli.N.log`.

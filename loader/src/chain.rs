@@ -178,6 +178,22 @@ impl Chains {
         }
     }
 
+    /// Sets one table's position and whether it is blocked, as read from the
+    /// positions table.
+    pub fn restore_table(&mut self, table: &TableName, position: Position, blocked: bool) {
+        let state = if blocked {
+            State::Blocked(Some(position))
+        } else {
+            State::At(position)
+        };
+        self.tables.insert(table.clone(), state);
+    }
+
+    /// Forgets a table (it has no position).
+    pub fn forget(&mut self, table: &TableName) {
+        self.tables.remove(table);
+    }
+
     /// Last applied position of a table.
     pub fn position(&self, table: &TableName) -> Option<Position> {
         match self.tables.get(table)? {

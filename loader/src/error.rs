@@ -43,6 +43,21 @@ pub enum RunError {
     #[error("cannot acknowledge the batch")]
     Ack(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
+    #[error("cannot read the state or the subjects of stream {stream}")]
+    StreamInfo {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot find where to read table {table} again in stream {stream}")]
+    CatchUp {
+        stream: String,
+        table: sluice_broker::TableName,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error("cannot serve metrics on {listen}")]
     Metrics {

@@ -3,6 +3,7 @@
 //!
 //! Modules:
 //! - [`run`]: wiring: consumer, batch loop, retries, shutdown.
+//! - [`share`]: how the loaders of one source divide its tables (leases in a NATS KV bucket).
 //! - [`apply`]: what a batch does to ClickHouse (inserts, truncate, resync swap, dead letters).
 //! - [`chain`]: gap detection per table chain.
 //! - [`error`]: the loader's error types.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod positions;
 pub mod recovery;
 pub mod run;
+pub mod share;
 pub mod status;
 pub mod verify;
 

@@ -48,6 +48,11 @@ pub const BATCH_RETRIES: &str = "sluice_loader_batch_retries_total";
 /// Resyncs swapped in (shadow table exchanged), by `table` (counter).
 pub const RESYNCS_COMPLETED: &str = "sluice_loader_resyncs_completed_total";
 
+/// Tables whose lease this loader holds: the tables it applies (gauge).
+pub const TABLES_HELD: &str = "sluice_loader_tables_held";
+/// Loaders of the source this loader takes for alive, itself included (gauge).
+pub const LOADERS_LIVE: &str = "sluice_loader_live_loaders";
+
 /// Registers the counters without a `table` label at 0 (idempotent: an
 /// existing counter keeps its value).
 pub fn counters_at_zero() {

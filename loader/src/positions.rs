@@ -42,6 +42,11 @@ pub struct Stored {
     /// until a resync of the table is swapped in: a refusal meanwhile fails
     /// the table instead of resyncing it again.
     pub refused: String,
+    /// Stream sequence of the last message applied to the table (0: none
+    /// recorded, written before the column existed). A loader that takes the
+    /// table over from another reads the stream again from the table's next
+    /// message after it (`share`, ARCHITECTURE.md invariant 11).
+    pub stream_sequence: u64,
 }
 
 impl Stored {
@@ -76,21 +81,22 @@ pub async fn ensure(client: &Client, database: &str) -> Result<(), Error> {
         .query_raw(&format!(
             "CREATE TABLE IF NOT EXISTS {} (schema String, table String, generation UInt64, sequence UInt64, \
              shadow String, blocked UInt8, commit_lsn UInt64, block_reason String, refused String, \
-             version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
+             stream_sequence UInt64, version UInt64, updated_at DateTime64(6, 'UTC') DEFAULT now64(6)) \
              ENGINE = ReplacingMergeTree(version) ORDER BY (schema, table)",
             table_sql(database)
         ))
         .execute()
         .await
         .map_err(|source| Error::ClickHouse { what: "create positions table", source })?;
-    // Positions tables made before `blocked`, `commit_lsn`, `block_reason` or
-    // `refused` existed.
+    // Positions tables made before `blocked`, `commit_lsn`, `block_reason`,
+    // `refused` or `stream_sequence` existed.
     client
         .query_raw(&format!(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS blocked UInt8 AFTER shadow, \
              ADD COLUMN IF NOT EXISTS commit_lsn UInt64 AFTER blocked, \
              ADD COLUMN IF NOT EXISTS block_reason String AFTER commit_lsn, \
-             ADD COLUMN IF NOT EXISTS refused String AFTER block_reason",
+             ADD COLUMN IF NOT EXISTS refused String AFTER block_reason, \
+             ADD COLUMN IF NOT EXISTS stream_sequence UInt64 AFTER refused",
             table_sql(database)
         ))
         .execute()
@@ -113,6 +119,7 @@ struct Row {
     commit_lsn: u64,
     block_reason: String,
     refused: String,
+    stream_sequence: u64,
     version: u64,
 }
 
@@ -124,7 +131,7 @@ pub async fn load(
     let rows: Vec<Row> = client
         .query(&format!(
             "SELECT schema, table, generation, sequence, shadow, blocked, commit_lsn, \
-                    block_reason, refused, version \
+                    block_reason, refused, stream_sequence, version \
              FROM {} FINAL",
             table_sql(database)
         ))
@@ -150,6 +157,7 @@ pub async fn load(
                     commit_lsn: r.commit_lsn,
                     block_reason: r.block_reason,
                     refused: r.refused,
+                    stream_sequence: r.stream_sequence,
                 },
             )
         })
@@ -157,7 +165,9 @@ pub async fn load(
     Ok((map, version))
 }
 
-/// Writes new states in one INSERT, each with a version above every earlier one.
+/// Writes new states in one INSERT, each with a version above every earlier
+/// one: the next after `version`, or the time in microseconds if later, so
+/// that a loader that took a table over from another writes above it.
 pub async fn save(
     client: &Client,
     database: &str,
@@ -167,12 +177,15 @@ pub async fn save(
     if states.is_empty() {
         return Ok(());
     }
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     let values: Vec<String> = states
         .iter()
         .map(|(table, stored)| {
-            *version += 1;
+            *version = (*version + 1).max(now_us);
             format!(
-                "({}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+                "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
                 quote_literal(&table.schema),
                 quote_literal(&table.name),
                 stored.position.generation,
@@ -182,6 +195,7 @@ pub async fn save(
                 stored.commit_lsn,
                 quote_literal(&stored.block_reason),
                 quote_literal(&stored.refused),
+                stored.stream_sequence,
                 version
             )
         })
@@ -190,7 +204,7 @@ pub async fn save(
         // `query_raw`: literals may contain `?`, which `query` would bind.
         .query_raw(&format!(
             "INSERT INTO {} (schema, table, generation, sequence, shadow, blocked, commit_lsn, \
-             block_reason, refused, version) \
+             block_reason, refused, stream_sequence, version) \
              VALUES {}",
             table_sql(database),
             values.join(", ")

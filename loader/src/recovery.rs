@@ -43,7 +43,14 @@ impl Recovery {
             | RunError::Consumer { .. }
             | RunError::ConsumerReset { .. }
             | RunError::Fetch { .. }
-            | RunError::Ack(_) => Recovery::Retry,
+            | RunError::Ack(_)
+            | RunError::StreamInfo { .. }
+            | RunError::CatchUp { .. } => Recovery::Retry,
+            // Two loaders of one name would take each other's place for ever.
+            RunError::Share(crate::share::ShareError::Replaced { .. }) => Recovery::Stop,
+            // Waiting for the replicator's bucket, NATS away, or membership
+            // not renewed in time: join again.
+            RunError::Share(_) => Recovery::Retry,
             RunError::Apply(error) => match error {
                 // Positions, schema or connection: a definite ClickHouse
                 // error here is not one table's to pay for.
@@ -271,6 +278,18 @@ mod tests {
                 source: "the pull ended".into(),
             },
             RunError::Ack("timed out".into()),
+            RunError::Share(crate::share::ShareError::Expired {
+                since: std::time::Duration::from_secs(8),
+            }),
+            RunError::StreamInfo {
+                stream: "s".into(),
+                source: "timed out".into(),
+            },
+            RunError::CatchUp {
+                stream: "s".into(),
+                table: sluice_broker::TableName::new("public", "t"),
+                source: "timed out".into(),
+            },
         ] {
             assert_eq!(Recovery::of(&retry), Recovery::Retry, "{retry:?}");
         }
@@ -282,6 +301,9 @@ mod tests {
             RunError::Recorder(
                 metrics_exporter_prometheus::BuildError::FailedToCreateRuntime("no threads".into()),
             ),
+            RunError::Share(crate::share::ShareError::Replaced {
+                consumer: "sluice_loader".into(),
+            }),
         ] {
             assert_eq!(Recovery::of(&stop), Recovery::Stop, "{stop:?}");
         }

@@ -34,10 +34,13 @@ use sluice_broker::topology;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use sluice_broker::TableName;
+
 use crate::apply::{Batch, Loader};
 pub use crate::error::RunError;
 use crate::metrics as m;
 use crate::recovery::Recovery;
+use crate::share::{Share, ShareError};
 
 /// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -102,7 +105,8 @@ async fn run_once(
     let nats = sluice_broker::connect::connect(&config.nats, "sluice-loader").await?;
     let js = jetstream::new(nats.clone());
     let stream_name = config.stream_name();
-    // The replicator creates the stream; wait for it rather than guess its settings.
+    // The replicator creates the stream and the loaders' bucket; wait for
+    // them rather than guess their settings.
     let stream = loop {
         match js.get_stream(&stream_name).await {
             Ok(stream) => break stream,
@@ -115,128 +119,334 @@ async fn run_once(
             }
         }
     };
-    let consumer_name = config.loader.consumer.clone();
-    let consumer_config = |deliver_policy| pull::Config {
-        durable_name: Some(consumer_name.clone()),
-        filter_subject: topology::stream_subjects(&config.source),
-        ack_policy: jetstream::consumer::AckPolicy::All,
-        ack_wait: config.loader.ack_wait,
-        deliver_policy,
-        max_ack_pending: -1,
-        ..Default::default()
+    let share = loop {
+        match Share::join(&js, config).await {
+            Ok(share) => break share,
+            Err(error @ ShareError::Bucket { .. }) => {
+                tracing::info!(error = %sluice_broker::error_chain(&error), "waiting for the replicator to create the loaders' bucket");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
     };
-    let consumer_error = |source| RunError::Consumer {
-        stream: stream_name.clone(),
-        consumer: consumer_name.clone(),
-        source,
+    let mut run = Run {
+        config,
+        shutdown,
+        consumer_name: config.loader.consumer.clone(),
+        stream_name,
+        stream,
+        share,
     };
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(
-            &consumer_name,
-            consumer_config(jetstream::consumer::DeliverPolicy::All),
-        )
-        .await
-        .map_err(consumer_error)?;
-    // Messages delivered to an earlier run (killed, or restarted after a
-    // transient error) and never acked are redelivered only after `ack_wait`,
-    // and acking anything after them (AckAll) would ack them unseen: the
-    // table's chain would show a gap and be resynced. Start over from the
-    // first unacked message instead.
-    let unacked = consumer.cached_info().num_ack_pending;
-    if unacked > 0 {
-        let start_sequence = consumer.cached_info().ack_floor.stream_sequence + 1;
-        tracing::info!(consumer = %consumer_name, unacked, start_sequence, "messages of an earlier run were never acked; redelivering from the first of them");
-        stream
-            .delete_consumer(&consumer_name)
+    let result = run.load(nats, readiness).await;
+    if shutdown.is_cancelled() {
+        // Nothing is applied any more: the other loaders may take the tables now.
+        run.share.leave().await;
+    }
+    result
+}
+
+/// One run's NATS side: the stream, the durable consumer and this loader's
+/// share of the tables.
+struct Run<'c> {
+    config: &'c Config,
+    shutdown: &'c CancellationToken,
+    consumer_name: String,
+    stream_name: String,
+    stream: jetstream::stream::Stream,
+    share: Share,
+}
+
+type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
+
+impl Run<'_> {
+    fn consumer_config(&self, deliver_policy: jetstream::consumer::DeliverPolicy) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.consumer_name.clone()),
+            filter_subject: topology::stream_subjects(&self.config.source),
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            ack_wait: self.config.loader.ack_wait,
+            deliver_policy,
+            max_ack_pending: -1,
+            ..Default::default()
+        }
+    }
+
+    fn consumer_error(&self, source: jetstream::stream::ConsumerError) -> RunError {
+        RunError::Consumer {
+            stream: self.stream_name.clone(),
+            consumer: self.consumer_name.clone(),
+            source,
+        }
+    }
+
+    /// Recreates the durable consumer so that it delivers from stream
+    /// sequence `start` on.
+    async fn restart_consumer_at(&self, start: u64) -> Result<PullConsumer, RunError> {
+        self.stream
+            .delete_consumer(&self.consumer_name)
             .await
             .map_err(|source| RunError::ConsumerReset {
-                consumer: consumer_name.clone(),
+                consumer: self.consumer_name.clone(),
                 source: Box::new(source),
             })?;
-        consumer = stream
-            .create_consumer(consumer_config(
-                jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        self.stream
+            .create_consumer(self.consumer_config(
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
             ))
             .await
-            .map_err(consumer_error)?;
+            .map_err(|e| self.consumer_error(e))
     }
-    let mut loader = loop {
-        let error = match Loader::connect(config, nats.clone()).await {
-            Ok(loader) => break loader,
-            Err(error) => RunError::from(error),
+
+    /// Every table the stream holds messages of.
+    async fn stream_tables(&self) -> Result<Vec<TableName>, RunError> {
+        use futures::TryStreamExt as _;
+        let listing = |source: Box<dyn std::error::Error + Send + Sync>| RunError::StreamInfo {
+            stream: self.stream_name.clone(),
+            source,
         };
-        if Recovery::of(&error) != Recovery::Retry {
-            return Err(error);
-        }
-        tracing::warn!(error = %sluice_broker::error_chain(&error), "clickhouse not reachable; retrying");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    };
-    readiness.set(true);
-    tracing::info!(stream = %stream_name, consumer = %consumer_name, database = %loader.database(), "loading");
-    loader.resume_interrupted().await;
-    // The next batch is fetched and decoded while this one's INSERTs run; it
-    // is still acked only after it was applied, so nothing changes for
-    // invariant 1 (an unacked prefetched batch is redelivered like any other).
-    let (batches_tx, mut batches) = tokio::sync::mpsc::channel(1);
-    let stop_fetching = shutdown.child_token();
-    let _stop_fetching_on_return = stop_fetching.clone().drop_guard();
-    tokio::spawn(fetch_batches(
-        consumer.clone(),
-        config.loader.clone(),
-        stream_name.clone(),
-        config.source.clone(),
-        batches_tx,
-        stop_fetching,
-    ));
-    loop {
-        let batch: Batch = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            batch = batches.recv() => match batch {
-                Some(batch) => batch?,
-                None => return Ok(()),
-            },
-        };
-        if batch.is_idle() {
-            loader.update_lag();
-            loader.check_stalled_resyncs().await;
-            continue;
-        }
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let error = match loader.apply(&batch).await {
-                Ok(()) => break,
-                Err(error) => RunError::from(error),
+        let subjects: Vec<(String, usize)> = self
+            .stream
+            .info_with_subjects(topology::stream_subjects(&self.config.source))
+            .await
+            .map_err(|e| listing(Box::new(e)))?
+            .try_collect()
+            .await
+            .map_err(|e| listing(Box::new(e)))?;
+        Ok(subjects
+            .iter()
+            .filter_map(|(subject, _)| topology::table_of_subject(&self.config.source, subject))
+            .collect())
+    }
+
+    /// Gives up and takes tables as [`Share::rebalance`] decides, and
+    /// returns the earliest stream sequence to read again for the tables taken
+    /// from another loader (or from nobody): the first message of each after
+    /// the last one its positions say was applied.
+    async fn rebalance(&mut self, loader: &mut Loader) -> Result<Option<u64>, RunError> {
+        let rebalanced = self.share.rebalance().await?;
+        loader.give_up(&rebalanced.given_up);
+        let taken: Vec<TableName> = rebalanced.taken.iter().map(|(t, _)| t.clone()).collect();
+        let mut from: Option<u64> = None;
+        // A lease this loader kept from before a restart is read again from
+        // its table's positions too: the restart may have come between
+        // taking it and reading the stream again.
+        for (table, applied) in loader.take(&taken).await? {
+            // No stream sequence recorded: the position was written by a
+            // loader that did not share its tables, whose consumer this is.
+            let Some(applied) = applied else {
+                continue;
             };
-            match Recovery::of(&error) {
-                Recovery::Retry => {
-                    counter!(m::BATCH_RETRIES).increment(1);
-                    tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
-                    // The lag and backlog keep growing while ClickHouse is
-                    // away: that is when operators look at them.
-                    loader.update_lag();
-                    refresh_pending(&consumer).await;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                    if let Some(last) = batch.messages.last() {
-                        // Keep the batch ours while we retry.
-                        let _ = last.ack_with(jetstream::AckKind::Progress).await;
-                    }
+            let subject = topology::table_subject(&self.config.source, &table.schema, &table.name);
+            match self
+                .stream
+                .get_first_raw_message_by_subject(&subject, applied + 1)
+                .await
+            {
+                Ok(message) => {
+                    from = Some(from.map_or(message.sequence, |f| f.min(message.sequence)));
                 }
-                Recovery::ResyncTable | Recovery::FailTable | Recovery::Stop => return Err(error),
+                Err(error)
+                    if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(error) => {
+                    return Err(RunError::CatchUp {
+                        stream: self.stream_name.clone(),
+                        table,
+                        source: Box::new(error),
+                    });
+                }
             }
         }
-        if let Some(last) = batch.messages.last().filter(|_| batch.last_part) {
-            last.double_ack().await.map_err(RunError::Ack)?;
-            fail::fail_point!("loader::ack::after", |_| crate::crash_here());
-        }
-        loader.update_lag();
+        Ok(from)
     }
+
+    fn spawn_fetcher(
+        &self,
+        consumer: &PullConsumer,
+    ) -> (
+        tokio::sync::mpsc::Receiver<Result<Batch, RunError>>,
+        tokio_util::sync::DropGuard,
+    ) {
+        let (batches_tx, batches) = tokio::sync::mpsc::channel(1);
+        let stop_fetching = self.shutdown.child_token();
+        tokio::spawn(fetch_batches(
+            consumer.clone(),
+            self.config.loader.clone(),
+            self.stream_name.clone(),
+            self.config.source.clone(),
+            batches_tx,
+            stop_fetching.clone(),
+        ));
+        (batches, stop_fetching.drop_guard())
+    }
+
+    async fn load(
+        &mut self,
+        nats: async_nats::Client,
+        readiness: &Readiness,
+    ) -> Result<(), RunError> {
+        let config = self.config;
+        let shutdown = self.shutdown;
+        // A loader's first consumer starts at the stream's end: what it must
+        // read is found table by table as it takes them (`rebalance`).
+        let (mut consumer, mut next, unacked) = match self
+            .stream
+            .get_consumer::<pull::Config>(&self.consumer_name)
+            .await
+        {
+            Ok(consumer) => {
+                let info = consumer.cached_info();
+                // The first message not acked yet.
+                let next = info.ack_floor.stream_sequence + 1;
+                let unacked = info.num_ack_pending;
+                (consumer, next, unacked)
+            }
+            Err(_) => {
+                let end = self
+                    .stream
+                    .get_info()
+                    .await
+                    .map_err(|e| RunError::StreamInfo {
+                        stream: self.stream_name.clone(),
+                        source: Box::new(e),
+                    })?
+                    .state
+                    .last_sequence
+                    + 1;
+                let consumer = self
+                    .stream
+                    .create_consumer(self.consumer_config(
+                        jetstream::consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: end,
+                        },
+                    ))
+                    .await
+                    .map_err(|e| self.consumer_error(e))?;
+                (consumer, end, 0)
+            }
+        };
+        // Messages delivered to an earlier run (killed, or restarted after a
+        // transient error) and never acked are redelivered only after
+        // `ack_wait`, and acking anything after them (AckAll) would ack them
+        // unseen: the table's chain would show a gap and be resynced. Start
+        // over from the first unacked message instead.
+        let mut loader = loop {
+            let error = match Loader::connect(config, nats.clone()).await {
+                Ok(loader) => break loader,
+                Err(error) => RunError::from(error),
+            };
+            if Recovery::of(&error) != Recovery::Retry {
+                return Err(error);
+            }
+            tracing::warn!(error = %sluice_broker::error_chain(&error), "clickhouse not reachable; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        };
+        self.share.hear_of(loader.stored_tables().await?);
+        self.share.hear_of(self.stream_tables().await?);
+        let from = self
+            .rebalance(&mut loader)
+            .await?
+            .filter(|&from| from < next);
+        if unacked > 0 || from.is_some() {
+            let start = from.unwrap_or(next).min(next);
+            tracing::info!(consumer = %self.consumer_name, unacked, start_sequence = start, "reading the stream again from the first message not applied yet (unacked messages of an earlier run, or tables taken over)");
+            consumer = self.restart_consumer_at(start).await?;
+            next = start;
+        }
+        readiness.set(true);
+        tracing::info!(stream = %self.stream_name, consumer = %self.consumer_name, database = %loader.database(), tables = loader_tables(&self.share), "loading");
+        loader.resume_interrupted().await;
+        // The next batch is fetched and decoded while this one's INSERTs run; it
+        // is still acked only after it was applied, so nothing changes for
+        // invariant 1 (an unacked prefetched batch is redelivered like any other).
+        let (mut batches, mut fetcher) = self.spawn_fetcher(&consumer);
+        loop {
+            let batch: Batch = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                batch = batches.recv() => match batch {
+                    Some(batch) => batch?,
+                    None => return Ok(()),
+                },
+            };
+            self.share.check()?;
+            if batch.is_idle() {
+                loader.update_lag();
+                loader.check_stalled_resyncs().await;
+            } else {
+                self.share.hear_of(batch.messages.iter().filter_map(|m| {
+                    topology::table_of_subject(&config.source, m.subject.as_str())
+                }));
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    let error = match loader.apply(&batch).await {
+                        Ok(()) => break,
+                        Err(error) => RunError::from(error),
+                    };
+                    match Recovery::of(&error) {
+                        Recovery::Retry => {
+                            counter!(m::BATCH_RETRIES).increment(1);
+                            tracing::warn!(error = %sluice_broker::error_chain(&error), retry_in = ?delay, "batch failed; retrying (not acked)");
+                            // The lag and backlog keep growing while ClickHouse is
+                            // away: that is when operators look at them.
+                            loader.update_lag();
+                            refresh_pending(&consumer).await;
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return Ok(()),
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                            delay = (delay * 2).min(Duration::from_secs(10));
+                            self.share.check()?;
+                            if let Some(last) = batch.messages.last() {
+                                // Keep the batch ours while we retry.
+                                let _ = last.ack_with(jetstream::AckKind::Progress).await;
+                            }
+                        }
+                        Recovery::ResyncTable | Recovery::FailTable | Recovery::Stop => {
+                            return Err(error);
+                        }
+                    }
+                }
+                if !batch.last_part {
+                    continue;
+                }
+                if let Some(last) = batch.messages.last() {
+                    last.double_ack().await.map_err(RunError::Ack)?;
+                    fail::fail_point!("loader::ack::after", |_| crate::crash_here());
+                    if let Ok(info) = last.info() {
+                        next = info.stream_sequence + 1;
+                    }
+                }
+                loader.update_lag();
+            }
+            // Between two fetches, everything handed over applied and acked:
+            // tables may change hands here.
+            if self.share.rebalance_due()
+                && let Some(from) = self
+                    .rebalance(&mut loader)
+                    .await?
+                    .filter(|&from| from < next)
+            {
+                tracing::info!(consumer = %self.consumer_name, start_sequence = from, "reading the stream again from the first message not applied yet of a table taken over");
+                drop(batches);
+                drop(fetcher);
+                consumer = self.restart_consumer_at(from).await?;
+                next = from;
+                (batches, fetcher) = self.spawn_fetcher(&consumer);
+            }
+        }
+    }
+}
+
+/// How many tables this loader applies, for the log.
+fn loader_tables(share: &Share) -> usize {
+    share.held().len()
 }
 
 /// Pulls batches, holds back incomplete chunk sets, decodes each batch on a

@@ -350,6 +350,7 @@ mod tests {
             commit_lsn: 0x016B_3748,
             block_reason: String::new(),
             refused: String::new(),
+            stream_sequence: 0,
         }
     }
 

@@ -41,6 +41,14 @@ impl Lag {
         }
     }
 
+    /// Stops reporting a table another loader applies now: its series here
+    /// reads 0 from now on (the applying loader's is the one to read).
+    pub(super) fn forget(&mut self, table: &TableName) {
+        if self.commit_times.remove(table).is_some() {
+            gauge!(m::LOADER_LAG_SECONDS, "table" => table.to_string()).set(0.0);
+        }
+    }
+
     /// Refreshes `sluice_loader_lag_seconds` for every table seen.
     pub(super) fn update(&self) {
         let now = sluice_now_us();

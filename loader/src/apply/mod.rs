@@ -66,7 +66,12 @@ pub struct Loader {
     counted: HashSet<TableName>,
     /// Commit LSN of each table's last applied package (stored with its position).
     commit_lsns: HashMap<TableName, u64>,
+    /// Stream sequence of each table's last applied message (stored with its position).
+    stream_sequences: HashMap<TableName, u64>,
     troubles: Troubles,
+    /// The tables this loader applies (it holds their leases, `crate::share`);
+    /// the packages of every other table are passed over.
+    held: HashSet<TableName>,
 }
 
 /// Why tables are blocked, and which had rows refused since their last
@@ -143,6 +148,10 @@ impl Loader {
             .iter()
             .map(|(t, s)| (t.clone(), s.commit_lsn))
             .collect();
+        let stream_sequences = stored
+            .iter()
+            .map(|(t, s)| (t.clone(), s.stream_sequence))
+            .collect();
         let mut troubles = Troubles::default();
         for (table, s) in &stored {
             if s.blocked && !s.block_reason.is_empty() {
@@ -180,8 +189,94 @@ impl Loader {
             shadow_progress: HashMap::new(),
             counted,
             commit_lsns,
+            stream_sequences,
             troubles,
+            held: HashSet::new(),
         })
+    }
+
+    /// Every table in the positions table.
+    pub async fn stored_tables(&self) -> Result<Vec<TableName>, ApplyError> {
+        let (stored, _) = positions::load(&self.ch, &self.database).await?;
+        Ok(stored.into_keys().collect())
+    }
+
+    /// Stops applying `tables` (their leases were given up).
+    pub fn give_up(&mut self, tables: &[TableName]) {
+        for table in tables {
+            self.held.remove(table);
+            // Its gauges are the applying loader's to report now.
+            self.lag.forget(table);
+            gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(0.0);
+            gauge!(m::TABLE_FAILED, "table" => table.to_string()).set(0.0);
+        }
+    }
+
+    /// Starts applying `tables` (this loader took their leases): their state
+    /// is read again from the positions table, where the loader that applied
+    /// them before left it. Returns, per table, the stream sequence of its
+    /// last applied message (`None`: the table has a position written before
+    /// stream sequences were recorded), to read the stream again after it.
+    pub async fn take(
+        &mut self,
+        tables: &[TableName],
+    ) -> Result<Vec<(TableName, Option<u64>)>, ApplyError> {
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut stored, version) = positions::load(&self.ch, &self.database).await?;
+        self.version = self.version.max(version);
+        // Another loader may have changed these tables' ClickHouse tables.
+        self.ensured.clear();
+        let mut out = Vec::new();
+        for table in tables {
+            self.held.insert(table.clone());
+            self.last_resync_request.remove(table);
+            self.shadow_progress.remove(table);
+            self.troubles.block_reasons.remove(table);
+            self.troubles.refused.remove(table);
+            let Some(s) = stored.remove(table) else {
+                self.chains.forget(table);
+                self.shadows.remove(table);
+                self.commit_lsns.remove(table);
+                self.stream_sequences.remove(table);
+                out.push((table.clone(), Some(0)));
+                continue;
+            };
+            if !self.counted.contains(table) {
+                m::table_counters_at_zero(table);
+                self.counted.insert(table.clone());
+            }
+            self.chains.restore_table(table, s.position, s.blocked);
+            if s.blocked && !s.block_reason.is_empty() {
+                self.troubles
+                    .block_reasons
+                    .insert(table.clone(), s.block_reason.clone());
+            }
+            if !s.refused.is_empty() {
+                self.troubles
+                    .refused
+                    .insert(table.clone(), s.refused.clone());
+            }
+            gauge!(m::TABLE_FAILED, "table" => table.to_string()).set(if s.failed() {
+                1.0
+            } else {
+                0.0
+            });
+            if s.shadow.is_empty() {
+                self.shadows.remove(table);
+            } else {
+                self.shadows.insert(table.clone(), s.shadow.clone());
+            }
+            self.commit_lsns.insert(table.clone(), s.commit_lsn);
+            self.stream_sequences
+                .insert(table.clone(), s.stream_sequence);
+            out.push((
+                table.clone(),
+                (s.stream_sequence > 0).then_some(s.stream_sequence),
+            ));
+        }
+        Ok(out)
     }
 
     pub fn database(&self) -> &str {
@@ -198,7 +293,18 @@ impl Loader {
     pub async fn apply(&mut self, batch: &Batch) -> Result<(), ApplyError> {
         let messages = &batch.messages;
         let mut chains = self.chains.clone();
-        let plan = plan::plan(&batch.decoded, &mut chains);
+        // Another loader applies the tables this one does not hold.
+        let foreign = |index: usize| {
+            sluice_broker::topology::table_of_subject(
+                &self.source,
+                messages[index].subject.as_str(),
+            )
+            .is_some_and(|table| !self.held.contains(&table))
+        };
+        let plan = plan::plan(
+            batch.decoded.iter().filter(|(index, _)| !foreign(*index)),
+            &mut chains,
+        );
         for table in &plan.seen {
             if !self.counted.contains(table) {
                 m::table_counters_at_zero(table);
@@ -291,6 +397,14 @@ impl Loader {
             .iter()
             .map(|t| (&t.table, t.last_commit_lsn))
             .collect();
+        let batch_sequences: HashMap<&TableName, u64> = plan
+            .tables
+            .iter()
+            .filter_map(|t| {
+                let last = *t.messages.last()?;
+                Some((&t.table, messages[last].info().ok()?.stream_sequence))
+            })
+            .collect();
         let states: Vec<(TableName, Stored)> = changed
             .iter()
             .chain(&gaps)
@@ -313,6 +427,11 @@ impl Loader {
                             commit_lsn: batch_lsns
                                 .get(t)
                                 .or_else(|| self.commit_lsns.get(t))
+                                .copied()
+                                .unwrap_or(0),
+                            stream_sequence: batch_sequences
+                                .get(t)
+                                .or_else(|| self.stream_sequences.get(t))
                                 .copied()
                                 .unwrap_or(0),
                         },
@@ -338,10 +457,16 @@ impl Loader {
         for (table, lsn) in batch_lsns {
             self.commit_lsns.insert(table.clone(), lsn);
         }
+        for (table, sequence) in batch_sequences {
+            self.stream_sequences.insert(table.clone(), sequence);
+        }
         for table in gaps.iter().chain(blocked_now.iter().map(|(t, _)| t)) {
             self.request_resync(table).await;
         }
         for table in self.chains.blocked() {
+            if !self.held.contains(&table) {
+                continue;
+            }
             gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(1.0);
             self.request_resync(&table).await;
         }

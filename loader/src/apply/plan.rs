@@ -77,7 +77,7 @@ pub(super) struct Gap {
 /// Plans a decoded batch. Advances `chains` as the packages are classified
 /// (the caller adopts them only once the batch is applied).
 pub(super) fn plan<'b>(
-    decoded: &'b [(usize, Result<Decoded, String>)],
+    decoded: impl IntoIterator<Item = &'b (usize, Result<Decoded, String>)>,
     chains: &mut Chains,
 ) -> Plan<'b> {
     let mut plan = Plan {
