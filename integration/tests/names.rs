@@ -134,6 +134,7 @@ async fn a_source_table_named_like_the_positions_table_loads_beside_it() -> anyh
         "commit_lsn",
         "block_reason",
         "refused",
+        "stream_sequence",
         "version",
         "updated_at",
     ];
