@@ -139,6 +139,7 @@ async fn run_once(
         stream_name,
         stream,
         share,
+        held: HeldTables::default(),
     };
     let result = run.load(nats, readiness).await;
     if shutdown.is_cancelled() {
@@ -157,9 +158,16 @@ struct Run<'c> {
     stream_name: String,
     stream: jetstream::stream::Stream,
     share: Share,
+    held: HeldTables,
 }
 
 type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
+
+/// The tables this loader holds, as the fetcher sees them: it does not
+/// decode the others' packages. A fetcher started before a table was taken
+/// is replaced (`Run::load`), so no package of a table this loader applies
+/// is ever passed over.
+type HeldTables = std::sync::Arc<std::sync::RwLock<std::collections::HashSet<TableName>>>;
 
 impl Run<'_> {
     fn consumer_config(&self, deliver_policy: jetstream::consumer::DeliverPolicy) -> pull::Config {
@@ -227,9 +235,12 @@ impl Run<'_> {
     /// returns the earliest stream sequence to read again for the tables taken
     /// from another loader (or from nobody): the first message of each after
     /// the last one its positions say was applied.
-    async fn rebalance(&mut self, loader: &mut Loader) -> Result<Option<u64>, RunError> {
+    async fn rebalance(&mut self, loader: &mut Loader) -> Result<Rebalance, RunError> {
         let rebalanced = self.share.rebalance().await?;
         loader.give_up(&rebalanced.given_up);
+        if let Ok(mut held) = self.held.write() {
+            *held = self.share.held();
+        }
         let taken: Vec<TableName> = rebalanced.taken.iter().map(|(t, _)| t.clone()).collect();
         let mut from: Option<u64> = None;
         // A lease this loader kept from before a restart is read again from
@@ -261,7 +272,10 @@ impl Run<'_> {
                 }
             }
         }
-        Ok(from)
+        Ok(Rebalance {
+            took: !taken.is_empty(),
+            from,
+        })
     }
 
     fn spawn_fetcher(
@@ -279,6 +293,7 @@ impl Run<'_> {
             self.stream_name.clone(),
             self.config.source.clone(),
             batches_tx,
+            self.held.clone(),
             stop_fetching.clone(),
         ));
         (batches, stop_fetching.drop_guard())
@@ -350,9 +365,12 @@ impl Run<'_> {
         };
         self.share.hear_of(loader.stored_tables().await?);
         self.share.hear_of(self.stream_tables().await?);
+        // The fetcher starts only after this first rebalance: the tables
+        // taken need reading again, not a new fetcher.
         let from = self
             .rebalance(&mut loader)
             .await?
+            .from
             .filter(|&from| from < next);
         if unacked > 0 || from.is_some() {
             let start = from.unwrap_or(next).min(next);
@@ -428,18 +446,35 @@ impl Run<'_> {
             // Between two fetches, everything handed over applied and acked:
             // tables may change hands here.
             if self.share.rebalance_due()
-                && let Some(from) = self
-                    .rebalance(&mut loader)
-                    .await?
-                    .filter(|&from| from < next)
+                && let Some(from) = self.rebalance(&mut loader).await?.restart_at(next)
             {
-                tracing::info!(consumer = %self.consumer_name, start_sequence = from, "reading the stream again from the first message not applied yet of a table taken over");
+                tracing::info!(consumer = %self.consumer_name, start_sequence = from, "tables taken: reading the stream again from the first message of theirs not applied yet");
                 drop(batches);
                 drop(fetcher);
                 consumer = self.restart_consumer_at(from).await?;
                 next = from;
                 (batches, fetcher) = self.spawn_fetcher(&consumer);
             }
+        }
+    }
+}
+
+/// What a rebalance means for the consumer.
+struct Rebalance {
+    /// Tables were taken: batches fetched before passed their packages over.
+    took: bool,
+    /// The earliest stream sequence of a taken table not applied yet.
+    from: Option<u64>,
+}
+
+impl Rebalance {
+    /// Where the consumer must start again, given the first message not
+    /// acked yet (`next`): `None` when it may go on.
+    fn restart_at(&self, next: u64) -> Option<u64> {
+        match self.from {
+            Some(from) if from < next => Some(from),
+            _ if self.took => Some(next),
+            _ => None,
         }
     }
 }
@@ -459,6 +494,7 @@ async fn fetch_batches(
     stream_name: String,
     source: String,
     batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
+    tables_held: HeldTables,
     stop: CancellationToken,
 ) {
     let fail = |source: Box<dyn std::error::Error + Send + Sync>| RunError::Fetch {
@@ -579,8 +615,21 @@ async fn fetch_batches(
             }
         }
         let budget = settings.batch_max_decoded_bytes;
-        let parts = match tokio::task::spawn_blocking(move || crate::apply::split(messages, budget))
-            .await
+        let passed_over = {
+            let tables_held = tables_held.clone();
+            let source = source.clone();
+            move |subject: &str| {
+                topology::table_of_subject(&source, subject).is_some_and(|table| {
+                    tables_held
+                        .read()
+                        .is_ok_and(|tables| !tables.contains(&table))
+                })
+            }
+        };
+        let parts = match tokio::task::spawn_blocking(move || {
+            crate::apply::split(messages, budget, passed_over)
+        })
+        .await
         {
             Ok(parts) => parts,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),

@@ -96,11 +96,21 @@ pub struct Pending {
 /// so no part decompresses to more than `budget` whatever the bytes claim.
 /// A package refused at once (stated over the budget) counts nothing here
 /// and fails as too large when decoded.
-pub fn split(messages: Vec<jetstream::Message>, budget: usize) -> Vec<Pending> {
+///
+/// Messages whose subject `passed_over` accepts (the tables another loader
+/// applies) are not decoded at all; they stay in the batch to be acked.
+pub fn split(
+    messages: Vec<jetstream::Message>,
+    budget: usize,
+    passed_over: impl Fn(&str) -> bool,
+) -> Vec<Pending> {
     let mut chunks = sluice_broker::chunk::Reassembler::default();
     let mut parts: Vec<Vec<Payload>> = vec![Vec::new()];
     let mut used = 0usize;
     for (index, message) in messages.iter().enumerate() {
+        if passed_over(message.subject.as_str()) {
+            continue;
+        }
         let payload = match chunks.push(
             message.subject.as_str(),
             message.headers.as_ref(),
