@@ -139,6 +139,12 @@ fn member_key(consumer: &str) -> String {
     format!("member.{consumer}")
 }
 
+/// How often a loader reads the members and moves tables at most: a loader
+/// that joins gets its share within about twice this (the holder gives a
+/// table up at its next rebalance, the joiner takes it at its own). Each
+/// rebalance is one stream-info request and one read per member.
+const REBALANCE_EVERY: Duration = Duration::from_millis(500);
+
 const MEMBER_PREFIX: &str = "member.";
 const TABLE_PREFIX: &str = "table.";
 
@@ -320,8 +326,8 @@ impl Share {
         }
     }
 
-    /// Whether [`Share::rebalance`] should run: a quarter of `lease_ttl`
-    /// passed, or a table was heard of.
+    /// Whether [`Share::rebalance`] should run: [`REBALANCE_EVERY`] (or a
+    /// quarter of `lease_ttl`, if shorter) passed, or a table was heard of.
     pub fn rebalance_due(&self) -> bool {
         Instant::now() >= self.next_rebalance
     }
@@ -330,7 +336,7 @@ impl Share {
     /// else's now and takes those that are this loader's. Call it only
     /// between batches: a table given up must not be applied after it.
     pub async fn rebalance(&mut self) -> Result<Rebalanced, ShareError> {
-        self.next_rebalance = Instant::now() + self.ttl / 4;
+        self.next_rebalance = Instant::now() + (self.ttl / 4).min(REBALANCE_EVERY);
         let live = self.live_members().await?;
         let mut out = Rebalanced::default();
         let mine = |table: &TableName| owner(table, &live) == Some(self.me.as_str());
