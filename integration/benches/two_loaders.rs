@@ -80,14 +80,7 @@ async fn run(p: &mut Pipeline, rows: u64, children: &mut Vec<Child>) -> anyhow::
     let one = load(p, &format!("{base}_one"), &["one"], per_table, children).await?;
     // Names whose rendezvous hashing divides the four tables 2:2 (it divides
     // evenly only on average; the split is printed).
-    let two = load(
-        p,
-        &format!("{base}_two"),
-        &["x", "y"],
-        per_table,
-        children,
-    )
-    .await?;
+    let two = load(p, &format!("{base}_two"), &["x", "y"], per_table, children).await?;
     let rate = |d: Duration| (per_table * TABLES.len() as u64) as f64 / d.as_secs_f64();
     println!(
         "one loader:  {:>8.2} s  {:>10.0} rows/s",

@@ -47,6 +47,12 @@ async fn status_json_shows_each_table_with_its_applied_position() -> anyhow::Res
         json_field(object, "applied_commit_lsn").is_some_and(|lsn| lsn.contains('/')),
         "{stdout}"
     );
+    // The one loader holds the table's lease, under its consumer's name.
+    assert_eq!(
+        json_field(object, "loader"),
+        Some("\"sluice_loader\""),
+        "{stdout}"
+    );
     let consumer = json_object_with(&stdout, "\"name\": \"sluice_loader\"")
         .with_context(|| format!("consumer missing:\n{stdout}"))?;
     assert_eq!(json_field(consumer, "exists"), Some("true"), "{stdout}");

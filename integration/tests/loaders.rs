@@ -234,6 +234,15 @@ async fn loaders_divide_the_tables_survive_a_kill_and_take_in_newcomers() -> any
         })
         .await?;
     eprintln!("after d joined: {with_d:?}");
+    // `status` names the loader of each table as the leases say.
+    let (status, _) = p.cli("loader", &["status", "--json"])?;
+    for (loader, held) in &with_d {
+        let shown = status.matches(&format!("\"loader\": \"{loader}\"")).count();
+        ensure!(
+            shown as u64 == *held,
+            "status shows {shown} tables of {loader}, which holds {held}:\n{status}"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -117,6 +117,10 @@ pub struct TableStatus {
     /// Last package on the table's subject in the stream, `generation/sequence`.
     pub published_position: Option<String>,
     pub published_commit_lsn: Option<String>,
+    /// The loader (`loader.consumer`) whose lease on the table the loaders'
+    /// bucket holds (README "Several loaders"); `None`: no lease. A loader
+    /// that died keeps its leases until another takes them over.
+    pub loader: Option<String>,
 }
 
 /// `X/Y`, Postgres' form of an LSN.
@@ -191,11 +195,44 @@ pub async fn gather(config: &Config) -> Result<Status, StatusError> {
         }
         Err(error) => notes.push(format!("stream {stream_name}: {error}")),
     }
+    let mut holders: Vec<Option<String>> = vec![None; stored.len()];
+    let bucket = topology::loaders_bucket(config);
+    match js.get_key_value(&bucket).await {
+        Ok(kv) => {
+            for ((table, _), holder) in stored.iter().zip(&mut holders) {
+                let entry = tokio::time::timeout(
+                    LAST_PACKAGE_TIMEOUT,
+                    kv.entry(crate::share::lease_key(table)),
+                )
+                .await;
+                match entry {
+                    Ok(Ok(Some(entry))) if entry.operation == jetstream::kv::Operation::Put => {
+                        *holder = Some(String::from_utf8_lossy(&entry.value).into_owned());
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        notes.push(format!(
+                            "the loader of each table not shown: reading bucket {bucket}: {error}"
+                        ));
+                        break;
+                    }
+                    Err(_) => {
+                        notes.push(format!(
+                            "the loader of each table not shown: bucket {bucket} gave no answer within {LAST_PACKAGE_TIMEOUT:?}"
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        Err(error) => notes.push(format!("loaders' bucket {bucket}: {error}")),
+    }
 
     let tables = stored
         .into_iter()
         .zip(published)
-        .map(|((table, stored), last)| TableStatus {
+        .zip(holders)
+        .map(|(((table, stored), last), loader)| TableStatus {
             table: table.to_string(),
             state: TableState::of(&stored),
             applied_position: stored.position.to_string(),
@@ -215,6 +252,7 @@ pub async fn gather(config: &Config) -> Result<Status, StatusError> {
             shadow: (!stored.shadow.is_empty()).then_some(stored.shadow),
             published_position: last.as_ref().and_then(Position::of).map(|p| p.to_string()),
             published_commit_lsn: last.as_ref().map(|p| format_lsn(p.commit_lsn)),
+            loader,
         })
         .collect();
     Ok(Status {
@@ -313,9 +351,10 @@ pub fn render_text(status: &Status) -> String {
         .unwrap_or(0);
     for table in &status.tables {
         out.push_str(&format!(
-            "  {:width$}  {:<9}  applied={} commit_lsn={}  published={} commit_lsn={}{}\n",
+            "  {:width$}  {:<9}  loader={}  applied={} commit_lsn={}  published={} commit_lsn={}{}\n",
             table.table,
             table.state.as_str(),
+            or_dash(table.loader.as_deref()),
             table.applied_position,
             or_dash(table.applied_commit_lsn.as_deref()),
             or_dash(table.published_position.as_deref()),
@@ -404,13 +443,14 @@ mod tests {
                 reason: None,
                 published_position: None,
                 published_commit_lsn: None,
+                loader: Some("loader_b".into()),
             }],
             notes: vec!["last published packages not shown".into()],
         };
         let text = render_text(&status);
         assert!(
             text.contains(
-                "public.orders  resyncing  applied=2/7 commit_lsn=0/16B3748  published=- commit_lsn=-  shadow=_sluice_resync__orders"
+                "public.orders  resyncing  loader=loader_b  applied=2/7 commit_lsn=0/16B3748  published=- commit_lsn=-  shadow=_sluice_resync__orders"
             ),
             "{text}"
         );
@@ -424,5 +464,6 @@ mod tests {
         assert_eq!(json["tables"][0]["state"], "resyncing");
         assert_eq!(json["tables"][0]["applied_position"], "2/7");
         assert_eq!(json["consumer"]["pending"], 3);
+        assert_eq!(json["tables"][0]["loader"], "loader_b");
     }
 }
