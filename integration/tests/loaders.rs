@@ -74,6 +74,26 @@ impl Loaders {
         }
     }
 
+    /// Waits until the held counts, in name order, satisfy `check`.
+    async fn wait_for_held(
+        &mut self,
+        what: &str,
+        check: impl Fn(&[u64]) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let held: Vec<u64> = self.held().await?.into_values().collect();
+            if check(&held) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: not within 60 s; held: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn pid(&self, name: &str) -> anyhow::Result<u32> {
         Ok(self.0.get(name).context("no such loader")?.0.id())
     }
@@ -338,5 +358,57 @@ async fn loaders_divide_the_tables_survive_a_kill_and_take_in_newcomers() -> any
         }
         eprintln!("{table}: {spans:?}");
     }
+    Ok(())
+}
+
+/// Two loaders started with the same `loader.consumer` would pull from one
+/// durable consumer: the newer takes the name and the older stops with an
+/// error that says why (or, when the older's run restarted first and found
+/// the name taken, it stops all the same); the source goes on with the other.
+#[tokio::test]
+async fn a_loader_started_with_a_running_loaders_name_replaces_it() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("loaders_dup").await?;
+    p.publish_workload_tables(&["dup_items"]).await?;
+    p.set_config("loader", "lease_ttl", "\"2s\"")?;
+    p.spawn_replicator()?;
+    // Both processes are named `dup`; the guard knows them apart as 1 and 2.
+    let mut loaders = Loaders::default();
+    let first = p.spawn_named_loader("dup")?;
+    loaders.0.insert("1", first);
+    loaders
+        .wait_for_held("the first loader takes the table", |held| held == [1])
+        .await?;
+    let second = p.spawn_named_loader("dup")?;
+    loaders.0.insert("2", second);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (stopped, status) = 'wait: loop {
+        for (name, (child, _)) in &mut loaders.0 {
+            if let Some(status) = child.try_wait()? {
+                break 'wait (*name, status);
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "both loaders of the name still run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loaders.0.remove(stopped);
+    ensure!(
+        status.code() == Some(1),
+        "the replaced loader exited with {status}"
+    );
+    let said = p.log_lines_containing("loader-dup", "took this one's place");
+    ensure!(
+        !said.is_empty(),
+        "the replaced loader did not say why it stopped"
+    );
+    let pg = p.pg().await?;
+    run_workload(&pg, "dup_items", 20, 50, Rng::from_clock()).await?;
+    p.wait_until_equal(Duration::from_secs(120)).await?;
+    // The other one goes on and holds the table.
+    loaders
+        .wait_for_held("the remaining loader holds the table", |held| held == [1])
+        .await?;
     Ok(())
 }

@@ -135,6 +135,10 @@ fn incarnation() -> &'static str {
     })
 }
 
+/// This process joined its source's loaders once: a later join (the run
+/// restarting) that finds its name taken by another process gives way.
+static JOINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn member_key(consumer: &str) -> String {
     format!("member.{consumer}")
 }
@@ -240,6 +244,11 @@ impl Share {
         let revision = match kv.entry(&key).await.map_err(kv_error("read", &bucket))? {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 if entry.value.as_ref() != incarnation().as_bytes() {
+                    // This process joined before (its run restarts): another
+                    // process took the name meanwhile, and keeps it.
+                    if JOINED.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err(ShareError::Replaced { consumer: me });
+                    }
                     tracing::info!(consumer = %me, "a membership key of this loader's name exists (an earlier run of it, or another loader of the same name, which now stops)");
                 }
                 kv.update(
@@ -255,6 +264,7 @@ impl Share {
                 .await
                 .map_err(kv_error("create", &bucket))?,
         };
+        JOINED.store(true, std::sync::atomic::Ordering::SeqCst);
         let heart = Arc::new(Heart {
             renewed: Mutex::new(sent),
             replaced: false.into(),
