@@ -412,3 +412,95 @@ async fn a_loader_started_with_a_running_loaders_name_replaces_it() -> anyhow::R
         .await?;
     Ok(())
 }
+
+/// A loader that dies in the middle of a resync (right after it created the
+/// shadow table: failpoint `loader::resync::after_create`) leaves the resync
+/// to the loader that takes its table over: it finds the shadow in
+/// `_sluice_positions`, fills it and swaps it in; no second resync.
+#[tokio::test]
+async fn a_resync_goes_on_when_its_loader_dies_and_another_takes_the_table() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("loaders_resync").await?;
+    p.publish_workload_tables(&["rs_big", "rs_small"]).await?;
+    p.set_config("loader", "lease_ttl", "\"2s\"")?;
+    p.pg()
+        .await?
+        .batch_execute(
+            "INSERT INTO rs_big SELECT g, g, md5(g::text) FROM generate_series(1, 20000) g",
+        )
+        .await?;
+    let names = ["a".to_owned(), "b".to_owned()];
+    let big = TableName::new("public", "rs_big");
+    let holder: &'static str = if owner(&big, &names) == Some("a") {
+        "a"
+    } else {
+        "b"
+    };
+    let other: &'static str = if holder == "a" { "b" } else { "a" };
+    p.spawn_replicator()?;
+    let mut loaders = Loaders::default();
+    // The other loader alone applies the initial snapshot of both tables.
+    loaders.start(&mut p, other)?;
+    loaders
+        .wait_for_held("the first loader takes both tables", |held| held == [2])
+        .await?;
+    p.wait_until_equal(Duration::from_secs(120)).await?;
+    // The table's loader joins, with the failpoint, and takes it.
+    p.set_failpoints(Some("loader::resync::after_create=return"));
+    loaders.start(&mut p, holder)?;
+    p.set_failpoints(None);
+    loaders
+        .wait_for_held("the second loader takes its share", |held| {
+            held.iter().sum::<u64>() == 2 && held.iter().all(|&n| n > 0)
+        })
+        .await?;
+
+    let mut resync = p.replicator_command(&["resync", "--table", "public.rs_big"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = loaders.0.get_mut(holder).context("holder")?.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = resync.kill();
+            let _ = resync.wait();
+            bail!("the table's loader did not reach the failpoint");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    loaders.0.remove(holder);
+    ensure!(
+        status.code() == Some(86),
+        "the loader exited with {status}, not at the failpoint"
+    );
+    loaders
+        .wait_for_held("the other loader takes the table over", |held| held == [2])
+        .await?;
+    let resynced = resync.wait()?;
+    ensure!(resynced.success(), "resync command failed: {resynced}");
+    p.wait_until_equal(Duration::from_secs(120)).await?;
+    let swapped = p.log_lines_containing(
+        &format!("loader-{other}"),
+        "resync complete: shadow table swapped in table=public.rs_big",
+    );
+    ensure!(
+        !swapped.is_empty(),
+        "the loader that took the table over did not finish its resync"
+    );
+    let gaps = p.log_lines_containing(&format!("loader-{other}"), "gap in the table's chain");
+    ensure!(gaps.is_empty(), "gaps: {gaps:#?}");
+    let begins: Vec<String> = p
+        .stream_messages()
+        .await?
+        .into_iter()
+        .filter_map(|m| m.package.ok())
+        .filter(|package| {
+            package.kind() == sluice_proto::v1::Kind::ResyncBegin && package.table == "rs_big"
+        })
+        .filter_map(|package| package.resync.map(|r| r.reason))
+        .collect();
+    ensure!(
+        begins == ["initial", "manual"],
+        "resyncs of rs_big: {begins:?} (one manual resync, no second one)"
+    );
+    Ok(())
+}

@@ -21,20 +21,27 @@
 //! prefetched batch outlive `ack_wait` (a long ClickHouse outage), JetStream
 //! redelivers its messages; the chain positions mark the copies as already
 //! applied.
+//!
+//! Several loaders of a source ([`crate::share`], ARCHITECTURE.md invariant
+//! 11): each run joins the source's loaders, takes its tables before the
+//! first fetch and rebalances between fetches (everything handed over applied
+//! and acked). Packages of tables another loader holds are neither decoded
+//! nor applied, only acked. A table taken is read again from its first
+//! message after the one its positions record (the consumer is recreated
+//! there); on shutdown the run gives its tables up at once.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use metrics::{counter, gauge};
+use sluice_broker::TableName;
 use sluice_broker::config::Config;
 use sluice_broker::supervise::{self, Next, Restart};
 use sluice_broker::telemetry::{self, Readiness};
 use sluice_broker::topology;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use sluice_broker::TableName;
 
 use crate::apply::{Batch, Loader};
 pub use crate::error::RunError;
@@ -344,11 +351,6 @@ impl Run<'_> {
                 (consumer, end, 0)
             }
         };
-        // Messages delivered to an earlier run (killed, or restarted after a
-        // transient error) and never acked are redelivered only after
-        // `ack_wait`, and acking anything after them (AckAll) would ack them
-        // unseen: the table's chain would show a gap and be resynced. Start
-        // over from the first unacked message instead.
         let mut loader = loop {
             let error = match Loader::connect(config, nats.clone()).await {
                 Ok(loader) => break loader,
@@ -366,7 +368,12 @@ impl Run<'_> {
         self.share.hear_of(loader.stored_tables().await?);
         self.share.hear_of(self.stream_tables().await?);
         // The fetcher starts only after this first rebalance: the tables
-        // taken need reading again, not a new fetcher.
+        // taken need reading again, not a new fetcher. Messages delivered to
+        // an earlier run (killed, or restarted after a transient error) and
+        // never acked are redelivered only after `ack_wait`, and acking
+        // anything after them (AckAll) would ack them unseen: the table's
+        // chain would show a gap and be resynced. Start over from the first
+        // unacked message instead (or earlier, for a table taken).
         let from = self
             .rebalance(&mut loader)
             .await?
