@@ -98,29 +98,13 @@ async fn run(
     );
 
     // Fill the stream with the replicator alone.
-    let pg = p.pg().await?;
-    p.publish_workload_tables(&[TABLE]).await?;
-    p.spawn_replicator()?;
-    p.wait_for_heartbeat(Duration::from_secs(120)).await?;
     let started = Instant::now();
-    sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
-    let end_lsn: String = pg
-        // The insert position: at or past the end of the last commit record.
-        // (pg_current_wal_lsn() is the write position, which can lag behind
-        // it and would end both sides before the last transaction.)
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
-    p.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
+    let (messages, bytes) = p
+        .fill_stream_alone(&[TABLE], rows, ROWS_PER_TRANSACTION)
         .await?;
-    p.stop_replicator().await?;
-    let js = p.jetstream().await?;
-    let mut stream = js.get_stream(p.config.stream_name()).await?;
-    let info = stream.info().await?;
     println!(
-        "stream: {} messages, {:.1} MiB, filled in {:.1?} (insert + replicate)",
-        info.state.messages,
-        info.state.bytes as f64 / (1024.0 * 1024.0),
+        "stream: {messages} messages, {:.1} MiB, filled in {:.1?} (insert + replicate)",
+        bytes as f64 / (1024.0 * 1024.0),
         started.elapsed()
     );
 

@@ -24,7 +24,7 @@
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use sluice_integration::pipeline::{Pipeline, insert_bench_rows};
+use sluice_integration::pipeline::Pipeline;
 
 const TABLES: [&str; 4] = ["bench_t0", "bench_t1", "bench_t2", "bench_t3"];
 const ROWS_PER_TRANSACTION: u64 = 100_000;
@@ -52,27 +52,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(p: &mut Pipeline, rows: u64, children: &mut Vec<Child>) -> anyhow::Result<()> {
     let per_table = rows / TABLES.len() as u64;
-    let pg = p.pg().await?;
-    p.publish_workload_tables(&TABLES).await?;
-    p.spawn_replicator()?;
-    p.wait_for_heartbeat(Duration::from_secs(120)).await?;
-    for table in TABLES {
-        insert_bench_rows(&pg, table, per_table, ROWS_PER_TRANSACTION).await?;
-    }
-    let end_lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
-    p.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
+    let (messages, bytes) = p
+        .fill_stream_alone(&TABLES, per_table, ROWS_PER_TRANSACTION)
         .await?;
-    p.stop_replicator().await?;
-    let js = p.jetstream().await?;
-    let mut stream = js.get_stream(p.config.stream_name()).await?;
-    let info = stream.info().await?;
     println!(
-        "stream: {} messages, {:.1} MiB, {} tables of {per_table} rows",
-        info.state.messages,
-        info.state.bytes as f64 / (1024.0 * 1024.0),
+        "stream: {messages} messages, {:.1} MiB, {} tables of {per_table} rows",
+        bytes as f64 / (1024.0 * 1024.0),
         TABLES.len()
     );
 

@@ -548,6 +548,40 @@ ack_wait = "30s"
         child
     }
 
+    /// Fills the stream for a loader benchmark: publishes `tables` (workload
+    /// tables), inserts `rows` bench rows into each ([`insert_bench_rows`], in
+    /// transactions of `per_transaction`) with the replicator alone, waits until
+    /// its slot confirmed them (every package acknowledged by JetStream) and
+    /// stops it. Returns the stream's message count and bytes.
+    pub async fn fill_stream_alone(
+        &mut self,
+        tables: &[&str],
+        rows: u64,
+        per_transaction: u64,
+    ) -> anyhow::Result<(u64, u64)> {
+        let pg = self.pg().await?;
+        self.publish_workload_tables(tables).await?;
+        self.spawn_replicator()?;
+        self.wait_for_heartbeat(Duration::from_secs(120)).await?;
+        for table in tables {
+            insert_bench_rows(&pg, table, rows, per_transaction).await?;
+        }
+        let end_lsn: String = pg
+            // The insert position: at or past the end of the last commit record.
+            // (pg_current_wal_lsn() is the write position, which can lag behind
+            // it and would end the wait before the last transaction.)
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await?
+            .get(0);
+        self.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
+            .await?;
+        self.stop_replicator().await?;
+        let js = self.jetstream().await?;
+        let mut stream = js.get_stream(self.config.stream_name()).await?;
+        let info = stream.info().await?;
+        Ok((info.state.messages, info.state.bytes))
+    }
+
     /// Starts one more `sluice-loader run` of this pipeline's source with its own
     /// `loader.consumer` (`name`) and metrics port (returned); output goes to
     /// `loader-<name>.N.log` ([`Pipeline::log_lines_containing`] with `loader-<name>`).
