@@ -525,8 +525,12 @@ async fn fetch_batches(
         }
     };
     let mut last_pending_check = Instant::now() - Duration::from_secs(60);
-    // When the last batch with news went to the applier.
-    let mut last_handover = Instant::now();
+    // When the last batch with news went to the applier (as if one had gone
+    // `batch_min_interval` ago: a fetcher's first batch does not wait for
+    // it; no batch of this fetcher went before).
+    let mut last_handover = Instant::now()
+        .checked_sub(settings.batch_min_interval)
+        .unwrap_or_else(Instant::now);
     // Chunks of a package whose last chunk has not been fetched yet, and
     // everything fetched after them.
     let mut held: Vec<jetstream::Message> = Vec::new();
