@@ -155,8 +155,9 @@ pub fn loaders_bucket(config: &Config) -> String {
 /// only (`KV_<bucket>`, subjects `$KV.<bucket>.>`, roll-ups, direct gets), on
 /// file, with the stream's replicas. No `max_age`: a member's liveness is
 /// judged by whether its key keeps changing. (Made as a stream because the
-/// client's own bucket creation asks the server for account details that
-/// NATS 2.9 answers in a form the client cannot read.)
+/// client's own bucket creation failed against NATS 2.9.10 with `data did
+/// not match any variant of untagged enum Response`; it asks the server for
+/// its account details first.)
 pub fn loaders_bucket_stream_config(config: &Config) -> stream::Config {
     let bucket = loaders_bucket(config);
     stream::Config {
