@@ -276,20 +276,19 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<stream::Stream, TopologyError> {
-    let dead_letters = dead_letter_stream_config(config);
-    js.get_or_create_stream(dead_letters.clone())
-        .await
-        .map_err(|source| TopologyError::Create {
-            stream: dead_letters.name.clone(),
-            source,
-        })?;
-    let bucket = loaders_bucket_stream_config(config);
-    js.get_or_create_stream(bucket.clone())
-        .await
-        .map_err(|source| TopologyError::Create {
-            stream: bucket.name.clone(),
-            source,
-        })?;
+    // The streams beside the data stream: created once, never changed here.
+    for beside in [
+        dead_letter_stream_config(config),
+        loaders_bucket_stream_config(config),
+    ] {
+        let name = beside.name.clone();
+        js.get_or_create_stream(beside)
+            .await
+            .map_err(|source| TopologyError::Create {
+                stream: name,
+                source,
+            })?;
+    }
     let wanted = stream_config(config);
     let name = wanted.name.clone();
     let mut stream = js

@@ -17,6 +17,10 @@ const TABLES: [&str; 8] = [
     "l_one", "l_two", "l_three", "l_four", "l_five", "l_six", "l_seven", "l_eight",
 ];
 
+/// How long a loader may take to take or hand over its tables in the
+/// smaller tests.
+const WAIT: Duration = Duration::from_secs(60);
+
 /// Loaders the test started itself, killed when it ends however it ends.
 #[derive(Default)]
 struct Loaders(BTreeMap<&'static str, (Child, u16)>);
@@ -53,8 +57,8 @@ impl Loaders {
         Ok(held)
     }
 
-    /// Waits until the running loaders hold every table between them and
-    /// `check` accepts the division; returns it.
+    /// Waits until `check` accepts the tables each running loader holds;
+    /// returns them.
     async fn wait_for(
         &mut self,
         what: &str,
@@ -64,32 +68,12 @@ impl Loaders {
         let deadline = Instant::now() + timeout;
         loop {
             let held = self.held().await?;
-            if held.values().sum::<u64>() == TABLES.len() as u64 && check(&held) {
+            if check(&held) {
                 return Ok(held);
             }
             if Instant::now() > deadline {
                 bail!("{what}: not within {timeout:?}; tables held: {held:?}");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Waits until the held counts, in name order, satisfy `check`.
-    async fn wait_for_held(
-        &mut self,
-        what: &str,
-        check: impl Fn(&[u64]) -> bool,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let held: Vec<u64> = self.held().await?.into_values().collect();
-            if check(&held) {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{what}: not within 60 s; held: {held:?}"
-            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -376,7 +360,9 @@ async fn a_loader_started_with_a_running_loaders_name_replaces_it() -> anyhow::R
     let first = p.spawn_named_loader("dup")?;
     loaders.0.insert("1", first);
     loaders
-        .wait_for_held("the first loader takes the table", |held| held == [1])
+        .wait_for("the first loader takes the table", WAIT, |h| {
+            h.values().eq([&1])
+        })
         .await?;
     let second = p.spawn_named_loader("dup")?;
     loaders.0.insert("2", second);
@@ -408,7 +394,9 @@ async fn a_loader_started_with_a_running_loaders_name_replaces_it() -> anyhow::R
     p.wait_until_equal(Duration::from_secs(120)).await?;
     // The other one goes on and holds the table.
     loaders
-        .wait_for_held("the remaining loader holds the table", |held| held == [1])
+        .wait_for("the remaining loader holds the table", WAIT, |h| {
+            h.values().eq([&1])
+        })
         .await?;
     Ok(())
 }
@@ -441,7 +429,9 @@ async fn a_resync_goes_on_when_its_loader_dies_and_another_takes_the_table() -> 
     // The other loader alone applies the initial snapshot of both tables.
     loaders.start(&mut p, other)?;
     loaders
-        .wait_for_held("the first loader takes both tables", |held| held == [2])
+        .wait_for("the first loader takes both tables", WAIT, |h| {
+            h.values().eq([&2])
+        })
         .await?;
     p.wait_until_equal(Duration::from_secs(120)).await?;
     // The table's loader joins, with the failpoint, and takes it.
@@ -449,8 +439,8 @@ async fn a_resync_goes_on_when_its_loader_dies_and_another_takes_the_table() -> 
     loaders.start(&mut p, holder)?;
     p.set_failpoints(None);
     loaders
-        .wait_for_held("the second loader takes its share", |held| {
-            held.iter().sum::<u64>() == 2 && held.iter().all(|&n| n > 0)
+        .wait_for("the second loader takes its share", WAIT, |h| {
+            h.values().sum::<u64>() == 2 && h.values().all(|&n| n > 0)
         })
         .await?;
 
@@ -473,7 +463,9 @@ async fn a_resync_goes_on_when_its_loader_dies_and_another_takes_the_table() -> 
         "the loader exited with {status}, not at the failpoint"
     );
     loaders
-        .wait_for_held("the other loader takes the table over", |held| held == [2])
+        .wait_for("the other loader takes the table over", WAIT, |h| {
+            h.values().eq([&2])
+        })
         .await?;
     let resynced = resync.wait()?;
     ensure!(resynced.success(), "resync command failed: {resynced}");

@@ -43,7 +43,7 @@ use sluice_broker::topology;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Batch, Loader};
+use crate::apply::{Batch, HeldTables, Loader};
 pub use crate::error::RunError;
 use crate::metrics as m;
 use crate::recovery::Recovery;
@@ -146,7 +146,6 @@ async fn run_once(
         stream_name,
         stream,
         share,
-        held: HeldTables::default(),
     };
     let result = run.load(nats, readiness).await;
     if shutdown.is_cancelled() {
@@ -165,16 +164,9 @@ struct Run<'c> {
     stream_name: String,
     stream: jetstream::stream::Stream,
     share: Share,
-    held: HeldTables,
 }
 
 type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
-
-/// The tables this loader holds, as the fetcher sees them: it does not
-/// decode the others' packages. A fetcher started before a table was taken
-/// is replaced (`Run::load`), so no package of a table this loader applies
-/// is ever passed over.
-type HeldTables = std::sync::Arc<std::sync::RwLock<std::collections::HashSet<TableName>>>;
 
 impl Run<'_> {
     fn consumer_config(&self, deliver_policy: jetstream::consumer::DeliverPolicy) -> pull::Config {
@@ -245,10 +237,7 @@ impl Run<'_> {
     async fn rebalance(&mut self, loader: &mut Loader) -> Result<Rebalance, RunError> {
         let rebalanced = self.share.rebalance().await?;
         loader.give_up(&rebalanced.given_up);
-        if let Ok(mut held) = self.held.write() {
-            *held = self.share.held();
-        }
-        let taken: Vec<TableName> = rebalanced.taken.iter().map(|(t, _)| t.clone()).collect();
+        let taken = rebalanced.taken;
         let mut from: Option<u64> = None;
         // A lease this loader kept from before a restart is read again from
         // its table's positions too: the restart may have come between
@@ -285,9 +274,14 @@ impl Run<'_> {
         })
     }
 
+    /// Starts a fetcher; it passes over the packages of the tables the
+    /// loader does not hold (`held`, the loader's own set). One started
+    /// before a table was taken is replaced (`Run::load`), so no package of a
+    /// table the loader applies is ever passed over.
     fn spawn_fetcher(
         &self,
         consumer: &PullConsumer,
+        held: HeldTables,
     ) -> (
         tokio::sync::mpsc::Receiver<Result<Batch, RunError>>,
         tokio_util::sync::DropGuard,
@@ -300,7 +294,7 @@ impl Run<'_> {
             self.stream_name.clone(),
             self.config.source.clone(),
             batches_tx,
-            self.held.clone(),
+            held,
             stop_fetching.clone(),
         ));
         (batches, stop_fetching.drop_guard())
@@ -386,12 +380,12 @@ impl Run<'_> {
             next = start;
         }
         readiness.set(true);
-        tracing::info!(stream = %self.stream_name, consumer = %self.consumer_name, database = %loader.database(), tables = loader_tables(&self.share), "loading");
+        tracing::info!(stream = %self.stream_name, consumer = %self.consumer_name, database = %loader.database(), tables = self.share.tables_held(), "loading");
         loader.resume_interrupted().await;
         // The next batch is fetched and decoded while this one's INSERTs run; it
         // is still acked only after it was applied, so nothing changes for
         // invariant 1 (an unacked prefetched batch is redelivered like any other).
-        let (mut batches, mut fetcher) = self.spawn_fetcher(&consumer);
+        let (mut batches, mut fetcher) = self.spawn_fetcher(&consumer, loader.held_tables());
         loop {
             let batch: Batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -460,7 +454,7 @@ impl Run<'_> {
                 drop(fetcher);
                 consumer = self.restart_consumer_at(from).await?;
                 next = from;
-                (batches, fetcher) = self.spawn_fetcher(&consumer);
+                (batches, fetcher) = self.spawn_fetcher(&consumer, loader.held_tables());
             }
         }
     }
@@ -484,11 +478,6 @@ impl Rebalance {
             _ => None,
         }
     }
-}
-
-/// How many tables this loader applies, for the log.
-fn loader_tables(share: &Share) -> usize {
-    share.held().len()
 }
 
 /// Pulls batches, holds back incomplete chunk sets, decodes each batch on a

@@ -109,7 +109,7 @@ pub struct Share {
 /// How a lease was taken (for the log: either way the table is read again
 /// from the first message its positions do not cover).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
+enum Taken {
     /// From nobody, or from a loader that stopped renewing its membership.
     Fresh,
     /// It named this loader already: held before a restart.
@@ -119,7 +119,7 @@ pub enum Taken {
 /// The outcome of a [`Share::rebalance`].
 #[derive(Debug, Default)]
 pub struct Rebalanced {
-    pub taken: Vec<(TableName, Taken)>,
+    pub taken: Vec<TableName>,
     pub given_up: Vec<TableName>,
 }
 
@@ -140,7 +140,7 @@ fn incarnation() -> &'static str {
 static JOINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn member_key(consumer: &str) -> String {
-    format!("member.{consumer}")
+    format!("{MEMBER_PREFIX}{consumer}")
 }
 
 /// How often a loader reads the members and moves tables at most: a loader
@@ -158,22 +158,6 @@ pub fn lease_key(table: &TableName) -> String {
         name.bytes().map(|b| format!("{b:02x}")).collect()
     }
     format!("{TABLE_PREFIX}{}.{}", hex(&table.schema), hex(&table.name))
-}
-
-/// The table whose lease `key` is: [`lease_key`] undone.
-pub fn table_of_lease_key(key: &str) -> Option<TableName> {
-    fn unhex(hex: &str) -> Option<String> {
-        if !hex.len().is_multiple_of(2) {
-            return None;
-        }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
-        String::from_utf8(bytes).ok()
-    }
-    let (schema, name) = key.strip_prefix(TABLE_PREFIX)?.split_once('.')?;
-    Some(TableName::new(&unhex(schema)?, &unhex(name)?))
 }
 
 /// 64-bit FNV-1a followed by MurmurHash3's finalizer: stable across builds
@@ -316,14 +300,9 @@ impl Share {
         Ok(())
     }
 
-    /// Whether this loader holds `table`'s lease.
-    pub fn holds(&self, table: &TableName) -> bool {
-        self.held.contains_key(table)
-    }
-
-    /// The tables this loader holds.
-    pub fn held(&self) -> HashSet<TableName> {
-        self.held.keys().cloned().collect()
+    /// How many tables' leases this loader holds.
+    pub fn tables_held(&self) -> usize {
+        self.held.len()
     }
 
     /// Tables heard of (from the positions table, the stream's subjects or
@@ -380,7 +359,7 @@ impl Share {
         for table in take {
             if let Some(taken) = self.take(&table, &live).await? {
                 tracing::info!(table = %table, kept = (taken == Taken::Kept), "applying a table");
-                out.taken.push((table, taken));
+                out.taken.push(table);
             }
         }
         metrics::gauge!(crate::metrics::TABLES_HELD).set(self.held.len() as f64);
@@ -568,6 +547,22 @@ async fn renew(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table whose lease `key` is: [`lease_key`] undone.
+    fn table_of_lease_key(key: &str) -> Option<TableName> {
+        fn unhex(hex: &str) -> Option<String> {
+            if !hex.len().is_multiple_of(2) {
+                return None;
+            }
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            String::from_utf8(bytes).ok()
+        }
+        let (schema, name) = key.strip_prefix(TABLE_PREFIX)?.split_once('.')?;
+        Some(TableName::new(&unhex(schema)?, &unhex(name)?))
+    }
 
     #[test]
     fn lease_keys_are_valid_for_any_name_and_read_back() {

@@ -70,9 +70,13 @@ pub struct Loader {
     stream_sequences: HashMap<TableName, u64>,
     troubles: Troubles,
     /// The tables this loader applies (it holds their leases, `crate::share`);
-    /// the packages of every other table are passed over.
-    held: HashSet<TableName>,
+    /// the packages of every other table are passed over, here and by the
+    /// fetcher, which shares this set ([`Loader::held_tables`]).
+    held: HeldTables,
 }
+
+/// The tables a loader holds, shared with its fetcher.
+pub type HeldTables = std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>;
 
 /// Why tables are blocked, and which had rows refused since their last
 /// resync (stored with their positions: [`Stored::block_reason`],
@@ -191,8 +195,27 @@ impl Loader {
             commit_lsns,
             stream_sequences,
             troubles,
-            held: HashSet::new(),
+            held: HeldTables::default(),
         })
+    }
+
+    /// The set of tables this loader holds, as its fetcher reads it.
+    pub fn held_tables(&self) -> HeldTables {
+        self.held.clone()
+    }
+
+    /// Whether this loader holds `table` (a poisoned lock still reads).
+    fn holds(&self, table: &TableName) -> bool {
+        self.held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(table)
+    }
+
+    fn held_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<TableName>> {
+        self.held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every table in the positions table.
@@ -204,7 +227,7 @@ impl Loader {
     /// Stops applying `tables` (their leases were given up).
     pub fn give_up(&mut self, tables: &[TableName]) {
         for table in tables {
-            self.held.remove(table);
+            self.held_mut().remove(table);
             // Its gauges are the applying loader's to report now.
             self.lag.forget(table);
             gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(0.0);
@@ -230,7 +253,7 @@ impl Loader {
         self.ensured.clear();
         let mut out = Vec::new();
         for table in tables {
-            self.held.insert(table.clone());
+            self.held_mut().insert(table.clone());
             self.last_resync_request.remove(table);
             self.shadow_progress.remove(table);
             self.troubles.block_reasons.remove(table);
@@ -299,7 +322,7 @@ impl Loader {
                 &self.source,
                 messages[index].subject.as_str(),
             )
-            .is_some_and(|table| !self.held.contains(&table))
+            .is_some_and(|table| !self.holds(&table))
         };
         let plan = plan::plan(
             batch.decoded.iter().filter(|(index, _)| !foreign(*index)),
@@ -464,7 +487,7 @@ impl Loader {
             self.request_resync(table).await;
         }
         for table in self.chains.blocked() {
-            if !self.held.contains(&table) {
+            if !self.holds(&table) {
                 continue;
             }
             gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(1.0);

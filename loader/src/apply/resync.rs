@@ -93,7 +93,7 @@ impl Loader {
     pub async fn resume_interrupted(&mut self) {
         let mut tables: Vec<TableName> = self.shadows.keys().cloned().collect();
         tables.extend(self.chains.blocked());
-        tables.retain(|table| self.held.contains(table));
+        tables.retain(|table| self.holds(table));
         tables.sort();
         tables.dedup();
         for table in tables {
@@ -108,7 +108,7 @@ impl Loader {
             .retain(|table, _| self.shadows.contains_key(table));
         let mut stalled = Vec::new();
         for table in self.shadows.keys() {
-            if self.troubles.is_failed(table) || !self.held.contains(table) {
+            if self.troubles.is_failed(table) || !self.holds(table) {
                 continue;
             }
             let since = *self.shadow_progress.entry(table.clone()).or_insert(now);
