@@ -109,7 +109,7 @@ fn lease_events(p: &Pipeline, loader: &str) -> Vec<(String, String, bool)> {
     let mut events = Vec::new();
     for (needle, took) in [
         ("applying a table", true),
-        ("gave a table up to another loader", false),
+        ("giving a table up to another loader", false),
     ] {
         for line in p.log_lines_containing(&format!("loader-{loader}"), needle) {
             let stamp = line
@@ -266,7 +266,13 @@ async fn loaders_divide_the_tables_survive_a_kill_and_take_in_newcomers() -> any
         .status()?;
     let (mut d, _) = loaders.0.remove("d").context("d")?;
     d.wait()?;
-    let d_stopped = now_stamp()?;
+    // `d` applied nothing after it said it leaves; its leases were deleted
+    // after that line, so another loader may take them before `d` exits.
+    let d_stopped = p
+        .log_lines_containing("loader-d", "leaving the source's loaders")
+        .first()
+        .and_then(|line| line.split_whitespace().next().map(str::to_owned))
+        .context("d did not log that it leaves")?;
     loaders
         .wait_for("b and c take d's tables", Duration::from_secs(30), |h| {
             *h == division(&["b", "c"])

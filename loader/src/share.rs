@@ -344,6 +344,9 @@ impl Share {
         take.sort();
         for (table, revision) in give_up {
             self.held.remove(&table);
+            // Logged before the lease is deleted: from here on this loader
+            // applies nothing to the table, and another may take it at once.
+            tracing::info!(table = %table, "giving a table up to another loader");
             // A failure leaves the lease to be taken over once this loader
             // looks dead; nothing is applied to the table here meanwhile.
             if let Err(error) = self
@@ -353,7 +356,6 @@ impl Share {
             {
                 tracing::warn!(table = %table, error = %error, "could not give a table's lease up");
             }
-            tracing::info!(table = %table, "gave a table up to another loader");
             out.given_up.push(table);
         }
         for table in take {
@@ -474,6 +476,12 @@ impl Share {
     /// after `lease_ttl`. Call it only after the last batch was acked.
     pub async fn leave(mut self) {
         self.stop_renewing.cancel();
+        // Logged before any lease is deleted: this loader applies nothing
+        // more, and the others may take its tables from here on.
+        tracing::info!(
+            tables = self.held.len(),
+            "leaving the source's loaders: its tables go to the others"
+        );
         for (table, revision) in std::mem::take(&mut self.held) {
             let _ = self
                 .kv
@@ -481,7 +489,6 @@ impl Share {
                 .await;
         }
         let _ = self.kv.delete(member_key(&self.me)).await;
-        tracing::info!("left the source's loaders: its tables go to the others");
     }
 }
 
