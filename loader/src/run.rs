@@ -290,9 +290,8 @@ impl Run<'_> {
         let stop_fetching = self.shutdown.child_token();
         tokio::spawn(fetch_batches(
             consumer.clone(),
-            self.config.loader.clone(),
+            self.config.clone(),
             self.stream_name.clone(),
-            self.config.source.clone(),
             batches_tx,
             held,
             stop_fetching.clone(),
@@ -486,13 +485,14 @@ impl Rebalance {
 /// or after sending a pull error.
 async fn fetch_batches(
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    settings: sluice_broker::config::LoaderConfig,
+    config: Config,
     stream_name: String,
-    source: String,
     batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
     tables_held: HeldTables,
     stop: CancellationToken,
 ) {
+    let (settings, source) = (&config.loader, &config.source);
+    let compression = crate::clickhouse::compression(&config.clickhouse);
     let fail = |source: Box<dyn std::error::Error + Send + Sync>| RunError::Fetch {
         stream: stream_name.clone(),
         source,
@@ -587,7 +587,7 @@ async fn fetch_batches(
         if fetched > 0 {
             last_handover = Instant::now();
         }
-        let hold = hold_incomplete_chunks(&mut messages, &source);
+        let hold = hold_incomplete_chunks(&mut messages, source);
         overtaken_since = match (hold.overtaken, overtaken_since) {
             (false, _) => None,
             (true, since) => Some(since.unwrap_or_else(Instant::now)),
@@ -648,7 +648,7 @@ async fn fetch_batches(
                     },
                 },
             };
-            let batch = match tokio::task::spawn_blocking(move || part.decode()).await {
+            let batch = match tokio::task::spawn_blocking(move || part.decode(compression)).await {
                 Ok(batch) => batch,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
                 // The runtime is shutting down.

@@ -163,8 +163,9 @@ fn encoding_of(message: &jetstream::Message) -> Option<&str> {
 
 impl Pending {
     /// Decodes every package and encodes the rows of every row package on
-    /// `DECODE_THREADS` threads (the part is in order again afterwards).
-    pub fn decode(self) -> Batch {
+    /// `DECODE_THREADS` threads (the part is in order again afterwards),
+    /// compressed for the INSERT with `compression`.
+    pub fn decode(self, compression: clickhouse::Compression) -> Batch {
         let share = self.payloads.len().div_ceil(DECODE_THREADS).max(1);
         let messages_ref = &self.messages;
         let limit = self.limit;
@@ -172,7 +173,9 @@ impl Pending {
             let threads: Vec<_> = self
                 .payloads
                 .chunks(share)
-                .map(|part| scope.spawn(move || decode_part(messages_ref, part, limit)))
+                .map(|part| {
+                    scope.spawn(move || decode_part(messages_ref, part, limit, compression))
+                })
                 .collect();
             threads
                 .into_iter()
@@ -199,8 +202,13 @@ fn decode_part(
     messages: &[jetstream::Message],
     part: &[Payload],
     limit: usize,
+    compression: clickhouse::Compression,
 ) -> Vec<(usize, Result<Decoded, String>)> {
-    let mut encoder = RowEncoder::default();
+    let mut encoder = RowEncoder {
+        reader: sluice_proto::rows::RowReader::default(),
+        last_target: None,
+        compression,
+    };
     let mut decode = |index: usize, payload: &bytes::Bytes| {
         let encoding = encoding_of(&messages[index]);
         let raw = match sluice_proto::decompress_limited(payload, encoding, limit)
@@ -231,13 +239,14 @@ fn decode_part(
 
 /// Encodes the rows of CHANGES and SNAPSHOT packages straight from their
 /// protobuf bytes, for their relation's columns.
-#[derive(Default)]
 struct RowEncoder {
     reader: sluice_proto::rows::RowReader,
     /// The target of the last relation seen: packages of a table come in
     /// runs with the same relation. Only its columns matter here, so the
     /// database name is left empty.
     last_target: Option<(TableName, v1::Relation, TargetTable)>,
+    /// How the encoded rows are compressed for their INSERT.
+    compression: clickhouse::Compression,
 }
 
 impl RowEncoder {
@@ -266,7 +275,14 @@ impl RowEncoder {
             ));
         }
         let (_, _, target) = self.last_target.as_ref()?;
-        let rows = EncodedRows::transcode(target, package, raw, &split.rows, &mut self.reader)?;
+        let rows = EncodedRows::transcode(
+            target,
+            package,
+            raw,
+            &split.rows,
+            &mut self.reader,
+            self.compression,
+        )?;
         Some(Decoded {
             package: split.header,
             rows: Some(rows),

@@ -38,6 +38,15 @@ pub enum ClientError {
     TlsConfig(#[source] rustls::Error),
 }
 
+/// The INSERT compression `config` asks for.
+pub fn compression(config: &sluice_broker::config::ClickHouseConfig) -> ::clickhouse::Compression {
+    use sluice_broker::config::ClickHouseCompression;
+    match config.compression {
+        ClickHouseCompression::Lz4 => ::clickhouse::Compression::Lz4,
+        ClickHouseCompression::None => ::clickhouse::Compression::None,
+    }
+}
+
 /// A client for `config`'s server and user, with its INSERT compression.
 /// An `https://` URL is verified against the system's roots, plus
 /// `tls_ca_file`; `tls_cert_file`/`tls_key_file` add a client certificate.
@@ -45,11 +54,6 @@ pub fn client(
     config: &sluice_broker::config::ClickHouseConfig,
 ) -> Result<::clickhouse::Client, ClientError> {
     use secrecy::ExposeSecret;
-    use sluice_broker::config::ClickHouseCompression;
-    let compression = match config.compression {
-        ClickHouseCompression::Lz4 => ::clickhouse::Compression::Lz4,
-        ClickHouseCompression::None => ::clickhouse::Compression::None,
-    };
     let base = if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
         tls::client(config)?
     } else {
@@ -59,7 +63,7 @@ pub fn client(
     let mut client = base
         .with_url(&config.url)
         .with_user(&config.user)
-        .with_compression(compression);
+        .with_compression(compression(config));
     if let Some(password) =
         sluice_broker::config::read_secret(&config.password, &config.password_file)
             .map_err(ClientError::PasswordFile)?
