@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
+use sluice_integration::cpu;
 use sluice_integration::pipeline::{Pipeline, Rng};
 use sluice_integration::{clickhouse_count, clickhouse_sql};
 
@@ -132,6 +133,12 @@ async fn run(
             _sluice_deleted: 0,
         })
         .collect();
+    // CPU time of ClickHouse (every thread of its server) and of the loader,
+    // in seconds: the ratio moves with the machine, CPU per row much less.
+    let ch_pid = cpu::server_pid("clickhouse", &p.servers().clickhouse_url)?;
+    let seconds = |ticks: Option<u64>| ticks.map_or(f64::NAN, |t| t as f64 / 100.0);
+    let ch_cpu = || seconds(cpu::cpu_ticks(ch_pid));
+    let ch_before = ch_cpu();
     let started = Instant::now();
     let mut inserts = 0;
     for chunk in all.chunks(batch_rows.max(1)) {
@@ -144,6 +151,7 @@ async fn run(
     }
     let raw_count = clickhouse_count(raw, &format!("`{raw_db}`.{TABLE} FINAL")).await?;
     let baseline = started.elapsed();
+    let ch_raw = ch_cpu() - ch_before;
     anyhow::ensure!(
         raw_count == rows,
         "raw table holds {raw_count} rows, not {rows}"
@@ -153,8 +161,10 @@ async fn run(
 
     // (b) The loader on the full stream.
     let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
+    let ch_before = ch_cpu();
     let started = Instant::now();
     p.spawn_loader()?;
+    let loader_pid = p.loader_pid().context("the loader's PID")?;
     p.wait_for_final_rows(
         &target,
         rows,
@@ -163,6 +173,7 @@ async fn run(
     )
     .await?;
     let loader = started.elapsed();
+    let (ch_loader, loader_cpu) = (ch_cpu() - ch_before, seconds(cpu::cpu_ticks(loader_pid)));
     p.stop_loader().await?;
 
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
@@ -181,6 +192,14 @@ async fn run(
     println!(
         "ratio loader / raw: {ratio:.2} (target >= 0.70, median of three runs: {})",
         if ratio >= 0.7 { "met" } else { "MISSED" }
+    );
+    let per_row = |seconds: f64| seconds / rows as f64 * 1e9;
+    println!(
+        "CPU, raw: clickhouse {ch_raw:.2} s ({:.0} ns/row); \
+         loader side: clickhouse {ch_loader:.2} s ({:.0} ns/row) + sluice-loader {loader_cpu:.2} s ({:.0} ns/row)",
+        per_row(ch_raw),
+        per_row(ch_loader),
+        per_row(loader_cpu)
     );
     Ok(())
 }
