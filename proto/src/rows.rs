@@ -230,11 +230,11 @@ fn read_varint(bytes: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
 
 fn read_key(bytes: &[u8], pos: &mut usize) -> Result<(u32, u8), DecodeError> {
     let key = read_varint(bytes, pos)?;
-    let field = u32::try_from(key >> 3)
-        .ok()
-        .filter(|f| (1..=MAX_FIELD).contains(f))
-        .ok_or_else(|| DecodeError::Wire("invalid field number"))?;
-    Ok((field, (key & 7) as u8))
+    // No error value is built unless there is an error (see `truncated`).
+    match u32::try_from(key >> 3) {
+        Ok(field) if (1..=MAX_FIELD).contains(&field) => Ok((field, (key & 7) as u8)),
+        _ => Err(DecodeError::Wire("invalid field number")),
+    }
 }
 
 /// Skips over a field's value; returns where it is (for `LEN`, its payload).
