@@ -618,13 +618,7 @@ async fn fetch_batches(
         let passed_over = {
             let tables_held = tables_held.clone();
             let source = source.clone();
-            move |subject: &str| {
-                topology::table_of_subject(&source, subject).is_some_and(|table| {
-                    tables_held
-                        .read()
-                        .is_ok_and(|tables| !tables.contains(&table))
-                })
-            }
+            move |subject: &str| tables_held.passes_over(&source, subject)
         };
         let parts = match tokio::task::spawn_blocking(move || {
             crate::apply::split(messages, budget, passed_over)

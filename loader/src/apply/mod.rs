@@ -75,8 +75,34 @@ pub struct Loader {
     held: HeldTables,
 }
 
-/// The tables a loader holds, shared with its fetcher.
-pub type HeldTables = std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>;
+/// The tables a loader holds, shared with its fetcher (a poisoned lock
+/// still reads).
+#[derive(Debug, Clone, Default)]
+pub struct HeldTables(std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>);
+
+impl HeldTables {
+    /// Whether the loader holds `table`.
+    pub fn contains(&self, table: &TableName) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(table)
+    }
+
+    /// Whether a message on `subject` of `source`'s stream belongs to a
+    /// table another loader applies: it is passed over, neither decoded nor
+    /// applied (only acked).
+    pub fn passes_over(&self, source: &str, subject: &str) -> bool {
+        sluice_broker::topology::table_of_subject(source, subject)
+            .is_some_and(|table| !self.contains(&table))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<TableName>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Why tables are blocked, and which had rows refused since their last
 /// resync (stored with their positions: [`Stored::block_reason`],
@@ -204,18 +230,9 @@ impl Loader {
         self.held.clone()
     }
 
-    /// Whether this loader holds `table` (a poisoned lock still reads).
+    /// Whether this loader holds `table`.
     fn holds(&self, table: &TableName) -> bool {
-        self.held
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(table)
-    }
-
-    fn held_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<TableName>> {
-        self.held
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.held.contains(table)
     }
 
     /// Every table in the positions table.
@@ -227,7 +244,7 @@ impl Loader {
     /// Stops applying `tables` (their leases were given up).
     pub fn give_up(&mut self, tables: &[TableName]) {
         for table in tables {
-            self.held_mut().remove(table);
+            self.held.write().remove(table);
             // Its gauges are the applying loader's to report now.
             self.lag.forget(table);
             gauge!(m::TABLE_BLOCKED, "table" => table.to_string()).set(0.0);
@@ -253,7 +270,7 @@ impl Loader {
         self.ensured.clear();
         let mut out = Vec::new();
         for table in tables {
-            self.held_mut().insert(table.clone());
+            self.held.write().insert(table.clone());
             self.last_resync_request.remove(table);
             self.shadow_progress.remove(table);
             self.troubles.block_reasons.remove(table);
@@ -317,15 +334,12 @@ impl Loader {
         let messages = &batch.messages;
         let mut chains = self.chains.clone();
         // Another loader applies the tables this one does not hold.
-        let foreign = |index: usize| {
-            sluice_broker::topology::table_of_subject(
-                &self.source,
-                messages[index].subject.as_str(),
-            )
-            .is_some_and(|table| !self.holds(&table))
-        };
         let plan = plan::plan(
-            batch.decoded.iter().filter(|(index, _)| !foreign(*index)),
+            batch.decoded.iter().filter(|(index, _)| {
+                !self
+                    .held
+                    .passes_over(&self.source, messages[*index].subject.as_str())
+            }),
             &mut chains,
         );
         for table in &plan.seen {

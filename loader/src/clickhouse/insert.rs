@@ -184,7 +184,7 @@ impl EncodedRows {
 /// was a fifth of the loader's CPU. The crate's compressed chunk can be sent
 /// only once; a batch sent again after an error compresses its plain body
 /// as it goes.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Precompressed(Option<Arc<Mutex<Option<CompressedData>>>>);
 
 impl Precompressed {
