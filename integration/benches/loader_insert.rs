@@ -136,8 +136,7 @@ async fn run(
     // CPU time of ClickHouse (every thread of its server) and of the loader,
     // in seconds: the ratio moves with the machine, CPU per row much less.
     let ch_pid = cpu::server_pid("clickhouse", &p.servers().clickhouse_url)?;
-    let seconds = |ticks: Option<u64>| ticks.map_or(f64::NAN, |t| t as f64 / 100.0);
-    let ch_cpu = || seconds(cpu::cpu_ticks(ch_pid));
+    let ch_cpu = || cpu::seconds(cpu::cpu_ticks(ch_pid));
     let ch_before = ch_cpu();
     let started = Instant::now();
     let mut inserts = 0;
@@ -173,7 +172,10 @@ async fn run(
     )
     .await?;
     let loader = started.elapsed();
-    let (ch_loader, loader_cpu) = (ch_cpu() - ch_before, seconds(cpu::cpu_ticks(loader_pid)));
+    let (ch_loader, loader_cpu) = (
+        ch_cpu() - ch_before,
+        cpu::seconds(cpu::cpu_ticks(loader_pid)),
+    );
     p.stop_loader().await?;
 
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();

@@ -95,9 +95,8 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     let servers = p.servers();
     let postmaster = cpu::server_pid("postgres", &servers.pg_url)?;
     let nats = cpu::server_pid("nats", &servers.nats_url)?;
-    let seconds = |ticks: Option<u64>| ticks.map_or(f64::NAN, |t| t as f64 / 100.0);
-    let pg_cpu = || seconds(cpu::tree_ticks(postmaster));
-    let nats_cpu = || seconds(cpu::cpu_ticks(nats));
+    let pg_cpu = || cpu::seconds(cpu::tree_ticks(postmaster));
+    let nats_cpu = || cpu::seconds(cpu::cpu_ticks(nats));
 
     // (a) Baseline: COPY TO STDOUT, read and dropped.
     let _: i64 = pg
@@ -199,7 +198,7 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         ("postgres", pg_cpu() - pg_before),
         (
             "replicator",
-            seconds(p.replicator_pid().and_then(cpu::cpu_ticks)),
+            cpu::seconds(p.replicator_pid().and_then(cpu::cpu_ticks)),
         ),
         ("nats", nats_cpu() - nats_before),
     ];

@@ -127,11 +127,13 @@ async fn load(
         names.len(),
         held.join(", ")
     );
-    for mut child in children.drain(..) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let _ = child.wait();
+    // Every one is stopped before an error is reported.
+    let mut stopped = Ok(());
+    for (child, name) in children.drain(..).zip(names) {
+        let result =
+            sluice_integration::pipeline::stop_child(Some(child), &format!("loader {name}")).await;
+        stopped = stopped.and(result);
     }
+    stopped?;
     Ok(took)
 }

@@ -21,17 +21,21 @@ pub struct Sample {
 /// Reads [`Sample`]s of a fixed set of stages.
 pub struct StageCpu {
     stages: Vec<Stage>,
-    ticks_per_second: f64,
+}
+
+/// `/proc` counts in USER_HZ, 100 on every Linux architecture this runs on
+/// (`getconf CLK_TCK`).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU ticks ([`cpu_ticks`], [`tree_ticks`]) in seconds; NaN when the
+/// process could not be read.
+pub fn seconds(ticks: Option<u64>) -> f64 {
+    ticks.map_or(f64::NAN, |t| t as f64 / TICKS_PER_SECOND)
 }
 
 impl StageCpu {
     pub fn new(stages: Vec<Stage>) -> StageCpu {
-        StageCpu {
-            stages,
-            // `/proc` counts in USER_HZ, 100 on every Linux architecture
-            // this runs on (`getconf CLK_TCK`).
-            ticks_per_second: 100.0,
-        }
+        StageCpu { stages }
     }
 
     pub fn sample(&self) -> Sample {
@@ -55,7 +59,7 @@ impl StageCpu {
                 ));
                 continue;
             };
-            let cpu = b.saturating_sub(a) as f64 / self.ticks_per_second;
+            let cpu = b.saturating_sub(a) as f64 / TICKS_PER_SECOND;
             total += cpu;
             lines.push(format!(
                 "  {:<12} {:>5.1} % of a core, {:>6.2} µs/row ({:.0} rows/s per core)",

@@ -643,12 +643,12 @@ ack_wait = "30s"
     /// SIGTERMs the replicator and waits (at most 30 s, then SIGKILL); fails if
     /// it did not exit successfully.
     pub async fn stop_replicator(&mut self) -> anyhow::Result<()> {
-        stop(self.replicator.take(), "replicator").await
+        stop_child(self.replicator.take(), "replicator").await
     }
 
     /// SIGTERMs the loader and waits (at most 30 s, then SIGKILL).
     pub async fn stop_loader(&mut self) -> anyhow::Result<()> {
-        stop(self.loader.take(), "loader").await
+        stop_child(self.loader.take(), "loader").await
     }
 
     /// Waits for the loader to exit on its own (a failpoint, a fatal error) and returns its exit
@@ -1057,7 +1057,9 @@ fn kill_9(child: Option<Child>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stop(child: Option<Child>, which: &str) -> anyhow::Result<()> {
+/// SIGTERMs `child` (`which`, for messages) and waits (at most 30 s, then
+/// SIGKILL); fails if it was not running or did not exit successfully.
+pub async fn stop_child(child: Option<Child>, which: &str) -> anyhow::Result<()> {
     let mut child = child.with_context(|| format!("{which} not running"))?;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -77,10 +77,6 @@ impl Loaders {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-
-    fn pid(&self, name: &str) -> anyhow::Result<u32> {
-        Ok(self.0.get(name).context("no such loader")?.0.id())
-    }
 }
 
 /// How many tables each of `members` holds once they agree: rendezvous
@@ -260,12 +256,8 @@ async fn loaders_divide_the_tables_survive_a_kill_and_take_in_newcomers() -> any
     // `d` stops cleanly: it gives its leases up, and the others take them
     // as free leases, not over a dead loader after lease_ttl.
     let stopping = Instant::now();
-    let d_pid = loaders.pid("d")?;
-    std::process::Command::new("kill")
-        .args(["-TERM", &d_pid.to_string()])
-        .status()?;
-    let (mut d, _) = loaders.0.remove("d").context("d")?;
-    d.wait()?;
+    let (d, _) = loaders.0.remove("d").context("d")?;
+    sluice_integration::pipeline::stop_child(Some(d), "loader d").await?;
     // `d` applied nothing after it said it leaves; its leases were deleted
     // after that line, so another loader may take them before `d` exits.
     let d_stopped = p
