@@ -977,20 +977,28 @@ ack_wait = "30s"
         Ok(messages)
     }
 
-    /// How many resyncs of `table` (its name without the schema) for
-    /// `reason` the stream holds (their `RESYNC_BEGIN` packages). Unlike the
+    /// Every resync the stream holds (its `RESYNC_BEGIN` package), in stream
+    /// order: the table's name without the schema, and the reason. Unlike the
     /// replicator's counters, a replicator restart does not reset it.
-    pub async fn resyncs_in_stream(&self, table: &str, reason: &str) -> anyhow::Result<usize> {
+    pub async fn resyncs_begun_in_stream(&self) -> anyhow::Result<Vec<(String, String)>> {
         Ok(self
             .stream_messages()
             .await?
             .into_iter()
             .filter_map(|message| message.package.ok())
-            .filter(|package| {
-                package.kind() == sluice_proto::v1::Kind::ResyncBegin
-                    && package.table == table
-                    && package.resync.as_ref().is_some_and(|r| r.reason == reason)
-            })
+            .filter(|package| package.kind() == sluice_proto::v1::Kind::ResyncBegin)
+            .filter_map(|package| Some((package.table, package.resync?.reason)))
+            .collect())
+    }
+
+    /// How many resyncs of `table` (its name without the schema) for
+    /// `reason` the stream holds ([`Pipeline::resyncs_begun_in_stream`]).
+    pub async fn resyncs_in_stream(&self, table: &str, reason: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .resyncs_begun_in_stream()
+            .await?
+            .iter()
+            .filter(|(t, r)| t == table && r == reason)
             .count())
     }
 

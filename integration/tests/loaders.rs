@@ -288,17 +288,10 @@ async fn loaders_divide_the_tables_survive_a_kill_and_take_in_newcomers() -> any
         ensure!(gaps.is_empty(), "loader {loader} saw gaps: {gaps:#?}");
     }
     let resyncs = p
-        .stream_messages()
+        .resyncs_begun_in_stream()
         .await?
-        .into_iter()
-        .filter_map(|m| m.package.ok())
-        .filter(|package| {
-            package.kind() == sluice_proto::v1::Kind::ResyncBegin
-                && package
-                    .resync
-                    .as_ref()
-                    .is_some_and(|r| r.reason != "initial")
-        })
+        .iter()
+        .filter(|(_, reason)| reason != "initial")
         .count();
     ensure!(
         resyncs == 0,
@@ -479,14 +472,11 @@ async fn a_resync_goes_on_when_its_loader_dies_and_another_takes_the_table() -> 
     let gaps = p.log_lines_containing(&format!("loader-{other}"), "gap in the table's chain");
     ensure!(gaps.is_empty(), "gaps: {gaps:#?}");
     let begins: Vec<String> = p
-        .stream_messages()
+        .resyncs_begun_in_stream()
         .await?
         .into_iter()
-        .filter_map(|m| m.package.ok())
-        .filter(|package| {
-            package.kind() == sluice_proto::v1::Kind::ResyncBegin && package.table == "rs_big"
-        })
-        .filter_map(|package| package.resync.map(|r| r.reason))
+        .filter(|(table, _)| table == "rs_big")
+        .map(|(_, reason)| reason)
         .collect();
     ensure!(
         begins == ["initial", "manual"],
