@@ -31,9 +31,7 @@ const PATIENCE: Duration = Duration::from_secs(1800);
 async fn main() -> anyhow::Result<()> {
     let rows = pipeline::count_from_env("SLUICE_BENCH_TX_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_bigtx").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
     let _ = p.stop_loader().await;

@@ -49,9 +49,7 @@ const POLL: Duration = Duration::from_millis(100);
 async fn main() -> anyhow::Result<()> {
     let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_e2e").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let other = Other::new(&p)?;
     let result = run(&mut p, &other, rows).await;
     let _ = p.stop_loader().await;

@@ -51,9 +51,7 @@ struct RawRow {
 async fn main() -> anyhow::Result<()> {
     let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_load").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let (_, raw_db) = p.servers().fresh_clickhouse_database("bench_raw").await?;
     // A client built like the loader's, so both sides send their INSERTs
     // with the same `clickhouse.compression`; as the server's default user,

@@ -50,9 +50,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut p = Pipeline::start("bench_drain").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let recv_slot = format!("{}_recv", p.name);
     let result = run(&mut p, rows, &recvlogical, &recv_slot).await;
     // The pipeline's drop removes its own slot, database and stream; the

@@ -48,9 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let rows =
         sluice_integration::pipeline::count_from_env("SLUICE_BENCH_SNAPSHOT_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_snapshot").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
     if result.is_err() {

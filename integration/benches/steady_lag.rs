@@ -68,9 +68,7 @@ async fn main() -> anyhow::Result<()> {
         "package_max_rows",
         &replicator.package_max_rows.to_string(),
     )?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let result = run(&mut p, &rates, Duration::from_secs(seconds)).await;
     let _ = p.stop_loader().await;
     let _ = p.stop_replicator().await;

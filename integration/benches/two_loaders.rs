@@ -34,9 +34,7 @@ const DEFAULT_ROWS: u64 = 1_000_000;
 async fn main() -> anyhow::Result<()> {
     let rows = sluice_integration::pipeline::count_from_env("SLUICE_BENCH_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_loaders").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let mut children = Vec::new();
     let result = run(&mut p, rows, &mut children).await;
     for mut child in children {

@@ -34,9 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let rows =
         sluice_integration::pipeline::count_from_env("SLUICE_BENCH_VERIFY_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_verify").await?;
-    for pair in p.set_config_from_env()? {
-        println!("config: {pair} (SLUICE_BENCH_CONFIG)");
-    }
+    p.set_config_from_env()?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
     let _ = p.stop_loader().await;

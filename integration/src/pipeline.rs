@@ -325,12 +325,11 @@ ack_wait = "30s"
 
     /// Applies `SLUICE_BENCH_CONFIG`, `section.key=value` pairs separated by
     /// `;` (e.g. `replicator.catchup_min_lag_bytes=0`), with [`Self::set_config`];
-    /// returns them for the benchmark's output.
-    pub fn set_config_from_env(&mut self) -> anyhow::Result<Vec<String>> {
+    /// prints each for the benchmark's output.
+    pub fn set_config_from_env(&mut self) -> anyhow::Result<()> {
         let Ok(pairs) = std::env::var("SLUICE_BENCH_CONFIG") else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut applied = Vec::new();
         for pair in pairs.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (path, value) = pair.split_once('=').with_context(|| {
                 format!("SLUICE_BENCH_CONFIG: {pair:?} is not section.key=value")
@@ -339,9 +338,9 @@ ack_wait = "30s"
                 .split_once('.')
                 .with_context(|| format!("SLUICE_BENCH_CONFIG: {path:?} is not section.key"))?;
             self.set_config(section, key, value)?;
-            applied.push(pair.to_owned());
+            println!("config: {pair} (SLUICE_BENCH_CONFIG)");
         }
-        Ok(applied)
+        Ok(())
     }
 
     /// Creates one [`workload_table_sql`] table per name and the publication
