@@ -363,7 +363,9 @@ pub struct LoaderConfig {
     pub consumer: String,
     /// Messages fetched per batch at most.
     pub batch_max_messages: usize,
-    /// Bytes fetched per batch at most (as stored: compressed).
+    /// Bytes fetched per batch at most (as stored: compressed). The loader's
+    /// memory grows with it: each fetched byte is held, decompressed and
+    /// encoded in up to three batches at once (README "Bounded memory").
     pub batch_max_bytes: usize,
     /// Bytes a batch may take once decompressed. A bigger batch is applied in
     /// parts (acked once, after the last); a package bigger than this alone
@@ -409,7 +411,7 @@ impl Default for LoaderConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9188)),
             consumer: "sluice_loader".into(),
             batch_max_messages: 1000,
-            batch_max_bytes: 32 * 1024 * 1024,
+            batch_max_bytes: 4 * 1024 * 1024,
             batch_max_decoded_bytes: 256 * 1024 * 1024,
             batch_min_interval: Duration::from_millis(100),
             batch_max_wait: Duration::from_millis(500),

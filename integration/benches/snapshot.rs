@@ -17,6 +17,9 @@
 //!   table is visible in ClickHouse (it is swapped in at RESYNC_END), with
 //!   the loader's peak RSS (`VmHWM`).
 //!
+//! Packages and batches have the product's default sizes, not the test
+//! harness' small ones (`Pipeline::use_default_batching`).
+//!
 //! Prints rows/s of both and the ratio snapshot / COPY, and the CPU time
 //! each used (the Postgres server's, with every backend's; the replicator's
 //! and NATS' for the snapshot) against what the machine's cores can give in
@@ -48,6 +51,9 @@ async fn main() -> anyhow::Result<()> {
     let rows =
         sluice_integration::pipeline::count_from_env("SLUICE_BENCH_SNAPSHOT_ROWS", DEFAULT_ROWS)?;
     let mut p = Pipeline::start("bench_snapshot").await?;
+    // Packages and batches as a user's config has them: the loader's peak
+    // RSS (target < 150 MiB) depends on their sizes.
+    p.use_default_batching()?;
     p.set_config_from_env()?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;

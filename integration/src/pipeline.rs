@@ -294,6 +294,15 @@ ack_wait = "30s"
         self.edit_config(section, &pairs)
     }
 
+    /// Lets the product's defaults size packages and batches instead of the
+    /// harness' small ones (which keep tests quick and their batches many):
+    /// for benches whose figures a user with the default config should see.
+    pub fn use_default_batching(&mut self) -> anyhow::Result<()> {
+        self.unset_config("replicator", "package_max_rows")?;
+        self.unset_config("loader", "batch_max_messages")?;
+        self.unset_config("loader", "batch_max_wait")
+    }
+
     /// Removes `key` from `[section]`, so that its default applies.
     pub fn unset_config(&mut self, section: &str, key: &str) -> anyhow::Result<()> {
         self.edit_config(section, &[(key, None)])

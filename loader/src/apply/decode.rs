@@ -45,9 +45,20 @@ pub(super) struct Decoded {
     /// Without its rows when `rows` holds them encoded.
     pub(super) package: v1::Package,
     pub(super) rows: Option<EncodedRows>,
-    /// The package's protobuf bytes, kept exactly when `package` lacks its
-    /// rows, to decode them after all for an INSERT that fills in TOAST values.
-    pub(super) raw: Option<bytes::Bytes>,
+    /// The package as stored, kept exactly when `package` lacks its rows, to
+    /// decode them after all for an INSERT that fills in TOAST values. The
+    /// stored (compressed) bytes share the fetched message's buffer; keeping
+    /// the decompressed ones instead doubled a part's memory for a path few
+    /// INSERTs take.
+    pub(super) stored: Option<Stored>,
+}
+
+/// A package payload as stored, and how to decompress it again.
+pub(super) struct Stored {
+    payload: bytes::Bytes,
+    encoding: Option<String>,
+    /// The most it may decompress to (it did, once).
+    limit: usize,
 }
 
 impl Decoded {
@@ -56,18 +67,30 @@ impl Decoded {
         Decoded {
             package,
             rows: None,
-            raw: None,
+            stored: None,
         }
     }
 
     /// The package with its rows.
     pub(super) fn with_rows(&self) -> Result<std::borrow::Cow<'_, v1::Package>, ChError> {
-        match &self.raw {
-            Some(raw) => v1::Package::decode(raw.as_ref())
-                .map(std::borrow::Cow::Owned)
-                .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e))),
-            None => Ok(std::borrow::Cow::Borrowed(&self.package)),
-        }
+        let Some(stored) = &self.stored else {
+            return match self.rows {
+                // Not reached: encoded packages keep their stored bytes.
+                Some(_) => Err(ChError::Decode(sluice_proto::DecodeError::Wire(
+                    "the package's rows were not kept",
+                ))),
+                None => Ok(std::borrow::Cow::Borrowed(&self.package)),
+            };
+        };
+        let raw = sluice_proto::decompress_limited(
+            &stored.payload,
+            stored.encoding.as_deref(),
+            stored.limit,
+        )
+        .map_err(ChError::Decode)?;
+        v1::Package::decode(raw.as_ref())
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e)))
     }
 }
 
@@ -218,7 +241,12 @@ fn decode_part(
             std::borrow::Cow::Borrowed(_) => payload.clone(),
             std::borrow::Cow::Owned(raw) => bytes::Bytes::from(raw),
         };
-        if let Some(decoded) = encoder.encode(&raw) {
+        if let Some(mut decoded) = encoder.encode(&raw) {
+            decoded.stored = Some(Stored {
+                payload: payload.clone(),
+                encoding: encoding.map(str::to_owned),
+                limit,
+            });
             return Ok(decoded);
         }
         let package = v1::Package::decode(&*raw).map_err(|error| {
@@ -286,7 +314,7 @@ impl RowEncoder {
         Some(Decoded {
             package: split.header,
             rows: Some(rows),
-            raw: Some(raw.clone()),
+            stored: None,
         })
     }
 }

@@ -119,8 +119,12 @@ pub struct EncodedRows {
     /// The columns the rows were encoded for; an INSERT into a table typed
     /// otherwise encodes the package again.
     columns: Vec<TargetColumn>,
-    body: Bytes,
+    /// The RowBinary as it is, kept only when it was not compressed ahead:
+    /// keeping both doubled a batch's memory for the rare INSERT sent again.
+    body: Option<Bytes>,
     compressed: Precompressed,
+    /// Size of the RowBinary.
+    len: usize,
     rows: usize,
     clamped: ClampCounts,
     /// The package's source rows by operation.
@@ -167,10 +171,13 @@ impl EncodedRows {
             ops.add(header.kind, row.op);
         }
         let compressed = Precompressed::new(&builder.buf, compression);
+        let len = builder.buf.len();
+        let body = (!compressed.is_made()).then(|| Bytes::from(builder.buf));
         Some(EncodedRows {
             columns: target.columns.clone(),
-            body: Bytes::from(builder.buf),
+            body,
             compressed,
+            len,
             rows: builder.rows,
             clamped: builder.clamped,
             ops,
@@ -182,8 +189,9 @@ impl EncodedRows {
 /// client would compress it while sending) on the decode threads, ahead of
 /// its INSERT: compressing inside the INSERT held ClickHouse waiting, and it
 /// was a fifth of the loader's CPU. The crate's compressed chunk can be sent
-/// only once; a batch sent again after an error compresses its plain body
-/// as it goes.
+/// only once, and the plain body is not kept beside it: an INSERT sent again
+/// after an error encodes such a package again from the package as stored
+/// ([`InsertBuilder::push_encoded`] says so).
 #[derive(Clone)]
 struct Precompressed(Option<Arc<Mutex<Option<CompressedData>>>>);
 
@@ -199,7 +207,12 @@ impl Precompressed {
         )
     }
 
-    /// The compressed chunk, unless it was sent already.
+    /// Whether a compressed chunk was made (sent or not).
+    fn is_made(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The compressed chunk, unless it was taken for an INSERT already.
     fn take(&self) -> Option<CompressedData> {
         self.0.as_ref()?.lock().ok()?.take()
     }
@@ -216,18 +229,28 @@ impl std::fmt::Debug for Precompressed {
 }
 
 /// One part of an INSERT's body.
-#[derive(Debug)]
 enum Piece {
     /// Compressed, when the client compresses, as it is sent.
     Plain(Bytes),
-    /// Encoded ahead, with its compressed form if it was made ahead too.
-    Encoded(Bytes, Precompressed),
+    /// Encoded and compressed ahead, sent as it is; and its size before.
+    Compressed(CompressedData, usize),
 }
 
 impl Piece {
-    fn body(&self) -> &Bytes {
+    /// Size of the RowBinary it holds.
+    fn len(&self) -> usize {
         match self {
-            Piece::Plain(body) | Piece::Encoded(body, _) => body,
+            Piece::Plain(body) => body.len(),
+            Piece::Compressed(_, len) => *len,
+        }
+    }
+}
+
+impl std::fmt::Debug for Piece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Piece::Plain(body) => write!(f, "Plain({} bytes)", body.len()),
+            Piece::Compressed(_, len) => write!(f, "Compressed({len} bytes)"),
         }
     }
 }
@@ -266,26 +289,30 @@ impl<'a> InsertBuilder<'a> {
 
     /// Size of the body so far.
     pub fn len_bytes(&self) -> usize {
-        self.pieces.iter().map(|p| p.body().len()).sum::<usize>() + self.buf.len()
+        self.pieces.iter().map(Piece::len).sum::<usize>() + self.buf.len()
     }
 
     /// Adds rows encoded ahead by [`EncodedRows::transcode`], as they are.
     /// Returns `false`, adding nothing, when they were encoded for other
     /// columns or when this builder keeps rows for TOAST fill-ins (their
-    /// byte ranges point into the body being built); the caller then adds
-    /// the package with [`Self::push_package`].
+    /// byte ranges point into the body being built), or when their
+    /// compressed chunk, the only form kept, was taken by an earlier INSERT
+    /// (one that failed); the caller then adds the package with
+    /// [`Self::push_package`].
     pub fn push_encoded(&mut self, encoded: &EncodedRows) -> bool {
         if encoded.columns != self.target.columns || !self.latest.is_empty() {
             return false;
         }
+        let piece = match (encoded.compressed.take(), &encoded.body) {
+            (Some(data), _) => Piece::Compressed(data, encoded.len),
+            (None, Some(body)) => Piece::Plain(body.clone()),
+            (None, None) => return false,
+        };
         if !self.buf.is_empty() {
             self.pieces
                 .push(Piece::Plain(Bytes::from(std::mem::take(&mut self.buf))));
         }
-        self.pieces.push(Piece::Encoded(
-            encoded.body.clone(),
-            encoded.compressed.clone(),
-        ));
+        self.pieces.push(piece);
         self.rows += encoded.rows;
         for (column, count) in &encoded.clamped.0 {
             *self.clamped.0.entry(column.clone()).or_default() += count;
@@ -500,10 +527,7 @@ impl<'a> InsertBuilder<'a> {
         // queued, so ClickHouse starts parsing before the last one is ready.
         for piece in pieces {
             let sent = match piece {
-                Piece::Encoded(body, compressed) => match compressed.take() {
-                    Some(data) => insert.send_compressed(data).await,
-                    None => insert.send(body).await,
-                },
+                Piece::Compressed(data, _) => insert.send_compressed(data).await,
                 Piece::Plain(body) => insert.send(body).await,
             };
             sent.map_err(Error::ch("insert"))?;
@@ -560,6 +584,14 @@ mod tests {
     /// What the loader's decode threads do: the package's protobuf bytes,
     /// split, then transcoded.
     fn transcode(target: &TargetTable, package: &v1::Package) -> Option<EncodedRows> {
+        transcode_compressed(target, package, Compression::None)
+    }
+
+    fn transcode_compressed(
+        target: &TargetTable,
+        package: &v1::Package,
+        compression: Compression,
+    ) -> Option<EncodedRows> {
         use sluice_proto::Message as _;
         let raw = package.encode_to_vec();
         let split = sluice_proto::rows::split(&raw).unwrap();
@@ -570,7 +602,7 @@ mod tests {
             &raw,
             &split.rows,
             &mut reader,
-            Compression::None,
+            compression,
         )
     }
 
@@ -578,7 +610,10 @@ mod tests {
         let mut out: Vec<u8> = builder
             .pieces
             .iter()
-            .flat_map(|p| p.body().iter())
+            .flat_map(|p| match p {
+                Piece::Plain(body) => body.iter(),
+                Piece::Compressed(..) => panic!("compressed ahead"),
+            })
             .copied()
             .collect();
         out.extend_from_slice(&builder.buf);
@@ -645,6 +680,39 @@ mod tests {
         assert!(!refusing.push_encoded(&encoded));
         assert_eq!(refusing.rows(), 0);
         assert_eq!(refusing.len_bytes(), 0);
+    }
+
+    #[test]
+    fn rows_compressed_ahead_go_into_one_insert_only() {
+        let target = target();
+        let package = package(
+            100,
+            vec![row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![])],
+        );
+        let none = CurrentRows::default();
+        let mut by_hand = InsertBuilder::new(&target);
+        by_hand.push_package(&package, &none).unwrap();
+        let encoded = transcode_compressed(&target, &package, Compression::Lz4).unwrap();
+        // Only the compressed form is kept.
+        assert!(encoded.body.is_none());
+        let mut first = InsertBuilder::new(&target);
+        assert!(first.push_encoded(&encoded));
+        assert_eq!(first.rows(), 1);
+        assert_eq!(first.len_bytes(), by_hand.len_bytes());
+        assert!(matches!(first.pieces[..], [Piece::Compressed(..)]));
+        // The chunk went to the first INSERT: one sent again after it failed
+        // must encode the package again, and is told so.
+        let mut again = InsertBuilder::new(&target);
+        assert!(!again.push_encoded(&encoded));
+        assert_eq!(again.rows(), 0);
+        assert_eq!(again.len_bytes(), 0);
+        // Without compression the body is kept and can be sent any number of times.
+        let plain = transcode(&target, &package).unwrap();
+        for _ in 0..2 {
+            let mut builder = InsertBuilder::new(&target);
+            assert!(builder.push_encoded(&plain));
+            assert_eq!(body(&builder), body(&by_hand));
+        }
     }
 
     #[test]
