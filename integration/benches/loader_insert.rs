@@ -17,7 +17,8 @@
 //!   This includes creating the target table, pulling, decompressing and
 //!   decoding packages, the INSERTs and the loader's position writes.
 //!
-//! Prints rows/s of both and the ratio loader / raw.
+//! Prints rows/s of both, the ratio loader / raw, the CPU each side used
+//! and the loader's peak RSS (`VmHWM`).
 //!
 //! ```text
 //! set -a; . /tmp/sdev/stack/env; set +a
@@ -174,6 +175,8 @@ async fn run(
         ch_cpu() - ch_before,
         cpu::seconds(cpu::cpu_ticks(loader_pid)),
     );
+    // `VmHWM`: the most the loader held at once through the backlog.
+    let peak_mib = sluice_integration::pipeline::peak_rss_kb(loader_pid)? / 1024;
     p.stop_loader().await?;
 
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
@@ -185,7 +188,7 @@ async fn run(
         raw_rate
     );
     println!(
-        "sluice-loader (stream -> count() FINAL = N): {:>8.2} s  {:>10.0} rows/s",
+        "sluice-loader (stream -> count() FINAL = N): {:>8.2} s  {:>10.0} rows/s  peak RSS {peak_mib} MiB",
         loader.as_secs_f64(),
         loader_rate
     );

@@ -46,7 +46,8 @@ pub(super) struct Decoded {
     pub(super) package: v1::Package,
     pub(super) rows: Option<EncodedRows>,
     /// The package as stored, kept exactly when `package` lacks its rows, to
-    /// decode them after all for an INSERT that fills in TOAST values. The
+    /// decode them after all for an INSERT that fills in TOAST values, or
+    /// for one sent again after its compressed rows went out once. The
     /// stored (compressed) bytes share the fetched message's buffer; keeping
     /// the decompressed ones instead doubled a part's memory for a path few
     /// INSERTs take.

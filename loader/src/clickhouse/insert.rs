@@ -119,8 +119,11 @@ pub struct EncodedRows {
     /// The columns the rows were encoded for; an INSERT into a table typed
     /// otherwise encodes the package again.
     columns: Vec<TargetColumn>,
-    /// The RowBinary as it is, kept only when it was not compressed ahead:
-    /// keeping both doubled a batch's memory for the rare INSERT sent again.
+    /// The RowBinary as it is, kept when it was not compressed ahead, and for
+    /// CHANGES packages, which go into two INSERTs while their table is
+    /// resynced (the live table and the shadow). A SNAPSHOT package keeps
+    /// only its compressed chunk: keeping both doubled a batch's memory for
+    /// the rare INSERT sent again.
     body: Option<Bytes>,
     compressed: Precompressed,
     /// Size of the RowBinary.
@@ -172,7 +175,8 @@ impl EncodedRows {
         }
         let compressed = Precompressed::new(&builder.buf, compression);
         let len = builder.buf.len();
-        let body = (!compressed.is_made()).then(|| Bytes::from(builder.buf));
+        let keep_body = !compressed.is_made() || header.kind == v1::Kind::Changes as i32;
+        let body = keep_body.then(|| Bytes::from(builder.buf));
         Some(EncodedRows {
             columns: target.columns.clone(),
             body,
@@ -189,9 +193,9 @@ impl EncodedRows {
 /// client would compress it while sending) on the decode threads, ahead of
 /// its INSERT: compressing inside the INSERT held ClickHouse waiting, and it
 /// was a fifth of the loader's CPU. The crate's compressed chunk can be sent
-/// only once, and the plain body is not kept beside it: an INSERT sent again
-/// after an error encodes such a package again from the package as stored
-/// ([`InsertBuilder::push_encoded`] says so).
+/// only once; where the plain body is not kept beside it (see
+/// [`EncodedRows`]), an INSERT sent again after an error encodes the package
+/// again from the package as stored ([`InsertBuilder::push_encoded`] says so).
 #[derive(Clone)]
 struct Precompressed(Option<Arc<Mutex<Option<CompressedData>>>>);
 
@@ -683,12 +687,13 @@ mod tests {
     }
 
     #[test]
-    fn rows_compressed_ahead_go_into_one_insert_only() {
+    fn snapshot_rows_compressed_ahead_go_into_one_insert_only() {
         let target = target();
-        let package = package(
+        let mut package = package(
             100,
             vec![row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![])],
         );
+        package.kind = v1::Kind::Snapshot as i32;
         let none = CurrentRows::default();
         let mut by_hand = InsertBuilder::new(&target);
         by_hand.push_package(&package, &none).unwrap();
@@ -713,6 +718,18 @@ mod tests {
             assert!(builder.push_encoded(&plain));
             assert_eq!(body(&builder), body(&by_hand));
         }
+        // A CHANGES package keeps its body too: while its table is resynced
+        // it goes into the live table's INSERT and the shadow's.
+        package.kind = v1::Kind::Changes as i32;
+        let mut by_hand = InsertBuilder::new(&target);
+        by_hand.push_package(&package, &none).unwrap();
+        let changes = transcode_compressed(&target, &package, Compression::Lz4).unwrap();
+        let mut live = InsertBuilder::new(&target);
+        assert!(live.push_encoded(&changes));
+        assert!(matches!(live.pieces[..], [Piece::Compressed(..)]));
+        let mut shadow = InsertBuilder::new(&target);
+        assert!(shadow.push_encoded(&changes));
+        assert_eq!(body(&shadow), body(&by_hand));
     }
 
     #[test]
