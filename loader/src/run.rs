@@ -282,6 +282,7 @@ impl Run<'_> {
         &self,
         consumer: &PullConsumer,
         held: HeldTables,
+        pull_max_bytes: usize,
     ) -> (
         tokio::sync::mpsc::Receiver<Result<Batch, RunError>>,
         tokio_util::sync::DropGuard,
@@ -292,6 +293,7 @@ impl Run<'_> {
             consumer.clone(),
             self.config.clone(),
             self.stream_name.clone(),
+            pull_max_bytes,
             batches_tx,
             held,
             stop_fetching.clone(),
@@ -384,7 +386,20 @@ impl Run<'_> {
         // The next batch is fetched and decoded while this one's INSERTs run; it
         // is still acked only after it was applied, so nothing changes for
         // invariant 1 (an unacked prefetched batch is redelivered like any other).
-        let (mut batches, mut fetcher) = self.spawn_fetcher(&consumer, loader.held_tables());
+        let pull_max_bytes = pull_max_bytes(
+            config.loader.batch_max_bytes,
+            nats.server_info().max_payload,
+        );
+        if pull_max_bytes > config.loader.batch_max_bytes {
+            tracing::info!(
+                batch_max_bytes = config.loader.batch_max_bytes,
+                max_payload = nats.server_info().max_payload,
+                pull_max_bytes,
+                "loader.batch_max_bytes is below the NATS server's max_payload: each pull asks for up to a whole message of that size"
+            );
+        }
+        let (mut batches, mut fetcher) =
+            self.spawn_fetcher(&consumer, loader.held_tables(), pull_max_bytes);
         loop {
             let batch: Batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -453,7 +468,8 @@ impl Run<'_> {
                 drop(fetcher);
                 consumer = self.restart_consumer_at(from).await?;
                 next = from;
-                (batches, fetcher) = self.spawn_fetcher(&consumer, loader.held_tables());
+                (batches, fetcher) =
+                    self.spawn_fetcher(&consumer, loader.held_tables(), pull_max_bytes);
             }
         }
     }
@@ -479,6 +495,19 @@ impl Rebalance {
     }
 }
 
+/// Room in a pull for a message's subject and headers beside its payload.
+const PULL_MESSAGE_ROOM: usize = 64 * 1024;
+
+/// The most one pull asks JetStream for: `batch_max_bytes`, but never less
+/// than the largest message the server takes (`max_payload`, the size of the
+/// chunks of a package too big for one message) with its subject and
+/// headers. JetStream delivers no message bigger than a pull's `max_bytes`:
+/// a smaller pull would wait in front of it forever. A batch is still cut
+/// once it holds `batch_max_bytes`.
+fn pull_max_bytes(batch_max_bytes: usize, max_payload: usize) -> usize {
+    batch_max_bytes.max(max_payload.saturating_add(PULL_MESSAGE_ROOM))
+}
+
 /// Pulls batches, holds back incomplete chunk sets, decodes each batch on a
 /// blocking thread and hands it over (an empty batch when the wait expired
 /// with nothing new). Ends when `stop` is cancelled, the receiver is gone,
@@ -487,6 +516,7 @@ async fn fetch_batches(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     config: Config,
     stream_name: String,
+    pull_max_bytes: usize,
     batches: tokio::sync::mpsc::Sender<Result<Batch, RunError>>,
     tables_held: HeldTables,
     stop: CancellationToken,
@@ -503,7 +533,7 @@ async fn fetch_batches(
     let mut pulled = match consumer
         .stream()
         .max_messages_per_batch(settings.batch_max_messages)
-        .max_bytes_per_batch(settings.batch_max_bytes)
+        .max_bytes_per_batch(pull_max_bytes)
         .messages()
         .await
     {
@@ -702,6 +732,18 @@ fn hold_incomplete_chunks(messages: &mut Vec<jetstream::Message>, source: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pull_fits_the_largest_message_the_server_takes() {
+        // The default batch (4 MiB) on a server taking 8 MiB messages: a
+        // chunk of 8 MiB must still come.
+        assert_eq!(
+            pull_max_bytes(4 << 20, 8 << 20),
+            (8 << 20) + PULL_MESSAGE_ROOM
+        );
+        // NATS' default max_payload (1 MiB): the batch size stands.
+        assert_eq!(pull_max_bytes(4 << 20, 1 << 20), 4 << 20);
+    }
 
     #[test]
     fn a_retryable_failure_restarts_not_ready_and_anything_else_stops() {
