@@ -672,12 +672,14 @@ async fn fetch_batches(
                     },
                 },
             };
-            let batch = match tokio::task::spawn_blocking(move || part.decode(compression)).await {
-                Ok(batch) => batch,
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                // The runtime is shutting down.
-                Err(_) => return,
-            };
+            let held = tables_held.clone();
+            let batch =
+                match tokio::task::spawn_blocking(move || part.decode(compression, &held)).await {
+                    Ok(batch) => batch,
+                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    // The runtime is shutting down.
+                    Err(_) => return,
+                };
             permit.send(Ok(batch));
         }
     }

@@ -16,6 +16,7 @@ use async_nats::jetstream;
 use sluice_broker::TableName;
 use sluice_proto::{Message as _, v1};
 
+use super::HeldTables;
 use crate::clickhouse::schema::TargetTable;
 use crate::clickhouse::{EncodedRows, Error as ChError};
 
@@ -188,8 +189,10 @@ fn encoding_of(message: &jetstream::Message) -> Option<&str> {
 impl Pending {
     /// Decodes every package and encodes the rows of every row package on
     /// `DECODE_THREADS` threads (the part is in order again afterwards),
-    /// compressed for the INSERT with `compression`.
-    pub fn decode(self, compression: clickhouse::Compression) -> Batch {
+    /// compressed for the INSERT with `compression`. Change packages of the
+    /// tables `held` says are being resynced keep their RowBinary beside the
+    /// compressed chunk (see [`EncodedRows`]).
+    pub fn decode(self, compression: clickhouse::Compression, held: &HeldTables) -> Batch {
         let share = self.payloads.len().div_ceil(DECODE_THREADS).max(1);
         let messages_ref = &self.messages;
         let limit = self.limit;
@@ -198,7 +201,7 @@ impl Pending {
                 .payloads
                 .chunks(share)
                 .map(|part| {
-                    scope.spawn(move || decode_part(messages_ref, part, limit, compression))
+                    scope.spawn(move || decode_part(messages_ref, part, limit, compression, held))
                 })
                 .collect();
             threads
@@ -227,11 +230,13 @@ fn decode_part(
     part: &[Payload],
     limit: usize,
     compression: clickhouse::Compression,
+    held: &HeldTables,
 ) -> Vec<(usize, Result<Decoded, String>)> {
     let mut encoder = RowEncoder {
         reader: sluice_proto::rows::RowReader::default(),
         last_target: None,
         compression,
+        held,
     };
     let mut decode = |index: usize, payload: &bytes::Bytes| {
         let encoding = encoding_of(&messages[index]);
@@ -268,7 +273,7 @@ fn decode_part(
 
 /// Encodes the rows of CHANGES and SNAPSHOT packages straight from their
 /// protobuf bytes, for their relation's columns.
-struct RowEncoder {
+struct RowEncoder<'h> {
     reader: sluice_proto::rows::RowReader,
     /// The target of the last relation seen: packages of a table come in
     /// runs with the same relation. Only its columns matter here, so the
@@ -276,9 +281,11 @@ struct RowEncoder {
     last_target: Option<(TableName, v1::Relation, TargetTable)>,
     /// How the encoded rows are compressed for their INSERT.
     compression: clickhouse::Compression,
+    /// Which tables are being resynced.
+    held: &'h HeldTables,
 }
 
-impl RowEncoder {
+impl RowEncoder<'_> {
     /// The package in `raw` with its rows encoded, or `None` to decode it
     /// whole instead: not a row package, or rows that do not encode on their
     /// own (see [`EncodedRows::transcode`]), or bytes prost should judge.
@@ -303,7 +310,9 @@ impl RowEncoder {
                 target,
             ));
         }
-        let (_, _, target) = self.last_target.as_ref()?;
+        let (table, _, target) = self.last_target.as_ref()?;
+        // Into the live table and the shadow: the second INSERT needs it.
+        let keep_body = package.kind == v1::Kind::Changes as i32 && self.held.is_resyncing(table);
         let rows = EncodedRows::transcode(
             target,
             package,
@@ -311,6 +320,7 @@ impl RowEncoder {
             &split.rows,
             &mut self.reader,
             self.compression,
+            keep_body,
         )?;
         Some(Decoded {
             package: split.header,

@@ -76,17 +76,41 @@ pub struct Loader {
 }
 
 /// The tables a loader holds, shared with its fetcher (a poisoned lock
-/// still reads).
+/// still reads); and those of them being resynced, as of the last batch
+/// applied.
 #[derive(Debug, Clone, Default)]
-pub struct HeldTables(std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>);
+pub struct HeldTables {
+    held: std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>,
+    resyncing: std::sync::Arc<std::sync::RwLock<HashSet<TableName>>>,
+}
 
 impl HeldTables {
     /// Whether the loader holds `table`.
     pub fn contains(&self, table: &TableName) -> bool {
-        self.0
+        self.held
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(table)
+    }
+
+    /// Whether `table` had a shadow table when the last batch was applied:
+    /// its change packages then go into two INSERTs, and the decode stage
+    /// keeps their RowBinary for the second. (A resync that began since
+    /// costs that INSERT a second decoding, nothing else.)
+    pub fn is_resyncing(&self, table: &TableName) -> bool {
+        self.resyncing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(table)
+    }
+
+    fn set_resyncing<'t>(&self, tables: impl Iterator<Item = &'t TableName>) {
+        let mut resyncing = self
+            .resyncing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        resyncing.clear();
+        resyncing.extend(tables.cloned());
     }
 
     /// Whether a message on `subject` of `source`'s stream belongs to a
@@ -98,7 +122,7 @@ impl HeldTables {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashSet<TableName>> {
-        self.0
+        self.held
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -316,6 +340,7 @@ impl Loader {
                 (s.stream_sequence > 0).then_some(s.stream_sequence),
             ));
         }
+        self.held.set_resyncing(self.shadows.keys());
         Ok(out)
     }
 
@@ -489,6 +514,7 @@ impl Loader {
         self.version = version;
         self.chains = chains;
         self.shadows = shadows;
+        self.held.set_resyncing(self.shadows.keys());
         self.troubles = troubles;
         self.lag.adopt(commit_times, plan.heartbeat);
         for (table, lsn) in batch_lsns {

@@ -119,11 +119,11 @@ pub struct EncodedRows {
     /// The columns the rows were encoded for; an INSERT into a table typed
     /// otherwise encodes the package again.
     columns: Vec<TargetColumn>,
-    /// The RowBinary as it is, kept when it was not compressed ahead, and for
-    /// CHANGES packages, which go into two INSERTs while their table is
-    /// resynced (the live table and the shadow). A SNAPSHOT package keeps
-    /// only its compressed chunk: keeping both doubled a batch's memory for
-    /// the rare INSERT sent again.
+    /// The RowBinary as it is, kept when it was not compressed ahead, and
+    /// when asked to: for CHANGES packages of a table being resynced, which
+    /// go into two INSERTs (the live table and the shadow). Otherwise only
+    /// the compressed chunk is kept: keeping both doubled a batch's memory
+    /// for the rare INSERT sent again.
     body: Option<Bytes>,
     compressed: Precompressed,
     /// Size of the RowBinary.
@@ -144,7 +144,8 @@ impl EncodedRows {
     /// decodes the package whole, and the INSERT reports the row at fault).
     ///
     /// With a `compression` other than `None` the body is compressed here
-    /// too, as the INSERT would (see [`Precompressed`]).
+    /// too, as the INSERT would (see [`Precompressed`]); the plain body is
+    /// then kept too only with `keep_body`.
     pub fn transcode(
         target: &TargetTable,
         header: &v1::Package,
@@ -152,6 +153,7 @@ impl EncodedRows {
         rows: &[Range<usize>],
         reader: &mut sluice_proto::rows::RowReader,
         compression: Compression,
+        keep_body: bool,
     ) -> Option<EncodedRows> {
         let mut builder = InsertBuilder::new(target);
         // RowBinary is about as long as the rows' protobuf bytes plus each
@@ -175,8 +177,7 @@ impl EncodedRows {
         }
         let compressed = Precompressed::new(&builder.buf, compression);
         let len = builder.buf.len();
-        let keep_body = !compressed.is_made() || header.kind == v1::Kind::Changes as i32;
-        let body = keep_body.then(|| Bytes::from(builder.buf));
+        let body = (keep_body || !compressed.is_made()).then(|| Bytes::from(builder.buf));
         Some(EncodedRows {
             columns: target.columns.clone(),
             body,
@@ -588,13 +589,14 @@ mod tests {
     /// What the loader's decode threads do: the package's protobuf bytes,
     /// split, then transcoded.
     fn transcode(target: &TargetTable, package: &v1::Package) -> Option<EncodedRows> {
-        transcode_compressed(target, package, Compression::None)
+        transcode_compressed(target, package, Compression::None, false)
     }
 
     fn transcode_compressed(
         target: &TargetTable,
         package: &v1::Package,
         compression: Compression,
+        keep_body: bool,
     ) -> Option<EncodedRows> {
         use sluice_proto::Message as _;
         let raw = package.encode_to_vec();
@@ -607,6 +609,7 @@ mod tests {
             &split.rows,
             &mut reader,
             compression,
+            keep_body,
         )
     }
 
@@ -687,17 +690,16 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_rows_compressed_ahead_go_into_one_insert_only() {
+    fn rows_compressed_ahead_go_into_one_insert_unless_kept_for_a_second() {
         let target = target();
-        let mut package = package(
+        let package = package(
             100,
             vec![row(v1::Op::Insert, 1, Kind::Text("a".into()), vec![])],
         );
-        package.kind = v1::Kind::Snapshot as i32;
         let none = CurrentRows::default();
         let mut by_hand = InsertBuilder::new(&target);
         by_hand.push_package(&package, &none).unwrap();
-        let encoded = transcode_compressed(&target, &package, Compression::Lz4).unwrap();
+        let encoded = transcode_compressed(&target, &package, Compression::Lz4, false).unwrap();
         // Only the compressed form is kept.
         assert!(encoded.body.is_none());
         let mut first = InsertBuilder::new(&target);
@@ -718,12 +720,9 @@ mod tests {
             assert!(builder.push_encoded(&plain));
             assert_eq!(body(&builder), body(&by_hand));
         }
-        // A CHANGES package keeps its body too: while its table is resynced
-        // it goes into the live table's INSERT and the shadow's.
-        package.kind = v1::Kind::Changes as i32;
-        let mut by_hand = InsertBuilder::new(&target);
-        by_hand.push_package(&package, &none).unwrap();
-        let changes = transcode_compressed(&target, &package, Compression::Lz4).unwrap();
+        // Kept for a second INSERT (changes of a table being resynced go
+        // into the live table's and the shadow's): both get the rows.
+        let changes = transcode_compressed(&target, &package, Compression::Lz4, true).unwrap();
         let mut live = InsertBuilder::new(&target);
         assert!(live.push_encoded(&changes));
         assert!(matches!(live.pieces[..], [Piece::Compressed(..)]));
