@@ -386,14 +386,12 @@ impl Run<'_> {
         // The next batch is fetched and decoded while this one's INSERTs run; it
         // is still acked only after it was applied, so nothing changes for
         // invariant 1 (an unacked prefetched batch is redelivered like any other).
-        let pull_max_bytes = pull_max_bytes(
-            config.loader.batch_max_bytes,
-            nats.server_info().max_payload,
-        );
+        let max_payload = nats.server_info().max_payload;
+        let pull_max_bytes = pull_max_bytes(config.loader.batch_max_bytes, max_payload);
         if pull_max_bytes > config.loader.batch_max_bytes {
             tracing::info!(
                 batch_max_bytes = config.loader.batch_max_bytes,
-                max_payload = nats.server_info().max_payload,
+                max_payload,
                 pull_max_bytes,
                 "loader.batch_max_bytes is below the NATS server's max_payload: each pull asks for up to a whole message of that size"
             );
