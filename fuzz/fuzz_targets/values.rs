@@ -1,4 +1,4 @@
-//! Fuzzes the decoder of Postgres' text output (`sluice_replicator::values`): it must never panic,
+//! Fuzzes the decoder of Postgres' text output (`sluice_proto::values`): it must never panic,
 //! whatever the text (pgoutput sends column values as text from the source database, so a value is
 //! as hostile as the data in it).
 //!
@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_replicator::catalog::{TypeCategory, TypeInfo};
-use sluice_replicator::values::decode_text;
+use sluice_proto::values::{TypeCategory, TypeInfo};
+use sluice_proto::values::decode_text;
 
 const CATEGORIES: [TypeCategory; 15] = [
     TypeCategory::Bool,

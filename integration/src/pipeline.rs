@@ -978,7 +978,7 @@ ack_wait = "30s"
             messages.push(StreamMessage {
                 sequence,
                 subject: message.subject.to_string(),
-                package: sluice_proto::decode(&payload, encoding.as_deref()),
+                package: sluice_proto::decode_with_rows(&payload, encoding.as_deref()),
                 encoding,
             });
         }

@@ -108,7 +108,7 @@ fn describe(package: &v1::Package) -> String {
         "{:?} at {position}, commit_lsn {}, {} rows, columns ({})",
         package.kind(),
         crate::status::format_lsn(package.commit_lsn),
-        package.rows.len(),
+        sluice_proto::values::copy::row_count(package),
         columns.join(", ")
     )
 }
@@ -224,9 +224,15 @@ async fn fetch(config: &Config, sequence: u64) -> Result<Letter, DeadLetterError
 pub async fn replay(config: &Config, sequence: u64) -> Result<(TableName, usize), DeadLetterError> {
     let letter = fetch(config, sequence).await?;
     let not_replayable = |reason: String| DeadLetterError::NotReplayable { sequence, reason };
-    let package = letter
+    let mut package = letter
         .decode()
         .map_err(|e| not_replayable(format!("it does not decode: {e}")))?;
+    sluice_proto::values::copy::materialize(&mut package).map_err(|e| {
+        not_replayable(format!(
+            "its COPY text does not decode: {}",
+            sluice_broker::error_chain(&e)
+        ))
+    })?;
     if !matches!(package.kind(), v1::Kind::Changes | v1::Kind::Snapshot) {
         return Err(not_replayable(format!(
             "it is a {:?} package, not rows",

@@ -62,6 +62,8 @@ const INET: u32 = 869;
 
 fn column(name: &str, oid: u32, type_name: &str, nullable: bool) -> v1::Column {
     v1::Column {
+        array_delimiter: 0,
+        text_category: 0,
         name: name.into(),
         type_oid: oid,
         type_modifier: -1,

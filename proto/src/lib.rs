@@ -11,6 +11,7 @@
 use std::io::Read;
 
 pub mod rows;
+pub mod values;
 
 /// Generated types of `proto/sluice/v1/package.proto`.
 pub mod v1 {
@@ -74,6 +75,8 @@ pub enum DecodeError {
     Protobuf(#[source] prost::DecodeError),
     #[error("payload is not a valid sluice.v1.Package: {0}")]
     Wire(&'static str),
+    #[error("the package's COPY text does not decode")]
+    Copy(#[source] values::copy::CopyError),
 }
 
 /// zstd level used for packages: level 1 keeps the replicator near the speed
@@ -122,6 +125,17 @@ thread_local! {
 pub fn decode(payload: &[u8], encoding: Option<&str>) -> Result<v1::Package, DecodeError> {
     let raw = decompress(payload, encoding)?;
     v1::Package::decode(&*raw).map_err(DecodeError::Protobuf)
+}
+
+/// [`decode`], with a snapshot package's `copy_text` decoded into its rows
+/// ([`values::copy::materialize`]).
+pub fn decode_with_rows(
+    payload: &[u8],
+    encoding: Option<&str>,
+) -> Result<v1::Package, DecodeError> {
+    let mut package = decode(payload, encoding)?;
+    values::copy::materialize(&mut package).map_err(DecodeError::Copy)?;
+    Ok(package)
 }
 
 /// Decompresses a payload into the protobuf bytes of its package (for
@@ -259,6 +273,8 @@ mod tests {
             publication: String::new(),
             columns: vec![
                 v1::Column {
+                    array_delimiter: 0,
+                    text_category: 0,
                     name: "id".into(),
                     type_oid: 20,
                     type_modifier: -1,
@@ -271,6 +287,8 @@ mod tests {
                     attnum: 0,
                 },
                 v1::Column {
+                    array_delimiter: 0,
+                    text_category: 0,
                     name: "body".into(),
                     type_oid: 25,
                     type_modifier: -1,
@@ -285,6 +303,8 @@ mod tests {
             ],
         };
         v1::Package {
+            copy_rows: 0,
+            copy_text: Vec::new(),
             source: "app".into(),
             schema: "public".into(),
             table: "orders".into(),

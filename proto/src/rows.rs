@@ -26,6 +26,8 @@ const FIXED32: u8 = 5;
 
 /// `Package.rows`.
 const PACKAGE_ROWS: u32 = 12;
+/// `Package.copy_text`.
+const PACKAGE_COPY_TEXT: u32 = 17;
 /// `Row.op`, `Row.values`, `Row.old_key`.
 const ROW_OP: u32 = 1;
 const ROW_VALUES: u32 = 2;
@@ -47,16 +49,21 @@ const VALUE_JSON: u32 = 16;
 /// A package with its rows left as protobuf bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {
-    /// Every field of the package but `rows` (which is empty).
+    /// Every field of the package but `rows` and `copy_text` (which are
+    /// empty).
     pub header: v1::Package,
     /// Where each row's `v1::Row` bytes are in the buffer given to [`split`].
     pub rows: Vec<Range<usize>>,
+    /// Where the package's `copy_text` is in that buffer (the last one,
+    /// as prost would keep it).
+    pub copy_text: Option<Range<usize>>,
 }
 
 /// Splits the protobuf bytes of a package (see [`crate::decompress`]).
 pub fn split(raw: &[u8]) -> Result<Split, DecodeError> {
     let mut rest = Vec::new();
     let mut rows = Vec::new();
+    let mut copy_text = None;
     let mut pos = 0;
     while pos < raw.len() {
         let start = pos;
@@ -64,12 +71,18 @@ pub fn split(raw: &[u8]) -> Result<Split, DecodeError> {
         let value = read_field(raw, &mut pos, wire)?;
         if field == PACKAGE_ROWS && wire == LEN {
             rows.push(value);
+        } else if field == PACKAGE_COPY_TEXT && wire == LEN {
+            copy_text = Some(value);
         } else {
             rest.extend_from_slice(raw.get(start..pos).ok_or_else(truncated)?);
         }
     }
     let header = v1::Package::decode(rest.as_slice()).map_err(DecodeError::Protobuf)?;
-    Ok(Split { header, rows })
+    Ok(Split {
+        header,
+        rows,
+        copy_text,
+    })
 }
 
 /// Decodes rows one after the other into one reused [`v1::Row`].

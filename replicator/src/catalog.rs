@@ -1,7 +1,7 @@
 //! Table and type metadata from the Postgres catalog.
 //!
 //! pgoutput's Relation message names each column's type only by OID. To turn a
-//! column's text value into a typed wire value ([`crate::values`]) and to tell
+//! column's text value into a typed wire value ([`sluice_proto::values`]) and to tell
 //! the loader what a column is ([`sluice_proto::v1::Column`]), the replicator
 //! resolves every OID once through `pg_type` and caches the answer in a
 //! [`TypeCatalog`].
@@ -17,138 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use sluice_broker::TableName;
 use sluice_proto::v1;
 
-/// Well-known OIDs of built-in scalar types (fixed in `pg_type.dat`, never
-/// change between major versions).
-pub mod oid {
-    pub const BOOL: u32 = 16;
-    pub const BYTEA: u32 = 17;
-    pub const CHAR: u32 = 18;
-    pub const NAME: u32 = 19;
-    pub const INT8: u32 = 20;
-    pub const INT2: u32 = 21;
-    pub const INT4: u32 = 23;
-    pub const TEXT: u32 = 25;
-    pub const OID: u32 = 26;
-    pub const JSON: u32 = 114;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const MONEY: u32 = 790;
-    pub const BPCHAR: u32 = 1042;
-    pub const VARCHAR: u32 = 1043;
-    pub const DATE: u32 = 1082;
-    pub const TIME: u32 = 1083;
-    pub const TIMESTAMP: u32 = 1114;
-    pub const TIMESTAMPTZ: u32 = 1184;
-    pub const INTERVAL: u32 = 1186;
-    pub const TIMETZ: u32 = 1266;
-    pub const NUMERIC: u32 = 1700;
-    pub const UUID: u32 = 2950;
-    pub const JSONB: u32 = 3802;
-}
-
-/// How the text of a scalar value (or of each element of an array) decodes.
-///
-/// Decided by the scalar base type: a domain decodes as its base type, an array
-/// element as the element's base type. Everything without a dedicated variant
-/// (inet, ranges, composites, enums, ...) travels as [`TypeCategory::Text`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TypeCategory {
-    Bool,
-    /// int2, int4, int8, oid.
-    Int,
-    /// float4, float8.
-    Float,
-    Numeric,
-    Money,
-    Bytea,
-    Uuid,
-    /// json, jsonb.
-    Json,
-    Date,
-    Time,
-    TimeTz,
-    Timestamp,
-    Timestamptz,
-    Interval,
-    /// Anything carried as its text output.
-    Text,
-}
-
-impl TypeCategory {
-    /// The category of a non-domain, non-array type by OID; enums and unknown
-    /// types are [`TypeCategory::Text`].
-    pub fn of_scalar_oid(type_oid: u32) -> Self {
-        match type_oid {
-            oid::BOOL => Self::Bool,
-            oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => Self::Int,
-            oid::FLOAT4 | oid::FLOAT8 => Self::Float,
-            oid::NUMERIC => Self::Numeric,
-            oid::MONEY => Self::Money,
-            oid::BYTEA => Self::Bytea,
-            oid::UUID => Self::Uuid,
-            oid::JSON | oid::JSONB => Self::Json,
-            oid::DATE => Self::Date,
-            oid::TIME => Self::Time,
-            oid::TIMETZ => Self::TimeTz,
-            oid::TIMESTAMP => Self::Timestamp,
-            oid::TIMESTAMPTZ => Self::Timestamptz,
-            oid::INTERVAL => Self::Interval,
-            _ => Self::Text,
-        }
-    }
-}
-
-/// What sluice knows about one Postgres type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TypeInfo {
-    /// The type's own OID (a domain's own OID for a domain).
-    pub oid: u32,
-    /// `pg_type.typname`, e.g. `int4`, `_int4` (array), `mood` (enum).
-    pub name: String,
-    /// Base, enum, domain, array or other (composite, range, pseudo, ...).
-    pub kind: v1::TypeKind,
-    /// For a domain: its base type after stripping all domain layers (for a
-    /// domain over an array, that array type's OID). For an array: the scalar
-    /// base type of its element (domain element stripped). Else `oid`.
-    pub base_type_oid: u32,
-    /// How a scalar value, or each array element, decodes.
-    pub category: TypeCategory,
-    /// `Some(delimiter)` when values of this type are arrays (arrays and domains
-    /// over arrays); the delimiter is the element type's `typdelim`, `,` for
-    /// everything but `box` (`;`).
-    pub array_delimiter: Option<u8>,
-}
-
-impl TypeInfo {
-    /// A non-array type decoding as `category` (its own base type).
-    pub fn scalar(oid: u32, name: impl Into<String>, category: TypeCategory) -> Self {
-        TypeInfo {
-            oid,
-            name: name.into(),
-            kind: v1::TypeKind::Base,
-            base_type_oid: oid,
-            category,
-            array_delimiter: None,
-        }
-    }
-
-    /// An array type `oid` whose element decodes like `element`.
-    pub fn array_of(oid: u32, name: impl Into<String>, element: &TypeInfo) -> Self {
-        TypeInfo {
-            oid,
-            name: name.into(),
-            kind: v1::TypeKind::Array,
-            base_type_oid: element.base_type_oid,
-            category: element.category,
-            array_delimiter: Some(b','),
-        }
-    }
-
-    /// Whether values of this type are arrays.
-    pub fn is_array(&self) -> bool {
-        self.array_delimiter.is_some()
-    }
-}
+pub use sluice_proto::values::{TypeCategory, TypeInfo, oid};
 
 /// Why catalog metadata could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -736,6 +605,8 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
                 .get(c.type_oid)
                 .ok_or(CatalogError::TypeNotResolved { oid: c.type_oid })?;
             Ok(v1::Column {
+                array_delimiter: ty.array_delimiter.map_or(0, u32::from),
+                text_category: ty.category.to_wire() as i32,
                 name: c.name.clone(),
                 type_oid: c.type_oid,
                 type_modifier: c.type_modifier,

@@ -49,7 +49,6 @@ pub mod slot;
 pub mod snapshot;
 pub mod status;
 pub mod stream;
-pub mod values;
 
 /// A failpoint's crash: exits at once, as a kill would stop the replicator
 /// (nothing flushed or confirmed). Only built with the `failpoints` feature

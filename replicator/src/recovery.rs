@@ -109,7 +109,7 @@ pub fn of_snapshot(error: &SnapshotError) -> Recovery {
         | SnapshotError::ReaderLost(_)
         | SnapshotError::Rewritten(_)
         | SnapshotError::ResyncSlot { .. } => Recovery::Retry,
-        SnapshotError::Copy { .. } | SnapshotError::Value { .. } => Recovery::Stop,
+        SnapshotError::Copy { .. } => Recovery::Stop,
     }
 }
 
@@ -230,7 +230,6 @@ mod tests {
     use super::*;
     use crate::pgoutput::DecodeError;
     use crate::replication::{AuthError, Lsn, ProtocolError};
-    use crate::values::ValueError;
 
     /// A `tokio_postgres::Error` without a server answer (a connection-level
     /// failure as far as the code is concerned).
@@ -427,15 +426,6 @@ mod tests {
             row: 1,
         };
         assert_eq!(of_snapshot(&copy), Stop);
-        let value = SnapshotError::Value {
-            table: "t".to_owned(),
-            column: "c".to_owned(),
-            source: ValueError {
-                type_name: "int8".to_owned(),
-                reason: "not a number",
-            },
-        };
-        assert_eq!(of_snapshot(&value), Stop);
         let pg = SnapshotError::Pg(PgError::Url(no_answer()));
         assert_eq!(of_snapshot(&pg), Stop);
     }

@@ -27,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
-use crate::packager::{Packager, value_size};
+use crate::packager::Packager;
 use crate::pg::{PgError, PgSettings};
 use crate::publish::{Mark, Publisher, now_us, unique_now_us};
 use crate::replication::{Lsn, ReplicationError, quote_literal};
-use crate::values;
+use sluice_proto::values;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -43,13 +43,6 @@ pub enum SnapshotError {
     Publish(#[from] PublishError),
     #[error("snapshot of {table}: malformed COPY row {row}")]
     Copy { table: String, row: u64 },
-    #[error("snapshot of {table}: value of column {column} does not parse")]
-    Value {
-        table: String,
-        column: String,
-        #[source]
-        source: values::ValueError,
-    },
     #[error("snapshot reader of {0} stopped unexpectedly")]
     ReaderLost(String),
     #[error(
@@ -465,7 +458,7 @@ impl Ordinals {
         package.package_index = self.packages;
         package.first_row_ordinal = self.rows;
         self.packages += 1;
-        self.rows += package.rows.len() as u64;
+        self.rows += sluice_proto::values::copy::row_count(package);
     }
 }
 
@@ -536,7 +529,6 @@ struct TableRun {
     /// The table's file when it was planned; every reader checks it.
     relfilenode: u32,
     column_types: Vec<TypeInfo>,
-    column_names: Vec<String>,
     /// `SELECT <published columns> FROM <table>`.
     select: String,
     /// The publication's row filter, if any.
@@ -934,7 +926,6 @@ async fn plan_table(
         relation: relation.clone(),
         relfilenode,
         column_types,
-        column_names: info.columns.iter().map(|c| c.name.clone()).collect(),
         select: format!("SELECT {} FROM {}", columns.join(", "), table.quoted()),
         row_filter: view.row_filter.clone(),
         estimate: estimate as u64,
@@ -1025,17 +1016,22 @@ async fn read_chunk(
         .await
         .map_err(PgError::sql(format!("cannot read {label}")))?;
     futures::pin_mut!(stream);
-    let mut rows: Vec<v1::Row> = Vec::new();
-    let mut bytes = 0usize;
+    // The package being filled: `COPY`'s lines as they came (see
+    // `Package.copy_text`), checked for their shape only; the loader decodes
+    // the values. Decoding them here was most of the snapshot's CPU.
+    let mut text: Vec<u8> = Vec::new();
+    let mut lines: u32 = 0;
+    let columns = run.column_types.len();
     // Rows of this chunk, for error messages.
     let mut read: u64 = 0;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
     let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
-    let flush = |rows: &mut Vec<v1::Row>, bytes: &mut usize| {
-        *bytes = 0;
-        counter.increment(rows.len() as u64);
-        published.increment(rows.len() as u64);
-        run.rows.fetch_add(rows.len() as u64, Ordering::AcqRel);
+    let flush = |text: &mut Vec<u8>, lines: &mut u32| {
+        let rows = std::mem::take(lines);
+        counter.increment(rows.into());
+        published.increment(rows.into());
+        run.rows.fetch_add(rows.into(), Ordering::AcqRel);
+        let copy_text = std::mem::replace(text, Vec::with_capacity(readers.max_bytes.min(1 << 20)));
         v1::Package {
             source: readers.source.clone(),
             schema: run.table.schema.clone(),
@@ -1046,7 +1042,8 @@ async fn read_chunk(
             commit_time_us: now_us(),
             // `package_index` and `first_row_ordinal`: stamped by the
             // publishing task (`Ordinals`).
-            rows: std::mem::take(rows),
+            copy_text,
+            copy_rows: rows,
             // For `status`: how far the snapshot got, from the stream alone.
             resync: Some(v1::Resync {
                 rows: run.estimate,
@@ -1055,6 +1052,10 @@ async fn read_chunk(
             }),
             ..Default::default()
         }
+    };
+    let malformed = |row| SnapshotError::Copy {
+        table: label.clone(),
+        row,
     };
     // The start of a line that the previous message did not finish (Postgres
     // sends one row per message, so this is normally empty).
@@ -1069,18 +1070,25 @@ async fn read_chunk(
                 break;
             };
             read += 1;
-            let row = if carried.is_empty() {
-                decode_row(run, &data[..newline], read, &mut bytes)?
+            if carried.is_empty() {
+                let line = &data[..newline];
+                if !values::copy::well_formed(line, columns) {
+                    return Err(malformed(read));
+                }
+                text.extend_from_slice(&data[..=newline]);
             } else {
                 carried.extend_from_slice(&data[..newline]);
-                let row = decode_row(run, &carried, read, &mut bytes)?;
+                if !values::copy::well_formed(&carried, columns) {
+                    return Err(malformed(read));
+                }
+                text.extend_from_slice(&carried);
+                text.push(b'\n');
                 carried.clear();
-                row
-            };
+            }
+            lines += 1;
             data = &data[newline + 1..];
-            rows.push(row);
-            if rows.len() >= readers.max_rows || bytes >= readers.max_bytes {
-                let package = flush(&mut rows, &mut bytes);
+            if lines as usize >= readers.max_rows || text.len() >= readers.max_bytes {
+                let package = flush(&mut text, &mut lines);
                 send(tx, label, Event::Package(Box::new(package))).await?;
                 // `return(MS)`: a slow snapshot, so that a test's changes
                 // overtake it.
@@ -1095,60 +1103,13 @@ async fn read_chunk(
         }
     }
     if !carried.is_empty() {
-        return Err(SnapshotError::Copy {
-            table: label.clone(),
-            row: read + 1,
-        });
+        return Err(malformed(read + 1));
     }
-    if !rows.is_empty() {
-        let package = flush(&mut rows, &mut bytes);
+    if lines > 0 {
+        let package = flush(&mut text, &mut lines);
         send(tx, label, Event::Package(Box::new(package))).await?;
     }
     Ok(read)
-}
-
-/// One line of `COPY … TO STDOUT` text format (without its newline) as a
-/// row; adds the size of its values to `bytes`.
-fn decode_row(
-    run: &TableRun,
-    line: &[u8],
-    read: u64,
-    bytes: &mut usize,
-) -> Result<v1::Row, SnapshotError> {
-    let malformed = || SnapshotError::Copy {
-        table: run.label.clone(),
-        row: read,
-    };
-    // Valid UTF-8 as a whole (the server encoding is UTF-8, and the
-    // delimiters are ASCII); escaped fields are checked again once unescaped.
-    let line = std::str::from_utf8(line).map_err(|_| malformed())?;
-    let mut values_out = Vec::with_capacity(run.column_types.len());
-    for (i, field) in line.split('\t').enumerate() {
-        let ty = run.column_types.get(i).ok_or_else(malformed)?;
-        let decoded = if field == "\\N" {
-            Ok(values::null())
-        } else if field.contains('\\') {
-            let text = unescape_copy_field(field.as_bytes()).ok_or_else(malformed)?;
-            values::decode_text(ty, &text)
-        } else {
-            values::decode_text(ty, field)
-        };
-        let value = decoded.map_err(|source| SnapshotError::Value {
-            table: run.label.clone(),
-            column: run.column_names[i].clone(),
-            source,
-        })?;
-        *bytes += value_size(&value);
-        values_out.push(value);
-    }
-    if values_out.len() != run.column_types.len() {
-        return Err(malformed());
-    }
-    Ok(v1::Row {
-        op: v1::Op::Insert as i32,
-        values: values_out,
-        old_key: Vec::new(),
-    })
 }
 
 /// A progress line every [`PROGRESS_EVERY`] per table, whichever chunk
@@ -1165,68 +1126,6 @@ fn log_progress(run: &TableRun) {
     let total = run.rows.load(Ordering::Acquire);
     let (rate, eta) = progress(total, run.estimate, run.started.elapsed());
     tracing::info!(table = %run.label, rows = total, estimated_rows = run.estimate, rows_per_second = rate, eta_seconds = eta, "snapshot progress");
-}
-
-/// Parses one line of `COPY … TO STDOUT` text format: tab-separated fields,
-/// `\N` for NULL, backslash escapes. `None` for a malformed line.
-#[cfg(test)]
-fn parse_copy_line(line: &[u8]) -> Option<Vec<Option<String>>> {
-    line.split(|&b| b == b'\t')
-        .map(|raw| match raw {
-            b"\\N" => Some(None),
-            raw => unescape_copy_field(raw).map(Some),
-        })
-        .collect()
-}
-
-/// One field of `COPY … TO STDOUT` text format, its backslash escapes
-/// resolved. `None` for a dangling backslash or text that is not UTF-8.
-fn unescape_copy_field(raw: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let b = raw[i];
-        if b != b'\\' {
-            out.push(b);
-            i += 1;
-            continue;
-        }
-        let next = *raw.get(i + 1)?;
-        i += 2;
-        match next {
-            b'b' => out.push(8),
-            b'f' => out.push(12),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(11),
-            b'0'..=b'7' => {
-                let mut value = u32::from(next - b'0');
-                let mut digits = 1;
-                while digits < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
-                    value = value * 8 + u32::from(raw[i] - b'0');
-                    i += 1;
-                    digits += 1;
-                }
-                out.push((value & 0xff) as u8);
-            }
-            b'x' => {
-                let mut value = 0u32;
-                let mut digits = 0;
-                while digits < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
-                    value = value * 16 + char::from(raw[i]).to_digit(16)?;
-                    i += 1;
-                    digits += 1;
-                }
-                if digits == 0 {
-                    return None;
-                }
-                out.push(value as u8);
-            }
-            other => out.push(other),
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// How often a running snapshot logs its progress.
@@ -1249,8 +1148,7 @@ pub(crate) fn progress(
 #[cfg(test)]
 mod tests {
     use super::{
-        MIN_CHUNK_PAGES, Mark, PageRange, Progress, bounds_of, page_ranges, parse_copy_line,
-        progress, ranges_of,
+        MIN_CHUNK_PAGES, Mark, PageRange, Progress, bounds_of, page_ranges, progress, ranges_of,
     };
     use sluice_broker::TableName;
 
@@ -1386,25 +1284,5 @@ mod tests {
             "the estimate was low"
         );
         assert_eq!(progress(0, 4000, ten), (0, None));
-    }
-
-    #[test]
-    fn copy_text_format_is_unescaped() {
-        let fields = parse_copy_line(b"1\t\\N\ta\\tb\\nc\\\\d\t\\x41\\101\t").expect("valid");
-        assert_eq!(
-            fields,
-            vec![
-                Some("1".into()),
-                None,
-                Some("a\tb\nc\\d".into()),
-                Some("AA".into()),
-                Some(String::new())
-            ]
-        );
-        assert_eq!(parse_copy_line(b"\\"), None, "dangling backslash");
-        assert_eq!(
-            parse_copy_line(b"{\"a b\",NULL}"),
-            Some(vec![Some("{\"a b\",NULL}".into())])
-        );
     }
 }

@@ -200,7 +200,7 @@ pub fn snapshot_progress(last: &v1::Package, now_us: i64) -> Option<Value> {
     let (rows, started_us) = match v1::Kind::try_from(last.kind).ok()? {
         v1::Kind::ResyncBegin => (0, last.commit_time_us),
         v1::Kind::Snapshot => (
-            last.first_row_ordinal + last.rows.len() as u64,
+            last.first_row_ordinal + sluice_proto::values::copy::row_count(last),
             resync.map_or(0, |r| r.started_us),
         ),
         _ => return None,

@@ -14,9 +14,9 @@ use anyhow::{Context, Result, bail, ensure};
 use sluice_broker::TableName;
 use sluice_proto::v1;
 use sluice_proto::v1::value::Kind;
+use sluice_proto::values::{decode_scalar, decode_text};
 use sluice_replicator::catalog::{self, CatalogError, TypeCatalog, TypeCategory, TypeInfo};
 use sluice_replicator::recovery::{self, Recovery};
-use sluice_replicator::values::{decode_scalar, decode_text};
 use tokio_postgres::{Client, NoTls};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -657,7 +657,7 @@ async fn values_agree_with_postgres() -> Result<()> {
         let want: Vec<v1::Value> = elems
             .iter()
             .map(|e| match e {
-                None => Ok(sluice_replicator::values::null()),
+                None => Ok(sluice_proto::values::null()),
                 Some(s) => decode_scalar(info.category, s)
                     .map(|k| v1::Value { kind: Some(k) })
                     .map_err(|r| anyhow::anyhow!("{ty} element {s:?}: {r}")),

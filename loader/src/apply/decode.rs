@@ -90,9 +90,11 @@ impl Decoded {
             stored.limit,
         )
         .map_err(ChError::Decode)?;
-        v1::Package::decode(raw.as_ref())
-            .map(std::borrow::Cow::Owned)
-            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e)))
+        let mut package = v1::Package::decode(raw.as_ref())
+            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e)))?;
+        sluice_proto::values::copy::materialize(&mut package)
+            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Copy(e)))?;
+        Ok(std::borrow::Cow::Owned(package))
     }
 }
 
@@ -235,6 +237,7 @@ fn decode_part(
     let mut encoder = RowEncoder {
         reader: sluice_proto::rows::RowReader::default(),
         last_target: None,
+        copy_decoder: None,
         compression,
         held,
     };
@@ -255,9 +258,13 @@ fn decode_part(
             });
             return Ok(decoded);
         }
-        let package = v1::Package::decode(&*raw).map_err(|error| {
+        let mut package = v1::Package::decode(&*raw).map_err(|error| {
             sluice_broker::error_chain(&sluice_proto::DecodeError::Protobuf(error))
         })?;
+        // A snapshot package's `COPY` text becomes its rows, or the package
+        // is refused for what is wrong with it (never for its values).
+        sluice_proto::values::copy::materialize(&mut package)
+            .map_err(|error| sluice_broker::error_chain(&sluice_proto::DecodeError::Copy(error)))?;
         Ok(Decoded::whole(package))
     };
     part.iter()
@@ -279,6 +286,9 @@ struct RowEncoder<'h> {
     /// runs with the same relation. Only its columns matter here, so the
     /// database name is left empty.
     last_target: Option<(TableName, v1::Relation, TargetTable)>,
+    /// The `COPY` text decoder for the last target's relation, made at its
+    /// first snapshot package that carries `copy_text`.
+    copy_decoder: Option<sluice_proto::values::copy::RowDecoder>,
     /// How the encoded rows are compressed for their INSERT.
     compression: clickhouse::Compression,
     /// Which tables are being resynced.
@@ -295,7 +305,16 @@ impl RowEncoder<'_> {
         let row_kind =
             package.kind == v1::Kind::Changes as i32 || package.kind == v1::Kind::Snapshot as i32;
         let relation = package.relation.as_ref()?;
-        if !row_kind || split.rows.is_empty() {
+        // Snapshot rows as `COPY` text (a package with both is decoded
+        // whole, and refused there if it does not hold together).
+        let copy_text = match &split.copy_text {
+            Some(range) if package.kind == v1::Kind::Snapshot as i32 && split.rows.is_empty() => {
+                Some(raw.get(range.clone())?)
+            }
+            Some(_) => return None,
+            None => None,
+        };
+        if !row_kind || (split.rows.is_empty() && copy_text.is_none()) {
             return None;
         }
         let same = self.last_target.as_ref().is_some_and(|(table, r, _)| {
@@ -309,19 +328,36 @@ impl RowEncoder<'_> {
                 relation.clone(),
                 target,
             ));
+            self.copy_decoder = None;
         }
         let (table, _, target) = self.last_target.as_ref()?;
         // Into the live table and the shadow: the second INSERT needs it.
         let keep_body = package.kind == v1::Kind::Changes as i32 && self.held.is_resyncing(table);
-        let rows = EncodedRows::transcode(
-            target,
-            package,
-            raw,
-            &split.rows,
-            &mut self.reader,
-            self.compression,
-            keep_body,
-        )?;
+        let rows = match copy_text {
+            Some(text) => {
+                if self.copy_decoder.is_none() {
+                    self.copy_decoder =
+                        Some(sluice_proto::values::copy::RowDecoder::new(relation).ok()?);
+                }
+                EncodedRows::transcode_copy(
+                    target,
+                    package,
+                    text,
+                    self.copy_decoder.as_mut()?,
+                    self.compression,
+                    keep_body,
+                )?
+            }
+            None => EncodedRows::transcode(
+                target,
+                package,
+                raw,
+                &split.rows,
+                &mut self.reader,
+                self.compression,
+                keep_body,
+            )?,
+        };
         Some(Decoded {
             package: split.header,
             rows: Some(rows),

@@ -175,10 +175,59 @@ impl EncodedRows {
                 .ok()?;
             ops.add(header.kind, row.op);
         }
+        Some(Self::finish(target, builder, ops, compression, keep_body))
+    }
+
+    /// Encodes the rows of a snapshot package that carries them as `COPY`
+    /// text (`text`, see [`sluice_proto::values::copy`]) for `target`'s
+    /// columns, one line at a time, as [`EncodedRows::transcode`] does for
+    /// protobuf rows. `None` when a line does not decode or encode, or the
+    /// package's `copy_rows` is not the number of lines: the caller then
+    /// decodes the package whole, which reports what is wrong.
+    pub fn transcode_copy(
+        target: &TargetTable,
+        header: &v1::Package,
+        text: &[u8],
+        decoder: &mut sluice_proto::values::copy::RowDecoder,
+        compression: Compression,
+        keep_body: bool,
+    ) -> Option<EncodedRows> {
+        let mut builder = InsertBuilder::new(target);
+        // RowBinary is about as long as the text plus each row's version
+        // and flags.
+        builder
+            .buf
+            .reserve(text.len() + header.copy_rows as usize * 24);
+        let mut ops = OpCounts::default();
+        let none = CurrentRows::default();
+        let mut index = 0usize;
+        let lines = decoder
+            .for_each(text, |row| {
+                builder
+                    .push_row(row, sluice_proto::row_version(header, index), &none)
+                    .map_err(|_| CopyRefused)?;
+                ops.add(header.kind, row.op);
+                index += 1;
+                Ok::<(), CopyRefused>(())
+            })
+            .ok()?;
+        if lines != u64::from(header.copy_rows) {
+            return None;
+        }
+        Some(Self::finish(target, builder, ops, compression, keep_body))
+    }
+
+    fn finish(
+        target: &TargetTable,
+        builder: InsertBuilder,
+        ops: OpCounts,
+        compression: Compression,
+        keep_body: bool,
+    ) -> EncodedRows {
         let compressed = Precompressed::new(&builder.buf, compression);
         let len = builder.buf.len();
         let body = (keep_body || !compressed.is_made()).then(|| Bytes::from(builder.buf));
-        Some(EncodedRows {
+        EncodedRows {
             columns: target.columns.clone(),
             body,
             compressed,
@@ -186,7 +235,17 @@ impl EncodedRows {
             rows: builder.rows,
             clamped: builder.clamped,
             ops,
-        })
+        }
+    }
+}
+
+/// A line of `COPY` text that did not decode or encode (the whole package is
+/// decoded again to say why).
+struct CopyRefused;
+
+impl From<sluice_proto::values::copy::CopyError> for CopyRefused {
+    fn from(_: sluice_proto::values::copy::CopyError) -> Self {
+        CopyRefused
     }
 }
 

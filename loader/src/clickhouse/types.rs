@@ -278,6 +278,8 @@ mod tests {
         nullable: bool,
     ) -> v1::Column {
         v1::Column {
+            array_delimiter: 0,
+            text_category: 0,
             name: "c".into(),
             type_oid,
             type_modifier: typmod,

@@ -346,6 +346,8 @@ impl Packager {
         first_row_ordinal: u64,
     ) -> v1::Package {
         v1::Package {
+            copy_rows: 0,
+            copy_text: Vec::new(),
             source: self.source.clone(),
             schema: table.schema.clone(),
             table: table.name.clone(),

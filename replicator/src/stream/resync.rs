@@ -399,7 +399,7 @@ impl Loop<'_> {
             }
             Ok(Event::Package(mut package)) => {
                 active.ordinals.stamp(&mut package);
-                active.rows += package.rows.len() as u64;
+                active.rows += sluice_proto::values::copy::row_count(&package);
                 self.publisher
                     .publish(self.packager.chain_package(*package))
                     .await?;

@@ -19,7 +19,7 @@ use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::pgoutput::{self, LogicalMessage, OldTuple, TupleData, TupleValue};
 use crate::replication::Lsn;
-use crate::values;
+use sluice_proto::values;
 
 /// A published table as the stream knows it.
 pub(super) struct RelState {
@@ -287,6 +287,8 @@ fn message_relation(
                     .and_then(|k| u32::try_from(k.attnum).ok())
                     .unwrap_or(0);
                 v1::Column {
+                    array_delimiter: t.array_delimiter.map_or(0, u32::from),
+                    text_category: t.category.to_wire() as i32,
                     name: c.name.clone(),
                     type_oid: c.type_oid,
                     type_modifier: c.type_modifier,

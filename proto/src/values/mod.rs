@@ -1,4 +1,5 @@
-//! Typed conversion of pgoutput's text values into wire values.
+//! Typed conversion of Postgres' text values (pgoutput's, and `COPY`'s once
+//! unescaped, see [`copy`]) into wire values.
 //!
 //! pgoutput (protocol v1, no `binary` option) sends every column value as the
 //! type's text output function would print it *in the walsender's session*.
@@ -20,12 +21,14 @@
 //! [`ValueError`]. Errors never contain the value itself (logs must not carry
 //! row data), only the type and what was wrong.
 
-use sluice_proto::v1;
-use sluice_proto::v1::value::Kind;
-
-use crate::catalog::{TypeCategory, TypeInfo};
+use crate::v1;
+use crate::v1::value::Kind;
 
 mod array;
+pub mod copy;
+mod types;
+
+pub use types::{TypeCategory, TypeInfo, oid};
 
 use array::decode_array;
 
@@ -502,7 +505,6 @@ fn parse_interval_time(tok: &str) -> Parsed<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::oid;
 
     /// Hostile text never panics (it did: `"00:00:0é"` sliced a character in
     /// two): every valid sample of every category with a multi-byte character

@@ -1,10 +1,10 @@
 //! Postgres array output (`{…}` with optional `[l:u]=` bounds) into
 //! [`v1::Array`]; elements go through [`super::decode_scalar`].
 
-use sluice_proto::v1;
+use crate::v1;
 
+use super::TypeCategory;
 use super::{Parsed, decode_scalar, null};
-use crate::catalog::TypeCategory;
 
 /// Postgres allows at most 6 array dimensions (MAXDIM).
 const MAX_ARRAY_DIMS: usize = 6;
