@@ -125,6 +125,15 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         bytes as f64 / (1024.0 * 1024.0)
     );
 
+    // The same COPY over a connection opened the way sluice opens its own
+    // (`sluice_postgres`, TLS as `postgres.url`'s sslmode says: `prefer`
+    // by default, and the test server has TLS on). The snapshot's readers
+    // pay for TLS on both ends; the plain baseline above does not.
+    let settings = sluice_postgres::PgSettings::from_config(&p.config.postgres)?;
+    let same = settings.connect("the bench's COPY").await?;
+    let (same_baseline, _) = read_copy(&same.client, &format!("COPY {TABLE} TO STDOUT")).await?;
+    drop(same);
+
     // (b) The replicator's initial snapshot, until acknowledged.
     let js = p.jetstream().await?;
     let heartbeat = topology::heartbeat_subject(&p.config.source);
@@ -287,9 +296,19 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
     );
     println!("ratio snapshot / COPY: {ratio:.2}");
     println!(
-        "stream after the snapshot: {:.1} MiB (replicator.compression = {:?})",
+        "COPY TO STDOUT over a connection opened as sluice opens its own (sslmode {:?}): {:>8.2} s  {:>10.0} rows/s",
+        settings.tls.mode,
+        same_baseline.as_secs_f64(),
+        rate(same_baseline)
+    );
+    println!(
+        "ratio snapshot / COPY over the same kind of connection: {:.2}",
+        sluice_rate / rate(same_baseline)
+    );
+    println!(
+        "stream after the snapshot: {:.1} MiB (replicator.snapshot_compression = {:?})",
         stored as f64 / (1024.0 * 1024.0),
-        p.config.replicator.compression
+        p.config.replicator.snapshot_compression
     );
     // What 0.8 would take: the snapshot's CPU within the time it allows.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -210,6 +210,12 @@ async fn run_once(
         max_rows: config.replicator.package_max_rows,
         max_bytes: config.replicator.package_max_bytes,
     };
+    let new_packager = |config: &Config, slot: &str, generation: u64, limits: Limits| {
+        Packager::new(&config.source, slot, generation, limits).with_encoding(
+            config.replicator.compression.encoding(),
+            config.replicator.snapshot_compression.encoding(),
+        )
+    };
     let mut publisher = crate::publish::Publisher::new(js.clone(), config.replicator.max_in_flight);
 
     let mut not_in_stream = Vec::new();
@@ -219,8 +225,7 @@ async fn run_once(
         Some(existing) if continue_snapshot => {
             let generation = existing.confirmed_flush.0;
             let record = snapshot_record.unwrap_or_default();
-            let mut packager = Packager::new(&config.source, slot, generation, limits)
-                .with_encoding(config.replicator.compression.encoding());
+            let mut packager = new_packager(config, slot, generation, limits);
             let mut starts = Vec::new();
             let mut done = 0;
             for table in &tables {
@@ -301,8 +306,7 @@ async fn run_once(
                 .as_ref()
                 .and_then(|hb| hb.position)
                 .map_or(existing.confirmed_flush.0, |p| p.generation);
-            let mut packager = Packager::new(&config.source, slot, generation, limits)
-                .with_encoding(config.replicator.compression.encoding());
+            let mut packager = new_packager(config, slot, generation, limits);
             packager.set_fresh_generation(pg::current_wal_lsn(&sql.client).await?.0);
             let mut records = resync_records(&stream_handle, &config.source).await?;
             for table in &tables {
@@ -348,8 +352,7 @@ async fn run_once(
             let created = client.create_logical_slot(slot, false).await?;
             let generation = created.consistent_point.0;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, generation, "created slot; snapshotting published tables");
-            let mut packager = Packager::new(&config.source, slot, generation, limits)
-                .with_encoding(config.replicator.compression.encoding());
+            let mut packager = new_packager(config, slot, generation, limits);
             for table in &tables {
                 packager.set_publication(table, shape.fingerprint(table));
             }

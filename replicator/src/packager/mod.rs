@@ -91,6 +91,8 @@ pub struct Packager {
     changes_through: HashMap<TableName, (u64, u32), foldhash::fast::RandomState>,
     /// How package payloads are encoded (`replicator.compression`).
     encoding: sluice_proto::Encoding,
+    /// How snapshot packages are (`replicator.snapshot_compression`).
+    snapshot_encoding: sluice_proto::Encoding,
 }
 
 /// Rough encoded size of a value, used for the byte limit.
@@ -134,12 +136,19 @@ impl Packager {
             publication: HashMap::default(),
             changes_through: HashMap::default(),
             encoding: sluice_proto::Encoding::Zstd,
+            snapshot_encoding: sluice_proto::Encoding::Zstd,
         }
     }
 
-    /// Encodes package payloads with `encoding` (zstd by default).
-    pub fn with_encoding(mut self, encoding: sluice_proto::Encoding) -> Self {
+    /// Encodes package payloads with `encoding` (zstd by default), and
+    /// those of snapshot packages with `snapshot` (zstd by default).
+    pub fn with_encoding(
+        mut self,
+        encoding: sluice_proto::Encoding,
+        snapshot: sluice_proto::Encoding,
+    ) -> Self {
         self.encoding = encoding;
+        self.snapshot_encoding = snapshot;
         self
     }
 
@@ -431,12 +440,17 @@ impl Packager {
     }
 
     fn outgoing(&self, package: v1::Package, msg_id: String) -> Outgoing {
+        let encoding = if package.kind == v1::Kind::Snapshot as i32 {
+            self.snapshot_encoding
+        } else {
+            self.encoding
+        };
         Outgoing {
             subject: topology::table_subject(&self.source, &package.schema, &package.table),
             msg_id,
             position: sluice_broker::chunk::position_of(&package),
-            payload: sluice_proto::encode(&package, self.encoding).into(),
-            encoding: self.encoding,
+            payload: sluice_proto::encode(&package, encoding).into(),
+            encoding,
         }
     }
 }
