@@ -1057,6 +1057,11 @@ async fn read_chunk(
         table: label.clone(),
         row,
     };
+    // The shape of a package's lines (UTF-8, one field per column), checked
+    // over the whole package at once; `before`: this chunk's rows before it.
+    let check = |text: &[u8], before: u64| {
+        values::copy::check_lines(text, columns).map_err(|line| malformed(before + line))
+    };
     // The start of a line that the previous message did not finish (Postgres
     // sends one row per message, so this is normally empty).
     let mut carried: Vec<u8> = Vec::new();
@@ -1071,23 +1076,16 @@ async fn read_chunk(
             };
             read += 1;
             if carried.is_empty() {
-                let line = &data[..newline];
-                if !values::copy::well_formed(line, columns) {
-                    return Err(malformed(read));
-                }
                 text.extend_from_slice(&data[..=newline]);
             } else {
-                carried.extend_from_slice(&data[..newline]);
-                if !values::copy::well_formed(&carried, columns) {
-                    return Err(malformed(read));
-                }
                 text.extend_from_slice(&carried);
-                text.push(b'\n');
+                text.extend_from_slice(&data[..=newline]);
                 carried.clear();
             }
             lines += 1;
             data = &data[newline + 1..];
             if lines as usize >= readers.max_rows || text.len() >= readers.max_bytes {
+                check(&text, read - u64::from(lines))?;
                 let package = flush(&mut text, &mut lines);
                 send(tx, label, Event::Package(Box::new(package))).await?;
                 // `return(MS)`: a slow snapshot, so that a test's changes
@@ -1106,6 +1104,7 @@ async fn read_chunk(
         return Err(malformed(read + 1));
     }
     if lines > 0 {
+        check(&text, read - u64::from(lines))?;
         let package = flush(&mut text, &mut lines);
         send(tx, label, Event::Package(Box::new(package))).await?;
     }

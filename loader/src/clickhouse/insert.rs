@@ -194,10 +194,10 @@ impl EncodedRows {
     ) -> Option<EncodedRows> {
         let mut builder = InsertBuilder::new(target);
         // RowBinary is about as long as the text plus each row's version
-        // and flags.
-        builder
-            .buf
-            .reserve(text.len() + header.copy_rows as usize * 24);
+        // and flags (`copy_rows` is untrusted: a line takes at least one
+        // byte).
+        let rows = (header.copy_rows as usize).min(text.len());
+        builder.buf.reserve(text.len() + rows * 24);
         let mut ops = OpCounts::default();
         let none = CurrentRows::default();
         let mut index = 0usize;

@@ -31,6 +31,34 @@ pub enum CopyError {
     RowCount { stated: u64, found: u64 },
 }
 
+/// Checks the lines of `text` (each ending in a newline) over the whole text
+/// at once, which is cheaper per row than line by line: valid UTF-8, and as
+/// many tabs as the lines need for `columns` fields each. (So a line with a
+/// field too many and another with one too few pass; the loader decodes each
+/// line and refuses them.) On failure, the number of the first line that is
+/// not [`well_formed`] (1 for the first).
+pub fn check_lines(text: &[u8], columns: usize) -> Result<(), u64> {
+    let lines = memchr::memchr_iter(b'\n', text).count();
+    let tabs = memchr::memchr_iter(b'\t', text).count();
+    if text.last().is_none_or(|&b| b == b'\n')
+        && Some(tabs) == lines.checked_mul(columns.saturating_sub(1))
+        && columns > 0
+        && std::str::from_utf8(text).is_ok()
+    {
+        return Ok(());
+    }
+    // Newlines are ASCII, so a text that is not UTF-8 has a line that is not.
+    let mut number = 0u64;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        number += 1;
+        match line.strip_suffix(b"\n") {
+            Some(line) if well_formed(line, columns) => {}
+            _ => return Err(number),
+        }
+    }
+    Err(number.max(1))
+}
+
 /// Whether `line` (without its newline) is valid UTF-8 with exactly
 /// `columns` tab-separated fields: what the replicator checks before it
 /// passes a line on.
@@ -139,7 +167,8 @@ pub fn materialize(package: &mut v1::Package) -> Result<(), CopyError> {
     }
     let relation = package.relation.clone().unwrap_or_default();
     let mut decoder = RowDecoder::new(&relation)?;
-    let mut rows = Vec::with_capacity(package.copy_rows as usize);
+    // `copy_rows` is untrusted: every line takes at least its newline.
+    let mut rows = Vec::with_capacity((package.copy_rows as usize).min(package.copy_text.len()));
     let found = decoder.for_each(&package.copy_text, |row| {
         rows.push(row.clone());
         Ok::<(), CopyError>(())
@@ -308,6 +337,20 @@ mod tests {
             materialize(&mut unknown),
             Err(CopyError::NoCategory { .. })
         ));
+    }
+
+    #[test]
+    fn lines_are_checked_together_and_the_first_bad_one_named() {
+        assert_eq!(check_lines(b"1\ta\n2\tb\n", 2), Ok(()));
+        assert_eq!(check_lines(b"", 2), Ok(()));
+        assert_eq!(check_lines(b"1\ta\n2\tb\tc\n3\ta\n", 2), Err(2));
+        // Counted over the whole text: a field too many in one line and one
+        // too few in another pass here (the loader, decoding each line,
+        // refuses them).
+        assert_eq!(check_lines(b"1\ta\tb\n2\n", 2), Ok(()));
+        assert_eq!(check_lines(b"1\ta\n2\t\xff\n", 2), Err(2));
+        assert_eq!(check_lines(b"1\ta\n2\tb", 2), Err(2), "no newline");
+        assert_eq!(check_lines(b"1\n", 0), Err(1));
     }
 
     #[test]
