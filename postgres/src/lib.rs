@@ -104,13 +104,30 @@ impl PgSettings {
     /// connection); the connection task is owned by the returned guard.
     /// `what` names the purpose in the error.
     pub async fn connect(&self, what: &str) -> Result<SqlConn, PgError> {
+        let (client, connection) = self.connect_undriven(what).await?;
+        Ok(SqlConn {
+            client,
+            task: tokio::spawn(connection),
+        })
+    }
+
+    /// Opens an SQL connection as [`PgSettings::connect`] does, but leaves
+    /// its connection task to the caller: a caller that polls it in its own
+    /// task, beside the client's queries, has the messages parsed and
+    /// consumed on one thread (for a `COPY` of many rows, the cross-thread
+    /// wake-ups cost more than the rows). The client's requests get no
+    /// answer unless the returned future is polled.
+    pub async fn connect_undriven(
+        &self,
+        what: &str,
+    ) -> Result<(tokio_postgres::Client, Connection), PgError> {
         let failed = || PgError::sql(format!("cannot connect to Postgres for {what}"));
         let mut config = self.config.clone();
-        let task = match self.tls.mode {
+        Ok(match self.tls.mode {
             SslMode::Disable => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
                 let (client, connection) = config.connect(NoTls).await.map_err(failed())?;
-                (client, tokio::spawn(drive(connection)))
+                (client, Box::pin(drive(connection)))
             }
             mode => {
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
@@ -122,15 +139,15 @@ impl PgSettings {
                     tokio_postgres::config::SslMode::Require
                 });
                 let (client, connection) = config.connect(tls).await.map_err(failed())?;
-                (client, tokio::spawn(drive(connection)))
+                (client, Box::pin(drive(connection)))
             }
-        };
-        Ok(SqlConn {
-            client: task.0,
-            task: task.1,
         })
     }
 }
+
+/// A connection's task, to be polled until it ends (see
+/// [`PgSettings::connect_undriven`]).
+pub type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
 where
