@@ -20,6 +20,11 @@
 //! Packages and batches have the product's default sizes, not the test
 //! harness' small ones (`Pipeline::use_default_batching`).
 //!
+//! The same `COPY` is also read over a connection opened the way sluice
+//! opens its own (TLS with `sslmode=prefer`, the default, as the test
+//! server has TLS on), and the bench prints the ratio against that too;
+//! `SLUICE_BENCH_PG_SSLMODE=disable` makes sluice use plain TCP instead.
+//!
 //! Prints rows/s of both and the ratio snapshot / COPY, and the CPU time
 //! each used (the Postgres server's, with every backend's; the replicator's
 //! and NATS' for the snapshot) against what the machine's cores can give in
@@ -54,6 +59,13 @@ async fn main() -> anyhow::Result<()> {
     // Packages and batches as a user's config has them: the loader's peak
     // RSS (target < 150 MiB) depends on their sizes.
     p.use_default_batching()?;
+    // `SLUICE_BENCH_PG_SSLMODE=disable`: sluice reads over plain TCP, as the
+    // baseline does (by default it uses TLS, `sslmode=prefer`).
+    if let Ok(mode) = std::env::var("SLUICE_BENCH_PG_SSLMODE") {
+        let url = format!("\"{}?sslmode={mode}\"", p.pg_url);
+        println!("config: postgres.url = {url} (SLUICE_BENCH_PG_SSLMODE)");
+        p.set_configs("postgres", &[("url", &url)])?;
+    }
     p.set_config_from_env()?;
     let result = run(&mut p, rows).await;
     let _ = p.stop_replicator().await;
