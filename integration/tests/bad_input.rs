@@ -623,7 +623,7 @@ async fn hostile_packages_leave_the_loader_within_its_memory_bound() -> anyhow::
                 }],
                 ..Default::default()
             }),
-            copy_text: text.to_vec(),
+            copy_text: text.to_vec().into(),
             copy_rows: rows,
             ..Default::default()
         };

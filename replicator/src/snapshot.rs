@@ -1005,6 +1005,9 @@ async fn relfilenode(
     Ok(u32::try_from(node).unwrap_or(0))
 }
 
+/// What a chunk reader's text buffer reserves at once: several packages.
+const TEXT_POOL_BYTES: usize = 4 << 20;
+
 /// Reads one chunk of a table with `COPY … TO STDOUT` and reports its
 /// packages.
 async fn read_chunk(
@@ -1038,19 +1041,23 @@ async fn read_chunk(
     // The package being filled: `COPY`'s lines as they came (see
     // `Package.copy_text`), checked for their shape only; the loader decodes
     // the values. Decoding them here was most of the snapshot's CPU.
-    let mut text: Vec<u8> = Vec::new();
+    let mut text = bytes::BytesMut::new();
     let mut lines: u32 = 0;
     let columns = run.column_types.len();
     // Rows of this chunk, for error messages.
     let mut read: u64 = 0;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
     let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
-    let flush = |text: &mut Vec<u8>, lines: &mut u32| {
+    let flush = |text: &mut bytes::BytesMut, lines: &mut u32| {
         let rows = std::mem::take(lines);
         counter.increment(rows.into());
         published.increment(rows.into());
         run.rows.fetch_add(rows.into(), Ordering::AcqRel);
-        let copy_text = std::mem::replace(text, Vec::with_capacity(readers.max_bytes.min(1 << 20)));
+        // Cut from one buffer reused from package to package (see
+        // `sluice_proto::encode_pooled`), taken back once the packages cut
+        // from it were encoded.
+        let copy_text = text.split().freeze();
+        text.reserve(TEXT_POOL_BYTES.max(readers.max_bytes));
         v1::Package {
             source: readers.source.clone(),
             schema: run.table.schema.clone(),

@@ -280,7 +280,7 @@ mod tests {
     fn a_package_of_copy_text_becomes_its_rows() {
         let mut package = v1::Package {
             relation: Some(relation()),
-            copy_text: b"1\tone\\ttab\t{1,2}\n2\t\\N\t\\N\n".to_vec(),
+            copy_text: b"1\tone\\ttab\t{1,2}\n2\t\\N\t\\N\n".to_vec().into(),
             copy_rows: 2,
             ..Default::default()
         };
@@ -314,7 +314,7 @@ mod tests {
         for (text, rows) in cases {
             let mut package = v1::Package {
                 relation: Some(relation()),
-                copy_text: text.to_vec(),
+                copy_text: text.to_vec().into(),
                 copy_rows: rows,
                 ..Default::default()
             };
@@ -329,7 +329,7 @@ mod tests {
                 }],
                 ..Default::default()
             }),
-            copy_text: b"1\n".to_vec(),
+            copy_text: b"1\n".to_vec().into(),
             copy_rows: 1,
             ..Default::default()
         };

@@ -93,6 +93,8 @@ pub struct Packager {
     encoding: sluice_proto::Encoding,
     /// How snapshot packages are (`replicator.snapshot_compression`).
     snapshot_encoding: sluice_proto::Encoding,
+    /// The buffer payloads are encoded into ([`sluice_proto::encode_pooled`]).
+    pool: bytes::BytesMut,
 }
 
 /// Rough encoded size of a value, used for the byte limit.
@@ -137,6 +139,7 @@ impl Packager {
             changes_through: HashMap::default(),
             encoding: sluice_proto::Encoding::Zstd,
             snapshot_encoding: sluice_proto::Encoding::Zstd,
+            pool: bytes::BytesMut::new(),
         }
     }
 
@@ -356,7 +359,7 @@ impl Packager {
     ) -> v1::Package {
         v1::Package {
             copy_rows: 0,
-            copy_text: Vec::new(),
+            copy_text: Default::default(),
             source: self.source.clone(),
             schema: table.schema.clone(),
             table: table.name.clone(),
@@ -439,7 +442,7 @@ impl Packager {
         self.outgoing(package, msg_id)
     }
 
-    fn outgoing(&self, package: v1::Package, msg_id: String) -> Outgoing {
+    fn outgoing(&mut self, package: v1::Package, msg_id: String) -> Outgoing {
         let encoding = if package.kind == v1::Kind::Snapshot as i32 {
             self.snapshot_encoding
         } else {
@@ -449,7 +452,7 @@ impl Packager {
             subject: topology::table_subject(&self.source, &package.schema, &package.table),
             msg_id,
             position: sluice_broker::chunk::position_of(&package),
-            payload: sluice_proto::encode(&package, encoding).into(),
+            payload: sluice_proto::encode_pooled(&package, encoding, &mut self.pool),
             encoding,
         }
     }
