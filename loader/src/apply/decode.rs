@@ -262,7 +262,7 @@ fn decode_part(
             sluice_broker::error_chain(&sluice_proto::DecodeError::Protobuf(error))
         })?;
         // A snapshot package's `COPY` text becomes its rows, or the package
-        // is refused for what is wrong with it (never for its values).
+        // is refused naming the line and column at fault (never the value).
         sluice_proto::values::copy::materialize(&mut package)
             .map_err(|error| sluice_broker::error_chain(&sluice_proto::DecodeError::Copy(error)))?;
         Ok(Decoded::whole(package))
