@@ -353,6 +353,36 @@ mod tests {
         assert_eq!(check_lines(b"1\n", 0), Err(1));
     }
 
+    /// Never panics, whatever the text and the stated row count (a cheap
+    /// deterministic fuzz; `fuzz/fuzz_targets/copy.rs` is the real one).
+    #[test]
+    fn arbitrary_copy_text_never_panics() {
+        let alphabet: &[u8] = b"\t\n\\N{}\",0123456789.-:x \xc3\xa9\xff";
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 48) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let _ = check_lines(&text, 3);
+            let mut package = v1::Package {
+                relation: Some(relation()),
+                copy_text: text.into(),
+                copy_rows: (next() % 4) as u32,
+                ..Default::default()
+            };
+            if let Err(error) = materialize(&mut package) {
+                let _ = error.to_string();
+            }
+        }
+    }
+
     #[test]
     fn a_line_is_well_formed_with_one_field_per_column_in_utf8() {
         assert!(well_formed(b"1\ttwo\t\\N", 3));
