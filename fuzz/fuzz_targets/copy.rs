@@ -11,23 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use sluice_proto::v1;
 use sluice_proto::values::TypeCategory;
 
-const CATEGORIES: [TypeCategory; 15] = [
-    TypeCategory::Bool,
-    TypeCategory::Int,
-    TypeCategory::Float,
-    TypeCategory::Numeric,
-    TypeCategory::Money,
-    TypeCategory::Bytea,
-    TypeCategory::Uuid,
-    TypeCategory::Json,
-    TypeCategory::Date,
-    TypeCategory::Time,
-    TypeCategory::TimeTz,
-    TypeCategory::Timestamp,
-    TypeCategory::Timestamptz,
-    TypeCategory::Interval,
-    TypeCategory::Text,
-];
+const CATEGORIES: [TypeCategory; 15] = TypeCategory::ALL;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {

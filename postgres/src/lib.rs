@@ -113,10 +113,10 @@ impl PgSettings {
 
     /// Opens an SQL connection as [`PgSettings::connect`] does, but leaves
     /// its connection task to the caller: a caller that polls it in its own
-    /// task, beside the client's queries, has the messages parsed and
-    /// consumed on one thread (for a `COPY` of many rows, the cross-thread
-    /// wake-ups cost more than the rows). The client's requests get no
-    /// answer unless the returned future is polled.
+    /// task, beside the client's queries, has each message parsed and
+    /// consumed by one task instead of handed between two (a `COPY` sends a
+    /// message per row). The client's requests get no answer unless the
+    /// returned future is polled.
     pub async fn connect_undriven(
         &self,
         what: &str,

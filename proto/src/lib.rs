@@ -95,10 +95,10 @@ pub fn encode(package: &v1::Package, encoding: Encoding) -> Vec<u8> {
 /// [`encode`] into `pool`, a buffer its caller keeps from package to
 /// package. An uncompressed payload is cut from the pool and shares its
 /// allocation, which the pool takes back once every payload cut from it is
-/// dropped; a compressed one is compressed from it. A fresh buffer per
-/// package (freed on another thread, after its publish) had the allocator
-/// fault in new pages for every one: a tenth of the replicator's CPU in a
-/// snapshot.
+/// dropped; a compressed one is compressed from it. With a fresh buffer per
+/// package (freed on another thread, after its publish) the kernel zeroing
+/// new pages for them was a tenth of the replicator's samples in a snapshot
+/// (`perf`); with the pool, half that.
 pub fn encode_pooled(
     package: &v1::Package,
     encoding: Encoding,

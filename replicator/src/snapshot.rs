@@ -707,11 +707,10 @@ async fn worker(
         return Ok(());
     };
     let (client, connection) = readers.settings.connect_undriven("a snapshot").await?;
-    // The connection runs in this task, beside the reading: `COPY`'s rows
-    // are parsed and consumed on one thread. Driven by a task of its own,
-    // the cross-thread wake-ups and reference counts of every row were a
-    // third of the replicator's CPU in a snapshot. When the connection
-    // ends, the reading fails on its own.
+    // The connection runs in this task, beside the reading: each of
+    // `COPY`'s row messages is parsed and consumed by one task instead of
+    // being handed from the connection's task to this one. When the
+    // connection ends, the reading fails on its own.
     let work = read_work(&readers, &queue, &tx, &client, first);
     tokio::pin!(work, connection);
     tokio::select! {

@@ -748,6 +748,79 @@ mod tests {
         assert_eq!(refusing.len_bytes(), 0);
     }
 
+    /// A snapshot package's rows as `COPY` text encode to the bytes the same
+    /// rows as protobuf do, and a package whose text or row count lies is
+    /// left to the whole decode (which refuses it).
+    #[test]
+    fn copy_text_encodes_as_its_rows_do() {
+        use sluice_proto::values::TypeCategory;
+        let target = target();
+        let mut relation = v1::Relation {
+            columns: vec![
+                v1::Column {
+                    name: "id".into(),
+                    type_name: "int8".into(),
+                    text_category: TypeCategory::Int.to_wire() as i32,
+                    ..Default::default()
+                },
+                v1::Column {
+                    name: "s".into(),
+                    type_name: "text".into(),
+                    text_category: TypeCategory::Text.to_wire() as i32,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let mut rows = package(
+            100,
+            vec![
+                row(v1::Op::Insert, 1, Kind::Text("a\tb".into()), vec![]),
+                row(v1::Op::Insert, 2, Kind::Null(v1::Null {}), vec![]),
+                row(v1::Op::Insert, -3, Kind::Text(String::new()), vec![]),
+            ],
+        );
+        rows.kind = v1::Kind::Snapshot as i32;
+        rows.first_row_ordinal = 7;
+        rows.relation = Some(relation.clone());
+        let mut text = rows.clone();
+        text.rows.clear();
+        text.copy_text = "1\ta\\tb\n2\t\\N\n-3\t\n".into();
+        text.copy_rows = 3;
+        let copy = |package: &v1::Package| {
+            let mut decoder =
+                sluice_proto::values::copy::RowDecoder::new(package.relation.as_ref().unwrap())
+                    .unwrap();
+            EncodedRows::transcode_copy(
+                &target,
+                package,
+                &package.copy_text,
+                &mut decoder,
+                Compression::None,
+                false,
+            )
+        };
+        let from_rows = transcode(&target, &rows).unwrap();
+        let from_text = copy(&text).unwrap();
+        assert_eq!(from_text.rows, 3);
+        assert_eq!(from_text.ops, OpCounts([3, 0, 0, 0]));
+        let (mut a, mut b) = (InsertBuilder::new(&target), InsertBuilder::new(&target));
+        assert!(a.push_encoded(&from_rows) && b.push_encoded(&from_text));
+        assert_eq!(body(&b), body(&a));
+
+        let mut miscounted = text.clone();
+        miscounted.copy_rows = 4;
+        assert!(copy(&miscounted).is_none());
+        let mut bad = text.clone();
+        bad.copy_text = "1\ta\nx\tb\n".into();
+        bad.copy_rows = 2;
+        assert!(copy(&bad).is_none());
+        relation.columns.pop();
+        let mut narrow = text;
+        narrow.relation = Some(relation);
+        assert!(copy(&narrow).is_none(), "a field more than the columns");
+    }
+
     #[test]
     fn rows_compressed_ahead_go_into_one_insert_unless_kept_for_a_second() {
         let target = target();

@@ -141,6 +141,25 @@ impl TypeInfo {
 }
 
 impl TypeCategory {
+    /// Every category.
+    pub const ALL: [TypeCategory; 15] = [
+        Self::Bool,
+        Self::Int,
+        Self::Float,
+        Self::Numeric,
+        Self::Money,
+        Self::Bytea,
+        Self::Uuid,
+        Self::Json,
+        Self::Date,
+        Self::Time,
+        Self::TimeTz,
+        Self::Timestamp,
+        Self::Timestamptz,
+        Self::Interval,
+        Self::Text,
+    ];
+
     /// The category as the wire's `Column.text_category` carries it.
     pub fn to_wire(self) -> v1::TextCategory {
         use v1::TextCategory as W;
@@ -206,5 +225,43 @@ impl TypeInfo {
             category,
             array_delimiter,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_category_travels_as_itself_and_unspecified_as_none() {
+        for category in TypeCategory::ALL {
+            assert_eq!(
+                TypeCategory::from_wire(category.to_wire() as i32),
+                Some(category)
+            );
+        }
+        let wire: std::collections::HashSet<i32> = TypeCategory::ALL
+            .iter()
+            .map(|c| c.to_wire() as i32)
+            .collect();
+        assert_eq!(wire.len(), TypeCategory::ALL.len(), "distinct");
+        assert_eq!(TypeCategory::from_wire(0), None);
+        assert_eq!(TypeCategory::from_wire(99), None);
+        let column = v1::Column {
+            type_name: "_box".into(),
+            text_category: v1::TextCategory::Text as i32,
+            array_delimiter: u32::from(b';'),
+            ..Default::default()
+        };
+        let ty = TypeInfo::from_column(&column).expect("says how it decodes");
+        assert_eq!(
+            (ty.category, ty.array_delimiter),
+            (TypeCategory::Text, Some(b';'))
+        );
+        let bad = v1::Column {
+            array_delimiter: 0x1F600,
+            ..column
+        };
+        assert_eq!(TypeInfo::from_column(&bad), None, "not a byte");
     }
 }
