@@ -304,7 +304,8 @@ pub struct ReplicatorConfig {
     pub spill_dir: Option<std::path::PathBuf>,
     /// Threads of the replicator's async runtime; `0`: one per CPU core.
     pub worker_threads: usize,
-    /// How the replicator compresses the packages of tables.
+    /// How the replicator compresses the packages of changes (and control
+    /// packages); snapshot packages follow `snapshot_compression`.
     pub compression: PackageCompression,
     /// How it compresses snapshot packages (the `COPY` text of initial
     /// snapshots and resyncs); plain by default: zstd was a third of the
@@ -312,7 +313,8 @@ pub struct ReplicatorConfig {
     pub snapshot_compression: PackageCompression,
 }
 
-/// `replicator.compression`: how table packages are stored in the stream.
+/// `replicator.compression` and `replicator.snapshot_compression`: how
+/// packages are stored in the stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PackageCompression {

@@ -605,8 +605,6 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
                 .get(c.type_oid)
                 .ok_or(CatalogError::TypeNotResolved { oid: c.type_oid })?;
             Ok(v1::Column {
-                array_delimiter: ty.array_delimiter.map_or(0, u32::from),
-                text_category: ty.category.to_wire() as i32,
                 name: c.name.clone(),
                 type_oid: c.type_oid,
                 type_modifier: c.type_modifier,
@@ -617,6 +615,8 @@ pub fn to_relation(table: &TableInfo, types: &TypeCatalog) -> Result<v1::Relatio
                 base_type_oid: ty.base_type_oid,
                 has_default: c.has_default,
                 attnum: u32::try_from(c.attnum).unwrap_or(0),
+                text_category: ty.category.to_wire() as i32,
+                array_delimiter: ty.array_delimiter.map_or(0, u32::from),
             })
         })
         .collect::<Result<Vec<_>, CatalogError>>()?;

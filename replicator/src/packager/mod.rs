@@ -358,8 +358,6 @@ impl Packager {
         first_row_ordinal: u64,
     ) -> v1::Package {
         v1::Package {
-            copy_rows: 0,
-            copy_text: Default::default(),
             source: self.source.clone(),
             schema: table.schema.clone(),
             table: table.name.clone(),
@@ -376,6 +374,8 @@ impl Packager {
             resync: None,
             last_in_transaction: false,
             snapshot_progress: None,
+            copy_text: Default::default(),
+            copy_rows: 0,
         }
     }
 
