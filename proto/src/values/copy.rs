@@ -2,8 +2,9 @@
 //! carries it: one line per row, each ending in a newline; fields separated
 //! by tabs, `\N` for NULL, backslash escapes for the rest.
 //!
-//! The replicator checks each line's shape only ([`well_formed`]: UTF-8 and
-//! one field per column) and passes the bytes on; the loader decodes them
+//! The replicator checks only the shape of a package's lines
+//! ([`check_lines`]: UTF-8, and the tabs one field per column needs) and
+//! passes the bytes on; the loader decodes them
 //! into rows ([`RowDecoder`], [`materialize`]) with the same value parsers
 //! the replicator uses for pgoutput's text. The bytes come from the
 //! database through the stream, so they are untrusted: every function here
