@@ -7,6 +7,8 @@
 //!
 //! [`decode`] takes untrusted bytes: it never panics, bounds the decompressed
 //! size ([`MAX_DECODED_BYTES`]) and reports what was wrong in a typed error.
+//! [`values`] parses the Postgres text packages start from: pgoutput's
+//! values in the replicator, a snapshot package's `COPY` text in the loader.
 
 use std::io::Read;
 
