@@ -106,10 +106,7 @@ pub fn encode_pooled(
     encoding: Encoding,
     pool: &mut bytes::BytesMut,
 ) -> bytes::Bytes {
-    let len = package.encoded_len();
-    if pool.capacity() < len {
-        pool.reserve(len.max(POOL_BYTES));
-    }
+    make_room(pool, package.encoded_len());
     // A BytesMut grows as needed: encoding into it cannot fail.
     let _ = package.encode(pool);
     match encoding {
@@ -122,7 +119,17 @@ pub fn encode_pooled(
     }
 }
 
-/// What [`encode_pooled`] reserves at once: several packages of the default
+/// Makes room for `need` more bytes in a buffer reused from package to
+/// package (see [`encode_pooled`]): when what is left is too small, the
+/// buffer takes back its allocation if nothing cut from it is alive, or
+/// else moves to a fresh one of [`POOL_BYTES`] (or `need`, if more).
+pub fn make_room(pool: &mut bytes::BytesMut, need: usize) {
+    if pool.capacity() < need {
+        pool.reserve(need.max(POOL_BYTES));
+    }
+}
+
+/// What a pooled buffer reserves at once: several packages of the default
 /// `package_max_bytes`.
 const POOL_BYTES: usize = 4 << 20;
 
@@ -170,7 +177,13 @@ pub fn decode_with_rows(
     payload: &[u8],
     encoding: Option<&str>,
 ) -> Result<v1::Package, DecodeError> {
-    let mut package = decode(payload, encoding)?;
+    package_with_rows(&decompress(payload, encoding)?)
+}
+
+/// The package in `raw` (protobuf bytes, already decompressed), with a
+/// snapshot package's `copy_text` decoded into its rows.
+pub fn package_with_rows(raw: &[u8]) -> Result<v1::Package, DecodeError> {
+    let mut package = v1::Package::decode(raw).map_err(DecodeError::Protobuf)?;
     values::copy::materialize(&mut package).map_err(DecodeError::Copy)?;
     Ok(package)
 }

@@ -1004,9 +1004,6 @@ async fn relfilenode(
     Ok(u32::try_from(node).unwrap_or(0))
 }
 
-/// What a chunk reader's text buffer reserves at once: several packages.
-const TEXT_POOL_BYTES: usize = 4 << 20;
-
 /// Reads one chunk of a table with `COPY … TO STDOUT` and reports its
 /// packages.
 async fn read_chunk(
@@ -1041,6 +1038,7 @@ async fn read_chunk(
     // `Package.copy_text`), checked for their shape only; the loader decodes
     // the values. Decoding them here was most of the snapshot's CPU.
     let mut text = bytes::BytesMut::new();
+    sluice_proto::make_room(&mut text, readers.max_bytes);
     let mut lines: u32 = 0;
     let columns = run.column_types.len();
     // Rows of this chunk, for error messages.
@@ -1056,7 +1054,7 @@ async fn read_chunk(
         // `sluice_proto::encode_pooled`), taken back once the packages cut
         // from it were encoded.
         let copy_text = text.split().freeze();
-        text.reserve(TEXT_POOL_BYTES.max(readers.max_bytes));
+        sluice_proto::make_room(text, readers.max_bytes);
         v1::Package {
             source: readers.source.clone(),
             schema: run.table.schema.clone(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use sluice_broker::TableName;
-use sluice_proto::{Message as _, v1};
+use sluice_proto::v1;
 
 use super::HeldTables;
 use crate::clickhouse::schema::TargetTable;
@@ -90,11 +90,9 @@ impl Decoded {
             stored.limit,
         )
         .map_err(ChError::Decode)?;
-        let mut package = v1::Package::decode(raw.as_ref())
-            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Protobuf(e)))?;
-        sluice_proto::values::copy::materialize(&mut package)
-            .map_err(|e| ChError::Decode(sluice_proto::DecodeError::Copy(e)))?;
-        Ok(std::borrow::Cow::Owned(package))
+        sluice_proto::package_with_rows(&raw)
+            .map(std::borrow::Cow::Owned)
+            .map_err(ChError::Decode)
     }
 }
 
@@ -258,13 +256,10 @@ fn decode_part(
             });
             return Ok(decoded);
         }
-        let mut package = v1::Package::decode(&*raw).map_err(|error| {
-            sluice_broker::error_chain(&sluice_proto::DecodeError::Protobuf(error))
-        })?;
         // A snapshot package's `COPY` text becomes its rows, or the package
         // is refused naming the line and column at fault (never the value).
-        sluice_proto::values::copy::materialize(&mut package)
-            .map_err(|error| sluice_broker::error_chain(&sluice_proto::DecodeError::Copy(error)))?;
+        let package = sluice_proto::package_with_rows(&raw)
+            .map_err(|error| sluice_broker::error_chain(&error))?;
         Ok(Decoded::whole(package))
     };
     part.iter()

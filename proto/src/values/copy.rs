@@ -359,13 +359,7 @@ mod tests {
     #[test]
     fn arbitrary_copy_text_never_panics() {
         let alphabet: &[u8] = b"\t\n\\N{}\",0123456789.-:x \xc3\xa9\xff";
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::values::xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             let len = (next() % 48) as usize;
             let text: Vec<u8> = (0..len)

@@ -502,6 +502,18 @@ fn parse_interval_time(tok: &str) -> Parsed<i128> {
     Ok(if negative { -total } else { total })
 }
 
+/// A deterministic xorshift generator, for the tests that feed the parsers
+/// arbitrary text.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,13 +1029,7 @@ mod tests {
         let alphabet: Vec<char> = "{}[]:=,;\"\\ NULnul0123456789.-+eE:xBCinfty$()é🦀 "
             .chars()
             .collect();
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let categories = C::ALL;
         for _ in 0..20_000 {
             let len = (next() % 40) as usize;
