@@ -280,7 +280,7 @@ pub struct ReplicatorConfig {
     pub publication_check_interval: Duration,
     /// Connections a snapshot reads with, across tables and within one
     /// table (a table is read in chunks of pages; see
-    /// `snapshot_chunk_pages`).
+    /// `snapshot_chunk_pages`), besides the one that plans the tables.
     pub snapshot_parallelism: usize,
     /// Pages (8 KiB each, by default) per snapshot chunk; `0` chooses by the
     /// table's size (a quarter of its share per connection, between 64 MiB

@@ -104,20 +104,16 @@ impl PgSettings {
     /// connection); the connection task is owned by the returned guard.
     /// `what` names the purpose in the error.
     pub async fn connect(&self, what: &str) -> Result<SqlConn, PgError> {
-        let (client, connection) = self.connect_undriven(what).await?;
+        let (client, connection) = self.connect_parts(what).await?;
         Ok(SqlConn {
             client,
             task: tokio::spawn(connection),
         })
     }
 
-    /// Opens an SQL connection as [`PgSettings::connect`] does, but leaves
-    /// its connection task to the caller: a caller that polls it in its own
-    /// task, beside the client's queries, has each message parsed and
-    /// consumed by one task instead of handed between two (a `COPY` sends a
-    /// message per row). The client's requests get no answer unless the
-    /// returned future is polled.
-    pub async fn connect_undriven(
+    /// The client and its connection's task, which [`PgSettings::connect`]
+    /// spawns.
+    async fn connect_parts(
         &self,
         what: &str,
     ) -> Result<(tokio_postgres::Client, Connection), PgError> {
@@ -145,9 +141,8 @@ impl PgSettings {
     }
 }
 
-/// A connection's task, to be polled until it ends (see
-/// [`PgSettings::connect_undriven`]).
-pub type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A connection's task, to be polled until it ends.
+type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
 where

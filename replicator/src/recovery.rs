@@ -105,6 +105,7 @@ pub fn of_snapshot(error: &SnapshotError) -> Recovery {
     match error {
         SnapshotError::Pg(e) => of_pg(e),
         SnapshotError::Catalog(e) => of_catalog(e),
+        SnapshotError::Session { source, .. } => of_replication(source),
         SnapshotError::Publish(_)
         | SnapshotError::ReaderLost(_)
         | SnapshotError::Rewritten(_)

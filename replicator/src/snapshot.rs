@@ -14,7 +14,6 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use futures::StreamExt;
 use metrics::{counter, gauge};
 use sluice_broker::TableName;
 use sluice_broker::config::Config;
@@ -28,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{self, CatalogError, TypeCatalog, TypeInfo};
 use crate::metrics as m;
 use crate::packager::Packager;
-use crate::pg::{PgError, PgSettings};
+use crate::pg::{PgError, PgSettings, SqlConn};
 use crate::publish::{Mark, Publisher, now_us, unique_now_us};
-use crate::replication::{Lsn, ReplicationError, quote_literal};
+use crate::replication::{Lsn, ReplicationError, SqlSession, quote_literal};
 use sluice_proto::values;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +42,13 @@ pub enum SnapshotError {
     Publish(#[from] PublishError),
     #[error("snapshot of {table}: malformed COPY row {row}")]
     Copy { table: String, row: u64 },
+    /// A reading session failed: connecting, a statement, or its `COPY`.
+    #[error("snapshot: {what}")]
+    Session {
+        what: String,
+        #[source]
+        source: ReplicationError,
+    },
     #[error("snapshot reader of {0} stopped unexpectedly")]
     ReaderLost(String),
     #[error(
@@ -504,6 +510,9 @@ pub(crate) struct Readers {
     chunk_pages: u64,
     max_rows: usize,
     max_bytes: usize,
+    /// The connection tables are planned on (catalog reads), opened on
+    /// first use and shared by the reading sessions: planning is short.
+    planner: tokio::sync::Mutex<Option<SqlConn>>,
 }
 
 impl Readers {
@@ -517,7 +526,36 @@ impl Readers {
             chunk_pages: config.replicator.snapshot_chunk_pages,
             max_rows: config.replicator.package_max_rows,
             max_bytes: config.replicator.package_max_bytes,
+            planner: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Plans `table` ([`plan_table`]) on the planning connection, in a
+    /// transaction of its own inside the exported snapshot. A connection
+    /// that failed is dropped; the next plan opens another.
+    async fn plan(
+        &self,
+        table: &TableName,
+        start: TableStart,
+        tx: &mpsc::Sender<Result<Event, SnapshotError>>,
+    ) -> Result<(Arc<TableRun>, Vec<(u32, PageRange)>), SnapshotError> {
+        let mut planner = self.planner.lock().await;
+        let conn = match planner.take() {
+            Some(conn) => conn,
+            None => self.settings.connect("a snapshot").await?,
+        };
+        let client = &conn.client;
+        client
+            .batch_execute(&begin_snapshot(self))
+            .await
+            .map_err(PgError::sql("cannot import the exported snapshot"))?;
+        let planned = plan_table(self, client, table, start, tx).await?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PgError::sql("cannot end a snapshot transaction"))?;
+        *planner = Some(conn);
+        Ok(planned)
     }
 }
 
@@ -526,6 +564,8 @@ struct TableRun {
     table: TableName,
     label: String,
     relation: Arc<v1::Relation>,
+    /// The table's oid (`pg_class`), by which readers find its file.
+    oid: u32,
     /// The table's file when it was planned; every reader checks it.
     relfilenode: u32,
     column_types: Vec<TypeInfo>,
@@ -696,8 +736,9 @@ pub(crate) async fn read_tables(
     Ok(())
 }
 
-/// One connection of a snapshot: plans tables and reads chunks until there
-/// is nothing left. It connects only once it has work.
+/// One reading session of a snapshot: reads chunks (planning a table first
+/// on the shared planning connection when the queue hands it a table) until
+/// there is nothing left. It connects only once it has work.
 async fn worker(
     readers: Arc<Readers>,
     queue: Arc<WorkQueue>,
@@ -706,53 +747,31 @@ async fn worker(
     let Some(first) = queue.next().await else {
         return Ok(());
     };
-    let (client, connection) = readers.settings.connect_undriven("a snapshot").await?;
-    // The connection runs in this task, beside the reading: each of
-    // `COPY`'s row messages is parsed and consumed by one task instead of
-    // being handed from the connection's task to this one. When the
-    // connection ends, the reading fails on its own.
-    let work = read_work(&readers, &queue, &tx, &client, first);
-    tokio::pin!(work, connection);
-    tokio::select! {
-        biased;
-        result = &mut work => result,
-        () = &mut connection => work.await,
-    }
+    let mut session = SqlSession::connect(&readers.settings.config, &readers.settings.tls)
+        .await
+        .map_err(session_error("cannot connect to Postgres for a snapshot"))?;
+    read_work(&readers, &queue, &tx, &mut session, first).await?;
+    let _ = session.close().await;
+    Ok(())
 }
 
-/// A worker's work on its connection, from its `first` item until the queue
+/// A worker's work on its session, from its `first` item until the queue
 /// is empty.
 async fn read_work(
     readers: &Readers,
     queue: &WorkQueue,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
-    client: &tokio_postgres::Client,
+    session: &mut SqlSession,
     first: Work,
 ) -> Result<(), SnapshotError> {
-    // The table this worker's transaction is about: one transaction per
+    // The table this session's transaction is about: one transaction per
     // table, so that a table's lock is held only while it is read.
     let mut in_table: Option<TableName> = None;
     let mut next = Some(first);
     while let Some(work) = next.take() {
-        let table = match &work {
-            Work::Table(table, _) => table,
-            Work::Chunk(run, ..) => &run.table,
-        };
-        if in_table.as_ref() != Some(table) {
-            if in_table.take().is_some() {
-                commit(client).await?;
-            }
-            begin_snapshot(client, readers).await?;
-            in_table = Some(table.clone());
-            if let Work::Chunk(run, ..) = &work
-                && relfilenode(client, &run.table).await? != run.relfilenode
-            {
-                return Err(SnapshotError::Rewritten(run.label.clone()));
-            }
-        }
         match work {
             Work::Table(table, start) => {
-                let (run, chunks) = plan_table(readers, client, &table, start, tx).await?;
+                let (run, chunks) = readers.plan(&table, start, tx).await?;
                 if chunks.is_empty() {
                     // Every chunk was finished by an earlier run.
                     finish_table(&run, tx).await?;
@@ -760,13 +779,27 @@ async fn read_work(
                 let mut chunks = chunks
                     .into_iter()
                     .map(|(index, range)| Work::Chunk(run.clone(), index, range));
-                // This worker reads the first chunk itself: a table of one
-                // chunk never takes a second connection.
+                // This worker reads the first chunk itself.
                 next = chunks.next();
                 queue.planned(chunks.collect());
             }
             Work::Chunk(run, index, range) => {
-                let rows = read_chunk(readers, client, &run, range, tx).await?;
+                if in_table.as_ref() != Some(&run.table) {
+                    if in_table.take().is_some() {
+                        execute(session, "COMMIT", "cannot end a snapshot transaction").await?;
+                    }
+                    execute(
+                        session,
+                        &begin_snapshot(readers),
+                        "cannot import the exported snapshot",
+                    )
+                    .await?;
+                    in_table = Some(run.table.clone());
+                    if reader_filenode(session, &run).await? != run.relfilenode {
+                        return Err(SnapshotError::Rewritten(run.label.clone()));
+                    }
+                }
+                let rows = read_chunk(readers, session, &run, range, tx).await?;
                 counter!(m::SNAPSHOT_CHUNKS, "table" => run.label.clone()).increment(1);
                 send(
                     tx,
@@ -788,17 +821,62 @@ async fn read_work(
         }
     }
     if in_table.is_some() {
-        commit(client).await?;
+        execute(session, "COMMIT", "cannot end a snapshot transaction").await?;
     }
     Ok(())
 }
 
-async fn commit(client: &tokio_postgres::Client) -> Result<(), SnapshotError> {
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(PgError::sql("cannot end a snapshot transaction"))?;
+/// Turns a reading session's failure into [`SnapshotError::Session`].
+fn session_error(what: impl Into<String>) -> impl FnOnce(ReplicationError) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Session { what, source }
+}
+
+/// A chunk's `COPY` that failed. A column it names that is gone was
+/// dropped after the table was planned (on another connection, before this
+/// reader's lock): the table changed under its snapshot, which starts again
+/// and plans it anew.
+fn copy_failed(label: &str, what: &str) -> impl FnOnce(ReplicationError) -> SnapshotError {
+    let (label, what) = (label.to_owned(), what.to_owned());
+    move |source| match &source {
+        ReplicationError::Server(error) if error.code == "42703" => SnapshotError::Rewritten(label),
+        _ => SnapshotError::Session {
+            what: format!("{what} {label}"),
+            source,
+        },
+    }
+}
+
+async fn execute(session: &mut SqlSession, sql: &str, what: &str) -> Result<(), SnapshotError> {
+    session.query(sql).await.map_err(session_error(what))?;
     Ok(())
+}
+
+/// On a reading session, inside its table's transaction: takes the lock
+/// every reader of a table holds until it moves on (so the table cannot be
+/// rewritten under its chunks), and returns the file of the table planned
+/// as `run` (0 if it is gone or partitioned: the planner's
+/// [`relfilenode`] for the same table).
+async fn reader_filenode(session: &mut SqlSession, run: &TableRun) -> Result<u32, SnapshotError> {
+    let label = &run.label;
+    let rows = session
+        .query(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE; \
+             SELECT coalesce(pg_catalog.pg_relation_filenode({}::pg_catalog.oid), 0)::int8",
+            run.table.quoted(),
+            run.oid
+        ))
+        .await
+        .map_err(session_error(format!(
+            "cannot lock {label} for its snapshot"
+        )))?;
+    let node = rows
+        .first()
+        .and_then(|row| row.first())
+        .and_then(|value| value.as_deref())
+        .and_then(|value| value.parse::<u32>().ok())
+        .unwrap_or(0);
+    Ok(node)
 }
 
 /// Reports a table's end, once its last chunk is read.
@@ -828,22 +906,15 @@ async fn send(
         .map_err(|_| SnapshotError::ReaderLost(label.to_owned()))
 }
 
-/// Starts a transaction inside the exported snapshot, with the output
-/// styles the value decoder expects.
-async fn begin_snapshot(
-    client: &tokio_postgres::Client,
-    readers: &Readers,
-) -> Result<(), SnapshotError> {
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-             SET LOCAL datestyle = ISO; SET LOCAL intervalstyle = postgres; SET LOCAL extra_float_digits = 3; \
-             SET LOCAL bytea_output = hex; SET LOCAL lc_monetary = 'C'; SET LOCAL timezone = 'UTC'",
-            quote_literal(&readers.spec.snapshot_name)
-        ))
-        .await
-        .map_err(PgError::sql("cannot import the exported snapshot"))?;
-    Ok(())
+/// The statements that start a transaction inside the exported snapshot,
+/// with the output styles the value decoder expects.
+fn begin_snapshot(readers: &Readers) -> String {
+    format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+         SET LOCAL datestyle = ISO; SET LOCAL intervalstyle = postgres; SET LOCAL extra_float_digits = 3; \
+         SET LOCAL bytea_output = hex; SET LOCAL lc_monetary = 'C'; SET LOCAL timezone = 'UTC'",
+        quote_literal(&readers.spec.snapshot_name)
+    )
 }
 
 /// Reads what a table's chunks need (inside the snapshot), announces the
@@ -856,7 +927,7 @@ async fn plan_table(
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
 ) -> Result<(Arc<TableRun>, Vec<(u32, PageRange)>), SnapshotError> {
     let label = table.to_string();
-    let relfilenode = relfilenode(client, table).await?;
+    let (oid, relfilenode) = relfilenode(client, table).await?;
     // Only what the publication publishes: its column list and row filter
     // (the stream carries the same, pgoutput applies them).
     let view = catalog::published_view(client, &readers.publication, table).await?;
@@ -942,6 +1013,7 @@ async fn plan_table(
         table: table.clone(),
         label: label.clone(),
         relation: relation.clone(),
+        oid,
         relfilenode,
         column_types,
         select: format!("SELECT {} FROM {}", columns.join(", "), table.quoted()),
@@ -974,13 +1046,14 @@ async fn plan_table(
     Ok((run, chunks))
 }
 
-/// Takes the lock every reader of a table holds until it moves on (so the
-/// table cannot be rewritten under its chunks), and returns the table's file
-/// (`pg_relation_filenode`, 0 for a partitioned table).
+/// On the planning connection: takes the lock every reader of a table holds
+/// until it moves on (so the table cannot be rewritten under its chunks),
+/// and returns the table's oid and file (`pg_relation_filenode`, 0 for a
+/// partitioned table).
 async fn relfilenode(
     client: &tokio_postgres::Client,
     table: &TableName,
-) -> Result<u32, SnapshotError> {
+) -> Result<(u32, u32), SnapshotError> {
     let label = table.to_string();
     client
         .batch_execute(&format!(
@@ -993,22 +1066,26 @@ async fn relfilenode(
         )))?;
     let row = client
         .query_one(
-            "SELECT coalesce(pg_catalog.pg_relation_filenode(c.oid), 0)::int8 \
+            "SELECT c.oid::int8, coalesce(pg_catalog.pg_relation_filenode(c.oid), 0)::int8 \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
             &[&table.schema, &table.name],
         )
         .await
         .map_err(PgError::sql(format!("cannot read the file of {label}")))?;
-    let node: i64 = row.get(0);
-    Ok(u32::try_from(node).unwrap_or(0))
+    let oid: i64 = row.get(0);
+    let node: i64 = row.get(1);
+    Ok((
+        u32::try_from(oid).unwrap_or(0),
+        u32::try_from(node).unwrap_or(0),
+    ))
 }
 
 /// Reads one chunk of a table with `COPY … TO STDOUT` and reports its
 /// packages.
 async fn read_chunk(
     readers: &Readers,
-    client: &tokio_postgres::Client,
+    session: &mut SqlSession,
     run: &TableRun,
     range: PageRange,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
@@ -1029,33 +1106,35 @@ async fn read_chunk(
             conditions.join(" AND ")
         )
     };
-    let stream = client
-        .copy_out(copy.as_str())
+    let mut copy = session
+        .copy_out(&copy)
         .await
-        .map_err(PgError::sql(format!("cannot read {label}")))?;
-    futures::pin_mut!(stream);
+        .map_err(copy_failed(label, "cannot read"))?;
     // The package being filled: `COPY`'s lines as they came (see
     // `Package.copy_text`), checked for their shape only; the loader decodes
     // the values. Decoding them here was most of the snapshot's CPU.
-    let mut text = bytes::BytesMut::new();
-    sluice_proto::make_room(&mut text, readers.max_bytes);
-    let mut lines: u32 = 0;
+    let mut package = Lines::new(readers.max_rows, readers.max_bytes);
     let columns = run.column_types.len();
-    // Rows of this chunk, for error messages.
-    let mut read: u64 = 0;
     let counter = counter!(m::SNAPSHOT_ROWS, "table" => label.clone());
     let published = counter!(m::PUBLISHED_ROWS, "table" => label.clone(), "op" => "snapshot");
-    let flush = |text: &mut bytes::BytesMut, lines: &mut u32| {
-        let rows = std::mem::take(lines);
+    let flush = |package: &mut Lines| -> Result<v1::Package, SnapshotError> {
+        let rows = std::mem::take(&mut package.lines);
+        // The shape of a package's lines (UTF-8, one field per column),
+        // checked over the whole package at once.
+        let before = package.read - u64::from(rows);
+        values::copy::check_lines(&package.text, columns).map_err(|line| SnapshotError::Copy {
+            table: label.clone(),
+            row: before + line,
+        })?;
         counter.increment(rows.into());
         published.increment(rows.into());
         run.rows.fetch_add(rows.into(), Ordering::AcqRel);
         // Cut from one buffer reused from package to package (see
         // `sluice_proto::encode_pooled`), taken back once the packages cut
         // from it were encoded.
-        let copy_text = text.split().freeze();
-        sluice_proto::make_room(text, readers.max_bytes);
-        v1::Package {
+        let copy_text = package.text.split().freeze();
+        sluice_proto::make_room(&mut package.text, readers.max_bytes);
+        Ok(v1::Package {
             source: readers.source.clone(),
             schema: run.table.schema.clone(),
             table: run.table.name.clone(),
@@ -1074,64 +1153,113 @@ async fn read_chunk(
                 ..Default::default()
             }),
             ..Default::default()
+        })
+    };
+    // What a message held past a full package (Postgres sends one row per
+    // message, so this is normally empty).
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let more = copy
+            .rows(|data| match package.feed(data) {
+                None => true,
+                Some(rest) => {
+                    pending.extend_from_slice(rest);
+                    false
+                }
+            })
+            .await
+            .map_err(copy_failed(label, "reading failed:"))?;
+        while package.full() {
+            let full = flush(&mut package)?;
+            send(tx, label, Event::Package(Box::new(full))).await?;
+            // `return(MS)`: a slow snapshot, so that a test's changes
+            // overtake it.
+            #[cfg(feature = "failpoints")]
+            if let Some(Some(ms)) = fail::eval("replicator::snapshot::package", |arg| {
+                arg.and_then(|ms| ms.parse::<u64>().ok())
+            }) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            log_progress(run);
+            if !pending.is_empty() {
+                let rest = std::mem::take(&mut pending);
+                if let Some(rest) = package.feed(&rest) {
+                    pending.extend_from_slice(rest);
+                }
+            }
         }
-    };
-    let malformed = |row| SnapshotError::Copy {
-        table: label.clone(),
-        row,
-    };
-    // The shape of a package's lines (UTF-8, one field per column), checked
-    // over the whole package at once; `before`: this chunk's rows before it.
-    let check = |text: &[u8], before: u64| {
-        values::copy::check_lines(text, columns).map_err(|line| malformed(before + line))
-    };
-    // The start of a line that the previous message did not finish (Postgres
-    // sends one row per message, so this is normally empty).
-    let mut carried: Vec<u8> = Vec::new();
-    while let Some(message) = stream.next().await {
-        let message =
-            message.map_err(|error| PgError::sql(format!("reading {label} failed"))(error))?;
-        let mut data: &[u8] = &message;
+        if !more {
+            break;
+        }
+    }
+    if !package.carried.is_empty() {
+        return Err(SnapshotError::Copy {
+            table: label.clone(),
+            row: package.read + 1,
+        });
+    }
+    if package.lines > 0 {
+        let last = flush(&mut package)?;
+        send(tx, label, Event::Package(Box::new(last))).await?;
+    }
+    Ok(package.read)
+}
+
+/// A snapshot package's text as `COPY`'s messages fill it, line by line.
+struct Lines {
+    text: bytes::BytesMut,
+    /// Lines in `text`.
+    lines: u32,
+    /// Lines of the chunk so far, for error messages.
+    read: u64,
+    /// The start of a line that its message did not finish.
+    carried: Vec<u8>,
+    max_rows: usize,
+    max_bytes: usize,
+}
+
+impl Lines {
+    fn new(max_rows: usize, max_bytes: usize) -> Lines {
+        let mut text = bytes::BytesMut::new();
+        sluice_proto::make_room(&mut text, max_bytes);
+        Lines {
+            text,
+            lines: 0,
+            read: 0,
+            carried: Vec::new(),
+            max_rows,
+            max_bytes,
+        }
+    }
+
+    /// Whether the package holds as many lines or bytes as one may.
+    fn full(&self) -> bool {
+        self.lines as usize >= self.max_rows || self.text.len() >= self.max_bytes
+    }
+
+    /// Appends the lines of `data` (the start of a line it does not finish
+    /// waits in `carried` for the next message); once the package is full,
+    /// returns the rest of `data`, not appended.
+    fn feed<'d>(&mut self, mut data: &'d [u8]) -> Option<&'d [u8]> {
         while !data.is_empty() {
             let Some(newline) = memchr::memchr(b'\n', data) else {
-                carried.extend_from_slice(data);
-                break;
+                self.carried.extend_from_slice(data);
+                return None;
             };
-            read += 1;
-            if carried.is_empty() {
-                text.extend_from_slice(&data[..=newline]);
-            } else {
-                text.extend_from_slice(&carried);
-                text.extend_from_slice(&data[..=newline]);
-                carried.clear();
+            self.read += 1;
+            if !self.carried.is_empty() {
+                self.text.extend_from_slice(&self.carried);
+                self.carried.clear();
             }
-            lines += 1;
+            self.text.extend_from_slice(&data[..=newline]);
+            self.lines += 1;
             data = &data[newline + 1..];
-            if lines as usize >= readers.max_rows || text.len() >= readers.max_bytes {
-                check(&text, read - u64::from(lines))?;
-                let package = flush(&mut text, &mut lines);
-                send(tx, label, Event::Package(Box::new(package))).await?;
-                // `return(MS)`: a slow snapshot, so that a test's changes
-                // overtake it.
-                #[cfg(feature = "failpoints")]
-                if let Some(Some(ms)) = fail::eval("replicator::snapshot::package", |arg| {
-                    arg.and_then(|ms| ms.parse::<u64>().ok())
-                }) {
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                }
-                log_progress(run);
+            if self.full() {
+                return Some(data);
             }
         }
+        None
     }
-    if !carried.is_empty() {
-        return Err(malformed(read + 1));
-    }
-    if lines > 0 {
-        check(&text, read - u64::from(lines))?;
-        let package = flush(&mut text, &mut lines);
-        send(tx, label, Event::Package(Box::new(package))).await?;
-    }
-    Ok(read)
 }
 
 /// A progress line every [`PROGRESS_EVERY`] per table, whichever chunk
@@ -1170,9 +1298,33 @@ pub(crate) fn progress(
 #[cfg(test)]
 mod tests {
     use super::{
-        MIN_CHUNK_PAGES, Mark, PageRange, Progress, bounds_of, page_ranges, progress, ranges_of,
+        Lines, MIN_CHUNK_PAGES, Mark, PageRange, Progress, bounds_of, page_ranges, progress,
+        ranges_of,
     };
     use sluice_broker::TableName;
+
+    #[test]
+    fn a_package_takes_whole_lines_up_to_its_limits() {
+        // Two lines per package: a message of three lines fills one and
+        // hands back the third.
+        let mut lines = Lines::new(2, 1 << 20);
+        assert_eq!(lines.feed(b"1\ta\n"), None);
+        assert_eq!(lines.feed(b"2\tb\n3\tc\n"), Some(&b"3\tc\n"[..]));
+        assert!(lines.full());
+        assert_eq!(&lines.text[..], b"1\ta\n2\tb\n");
+        assert_eq!((lines.lines, lines.read), (2, 2));
+        // A line split across messages waits for its end.
+        let mut lines = Lines::new(10, 1 << 20);
+        assert_eq!(lines.feed(b"1\tfirst "), None);
+        assert_eq!((lines.lines, &lines.carried[..]), (0, &b"1\tfirst "[..]));
+        assert_eq!(lines.feed(b"half\n2\tx\n"), None);
+        assert_eq!(&lines.text[..], b"1\tfirst half\n2\tx\n");
+        assert!(lines.carried.is_empty());
+        // The byte limit: full once the text reaches it, at a line's end.
+        let mut lines = Lines::new(10, 8);
+        assert_eq!(lines.feed(b"1\tabcdefgh\n2\ty\n"), Some(&b"2\ty\n"[..]));
+        assert_eq!((lines.lines, lines.full()), (1, true));
+    }
 
     #[test]
     fn a_progress_record_keeps_the_chunks_and_lists_only_durable_ones() {

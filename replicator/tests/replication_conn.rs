@@ -17,7 +17,7 @@ use bytes::Bytes;
 use sluice_replicator::recovery::{self, Recovery};
 use sluice_replicator::replication::{
     AuthError, Lsn, ReplicationClient, ReplicationError, ReplicationEvent, ReplicationStream,
-    SslMode, TlsError, TlsOptions, publication_names,
+    SqlSession, SslMode, TlsError, TlsOptions, publication_names,
 };
 use tokio_postgres::{Config, NoTls};
 
@@ -558,6 +558,13 @@ async fn tls_modes() -> Result<()> {
         let mut client = ReplicationClient::connect_with_tls(&config, &ca).await?;
         assert!(uses_tls(&mut client).await?, "verify-full to {host}");
         client.close().await?;
+        // The snapshot readers' sessions connect the same way.
+        let mut session = SqlSession::connect(&config, &ca).await?;
+        let ssl = session
+            .query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .await?;
+        assert_eq!(ssl, vec![vec![Some("t".to_owned())]], "session to {host}");
+        session.close().await?;
     }
 
     // The SQL connection (catalog, snapshots, status) follows the same
@@ -618,5 +625,109 @@ async fn tls_modes() -> Result<()> {
     let mut client = ReplicationClient::connect(&config).await?;
     assert!(uses_tls(&mut client).await?);
     client.close().await?;
+    Ok(())
+}
+
+/// The snapshot readers' session: an ordinary backend (not a walsender),
+/// whose `COPY` rows arrive byte for byte as `tokio-postgres` reads them,
+/// in pieces as the reader asks, and which stays usable after an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_session_reads_copy_rows_as_tokio_postgres_does() -> Result<()> {
+    let (url, _temp) = match std::env::var("SLUICE_TEST_PG_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let pg = TempPostgres::start(false)?;
+            (pg.url("postgres", None), Some(pg))
+        }
+    };
+    let config: Config = url.parse()?;
+    let tls = TlsOptions {
+        mode: SslMode::from(config.get_ssl_mode()),
+        ..TlsOptions::default()
+    };
+    let mut session = SqlSession::connect(&config, &tls).await?;
+    let kind = session
+        .query("SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        .await?;
+    assert_eq!(kind, vec![vec![Some("client backend".to_owned())]]);
+
+    // Values COPY escapes (tab, newline, backslash), multi-byte text, NULLs,
+    // and rows long enough to span several socket reads.
+    let copy = "COPY (SELECT g, repeat(chr(9) || 'x\\' || chr(10) || 'é', g % 4), \
+                CASE WHEN g % 5 = 0 THEN NULL ELSE repeat('y', g % 3000) END \
+                FROM generate_series(1, 20000) g) TO STDOUT";
+    let sql = sql_client(&config).await?;
+    let expected: Vec<u8> = {
+        use futures::TryStreamExt;
+        let stream = sql.copy_out(copy).await?;
+        let parts: Vec<Bytes> = stream.try_collect().await?;
+        parts.concat()
+    };
+    let mut got = Vec::new();
+    let (mut rows, mut calls) = (0u64, 0u64);
+    let mut out = session.copy_out(copy).await?;
+    loop {
+        let mut handed = 0;
+        let more = out
+            .rows(|data| {
+                got.extend_from_slice(data);
+                handed += 1;
+                // Asks for at most 10 rows at a time (a read holds more).
+                handed < 10
+            })
+            .await?;
+        assert!(handed <= 10, "a call handed {handed} rows");
+        rows += handed;
+        calls += 1;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(rows, 20000);
+    assert!(
+        calls >= 2000,
+        "{calls} calls for 20,000 rows in steps of 10"
+    );
+    assert_eq!(got, expected, "COPY text differs from tokio-postgres'");
+
+    // An error in the middle of a COPY, after rows came: the server's error,
+    // and the session goes on.
+    let mut out = session
+        .copy_out("COPY (SELECT 10 / (g - 5000) FROM generate_series(1, 9000) g) TO STDOUT")
+        .await?;
+    let mut before = 0;
+    let error = loop {
+        match out
+            .rows(|_| {
+                before += 1;
+                true
+            })
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => bail!("the COPY ended without its error"),
+            Err(error) => break error,
+        }
+    };
+    assert!(before < 5000, "{before} rows before the error");
+    match &error {
+        ReplicationError::Server(e) => assert_eq!(e.code, "22012", "{e}"),
+        other => bail!("not a server error: {other:?}"),
+    }
+    assert_eq!(recovery::of_replication(&error), Recovery::Stop);
+    // An error before the first row.
+    match session
+        .copy_out("COPY (SELECT * FROM no_such_table) TO STDOUT")
+        .await
+    {
+        Err(ReplicationError::Server(e)) => assert_eq!(e.code, "42P01", "{e}"),
+        Err(other) => bail!("not a server error: {other:?}"),
+        Ok(_) => bail!("a COPY of a missing table started"),
+    }
+    assert_eq!(
+        session.query("SELECT 1 + 1").await?,
+        vec![vec![Some("2".to_owned())]]
+    );
+    session.close().await?;
     Ok(())
 }

@@ -14,7 +14,7 @@ use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use super::error::{ProtocolError, ReplicationError};
 use super::lsn::Lsn;
-use super::startup::{negotiate_tls, startup};
+use super::startup::{Session, negotiate_tls, startup};
 use super::wire::{AsyncIo, Connection, server_error, unexpected};
 use crate::recovery::{self, Recovery};
 use sluice_postgres::tls::{SslMode, TlsOptions};
@@ -84,6 +84,16 @@ impl ReplicationClient {
         config: &tokio_postgres::Config,
         tls: &TlsOptions,
     ) -> Result<Self, ReplicationError> {
+        Self::open(config, tls, Session::Replication).await
+    }
+
+    /// Connects as [`ReplicationClient::connect_with_tls`] does, for a
+    /// `session` of either kind.
+    pub(crate) async fn open(
+        config: &tokio_postgres::Config,
+        tls: &TlsOptions,
+        session: Session,
+    ) -> Result<Self, ReplicationError> {
         let hosts = config.get_hosts();
         if hosts.is_empty() {
             return Err(ReplicationError::Config("no host configured"));
@@ -97,7 +107,7 @@ impl ReplicationClient {
         let mut last_err = None;
         for (i, host) in hosts.iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let attempt = Self::connect_host(config, tls, host, port);
+            let attempt = Self::connect_host(config, tls, host, port, session);
             let result = match config.get_connect_timeout() {
                 Some(limit) => tokio::time::timeout(*limit, attempt)
                     .await
@@ -140,6 +150,7 @@ impl ReplicationClient {
         tls: &TlsOptions,
         host: &Host,
         port: u16,
+        session: Session,
     ) -> Result<Self, ReplicationError> {
         let io: Box<dyn AsyncIo> = match host {
             Host::Tcp(name) => {
@@ -154,7 +165,7 @@ impl ReplicationClient {
             }
         };
         let mut conn = Connection::new(io);
-        let backend_pid = startup(&mut conn, config).await?;
+        let backend_pid = startup(&mut conn, config, session).await?;
         Ok(ReplicationClient {
             conn,
             backend_pid,

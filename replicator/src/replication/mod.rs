@@ -17,8 +17,9 @@
 //!    the slot's consistent point. The snapshot lives only until the next
 //!    command on this connection or its close, so keep the connection idle
 //!    while snapshot readers (`BEGIN ISOLATION LEVEL REPEATABLE READ; SET
-//!    TRANSACTION SNAPSHOT '…'`, on ordinary `tokio-postgres` connections) have
-//!    imported it; they keep it alive once they have.
+//!    TRANSACTION SNAPSHOT '…'`, on ordinary sessions: [`SqlSession`] for the
+//!    readers' `COPY`, `tokio-postgres` for the rest) have imported it; they
+//!    keep it alive once they have.
 //! 3. [`ReplicationClient::start_replication`] enters CopyBoth mode and yields
 //!    a [`ReplicationStream`] of [`ReplicationEvent`]s.
 //!
@@ -66,6 +67,7 @@ mod conn;
 mod copy_both;
 mod error;
 mod lsn;
+mod sql;
 mod startup;
 mod wire;
 
@@ -77,3 +79,4 @@ pub use copy_both::{PG_EPOCH_UNIX_MICROS, ReplicationEvent, ReplicationStream, p
 pub use error::{AuthError, ProtocolError, ReplicationError, ServerError, TlsError};
 pub use lsn::{Lsn, ParseLsnError};
 pub use sluice_postgres::tls::{SslMode, TlsOptions};
+pub use sql::{CopyOut, SqlSession};

@@ -1,5 +1,5 @@
-//! Opening a replication session: TLS negotiation (`SSLRequest`), the
-//! startup message with `replication=database`, and authentication
+//! Opening a session: TLS negotiation (`SSLRequest`), the startup message
+//! (with `replication=database` for a replication session), and authentication
 //! (trust, cleartext, md5, SCRAM-SHA-256).
 
 use bytes::BytesMut;
@@ -51,11 +51,21 @@ pub(super) async fn negotiate_tls(
     }
 }
 
+/// What a session is for: the startup message differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session {
+    /// `replication=database`: a walsender, which takes replication commands.
+    Replication,
+    /// An ordinary backend, for plain SQL (a snapshot reader's `COPY`).
+    Sql,
+}
+
 /// Startup message, authentication, and the wait for `ReadyForQuery`.
 /// Returns the backend pid.
 pub(super) async fn startup(
     conn: &mut Connection,
     config: &tokio_postgres::Config,
+    session: Session,
 ) -> Result<i32, ReplicationError> {
     let user = config
         .get_user()
@@ -63,13 +73,15 @@ pub(super) async fn startup(
     let mut params = vec![
         ("user", user),
         ("database", config.get_dbname().unwrap_or(user)),
-        ("replication", "database"),
         ("client_encoding", "UTF8"),
         (
             "application_name",
             config.get_application_name().unwrap_or("sluice"),
         ),
     ];
+    if session == Session::Replication {
+        params.push(("replication", "database"));
+    }
     if let Some(options) = config.get_options() {
         params.push(("options", options));
     }

@@ -38,6 +38,17 @@ pub(crate) struct Connection {
     /// startup), e.g. `13.23` or `15.18 (Debian 15.18-0+deb12u1)`: for error
     /// messages.
     pub(crate) server_version: Option<String>,
+    /// The `ErrorResponse` of a COPY being read, until its `ReadyForQuery`.
+    copy_error: Option<Box<ServerError>>,
+}
+
+/// Where a `COPY … TO STDOUT` stands after [`Connection::copy_out_data`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyOutStep {
+    /// More rows may come.
+    More,
+    /// The COPY ended and the session is ready for the next query.
+    Ended,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -49,6 +60,7 @@ impl Connection {
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(1024),
             server_version: None,
+            copy_error: None,
         }
     }
 
@@ -59,6 +71,57 @@ impl Connection {
         loop {
             if let Some(message) = parse_frame(&mut self.read_buf)? {
                 return Ok(message);
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            let n = self.io.read_buf(&mut self.read_buf).await?;
+            if n == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    /// While a `COPY … TO STDOUT` runs: hands the data of each buffered
+    /// `CopyData` message to `take`, in order, straight from the read buffer
+    /// (no message object per row), until `take` returns `false` or no whole
+    /// message is left; reads from the socket only when none was handed over.
+    /// Returns [`CopyOutStep::Ended`] once the server is ready for the next
+    /// query after the COPY, or the server's error if the COPY failed.
+    /// Cancel-safe as [`Connection::read_backend`] is: a message leaves the
+    /// buffer only once `take` has had it.
+    pub(crate) async fn copy_out_data(
+        &mut self,
+        mut take: impl FnMut(&[u8]) -> bool,
+    ) -> Result<CopyOutStep, ReplicationError> {
+        let mut handed = false;
+        loop {
+            while let Some(total) = whole_frame(&mut self.read_buf)? {
+                if self.read_buf[0] == b'd' {
+                    let more = take(&self.read_buf[5..total]);
+                    self.read_buf.advance(total);
+                    handed = true;
+                    if !more {
+                        return Ok(CopyOutStep::More);
+                    }
+                    continue;
+                }
+                // Anything else is rare: parsed as a message. The frame is
+                // whole, so this does not wait unless it was a notice.
+                match self.read_message("reading COPY data").await? {
+                    Message::CopyDone | Message::CommandComplete(_) => {}
+                    Message::ErrorResponse(body) => self.copy_error = Some(server_error(&body)),
+                    Message::ReadyForQuery(_) => {
+                        return match self.copy_error.take() {
+                            Some(error) => Err(ReplicationError::Server(error)),
+                            None => Ok(CopyOutStep::Ended),
+                        };
+                    }
+                    other => return Err(unexpected(&other, "reading COPY data")),
+                }
+            }
+            if handed {
+                return Ok(CopyOutStep::More);
             }
             if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
                 self.read_buf.reserve(READ_CHUNK);
@@ -133,7 +196,9 @@ impl Connection {
     }
 }
 
-fn parse_frame(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
+/// The length (tag included) of the whole message at the start of `buf`,
+/// `None` while it is incomplete (room is reserved for the rest).
+fn whole_frame(buf: &mut BytesMut) -> Result<Option<usize>, ProtocolError> {
     let Some(header) = Header::parse(buf).map_err(ProtocolError::Malformed)? else {
         return Ok(None);
     };
@@ -143,7 +208,14 @@ fn parse_frame(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    if header.tag() == b'W' {
+    Ok(Some(total))
+}
+
+fn parse_frame(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
+    let Some(total) = whole_frame(buf)? else {
+        return Ok(None);
+    };
+    if buf[0] == b'W' {
         // CopyBothResponse: overall format (1 byte) and column formats; for
         // replication always binary with zero columns, nothing to keep.
         buf.advance(total);
