@@ -530,6 +530,16 @@ impl Readers {
         }
     }
 
+    /// Hands the readers a planning connection opened ahead, e.g. while the
+    /// slot whose snapshot they read was being created: a resync's
+    /// RESYNC_BEGIN then waits only for the planning queries.
+    pub(crate) fn with_planner(self, planner: SqlConn) -> Readers {
+        Readers {
+            planner: tokio::sync::Mutex::new(Some(planner)),
+            ..self
+        }
+    }
+
     /// Plans `table` ([`plan_table`]) on the planning connection, in a
     /// transaction of its own inside the exported snapshot. A connection
     /// that failed is dropped; the next plan opens another.
@@ -747,11 +757,11 @@ async fn worker(
     let Some(first) = queue.next().await else {
         return Ok(());
     };
-    let mut session = SqlSession::connect(&readers.settings.config, &readers.settings.tls)
-        .await
-        .map_err(session_error("cannot connect to Postgres for a snapshot"))?;
+    let mut session = None;
     read_work(&readers, &queue, &tx, &mut session, first).await?;
-    let _ = session.close().await;
+    if let Some(session) = session {
+        let _ = session.close().await;
+    }
     Ok(())
 }
 
@@ -761,7 +771,7 @@ async fn read_work(
     readers: &Readers,
     queue: &WorkQueue,
     tx: &mpsc::Sender<Result<Event, SnapshotError>>,
-    session: &mut SqlSession,
+    session: &mut Option<SqlSession>,
     first: Work,
 ) -> Result<(), SnapshotError> {
     // The table this session's transaction is about: one transaction per
@@ -784,6 +794,16 @@ async fn read_work(
                 queue.planned(chunks.collect());
             }
             Work::Chunk(run, index, range) => {
+                // Connected at the first chunk, once the table is planned
+                // (and announced: a resync's RESYNC_BEGIN waits for that).
+                let session = match session {
+                    Some(session) => session,
+                    None => session.insert(
+                        SqlSession::connect(&readers.settings.config, &readers.settings.tls)
+                            .await
+                            .map_err(session_error("cannot connect to Postgres for a snapshot"))?,
+                    ),
+                };
                 if in_table.as_ref() != Some(&run.table) {
                     if in_table.take().is_some() {
                         execute(session, "COMMIT", "cannot end a snapshot transaction").await?;
@@ -820,7 +840,7 @@ async fn read_work(
             next = queue.next().await;
         }
     }
-    if in_table.is_some() {
+    if let (Some(_), Some(session)) = (in_table, session) {
         execute(session, "COMMIT", "cannot end a snapshot transaction").await?;
     }
     Ok(())

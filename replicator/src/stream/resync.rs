@@ -560,10 +560,16 @@ async fn resync_task(
             &config.postgres.slot,
             &format!("_resync_{}", unique_now_us()),
         );
-        let created = client
-            .create_logical_slot(&slot, true)
-            .await
-            .map_err(slot_failed)?;
+        // The tables' planning connection opens while the slot is created:
+        // from the slot's consistent point to the RESYNC_BEGIN, the stream
+        // goes on publishing the table's changes on its old chain, so that
+        // span is kept to the planning queries.
+        let (created, planner) = tokio::join!(
+            client.create_logical_slot(&slot, true),
+            settings.connect("a resync")
+        );
+        let created = created.map_err(slot_failed)?;
+        let planner = planner?;
         let spec = SnapshotSpec {
             resync_id: resync.id,
             snapshot_name: created.snapshot_name,
@@ -571,7 +577,7 @@ async fn resync_task(
             reason: resync.reason,
         };
         let (inner_tx, mut inner_rx) = mpsc::channel(4);
-        let readers = snapshot::Readers::new(&config, &settings, spec);
+        let readers = snapshot::Readers::new(&config, &settings, spec).with_planner(planner);
         let reader = {
             let table = table.clone();
             async move {
