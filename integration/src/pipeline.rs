@@ -426,7 +426,8 @@ ack_wait = "30s"
     /// `replicator::resync::after_begin` and `broker::publish::between_chunks` (each once what
     /// was published is acknowledged). `replicator::snapshot::package=return(MS)` sleeps MS
     /// milliseconds after each snapshot package, `replicator::streamed::replay=return(MS)` before
-    /// each round of a committed streamed transaction's replay.
+    /// each round of a committed streamed transaction's replay, `replicator::resync::before_plan=
+    /// return(MS)` after a resync's slot is created, before its table is planned.
     pub fn set_failpoints(&mut self, spec: Option<&str>) {
         self.failpoints = spec.map(str::to_owned);
     }

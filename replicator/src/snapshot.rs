@@ -82,6 +82,11 @@ pub(crate) enum Event {
         resumed: Option<(BTreeSet<u32>, u64)>,
     },
     Package(Box<v1::Package>),
+    /// A resync's temporary slot exists, with this consistent point: the
+    /// stream holds back until the table's Begin (see `stream::resync`).
+    SlotCreated {
+        lsn: Lsn,
+    },
     /// Every package of a chunk was reported.
     ChunkDone {
         table: TableName,
@@ -207,6 +212,8 @@ pub async fn initial(
                     }
                 }
             }
+            // Sent by resyncs only.
+            Event::SlotCreated { .. } => {}
             Event::Package(mut package) => {
                 let table = TableName::new(&package.schema, &package.table);
                 ordinals.entry(table).or_default().stamp(&mut package);

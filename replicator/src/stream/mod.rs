@@ -306,12 +306,14 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
             _ = heartbeat.tick() => state.heartbeat().await?,
             _ = publication_check.tick(), if checking => state.check_publication(None).await?,
             Some(request) = requests.next() => state.resync_request(request).await,
-            Some((table, event)) = resync_rx.recv() => state.resync_event(table, event).await?,
+            Some((table, attempt, event)) = resync_rx.recv() => state.resync_event(table, attempt, event).await?,
             acked = state.publisher.wait_one() => acked?,
             // A committed streamed transaction goes first: what the source
             // sends next committed after it.
-            _ = std::future::ready(()), if state.replay.is_some() => state.replay_some().await?,
-            input = source.next() => {
+            // Nothing new goes out while a resync's slot waits for its
+            // RESYNC_BEGIN (`Resyncs::holding`).
+            _ = std::future::ready(()), if state.replay.is_some() && !state.resyncs.holding() => state.replay_some().await?,
+            input = source.next(), if !state.resyncs.holding() => {
                 state.input(&mut source, input?).await?;
                 // Messages that are already there are taken without another
                 // round of the select (its timers and channels cost more than

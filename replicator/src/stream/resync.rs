@@ -38,8 +38,15 @@ use crate::publish::{Mark, now_us, unique_now_us};
 use crate::replication::{Lsn, ReplicationClient};
 use crate::snapshot::{self, Event, Progress, SnapshotError, SnapshotSpec, TableStart};
 
-/// What a resync reader reports to the loop, per table.
-pub(super) type ResyncEvent = (TableName, Result<Event, SnapshotError>);
+/// What a resync reader reports to the loop, per table and attempt.
+pub(super) type ResyncEvent = (TableName, u32, Result<Event, SnapshotError>);
+
+/// How long the stream holds back for a resync between its slot's creation
+/// and its RESYNC_BEGIN, at most. Planning takes milliseconds; it can wait
+/// longer only for the table's lock (DDL running), and the stream of every
+/// other table must not wait that long. A change of the table that goes out
+/// after that is caught at the Begin, which then starts the resync again.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A resync running beside the stream.
 struct ActiveResync {
@@ -55,6 +62,12 @@ struct ActiveResync {
     generation: u64,
     /// Whether it continues a resync an earlier run began.
     continued: bool,
+    /// Its attempt: a resync started again ignores what the reader of an
+    /// earlier attempt still sent.
+    attempt: u32,
+    /// When its slot was created, until its Begin: the stream holds back
+    /// meanwhile ([`Resyncs::holding`]).
+    slot_created: Option<std::time::Instant>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,6 +98,19 @@ impl Resyncs {
     /// Whether a resync of `table` was started and has not ended.
     pub(super) fn is_running(&self, table: &TableName) -> bool {
         self.active.contains_key(table)
+    }
+
+    /// Whether the stream is to hold back: a resync's slot exists and its
+    /// RESYNC_BEGIN is not published yet. A change of its table the stream
+    /// published meanwhile would be on the table's old chain, which a loader
+    /// that blocked the table skips, and, committed after the slot's
+    /// consistent point, it is not in the snapshot either.
+    pub(super) fn holding(&self) -> bool {
+        self.active.values().any(|active| {
+            active
+                .slot_created
+                .is_some_and(|at| at.elapsed() < HOLD_AT_MOST)
+        })
     }
 
     /// No resync running; the readers' events arrive on the receiver.
@@ -208,7 +234,14 @@ impl Loop<'_> {
             }
             let id = format!("{label}@{}", now_us());
             tracing::info!(table = %label, reason = %reason, resync_id = %id, "resync requested");
-            self.spawn_resync(table, id.clone(), reason.clone(), TableStart::Fresh, None);
+            self.spawn_resync(
+                table,
+                id.clone(),
+                reason.clone(),
+                TableStart::Fresh,
+                None,
+                0,
+            );
             started.push(v1::ResyncStarted {
                 table: label,
                 resync_id: id,
@@ -228,6 +261,7 @@ impl Loop<'_> {
         reason: String,
         start: TableStart,
         continues: Option<u64>,
+        attempt: u32,
     ) {
         let task = tokio::spawn(resync_task(
             self.settings.clone(),
@@ -238,6 +272,7 @@ impl Loop<'_> {
                 id: id.clone(),
                 reason: reason.clone(),
                 start,
+                attempt,
             },
             self.resyncs.tx.clone(),
         ));
@@ -251,6 +286,8 @@ impl Loop<'_> {
                 lsn: None,
                 generation: continues.unwrap_or(0),
                 continued: continues.is_some(),
+                attempt,
+                slot_created: None,
                 task,
             },
         );
@@ -286,6 +323,7 @@ impl Loop<'_> {
                 reason,
                 TableStart::Continue(recorded, relation),
                 Some(record.generation),
+                0,
             );
         }
     }
@@ -294,13 +332,21 @@ impl Loop<'_> {
     pub(super) async fn resync_event(
         &mut self,
         table: TableName,
+        attempt: u32,
         event: Result<Event, SnapshotError>,
     ) -> Result<(), StreamError> {
         let label = table.to_string();
         let Some(active) = self.resyncs.active.get_mut(&table) else {
             return Ok(());
         };
+        if active.attempt != attempt {
+            return Ok(());
+        }
         match event {
+            Ok(Event::SlotCreated { lsn }) => {
+                tracing::debug!(table = %label, consistent_point = %lsn, "resync slot created: the stream holds back until its RESYNC_BEGIN");
+                active.slot_created = Some(std::time::Instant::now());
+            }
             Ok(Event::Begin {
                 relation,
                 estimate,
@@ -310,6 +356,26 @@ impl Loop<'_> {
                 resumed,
                 ..
             }) => {
+                active.slot_created = None;
+                if resumed.is_none()
+                    && self
+                        .packager
+                        .changes_through(&table)
+                        .is_some_and(|(through, _)| through >= lsn.0)
+                {
+                    // A change of the table committed at or after the
+                    // consistent point went out on its old chain (the hold
+                    // ran out, or the stream passed the point before the
+                    // slot was reported): this snapshot cannot stand for it.
+                    tracing::warn!(table = %label, consistent_point = %lsn, "a change of the table committed after the resync's consistent point was published before the resync began; starting the resync again");
+                    let (id, reason) = (active.id.clone(), active.reason.clone());
+                    let attempt = active.attempt + 1;
+                    let continues = active.continued.then_some(active.generation);
+                    active.task.abort();
+                    self.resyncs.active.remove(&table);
+                    self.spawn_resync(table, id, reason, TableStart::Fresh, continues, attempt);
+                    return Ok(());
+                }
                 active.lsn = Some(lsn);
                 if resumed.is_none() && active.continued {
                     // The continued resync starts over (the table's columns
@@ -529,6 +595,7 @@ struct ResyncStart {
     id: String,
     reason: String,
     start: TableStart,
+    attempt: u32,
 }
 
 /// Creates a temporary slot (its exported snapshot has a known consistent
@@ -541,6 +608,7 @@ async fn resync_task(
     resync: ResyncStart,
     tx: mpsc::Sender<ResyncEvent>,
 ) {
+    let attempt = resync.attempt;
     let result = async {
         let slot_failed = |source| SnapshotError::ResyncSlot {
             table: table.to_string(),
@@ -570,6 +638,23 @@ async fn resync_task(
         );
         let created = created.map_err(slot_failed)?;
         let planner = planner?;
+        // The stream holds back from now until the RESYNC_BEGIN.
+        let _ = tx
+            .send((
+                table.clone(),
+                attempt,
+                Ok(Event::SlotCreated {
+                    lsn: created.consistent_point,
+                }),
+            ))
+            .await;
+        // `return(MS)`: a slow start, for the tests of that hold.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(ms)) = fail::eval("replicator::resync::before_plan", |arg| {
+            arg.and_then(|ms| ms.parse::<u64>().ok())
+        }) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let spec = SnapshotSpec {
             resync_id: resync.id,
             snapshot_name: created.snapshot_name,
@@ -590,7 +675,7 @@ async fn resync_task(
         };
         let forward = async {
             while let Some(event) = inner_rx.recv().await {
-                if tx.send((table.clone(), event)).await.is_err() {
+                if tx.send((table.clone(), attempt, event)).await.is_err() {
                     break;
                 }
             }
@@ -602,7 +687,7 @@ async fn resync_task(
     }
     .await;
     if let Err(error) = result {
-        let _ = tx.send((table, Err(error))).await;
+        let _ = tx.send((table, attempt, Err(error))).await;
     }
 }
 
