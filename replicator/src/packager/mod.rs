@@ -203,14 +203,14 @@ impl Packager {
         );
     }
 
-    /// Starts a new chain for one table (a resync): the next package of the
-    /// table, its RESYNC_BEGIN, gets `(generation, 1)`.
     /// The newest change package of `table` the stream holds, as
     /// `(commit_lsn, package_index)`.
     pub fn changes_through(&self, table: &TableName) -> Option<(u64, u32)> {
         self.changes_through.get(table).copied()
     }
 
+    /// Starts a new chain for one table (a resync): the next package of the
+    /// table, its RESYNC_BEGIN, gets `(generation, 1)`.
     pub fn start_generation(&mut self, table: TableName, generation: u64) {
         self.chains.insert(
             table,

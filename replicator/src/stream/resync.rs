@@ -628,10 +628,9 @@ async fn resync_task(
             &config.postgres.slot,
             &format!("_resync_{}", unique_now_us()),
         );
-        // The tables' planning connection opens while the slot is created:
-        // from the slot's consistent point to the RESYNC_BEGIN, the stream
-        // goes on publishing the table's changes on its old chain, so that
-        // span is kept to the planning queries.
+        // The table's planning connection opens while the slot is created:
+        // the stream holds back from the slot's creation to the
+        // RESYNC_BEGIN, so that span is kept to the planning queries.
         let (created, planner) = tokio::join!(
             client.create_logical_slot(&slot, true),
             settings.connect("a resync")
