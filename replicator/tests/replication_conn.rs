@@ -212,6 +212,18 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `SLUICE_TEST_PG_URL`'s server, or else a cluster of this test (kept
+/// running while the second value lives).
+fn shared_or_temp() -> Result<(String, Option<TempPostgres>)> {
+    Ok(match std::env::var("SLUICE_TEST_PG_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let pg = TempPostgres::start(false)?;
+            (pg.url("postgres", None), Some(pg))
+        }
+    })
+}
+
 async fn sql_client(config: &Config) -> Result<tokio_postgres::Client> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
@@ -277,13 +289,7 @@ fn commit_end_lsn(commit: &[u8]) -> Result<Lsn> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_connection_against_postgres() -> Result<()> {
-    let (url, temp) = match std::env::var("SLUICE_TEST_PG_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let pg = TempPostgres::start(false)?;
-            (pg.url("postgres", None), Some(pg))
-        }
-    };
+    let (url, temp) = shared_or_temp()?;
     let config: Config = url.parse()?;
     let sql = sql_client(&config).await?;
     let suffix = format!(
@@ -633,13 +639,7 @@ async fn tls_modes() -> Result<()> {
 /// in pieces as the reader asks, and which stays usable after an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_session_reads_copy_rows_as_tokio_postgres_does() -> Result<()> {
-    let (url, _temp) = match std::env::var("SLUICE_TEST_PG_URL") {
-        Ok(url) => (url, None),
-        Err(_) => {
-            let pg = TempPostgres::start(false)?;
-            (pg.url("postgres", None), Some(pg))
-        }
-    };
+    let (url, _temp) = shared_or_temp()?;
     let config: Config = url.parse()?;
     let tls = TlsOptions {
         mode: SslMode::from(config.get_ssl_mode()),
