@@ -104,26 +104,13 @@ impl PgSettings {
     /// connection); the connection task is owned by the returned guard.
     /// `what` names the purpose in the error.
     pub async fn connect(&self, what: &str) -> Result<SqlConn, PgError> {
-        let (client, connection) = self.connect_parts(what).await?;
-        Ok(SqlConn {
-            client,
-            task: tokio::spawn(connection),
-        })
-    }
-
-    /// The client and its connection's task, which [`PgSettings::connect`]
-    /// spawns.
-    async fn connect_parts(
-        &self,
-        what: &str,
-    ) -> Result<(tokio_postgres::Client, Connection), PgError> {
         let failed = || PgError::sql(format!("cannot connect to Postgres for {what}"));
         let mut config = self.config.clone();
-        Ok(match self.tls.mode {
+        let (client, task) = match self.tls.mode {
             SslMode::Disable => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
                 let (client, connection) = config.connect(NoTls).await.map_err(failed())?;
-                (client, Box::pin(drive(connection)))
+                (client, tokio::spawn(drive(connection)))
             }
             mode => {
                 let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
@@ -135,14 +122,12 @@ impl PgSettings {
                     tokio_postgres::config::SslMode::Require
                 });
                 let (client, connection) = config.connect(tls).await.map_err(failed())?;
-                (client, Box::pin(drive(connection)))
+                (client, tokio::spawn(drive(connection)))
             }
-        })
+        };
+        Ok(SqlConn { client, task })
     }
 }
-
-/// A connection's task, to be polled until it ends.
-type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
 where

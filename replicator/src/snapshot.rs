@@ -867,10 +867,7 @@ fn copy_failed(label: &str, what: &str) -> impl FnOnce(ReplicationError) -> Snap
     let (label, what) = (label.to_owned(), what.to_owned());
     move |source| match &source {
         ReplicationError::Server(error) if error.code == "42703" => SnapshotError::Rewritten(label),
-        _ => SnapshotError::Session {
-            what: format!("{what} {label}"),
-            source,
-        },
+        _ => session_error(format!("{what} {label}"))(source),
     }
 }
 

@@ -72,14 +72,21 @@ impl Connection {
             if let Some(message) = parse_frame(&mut self.read_buf)? {
                 return Ok(message);
             }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            let n = self.io.read_buf(&mut self.read_buf).await?;
-            if n == 0 {
-                return Err(ReplicationError::Closed);
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Reads what the socket has into `read_buf`: the only `.await` of
+    /// [`Connection::read_backend`] and [`Connection::copy_out_data`].
+    async fn fill(&mut self) -> Result<(), ReplicationError> {
+        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        let n = self.io.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(ReplicationError::Closed);
+        }
+        Ok(())
     }
 
     /// While a `COPY … TO STDOUT` runs: hands the data of each buffered
@@ -123,13 +130,7 @@ impl Connection {
             if handed {
                 return Ok(CopyOutStep::More);
             }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            let n = self.io.read_buf(&mut self.read_buf).await?;
-            if n == 0 {
-                return Err(ReplicationError::Closed);
-            }
+            self.fill().await?;
         }
     }
 

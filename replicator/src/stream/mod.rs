@@ -278,6 +278,9 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
         state.resync_tables(changed_while_stopped, "publication_changed");
     }
     loop {
+        // Nothing new goes out while a resync's slot waits for its
+        // RESYNC_BEGIN (`Resyncs::holding`).
+        let holding = state.resyncs.holding();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -310,10 +313,8 @@ pub async fn run(setup: Setup<'_>) -> Result<(), StreamError> {
             acked = state.publisher.wait_one() => acked?,
             // A committed streamed transaction goes first: what the source
             // sends next committed after it.
-            // Nothing new goes out while a resync's slot waits for its
-            // RESYNC_BEGIN (`Resyncs::holding`).
-            _ = std::future::ready(()), if state.replay.is_some() && !state.resyncs.holding() => state.replay_some().await?,
-            input = source.next(), if !state.resyncs.holding() => {
+            _ = std::future::ready(()), if state.replay.is_some() && !holding => state.replay_some().await?,
+            input = source.next(), if !holding => {
                 state.input(&mut source, input?).await?;
                 // Messages that are already there are taken without another
                 // round of the select (its timers and channels cost more than
