@@ -26,7 +26,9 @@
 //! `SLUICE_BENCH_CONFIG=replicator.catchup_min_lag_bytes=0` makes it stream
 //! from the walsender instead.
 //!
-//! Prints both times and how many times faster sluice was.
+//! Prints both times and how many times faster sluice was, and the CPU time
+//! each side used: the Postgres server's (every backend), ClickHouse's, and
+//! for sluice NATS' and its two processes'.
 //!
 //! ```text
 //! set -a; . /tmp/sdev/stack/env; set +a
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use sluice_integration::pipeline::Pipeline;
-use sluice_integration::{clickhouse_count, clickhouse_sql};
+use sluice_integration::{clickhouse_count, clickhouse_sql, cpu};
 
 const TABLE: &str = "bench_rows";
 /// Rows per inserting transaction.
@@ -88,15 +90,43 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
         started.elapsed()
     );
 
+    // CPU seconds of the servers: Postgres (every backend), NATS, ClickHouse.
+    let servers = p.servers();
+    let postmaster = cpu::server_pid("postgres", &servers.pg_url)?;
+    let nats = cpu::server_pid("nats", &servers.nats_url)?;
+    let clickhouse = cpu::server_pid("clickhouse", &servers.clickhouse_url)?;
+    let server_cpu = || {
+        [
+            cpu::seconds(cpu::tree_ticks(postmaster)),
+            cpu::seconds(cpu::cpu_ticks(nats)),
+            cpu::seconds(cpu::tree_ticks(clickhouse)),
+        ]
+    };
+
     // (a) sluice: both binaries on the backlog.
     let ch = p.servers().clickhouse();
     let target = format!("`{}`.{TABLE}", p.config.clickhouse_database());
+    let before = server_cpu();
     let started = Instant::now();
     p.spawn_replicator()?;
     p.spawn_loader()?;
     p.wait_for_final_rows(&target, rows, POLL, Duration::from_secs(3600))
         .await?;
     let sluice = started.elapsed();
+    let after = server_cpu();
+    let sluice_cpu = [
+        ("postgres", after[0] - before[0]),
+        (
+            "replicator",
+            cpu::seconds(p.replicator_pid().and_then(cpu::cpu_ticks)),
+        ),
+        ("nats", after[1] - before[1]),
+        (
+            "loader",
+            cpu::seconds(p.loader_pid().and_then(cpu::cpu_ticks)),
+        ),
+        ("clickhouse", after[2] - before[2]),
+    ];
     p.stop_loader().await?;
     p.stop_replicator().await?;
     println!(
@@ -106,6 +136,7 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
     );
 
     // (b) MaterializedPostgreSQL on the same backlog.
+    let before = server_cpu();
     let started = Instant::now();
     other.resume(p).await?;
     loop {
@@ -118,11 +149,31 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
         tokio::time::sleep(POLL).await;
     }
     let theirs = started.elapsed();
+    let after = server_cpu();
+    let their_cpu = [
+        ("postgres", after[0] - before[0]),
+        ("clickhouse", after[2] - before[2]),
+    ];
     println!(
         "MaterializedPostgreSQL (-> count() = N):        {:>8.2} s  {:>10.0} rows/s",
         theirs.as_secs_f64(),
         rows as f64 / theirs.as_secs_f64()
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (name, wall, used) in [
+        ("sluice", sluice, &sluice_cpu[..]),
+        ("MaterializedPostgreSQL", theirs, &their_cpu[..]),
+    ] {
+        let total: f64 = used.iter().map(|(_, s)| s).sum();
+        println!(
+            "CPU, {name}: {} = {total:.2} s over {:.2} s on {cores} cores",
+            used.iter()
+                .map(|(stage, s)| format!("{stage} {s:.2} s ({:.0} ns/row)", s / rows as f64 * 1e9))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            wall.as_secs_f64()
+        );
+    }
     let speedup = theirs.as_secs_f64() / sluice.as_secs_f64();
     println!(
         "sluice is {speedup:.2}x as fast as MaterializedPostgreSQL (target >= 2, median of three runs: {})",

@@ -1,5 +1,6 @@
 //! A replicator that starts far behind reads the backlog through SQL
-//! (`pg_logical_slot_peek_binary_changes`, in chunks) and then streams from
+//! (`pg_logical_slot_get_binary_changes` on a temporary copy of the slot, in
+//! chunks) and then streams from
 //! the walsender: nothing is lost or repeated across chunks, across the
 //! switch, across a kill -9 in the middle of a chunk, or across a stop.
 
@@ -87,8 +88,9 @@ async fn replicator_kill_9_while_reading_the_backlog_loses_and_duplicates_nothin
     let changes = write_backlog(&pg, &mut rng).await?;
     p.spawn_loader()?;
     // Kills at random moments of the catch-up. The killed replicator's SQL
-    // session may hold the slot a little longer; the next one waits for it
-    // as a standby.
+    // session reads its own copy of the slot; only a move of the slot in
+    // progress may hold the slot a little longer (the next one then waits
+    // for it as a standby).
     for _ in 0..3 {
         p.spawn_replicator()?;
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;

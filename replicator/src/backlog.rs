@@ -3,204 +3,371 @@
 //! The walsender sends every change as its own CopyData message, with a
 //! `send` system call each. Where system calls are dear that, not decoding,
 //! bounds how fast any streaming client drains a slot: on the 2-core machine
-//! of BENCHMARKS.md, `pg_recvlogical` took 8.7 s for a 1M-change backlog that
-//! `pg_logical_slot_peek_binary_changes` decoded and delivered in 1.5 s (the
-//! function materialises its result and sends it in 8 KiB writes). So a
-//! replicator that starts at least `replicator.catchup_min_lag_bytes` of WAL
-//! behind reads the slot with that function, `catchup_chunk_changes` changes
-//! per call, and switches to streaming once a call comes back short.
+//! of BENCHMARKS.md, `pg_recvlogical` took 3.4 s for a 1M-change backlog that
+//! `pg_logical_slot_get_binary_changes` decoded in 0.7 s (the function
+//! materialises its result and sends it in 8 KiB writes). So a replicator
+//! that starts at least `replicator.catchup_min_lag_bytes` of WAL behind
+//! reads its backlog with that function, `catchup_chunk_changes` changes per
+//! call, and switches to streaming once a call comes back short or leaves
+//! less than `catchup_min_lag_bytes` of WAL after it.
 //!
 //! Invariants:
-//! - **Peek, never get.** Reading does not move the slot. Between chunks it is
-//!   moved with `pg_replication_slot_advance` to the confirmed LSN, the commit
-//!   end of a transaction whose packages the stream acknowledged (the LSN a
-//!   standby status update would carry), never further. A crash in a chunk
-//!   re-reads the chunk.
+//! - **The slot moves only to what was acknowledged.** The calls read a
+//!   temporary copy of the slot (`pg_copy_logical_replication_slot`, owned by
+//!   the reading session and dropped with it), which each call moves past
+//!   what it returned. The slot itself is moved with
+//!   `pg_replication_slot_advance`, on another session, to the confirmed LSN
+//!   (the commit end of a transaction whose packages the stream
+//!   acknowledged, the LSN a standby status update would carry), never
+//!   further. A crash re-reads from there; the copy disappears with its
+//!   session, and nothing holds the slot but a move in progress.
+//! - **Decoding overlaps publishing.** A task reads each call's rows into a
+//!   channel that holds about one call, and starts the next call as soon as
+//!   the rows of the last one are all received: the server decodes call
+//!   N + 1 while the stream loop publishes call N.
 //! - **Whole transactions.** The function stops only after a COMMIT, so no
-//!   transaction is open at a chunk's end.
+//!   transaction is open at a call's end.
 //! - **Same bytes as streaming.** The session pins the output styles of the
 //!   replication connection: pgoutput prints values with the session's
 //!   settings, and the value decoder parses one set of them.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use tokio_postgres::RowStream;
+use futures::{FutureExt as _, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_postgres::types::PgLsn;
 
 use crate::pg::{PgError, PgSettings, SqlConn};
 use crate::replication::Lsn;
 
-const PEEK: &str = "SELECT lsn, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                    'proto_version', '1', 'publication_names', $3)";
+const GET: &str = "SELECT lsn, data FROM pg_logical_slot_get_binary_changes($1, NULL, $2, \
+                   'proto_version', '1', 'publication_names', $3)";
+
+/// Messages the reading task hands over at once.
+const BATCH: usize = 1024;
 
 /// One step of the backlog.
 #[derive(Debug)]
 pub enum BacklogEvent {
     /// One pgoutput message, as the walsender would have sent it.
     Change { lsn: Lsn, data: Bytes },
-    /// The current chunk is read; it held this many messages.
-    ChunkEnd { messages: u64 },
+    /// A call is read; it held this many messages. `last`: it came back
+    /// short, so it reached the end of the WAL flushed when it started, and
+    /// no further call is made.
+    ChunkEnd { messages: u64, last: bool },
 }
 
-type Pending = Pin<Box<dyn Future<Output = Result<RowStream, tokio_postgres::Error>> + Send>>;
+type Batch = Result<Vec<BacklogEvent>, PgError>;
 
-enum Chunk {
-    /// No call in progress: the next [`Backlog::next`] starts one.
-    Idle,
-    /// The call is running (the server decodes the whole chunk before the
-    /// first row comes back).
-    Starting(Pending),
-    Rows(Pin<Box<RowStream>>),
-}
-
-/// Reads the slot's backlog in chunks over an ordinary SQL connection.
+/// Reads the slot's backlog in calls over an ordinary SQL connection.
 pub struct Backlog {
-    conn: Arc<SqlConn>,
-    backend_pid: i32,
+    batches: mpsc::Receiver<Batch>,
+    /// The batch being handed out, in order.
+    current: std::vec::IntoIter<BacklogEvent>,
+    reader: JoinHandle<()>,
+    /// The reading session's backend, cancelled at a stop.
+    reader_pid: i32,
+    /// The session that moves the slot.
+    mover: Arc<SqlConn>,
+    /// A move in progress: the LSN it moves to.
+    moving: Option<(Lsn, JoinHandle<Result<(), PgError>>)>,
     slot: String,
-    publication_names: String,
-    chunk_changes: i32,
-    chunk: Chunk,
-    messages: u64,
     /// Where the slot was last moved to (nothing below it can be advanced to).
     advanced: Lsn,
+    ended: bool,
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        // Its connection goes with it, and with the session the copy.
+        self.reader.abort();
+    }
+}
+
+/// The temporary copy's name: the slot's (cut to fit 63 bytes), this
+/// process' id and the time, so that a copy a killed replicator left behind
+/// until its session ends is never in the way.
+fn copy_name(slot: &str) -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 1_000_000);
+    let suffix = format!("_b{}_{millis}", std::process::id());
+    // Slot names are lower-case letters, digits and underscores.
+    let keep = slot.len().min(63 - suffix.len());
+    format!("{}{suffix}", &slot[..keep])
 }
 
 impl Backlog {
-    /// Opens the reading session. `start` is the slot's confirmed LSN.
+    /// Opens the reading session, copies the slot there and starts reading;
+    /// opens the session that moves the slot. `start` is the slot's
+    /// confirmed LSN.
     pub async fn connect(
         settings: &PgSettings,
         slot: &str,
         publication_names: &str,
         chunk_changes: u32,
+        min_lag_bytes: u64,
         start: Lsn,
     ) -> Result<Self, PgError> {
         let mut settings = settings.clone();
         settings
             .config
-            // No statement timeout: a chunk of a big backlog may take minutes.
+            // No statement timeout: a call of a big backlog may take minutes.
             .options(format!("{} -c statement_timeout=0", crate::pg::OUTPUT_STYLES).as_str());
-        let conn = settings.connect("reading the backlog").await?;
-        let backend_pid: i32 = conn
+        let reading = settings.connect("reading the backlog").await?;
+        let reader_pid: i32 = reading
             .client
             .query_one("SELECT pg_backend_pid()", &[])
             .await
             .map_err(PgError::sql("cannot read pg_backend_pid()"))?
             .get(0);
+        let copy = copy_name(slot);
+        reading
+            .client
+            .execute(
+                "SELECT pg_copy_logical_replication_slot($1, $2, true)",
+                &[&slot, &copy],
+            )
+            .await
+            .map_err(PgError::sql(format!(
+                "cannot copy slot {slot} to {copy} (a temporary slot that reads the backlog)"
+            )))?;
+        let mover = settings.connect("moving the slot past the backlog").await?;
+        let limit = i32::try_from(chunk_changes.max(1)).unwrap_or(i32::MAX);
+        let calls_ahead = (limit as usize).div_ceil(BATCH) + 1;
+        let (tx, batches) = mpsc::channel(calls_ahead);
+        let reader = tokio::spawn(read(
+            Reading {
+                conn: reading,
+                copy,
+                publication_names: publication_names.to_owned(),
+                limit,
+                min_lag_bytes,
+            },
+            tx,
+        ));
         Ok(Backlog {
-            conn: Arc::new(conn),
-            backend_pid,
+            batches,
+            current: Vec::new().into_iter(),
+            reader,
+            reader_pid,
+            mover: Arc::new(mover),
+            moving: None,
             slot: slot.to_owned(),
-            publication_names: publication_names.to_owned(),
-            chunk_changes: i32::try_from(chunk_changes).unwrap_or(i32::MAX),
-            chunk: Chunk::Idle,
-            messages: 0,
             advanced: start,
+            ended: false,
         })
     }
 
-    /// Messages per chunk; a chunk with fewer reached the end of the WAL.
-    pub fn chunk_changes(&self) -> u64 {
-        self.chunk_changes as u64
-    }
-
-    /// The next message, starting a chunk when none is open.
+    /// The next message or call end; `None` if the reading task is gone
+    /// without an error (it panicked).
     ///
-    /// Cancel-safe: the call in progress and the rows not yet returned stay in
-    /// `self`, so a `tokio::select!` may drop this future at any await.
-    pub async fn next(&mut self) -> Result<BacklogEvent, PgError> {
+    /// Cancel-safe: what was received and not returned stays in `self`.
+    pub async fn next(&mut self) -> Result<Option<BacklogEvent>, PgError> {
         loop {
-            match &mut self.chunk {
-                Chunk::Idle => {
-                    let conn = self.conn.clone();
-                    let (slot, publication) = (self.slot.clone(), self.publication_names.clone());
-                    let limit = self.chunk_changes;
-                    self.messages = 0;
-                    self.chunk = Chunk::Starting(Box::pin(async move {
-                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                            [&slot, &limit, &publication];
-                        conn.client.query_raw(PEEK, params).await
-                    }));
+            if let Some(event) = self.current.next() {
+                if matches!(event, BacklogEvent::ChunkEnd { last: true, .. }) {
+                    self.ended = true;
                 }
-                Chunk::Starting(pending) => match pending.await {
-                    Ok(rows) => self.chunk = Chunk::Rows(Box::pin(rows)),
-                    Err(error) => {
-                        self.chunk = Chunk::Idle;
-                        return Err(PgError::sql("cannot read the slot's backlog")(error));
-                    }
-                },
-                Chunk::Rows(rows) => match rows.next().await {
-                    Some(row) => {
-                        let row = row.map_err(PgError::sql("cannot read the slot's backlog"))?;
-                        let lsn: PgLsn = row
-                            .try_get(0)
-                            .map_err(PgError::sql("unexpected backlog row"))?;
-                        let data: &[u8] = row
-                            .try_get(1)
-                            .map_err(PgError::sql("unexpected backlog row"))?;
-                        self.messages += 1;
-                        return Ok(BacklogEvent::Change {
-                            lsn: Lsn(u64::from(lsn)),
-                            data: Bytes::copy_from_slice(data),
-                        });
-                    }
-                    None => {
-                        self.chunk = Chunk::Idle;
-                        return Ok(BacklogEvent::ChunkEnd {
-                            messages: self.messages,
-                        });
-                    }
-                },
+                return Ok(Some(event));
+            }
+            if self.ended {
+                // Nothing follows the last call; the stream loop switches
+                // to the walsender at its end.
+                return std::future::pending().await;
+            }
+            match self.batches.recv().await {
+                Some(batch) => self.current = batch?.into_iter(),
+                None => return Ok(None),
             }
         }
     }
 
-    /// Moves the slot to `confirmed` (between chunks only: the call holds the
-    /// slot while it runs). No-op when the slot is already there.
-    pub async fn advance(&mut self, confirmed: Lsn) -> Result<(), PgError> {
+    /// Starts moving the slot to `confirmed` in the background, on the
+    /// moving session, unless a move is still in progress (the next call's
+    /// end moves it further) or it is there already. A move that failed is
+    /// logged: the slot stays where it was, which costs only re-reading.
+    pub fn advance(&mut self, confirmed: Lsn) {
+        if let Some((_, moving)) = &self.moving
+            && !moving.is_finished()
+        {
+            return;
+        }
+        self.harvest();
         if confirmed <= self.advanced {
-            return Ok(());
+            return;
         }
-        self.conn
-            .client
-            .execute(
-                "SELECT pg_replication_slot_advance($1, $2)",
-                &[&self.slot, &PgLsn::from(confirmed.0)],
-            )
-            .await
-            .map_err(PgError::sql(format!(
-                "cannot advance slot {} to {confirmed}",
-                self.slot
-            )))?;
-        self.advanced = confirmed;
-        Ok(())
+        let (mover, slot) = (self.mover.clone(), self.slot.clone());
+        let task = tokio::spawn(async move { move_slot(&mover, &slot, confirmed).await });
+        self.moving = Some((confirmed, task));
     }
 
-    /// The server's current WAL position.
-    pub async fn wal_end(&self) -> Result<Lsn, PgError> {
-        crate::pg::current_wal_lsn(&self.conn.client).await
+    /// Takes the result of a finished move.
+    fn harvest(&mut self) {
+        if let Some((to, moving)) = self.moving.take_if(|(_, task)| task.is_finished())
+            && let Some(result) = moving.now_or_never()
+        {
+            self.moved(to, result);
+        }
     }
 
-    /// Ends reading at shutdown: cancels a chunk in progress (through `sql`,
-    /// another session) and moves the slot to `confirmed`, so the next start
-    /// neither waits for the slot nor re-reads what was acknowledged.
+    fn moved(&mut self, to: Lsn, result: Result<Result<(), PgError>, tokio::task::JoinError>) {
+        match result {
+            Ok(Ok(())) => self.advanced = self.advanced.max(to),
+            Ok(Err(error)) => tracing::warn!(
+                error = %sluice_broker::error_chain(&error),
+                "cannot advance the slot past a backlog call; it stays behind (a restart re-reads more)"
+            ),
+            Err(error) => tracing::warn!(%error, "the task advancing the slot ended"),
+        }
+    }
+
+    /// Waits for a move in progress: the walsender cannot start on the slot
+    /// while it is moved.
+    pub async fn settle(&mut self) {
+        if let Some((to, moving)) = self.moving.take() {
+            let result = moving.await;
+            self.moved(to, result);
+        }
+    }
+
+    /// Ends reading at shutdown: cancels a call in progress (through `sql`,
+    /// another session), drops the copy with its session, and moves the slot
+    /// to `confirmed`, so that the next start does not re-read what was
+    /// acknowledged.
     pub async fn stop(&mut self, sql: &tokio_postgres::Client, confirmed: Lsn) {
-        if !matches!(self.chunk, Chunk::Idle) {
+        if !self.ended {
             let _ = sql
-                .execute("SELECT pg_cancel_backend($1)", &[&self.backend_pid])
+                .execute("SELECT pg_cancel_backend($1)", &[&self.reader_pid])
                 .await;
-            // The cancelled call ends with an error; rows already sent are
-            // dropped unread (nothing of them was confirmed).
-            let drain = async { while let Ok(BacklogEvent::Change { .. }) = self.next().await {} };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
-            self.chunk = Chunk::Idle;
         }
-        if let Err(error) = self.advance(confirmed).await {
-            tracing::warn!(error = %sluice_broker::error_chain(&error), "cannot advance the slot at shutdown; the next start re-reads from its confirmed LSN");
+        self.reader.abort();
+        self.settle().await;
+        if confirmed > self.advanced {
+            match move_slot(&self.mover, &self.slot, confirmed).await {
+                Ok(()) => self.advanced = confirmed,
+                Err(error) => {
+                    tracing::warn!(error = %sluice_broker::error_chain(&error), "cannot advance the slot at shutdown; the next start re-reads from its confirmed LSN")
+                }
+            }
         }
+    }
+}
+
+/// `pg_replication_slot_advance(slot, to)`: decodes the WAL up to `to`
+/// without output (fast-forward) and holds the slot meanwhile.
+async fn move_slot(conn: &SqlConn, slot: &str, to: Lsn) -> Result<(), PgError> {
+    conn.client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2)",
+            &[&slot, &PgLsn::from(to.0)],
+        )
+        .await
+        .map_err(PgError::sql(format!("cannot advance slot {slot} to {to}")))?;
+    fail::fail_point!("replicator::backlog::after_advance", |_| crate::crash_here(
+    ));
+    Ok(())
+}
+
+/// What the reading task reads with.
+struct Reading {
+    conn: SqlConn,
+    /// The temporary copy of the slot.
+    copy: String,
+    publication_names: String,
+    /// Messages per call.
+    limit: i32,
+    /// A full call with less WAL than this after it is the last: the
+    /// walsender takes the rest (another call would decode the backlog's
+    /// start again when the slot's restart point has not moved).
+    min_lag_bytes: u64,
+}
+
+/// The reading task: calls `pg_logical_slot_get_binary_changes` on the copy
+/// until a call is the last, handing each call's messages over in batches,
+/// then its end. The channel holds about one call: while the loop publishes
+/// it, the server decodes the next.
+async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
+    loop {
+        match read_call(&reading, &tx).await {
+            Ok(true) => {}
+            // The last call; or the loop is gone.
+            Ok(false) => return,
+            Err(error) => {
+                let _ = tx.send(Err(error)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// One call; whether another follows.
+async fn read_call(reading: &Reading, tx: &mpsc::Sender<Batch>) -> Result<bool, PgError> {
+    let failed = || PgError::sql("cannot read the slot's backlog");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&reading.copy, &reading.limit, &reading.publication_names];
+    let rows = reading
+        .conn
+        .client
+        .query_raw(GET, params)
+        .await
+        .map_err(failed())?;
+    let mut rows = std::pin::pin!(rows);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut messages = 0u64;
+    let mut end = Lsn(0);
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(failed())?;
+        let lsn: PgLsn = row
+            .try_get(0)
+            .map_err(PgError::sql("unexpected backlog row"))?;
+        let data: &[u8] = row
+            .try_get(1)
+            .map_err(PgError::sql("unexpected backlog row"))?;
+        end = Lsn(u64::from(lsn));
+        batch.push(BacklogEvent::Change {
+            lsn: end,
+            data: Bytes::copy_from_slice(data),
+        });
+        messages += 1;
+        if batch.len() == BATCH
+            && tx
+                .send(Ok(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))))
+                .await
+                .is_err()
+        {
+            return Ok(false);
+        }
+    }
+    // Short: the call reached the end of the WAL flushed when it started.
+    let last = messages < reading.limit as u64
+        || crate::pg::current_wal_lsn(&reading.conn.client)
+            .await?
+            .0
+            .saturating_sub(end.0)
+            < reading.min_lag_bytes;
+    batch.push(BacklogEvent::ChunkEnd { messages, last });
+    Ok(tx.send(Ok(batch)).await.is_ok() && !last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_name_fits_and_keeps_the_slot_name_first() {
+        let name = copy_name("sluice");
+        assert!(name.starts_with("sluice_b"), "{name}");
+        let long = "s".repeat(63);
+        let name = copy_name(&long);
+        assert_eq!(name.len(), 63, "{name}");
+        assert!(name.starts_with("sss"), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "{name}"
+        );
     }
 }

@@ -390,32 +390,44 @@ async fn run_once(
         .0
         .saturating_sub(start.0);
     let catchup = config.replicator.catchup_min_lag_bytes;
-    let (source, decoder) = if catchup > 0 && behind >= catchup {
-        if let Some(client) = client {
+    let mut client = client;
+    let backlog = if catchup > 0 && behind >= catchup {
+        if let Some(client) = client.take() {
             let _ = client.close().await;
         }
         tracing::info!(slot = %slot, start = %start, behind_bytes = behind, "far behind: reading the backlog through SQL, then streaming");
-        (
-            Source::Backlog(
-                Backlog::connect(
-                    &settings,
-                    slot,
-                    &publication,
-                    config.replicator.catchup_chunk_changes,
-                    start,
-                )
-                .await?,
-            ),
-            // The backlog's SQL function sends protocol 1.
-            crate::pgoutput::Decoder::new(1),
+        match Backlog::connect(
+            &settings,
+            slot,
+            &publication,
+            config.replicator.catchup_chunk_changes,
+            catchup,
+            start,
         )
+        .await
+        {
+            Ok(backlog) => Some(backlog),
+            // E.g. no free replication slot for the temporary copy
+            // (`max_replication_slots`): the walsender can read it all.
+            Err(error) => {
+                tracing::warn!(error = %sluice_broker::error_chain(&error), "cannot read the backlog through SQL; streaming it from the walsender");
+                None
+            }
+        }
     } else {
-        let client = match client {
-            Some(client) => client,
-            None => ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?,
-        };
-        let (replication, decoder) = stream::start_walsender(client, config, Lsn(0)).await?;
-        (Source::Streaming(replication), decoder)
+        None
+    };
+    let (source, decoder) = match backlog {
+        // The backlog's SQL function sends protocol 1.
+        Some(backlog) => (Source::Backlog(backlog), crate::pgoutput::Decoder::new(1)),
+        None => {
+            let client = match client {
+                Some(client) => client,
+                None => ReplicationClient::connect_with_tls(&repl_config, &settings.tls).await?,
+            };
+            let (replication, decoder) = stream::start_walsender(client, config, Lsn(0)).await?;
+            (Source::Streaming(replication), decoder)
+        }
     };
     metrics::gauge!(m::CATCHING_UP).set(if matches!(source, Source::Backlog(_)) {
         1.0

@@ -142,7 +142,7 @@ pub enum Source {
 enum Input {
     Change { lsn: Lsn, data: bytes::Bytes },
     Keepalive { wal_end: Lsn, reply_requested: bool },
-    ChunkEnd { messages: u64 },
+    ChunkEnd { last: bool },
     Ended,
 }
 
@@ -168,8 +168,9 @@ impl Source {
                 None => Input::Ended,
             },
             Source::Backlog(backlog) => match backlog.next().await? {
-                BacklogEvent::Change { lsn, data } => Input::Change { lsn, data },
-                BacklogEvent::ChunkEnd { messages } => Input::ChunkEnd { messages },
+                Some(BacklogEvent::Change { lsn, data }) => Input::Change { lsn, data },
+                Some(BacklogEvent::ChunkEnd { last, .. }) => Input::ChunkEnd { last },
+                None => Input::Ended,
             },
         })
     }
@@ -354,7 +355,7 @@ impl Loop<'_> {
                 }
                 Ok(())
             }
-            Input::ChunkEnd { messages } => self.chunk_end(source, messages).await,
+            Input::ChunkEnd { last } => self.chunk_end(source, last).await,
             Input::Ended => Err(StreamError::Ended),
         }
     }
@@ -380,37 +381,39 @@ impl Loop<'_> {
             .confirm_idle(matches!(source, Source::Streaming(_)), busy);
     }
 
-    /// A backlog chunk is read: once it is acknowledged, either move the slot
-    /// past it and read the next, or, when it came back short or the rest is
-    /// small, switch to the walsender at the confirmed LSN.
-    async fn chunk_end(&mut self, source: &mut Source, messages: u64) -> Result<(), StreamError> {
+    /// A backlog call is read. Unless it was the last, the next one is
+    /// already being read: the slot starts moving (in the background) to
+    /// what is acknowledged so far. After the last, once everything is
+    /// acknowledged, the loop switches to the walsender at the confirmed LSN.
+    async fn chunk_end(&mut self, source: &mut Source, last: bool) -> Result<(), StreamError> {
         let Source::Backlog(backlog) = source else {
             return Ok(());
         };
-        let marks = self.publisher.flush().await?;
-        self.release(marks);
         // Not the walsender's WAL end: that one is what the walsender sent,
         // which confirm_idle may confirm once streaming; this is only where
         // the WAL ends now, for the lag gauge.
-        let wal_end = backlog.wal_end().await?;
-        let behind = self.confirm.backlog_read(wal_end);
-        let confirmed = self.confirm.confirmed();
-        if messages >= backlog.chunk_changes()
-            && behind >= self.config.replicator.catchup_min_lag_bytes
-        {
+        let wal_end = crate::pg::current_wal_lsn(&self.sql.client).await?;
+        if !last {
+            let behind = self.confirm.backlog_read(wal_end);
+            let confirmed = self.confirm.confirmed();
             tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog chunk read; reading the next");
-            backlog.advance(confirmed).await?;
-            fail::fail_point!("replicator::backlog::after_advance", |_| crate::crash_here(
-            ));
+            backlog.advance(confirmed);
             return self.send_status(source).await;
         }
+        let marks = self.publisher.flush().await?;
+        self.release(marks);
+        let behind = self.confirm.backlog_read(wal_end);
+        let confirmed = self.confirm.confirmed();
+        // The walsender cannot take the slot while it is being moved.
+        backlog.settle().await;
         let client =
             ReplicationClient::connect_with_tls(&self.repl_config, &self.settings.tls).await?;
         // The walsender starts at the later of this LSN and the slot's
-        // confirmed one, which was not moved past the last chunk.
+        // confirmed one, which was not moved past what was acknowledged.
         let (replication, decoder) = start_walsender(client, self.config, confirmed).await?;
         self.decoder = decoder;
         tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
+        // Dropping the backlog ends its session and the slot's copy.
         *source = Source::Streaming(replication);
         gauge!(m::CATCHING_UP).set(0.0);
         self.send_status(source).await
