@@ -76,8 +76,13 @@ pub struct Backlog {
     slot: String,
     /// Where the slot was last moved to (nothing below it can be advanced to).
     advanced: Lsn,
+    /// When the last move in the background started.
+    last_move: Option<std::time::Instant>,
     ended: bool,
 }
+
+/// The slot moves, while a backlog is read, at most this often.
+const MOVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Drop for Backlog {
     fn drop(&mut self) {
@@ -157,6 +162,7 @@ impl Backlog {
             moving: None,
             slot: slot.to_owned(),
             advanced: start,
+            last_move: None,
             ended: false,
         })
     }
@@ -186,9 +192,13 @@ impl Backlog {
     }
 
     /// Starts moving the slot to `confirmed` in the background, on the
-    /// moving session, unless a move is still in progress (the next call's
-    /// end moves it further) or it is there already. A move that failed is
-    /// logged: the slot stays where it was, which costs only re-reading.
+    /// moving session, after the first call and then at most every
+    /// [`MOVE_EVERY`]: unless a move is still in progress (a later call's
+    /// end moves it further) or it is there already. A move decodes the WAL
+    /// from the slot's restart point, as a call does, so moving after every
+    /// call would cost as much again; the interval bounds what a crash
+    /// re-reads. A move that failed is logged: the slot stays where it was,
+    /// which costs only re-reading.
     pub fn advance(&mut self, confirmed: Lsn) {
         if let Some((_, moving)) = &self.moving
             && !moving.is_finished()
@@ -196,9 +206,11 @@ impl Backlog {
             return;
         }
         self.harvest();
-        if confirmed <= self.advanced {
+        if confirmed <= self.advanced || self.last_move.is_some_and(|at| at.elapsed() < MOVE_EVERY)
+        {
             return;
         }
+        self.last_move = Some(std::time::Instant::now());
         let (mover, slot) = (self.mover.clone(), self.slot.clone());
         let task = tokio::spawn(async move { move_slot(&mover, &slot, confirmed).await });
         self.moving = Some((confirmed, task));
@@ -277,7 +289,7 @@ struct Reading {
     /// The temporary copy of the slot.
     copy: String,
     publication_names: String,
-    /// Messages per call.
+    /// Messages per call (`catchup_chunk_changes`), at first.
     limit: i32,
     /// A full call with less WAL than this after it is the last: the
     /// walsender takes the rest (another call would decode the backlog's
@@ -285,13 +297,46 @@ struct Reading {
     min_lag_bytes: u64,
 }
 
+/// A call grows to at most this many times `catchup_chunk_changes`.
+const MAX_GROWTH: i32 = 16;
+
 /// The reading task: calls `pg_logical_slot_get_binary_changes` on the copy
 /// until a call is the last, handing each call's messages over in batches,
 /// then its end. The channel holds about one call: while the loop publishes
 /// it, the server decodes the next.
+///
+/// Every call decodes the WAL from the copy's restart point, which Postgres
+/// moves only at its running-transactions records (every 15 s, and at
+/// checkpoints). When a call did not move it (a backlog written in a few
+/// seconds), the next call decodes everything before it again; so the next
+/// call takes twice as many messages (up to [`MAX_GROWTH`] times the
+/// configured number), and the work stays proportional to the backlog
+/// instead of growing with its square. Memory does not grow with it: the
+/// channel holds what it held, and the rest waits in the server.
 async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
+    let mut limit = reading.limit;
+    let mut restart = None;
     loop {
-        match read_call(&reading, &tx).await {
+        let step = async {
+            if restart.is_none() {
+                restart = Some(restart_lsn(&reading).await?);
+            }
+            if !read_call(&reading, limit, &tx).await? {
+                return Ok(false);
+            }
+            let now = restart_lsn(&reading).await?;
+            if Some(now) > restart {
+                restart = Some(now);
+                limit = reading.limit;
+            } else if limit < reading.limit.saturating_mul(MAX_GROWTH) {
+                limit = limit
+                    .saturating_mul(2)
+                    .min(reading.limit.saturating_mul(MAX_GROWTH));
+                tracing::info!(restart_lsn = %now, messages = limit, "the slot's restart point did not move: the next backlog call is larger");
+            }
+            Ok(true)
+        };
+        match step.await {
             Ok(true) => {}
             // The last call; or the loop is gone.
             Ok(false) => return,
@@ -303,11 +348,33 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
     }
 }
 
-/// One call; whether another follows.
-async fn read_call(reading: &Reading, tx: &mpsc::Sender<Batch>) -> Result<bool, PgError> {
+/// The copy's restart point (0 when Postgres has none for it).
+async fn restart_lsn(reading: &Reading) -> Result<Lsn, PgError> {
+    let row = reading
+        .conn
+        .client
+        .query_one(
+            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&reading.copy],
+        )
+        .await
+        .map_err(PgError::sql(format!(
+            "cannot read the restart point of slot {}",
+            reading.copy
+        )))?;
+    let lsn: Option<PgLsn> = row.get(0);
+    Ok(Lsn(lsn.map_or(0, u64::from)))
+}
+
+/// One call of up to `limit` messages; whether another follows.
+async fn read_call(
+    reading: &Reading,
+    limit: i32,
+    tx: &mpsc::Sender<Batch>,
+) -> Result<bool, PgError> {
     let failed = || PgError::sql("cannot read the slot's backlog");
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&reading.copy, &reading.limit, &reading.publication_names];
+        [&reading.copy, &limit, &reading.publication_names];
     let rows = reading
         .conn
         .client
@@ -342,7 +409,7 @@ async fn read_call(reading: &Reading, tx: &mpsc::Sender<Batch>) -> Result<bool, 
         }
     }
     // Short: the call reached the end of the WAL flushed when it started.
-    let last = messages < reading.limit as u64
+    let last = messages < limit as u64
         || crate::pg::current_wal_lsn(&reading.conn.client)
             .await?
             .0
