@@ -2,7 +2,8 @@
 //! (`pg_logical_slot_get_binary_changes` on a temporary copy of the slot, in
 //! chunks) and then streams from
 //! the walsender: nothing is lost or repeated across chunks, across the
-//! switch, across a kill -9 in the middle of a chunk, or across a stop.
+//! switch, across a kill -9 in the middle of a chunk, or across a stop; and
+//! a backlog whose slot cannot be copied is streamed from the walsender.
 
 use std::time::Duration;
 
@@ -162,6 +163,38 @@ async fn a_replicator_stopped_while_reading_the_backlog_confirms_what_was_acknow
     p.spawn_loader()?;
     let reports = p.wait_until_equal(CONVERGE).await?;
     eprintln!("{changes} changes; {}", reports[0]);
+    p.check_chains_have_no_duplicates().await?;
+    Ok(())
+}
+
+/// When the slot cannot be copied (no free slot under
+/// `max_replication_slots`, say; here the failpoint makes the copy name a
+/// slot that does not exist, and the server refuses), the replicator says so
+/// and streams the backlog from the walsender: it arrives once.
+#[tokio::test]
+async fn a_backlog_whose_slot_cannot_be_copied_is_streamed_from_the_walsender() -> anyhow::Result<()>
+{
+    let mut p = stopped_pipeline("c_backlog_nocopy").await?;
+    let pg = p.pg().await?;
+    let mut rng = Rng::from_clock();
+    let changes = write_backlog(&pg, &mut rng).await?;
+    p.set_failpoints(Some("replicator::backlog::copy=return"));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!("{changes} changes; {}", reports[0]);
+    let fallback = p.log_lines_containing(
+        "replicator",
+        "cannot read the backlog through SQL; streaming it from the walsender",
+    );
+    assert_eq!(fallback.len(), 1, "{}", p.log_tail("replicator", 30));
+    assert!(
+        fallback[0].contains("does not exist"),
+        "the server's refusal is not in the line: {}",
+        fallback[0]
+    );
+    let chunks = p.log_lines_containing("replicator", "backlog chunk read");
+    assert!(chunks.is_empty(), "{}", p.log_tail("replicator", 30));
     p.check_chains_have_no_duplicates().await?;
     Ok(())
 }

@@ -99,8 +99,12 @@ fn copy_name(slot: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() % 1_000_000);
     let suffix = format!("_b{}_{millis}", std::process::id());
-    // Slot names are lower-case letters, digits and underscores.
-    let keep = slot.len().min(63 - suffix.len());
+    // Slot names are lower-case letters, digits and underscores; cut at a
+    // character boundary all the same.
+    let mut keep = slot.len().min(63 - suffix.len());
+    while !slot.is_char_boundary(keep) {
+        keep -= 1;
+    }
     format!("{}{suffix}", &slot[..keep])
 }
 
@@ -129,20 +133,30 @@ impl Backlog {
             .map_err(PgError::sql("cannot read pg_backend_pid()"))?
             .get(0);
         let copy = copy_name(slot);
+        // Tests of the fallback: the server refuses to copy a slot that
+        // does not exist.
+        #[cfg(feature = "failpoints")]
+        let source = if fail::eval("replicator::backlog::copy", |_| ()).is_some() {
+            "sluice_failpoint_no_such_slot"
+        } else {
+            slot
+        };
+        #[cfg(not(feature = "failpoints"))]
+        let source = slot;
         reading
             .client
             .execute(
                 "SELECT pg_copy_logical_replication_slot($1, $2, true)",
-                &[&slot, &copy],
+                &[&source, &copy],
             )
             .await
             .map_err(PgError::sql(format!(
-                "cannot copy slot {slot} to {copy} (a temporary slot that reads the backlog)"
+                "cannot copy slot {source} to {copy} (a temporary slot that reads the backlog)"
             )))?;
         let mover = settings.connect("moving the slot past the backlog").await?;
         let limit = i32::try_from(chunk_changes.max(1)).unwrap_or(i32::MAX);
-        let calls_ahead = (limit as usize).div_ceil(BATCH) + 1;
-        let (tx, batches) = mpsc::channel(calls_ahead);
+        // About one call of `catchup_chunk_changes` messages.
+        let (tx, batches) = mpsc::channel((limit as usize).div_ceil(BATCH) + 1);
         let reader = tokio::spawn(read(
             Reading {
                 conn: reading,
@@ -325,15 +339,12 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
                 return Ok(false);
             }
             let now = restart_lsn(&reading).await?;
-            if Some(now) > restart {
-                restart = Some(now);
-                limit = reading.limit;
-            } else if limit < reading.limit.saturating_mul(MAX_GROWTH) {
-                limit = limit
-                    .saturating_mul(2)
-                    .min(reading.limit.saturating_mul(MAX_GROWTH));
-                tracing::info!(restart_lsn = %now, messages = limit, "the slot's restart point did not move: the next backlog call is larger");
+            let next = next_limit(reading.limit, limit, Some(now) > restart);
+            if next > limit {
+                tracing::info!(restart_lsn = %now, messages = next, "the slot's restart point did not move: the next backlog call is larger");
             }
+            restart = Some(now);
+            limit = next;
             Ok(true)
         };
         match step.await {
@@ -345,6 +356,20 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
                 return;
             }
         }
+    }
+}
+
+/// The size of the next call after a full call of `limit` messages: back to
+/// `base` when the call moved the restart point, else twice `limit`, up to
+/// [`MAX_GROWTH`] times `base`.
+fn next_limit(base: i32, limit: i32, restart_moved: bool) -> i32 {
+    if restart_moved {
+        base
+    } else {
+        limit
+            .saturating_mul(2)
+            .min(base.saturating_mul(MAX_GROWTH))
+            .max(limit)
     }
 }
 
@@ -422,6 +447,19 @@ async fn read_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_that_left_the_restart_point_doubles_the_next_up_to_sixteen_times() {
+        let mut limit = 500;
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            limit = next_limit(500, limit, false);
+            sizes.push(limit);
+        }
+        assert_eq!(sizes, [1000, 2000, 4000, 8000, 8000, 8000]);
+        assert_eq!(next_limit(500, 8000, true), 500);
+        assert_eq!(next_limit(i32::MAX, i32::MAX, false), i32::MAX);
+    }
 
     #[test]
     fn a_copy_name_fits_and_keeps_the_slot_name_first() {
