@@ -246,6 +246,7 @@ impl Run<'_> {
             // No stream sequence recorded: the position was written by a
             // loader that did not share its tables, whose consumer this is.
             let Some(applied) = applied else {
+                tracing::info!(table = %table, "a table taken has a position without a stream sequence: read from the consumer's position");
                 continue;
             };
             let subject = topology::table_subject(&self.config.source, &table.schema, &table.name);
@@ -255,10 +256,14 @@ impl Run<'_> {
                 .await
             {
                 Ok(message) => {
+                    tracing::info!(table = %table, applied_sequence = applied, next_sequence = message.sequence, "a table taken is read from its first message after its position");
                     from = Some(from.map_or(message.sequence, |f| f.min(message.sequence)));
                 }
                 Err(error)
-                    if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                    if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    tracing::info!(table = %table, applied_sequence = applied, "a table taken has no message after its position in the stream");
+                }
                 Err(error) => {
                     return Err(RunError::CatchUp {
                         stream: self.stream_name.clone(),
