@@ -91,23 +91,6 @@ impl Drop for Backlog {
     }
 }
 
-/// The temporary copy's name: the slot's (cut to fit 63 bytes), this
-/// process' id and the time, so that a copy a killed replicator left behind
-/// until its session ends is never in the way.
-fn copy_name(slot: &str) -> String {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() % 1_000_000);
-    let suffix = format!("_b{}_{millis}", std::process::id());
-    // Slot names are lower-case letters, digits and underscores; cut at a
-    // character boundary all the same.
-    let mut keep = slot.len().min(63 - suffix.len());
-    while !slot.is_char_boundary(keep) {
-        keep -= 1;
-    }
-    format!("{}{suffix}", &slot[..keep])
-}
-
 impl Backlog {
     /// Opens the reading session, copies the slot there and starts reading;
     /// opens the session that moves the slot. `start` is the slot's
@@ -132,7 +115,12 @@ impl Backlog {
             .await
             .map_err(PgError::sql("cannot read pg_backend_pid()"))?
             .get(0);
-        let copy = copy_name(slot);
+        // Unique per start: a copy a killed replicator left behind until its
+        // session ends is never in the way.
+        let copy = crate::slot::temporary_slot_name(
+            slot,
+            &format!("_backlog_{}", crate::publish::unique_now_us()),
+        );
         // Tests of the fallback: the server refuses to copy a slot that
         // does not exist.
         #[cfg(feature = "failpoints")]
@@ -459,20 +447,5 @@ mod tests {
         assert_eq!(sizes, [1000, 2000, 4000, 8000, 8000, 8000]);
         assert_eq!(next_limit(500, 8000, true), 500);
         assert_eq!(next_limit(i32::MAX, i32::MAX, false), i32::MAX);
-    }
-
-    #[test]
-    fn a_copy_name_fits_and_keeps_the_slot_name_first() {
-        let name = copy_name("sluice");
-        assert!(name.starts_with("sluice_b"), "{name}");
-        let long = "s".repeat(63);
-        let name = copy_name(&long);
-        assert_eq!(name.len(), 63, "{name}");
-        assert!(name.starts_with("sss"), "{name}");
-        assert!(
-            name.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
-            "{name}"
-        );
     }
 }
