@@ -3,7 +3,8 @@
 //! chunks) and then streams from
 //! the walsender: nothing is lost or repeated across chunks, across the
 //! switch, across a kill -9 in the middle of a chunk, or across a stop; and
-//! a backlog whose slot cannot be copied is streamed from the walsender.
+//! a backlog whose slot cannot be copied is streamed from the walsender; and
+//! the walsender that follows a backlog starts decoding past it.
 
 use std::time::Duration;
 
@@ -78,6 +79,86 @@ async fn a_backlog_read_through_sql_then_streamed_arrives_once() -> anyhow::Resu
         .get(0);
     run_workload(&pg, "events", 1, 10, Rng::new(rng.next_u64())).await?;
     p.wait_slot_confirmed(&end, Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// A backlog written in a second carries no running-transactions record
+/// (Postgres logs one every 15 s), so the slot's restart point, where the
+/// walsender starts decoding, stayed before it and the walsender decoded all
+/// of it again. The replicator logs one at the backlog's end and moves the
+/// slot past it before it streams: the restart point is past the backlog.
+#[tokio::test]
+async fn the_walsender_after_a_backlog_starts_decoding_past_it() -> anyhow::Result<()> {
+    let mut p = stopped_pipeline("c_backlog_restart").await?;
+    let pg = p.pg().await?;
+    let slot = p.config.postgres.slot.clone();
+    let mut rng = Rng::from_clock();
+    let changes = write_backlog(&pg, &mut rng).await?;
+    let end: String = pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    // Decoding cannot restart after the start of a transaction still
+    // running, and the server is shared with the other tests: wait until
+    // every transaction that may have started before `end` has ended.
+    let next_xid: String = pg
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await?
+        .get(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pg
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+            &[&next_xid],
+        )
+        .await?
+        .get::<_, bool>(0)
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "transactions older than the backlog's end still run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let switches_before = p
+        .log_lines_containing("replicator", "streaming from the walsender")
+        .len();
+    p.spawn_replicator()?;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while p
+        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
+        .len()
+        <= switches_before
+    {
+        p.check_alive()?;
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the replicator did not switch to the walsender:\n{}",
+            p.log_tail("replicator", 30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row = pg
+        .query_one(
+            "SELECT restart_lsn::text, restart_lsn >= $1::text::pg_lsn \
+             FROM pg_replication_slots WHERE slot_name = $2",
+            &[&end, &slot],
+        )
+        .await?;
+    let (restart, past): (String, bool) = (row.get(0), row.get(1));
+    assert!(
+        past,
+        "the slot's restart point {restart} is before the backlog's end {end}: \
+         the walsender decodes the backlog again\n{}",
+        p.log_tail("replicator", 30)
+    );
+    p.spawn_loader()?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!(
+        "{changes} changes; restart point {restart} >= {end}; {}",
+        reports[0]
+    );
+    p.check_chains_have_no_duplicates().await?;
     Ok(())
 }
 

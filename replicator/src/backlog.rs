@@ -8,8 +8,7 @@
 //! materialises its result and sends it in 8 KiB writes). So a replicator
 //! that starts at least `replicator.catchup_min_lag_bytes` of WAL behind
 //! reads its backlog with that function, `catchup_chunk_changes` changes per
-//! call, and switches to streaming once a call comes back short or leaves
-//! less than `catchup_min_lag_bytes` of WAL after it.
+//! call, and switches to streaming once a call comes back short.
 //!
 //! Invariants:
 //! - **The slot moves only to what was acknowledged.** The calls read a
@@ -27,6 +26,17 @@
 //!   N + 1 while the stream loop publishes call N.
 //! - **Whole transactions.** The function stops only after a COMMIT, so no
 //!   transaction is open at a call's end.
+//! - **The walsender starts past the backlog.** Decoding restarts only at
+//!   Postgres' running-transactions records (every 15 s, and at
+//!   checkpoints); a backlog written faster has none, and the walsender
+//!   that follows it would decode all of it again (1.7 s for 1M changes on
+//!   this machine, a system call per WAL record). So the catch-up starts by
+//!   creating and dropping a temporary logical slot, which logs such a
+//!   record at the WAL's end (what `pg_log_standby_snapshot()` does on 16+,
+//!   with the REPLICATION privilege the replicator has). After the last,
+//!   short call, whose end every message before was returned, and once all
+//!   of it is acknowledged, the slot is moved to that end: past the record,
+//!   so its restart point follows.
 //! - **Same bytes as streaming.** The session pins the output styles of the
 //!   replication connection: pgoutput prints values with the session's
 //!   settings, and the value decoder parses one set of them.
@@ -55,8 +65,14 @@ pub enum BacklogEvent {
     Change { lsn: Lsn, data: Bytes },
     /// A call is read; it held this many messages. `last`: it came back
     /// short, so it reached the end of the WAL flushed when it started, and
-    /// no further call is made.
-    ChunkEnd { messages: u64, last: bool },
+    /// no further call is made. `read_to`: the copy's confirmed LSN after
+    /// the call, where its reading ended; every message of the publication
+    /// before it was returned by this call or an earlier one.
+    ChunkEnd {
+        messages: u64,
+        last: bool,
+        read_to: Lsn,
+    },
 }
 
 type Batch = Result<Vec<BacklogEvent>, PgError>;
@@ -78,6 +94,9 @@ pub struct Backlog {
     advanced: Lsn,
     /// When the last move in the background started.
     last_move: Option<std::time::Instant>,
+    /// Where the WAL ended just before the restart point was logged at the
+    /// start (the record is past it); `None` if it was not.
+    mark: Option<Lsn>,
     ended: bool,
 }
 
@@ -100,7 +119,6 @@ impl Backlog {
         slot: &str,
         publication_names: &str,
         chunk_changes: u32,
-        min_lag_bytes: u64,
         start: Lsn,
     ) -> Result<Self, PgError> {
         let mut settings = settings.clone();
@@ -109,6 +127,9 @@ impl Backlog {
             // No statement timeout: a call of a big backlog may take minutes.
             .options(format!("{} -c statement_timeout=0", crate::pg::OUTPUT_STYLES).as_str());
         let reading = settings.connect("reading the backlog").await?;
+        let mover = settings.connect("moving the slot past the backlog").await?;
+        // Before the copy: both take a slot of `max_replication_slots`.
+        let mark = mark_restart_point(&mover, slot).await;
         let reader_pid: i32 = reading
             .client
             .query_one("SELECT pg_backend_pid()", &[])
@@ -141,7 +162,6 @@ impl Backlog {
             .map_err(PgError::sql(format!(
                 "cannot copy slot {source} to {copy} (a temporary slot that reads the backlog)"
             )))?;
-        let mover = settings.connect("moving the slot past the backlog").await?;
         let limit = i32::try_from(chunk_changes.max(1)).unwrap_or(i32::MAX);
         // About one call of `catchup_chunk_changes` messages.
         let (tx, batches) = mpsc::channel((limit as usize).div_ceil(BATCH) + 1);
@@ -151,7 +171,6 @@ impl Backlog {
                 copy,
                 publication_names: publication_names.to_owned(),
                 limit,
-                min_lag_bytes,
             },
             tx,
         ));
@@ -165,6 +184,7 @@ impl Backlog {
             slot: slot.to_owned(),
             advanced: start,
             last_move: None,
+            mark,
             ended: false,
         })
     }
@@ -247,6 +267,46 @@ impl Backlog {
         }
     }
 
+    /// After the last call, with everything acknowledged up to
+    /// `confirmed`: waits for a move in progress, then moves the slot to
+    /// `confirmed`, so that the walsender starts decoding from a restart
+    /// point past the backlog, not before it; returns that restart point.
+    ///
+    /// A move takes only the first restart point it decodes past where the
+    /// slot was confirmed (Postgres keeps one candidate until it is
+    /// confirmed); when another one came first (a checkpoint, another
+    /// client's), the mark logged at the start is still ahead, and a second
+    /// move to the same LSN, which takes every restart point before the
+    /// slot's confirmed LSN, gets there. A move that fails is logged: the
+    /// walsender then decodes more again, which costs only time.
+    pub async fn finish(&mut self, confirmed: Lsn) -> Option<Lsn> {
+        self.settle().await;
+        let moved = |result: Result<(), PgError>| match result {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    error = %sluice_broker::error_chain(&error),
+                    "cannot advance the slot past the backlog; the walsender decodes it again"
+                );
+                false
+            }
+        };
+        if confirmed > self.advanced && moved(move_slot(&self.mover, &self.slot, confirmed).await) {
+            self.advanced = confirmed;
+        }
+        let restart = slot_restart_lsn(&self.mover, &self.slot).await.ok()?;
+        match self.mark {
+            Some(mark) if restart < mark && mark <= self.advanced => {
+                if moved(move_slot(&self.mover, &self.slot, self.advanced).await) {
+                    slot_restart_lsn(&self.mover, &self.slot).await.ok()
+                } else {
+                    Some(restart)
+                }
+            }
+            _ => Some(restart),
+        }
+    }
+
     /// Ends reading at shutdown: cancels a call in progress (through `sql`,
     /// another session), drops the copy with its session, and moves the slot
     /// to `confirmed`, so that the next start does not re-read what was
@@ -268,6 +328,86 @@ impl Backlog {
             }
         }
     }
+}
+
+/// Logs a running-transactions record at the WAL's end, from which decoding
+/// can restart, by creating a temporary logical slot on `conn` (the server
+/// logs one for the new slot before it waits for a consistent point) and
+/// dropping it. The wait is cut at a second: the record is written by then,
+/// and a transaction still running only holds the restart point before its
+/// start. Anything refused (no free slot, a standby) is logged: it costs the
+/// walsender a second decoding of the backlog, nothing else. `conn` holds
+/// no other temporary slot (an error drops all of a session's).
+async fn mark_restart_point(conn: &SqlConn, slot: &str) -> Option<Lsn> {
+    let mark = crate::slot::temporary_slot_name(
+        slot,
+        &format!("_mark_{}", crate::publish::unique_now_us()),
+    );
+    let mut before = None;
+    let result = async {
+        conn.client
+            .batch_execute("SET statement_timeout = '1s'")
+            .await?;
+        let lsn: PgLsn = conn
+            .client
+            .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+            .await?
+            .get(0);
+        before = Some(Lsn(u64::from(lsn)));
+        let created = conn
+            .client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput', true)",
+                &[&mark],
+            )
+            .await;
+        let dropped = match created {
+            Ok(_) => conn
+                .client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&mark])
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        };
+        conn.client
+            .batch_execute("SET statement_timeout = 0")
+            .await?;
+        dropped
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            tracing::debug!(slot = %mark, "logged a restart point for decoding at the backlog's end");
+            before
+        }
+        // A timeout comes after the record was written.
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            tracing::debug!(slot = %mark, "logged a restart point for decoding at the backlog's end (transactions still running)");
+            before
+        }
+        Err(error) => {
+            tracing::info!(
+                error = %sluice_broker::error_chain(&error),
+                "cannot log a restart point at the backlog's end (through a temporary slot); the walsender decodes the backlog again after it"
+            );
+            None
+        }
+    }
+}
+
+/// The slot's restart point (0 when it has none).
+async fn slot_restart_lsn(conn: &SqlConn, slot: &str) -> Result<Lsn, PgError> {
+    let row = conn
+        .client
+        .query_one(
+            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::sql(format!(
+            "cannot read the restart point of slot {slot}"
+        )))?;
+    Ok(Lsn(row.get::<_, Option<PgLsn>>(0).map_or(0, u64::from)))
 }
 
 /// `pg_replication_slot_advance(slot, to)`: decodes the WAL up to `to`
@@ -293,45 +433,53 @@ struct Reading {
     publication_names: String,
     /// Messages per call (`catchup_chunk_changes`), at first.
     limit: i32,
-    /// A full call with less WAL than this after it is the last: the
-    /// walsender takes the rest (another call would decode the backlog's
-    /// start again when the slot's restart point has not moved).
-    min_lag_bytes: u64,
 }
 
 /// A call grows to at most this many times `catchup_chunk_changes`.
 const MAX_GROWTH: i32 = 16;
 
 /// The reading task: calls `pg_logical_slot_get_binary_changes` on the copy
-/// until a call is the last, handing each call's messages over in batches,
-/// then its end. The channel holds about one call: while the loop publishes
-/// it, the server decodes the next.
+/// until a call comes back short, handing each call's messages over in
+/// batches, then its end. The channel holds about one call: while the loop
+/// publishes it, the server decodes the next.
 ///
 /// Every call decodes the WAL from the copy's restart point, which Postgres
-/// moves only at its running-transactions records (every 15 s, and at
-/// checkpoints). When a call did not move it (a backlog written in a few
-/// seconds), the next call decodes everything before it again; so the next
-/// call takes twice as many messages (up to [`MAX_GROWTH`] times the
-/// configured number), and the work stays proportional to the backlog
-/// instead of growing with its square. Memory does not grow with it: the
-/// channel holds what it held, and the rest waits in the server.
+/// moves only at its running-transactions records (every 15 s, at
+/// checkpoints, and the one [`mark_restart_point`] logs at the start). When
+/// a call did not move it (a backlog written in a few seconds), the next
+/// call decodes everything before it again; so the next call takes twice as
+/// many messages (up to [`MAX_GROWTH`] times the configured number), and the
+/// work stays proportional to the backlog instead of growing with its
+/// square. Memory does not grow with it: the channel holds what it held, and
+/// the rest waits in the server.
 async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
     let mut limit = reading.limit;
     let mut restart = None;
     loop {
         let step = async {
             if restart.is_none() {
-                restart = Some(restart_lsn(&reading).await?);
+                restart = Some(position(&reading).await?.restart);
             }
-            if !read_call(&reading, limit, &tx).await? {
+            let Some((messages, mut batch)) = read_call(&reading, limit, &tx).await? else {
+                return Ok(false);
+            };
+            let now = position(&reading).await?;
+            // Short: the call reached the end of the WAL flushed when it
+            // started.
+            let last = messages < limit as u64;
+            batch.push(BacklogEvent::ChunkEnd {
+                messages,
+                last,
+                read_to: now.confirmed,
+            });
+            if tx.send(Ok(batch)).await.is_err() || last {
                 return Ok(false);
             }
-            let now = restart_lsn(&reading).await?;
-            let next = next_limit(reading.limit, limit, Some(now) > restart);
+            let next = next_limit(reading.limit, limit, Some(now.restart) > restart);
             if next > limit {
-                tracing::info!(restart_lsn = %now, messages = next, "the slot's restart point did not move: the next backlog call is larger");
+                tracing::info!(restart_lsn = %now.restart, messages = next, "the slot's restart point did not move: the next backlog call is larger");
             }
-            restart = Some(now);
+            restart = Some(now.restart);
             limit = next;
             Ok(true)
         };
@@ -361,30 +509,41 @@ fn next_limit(base: i32, limit: i32, restart_moved: bool) -> i32 {
     }
 }
 
-/// The copy's restart point (0 when Postgres has none for it).
-async fn restart_lsn(reading: &Reading) -> Result<Lsn, PgError> {
+/// Where the copy stands (0 for what Postgres has none of).
+struct Position {
+    /// Where decoding restarts.
+    restart: Lsn,
+    /// Where the last call's reading ended.
+    confirmed: Lsn,
+}
+
+async fn position(reading: &Reading) -> Result<Position, PgError> {
     let row = reading
         .conn
         .client
         .query_one(
-            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT restart_lsn, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
             &[&reading.copy],
         )
         .await
         .map_err(PgError::sql(format!(
-            "cannot read the restart point of slot {}",
+            "cannot read where slot {} stands",
             reading.copy
         )))?;
-    let lsn: Option<PgLsn> = row.get(0);
-    Ok(Lsn(lsn.map_or(0, u64::from)))
+    let lsn = |i: usize| Lsn(row.get::<_, Option<PgLsn>>(i).map_or(0, u64::from));
+    Ok(Position {
+        restart: lsn(0),
+        confirmed: lsn(1),
+    })
 }
 
-/// One call of up to `limit` messages; whether another follows.
+/// One call of up to `limit` messages: how many it returned, and the batch
+/// not handed over yet. `None`: the loop is gone.
 async fn read_call(
     reading: &Reading,
     limit: i32,
     tx: &mpsc::Sender<Batch>,
-) -> Result<bool, PgError> {
+) -> Result<Option<(u64, Vec<BacklogEvent>)>, PgError> {
     let failed = || PgError::sql("cannot read the slot's backlog");
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
         [&reading.copy, &limit, &reading.publication_names];
@@ -397,7 +556,6 @@ async fn read_call(
     let mut rows = std::pin::pin!(rows);
     let mut batch = Vec::with_capacity(BATCH);
     let mut messages = 0u64;
-    let mut end = Lsn(0);
     while let Some(row) = rows.next().await {
         let row = row.map_err(failed())?;
         let lsn: PgLsn = row
@@ -406,9 +564,8 @@ async fn read_call(
         let data: &[u8] = row
             .try_get(1)
             .map_err(PgError::sql("unexpected backlog row"))?;
-        end = Lsn(u64::from(lsn));
         batch.push(BacklogEvent::Change {
-            lsn: end,
+            lsn: Lsn(u64::from(lsn)),
             data: Bytes::copy_from_slice(data),
         });
         messages += 1;
@@ -418,18 +575,10 @@ async fn read_call(
                 .await
                 .is_err()
         {
-            return Ok(false);
+            return Ok(None);
         }
     }
-    // Short: the call reached the end of the WAL flushed when it started.
-    let last = messages < limit as u64
-        || crate::pg::current_wal_lsn(&reading.conn.client)
-            .await?
-            .0
-            .saturating_sub(end.0)
-            < reading.min_lag_bytes;
-    batch.push(BacklogEvent::ChunkEnd { messages, last });
-    Ok(tx.send(Ok(batch)).await.is_ok() && !last)
+    Ok(Some((messages, batch)))
 }
 
 #[cfg(test)]

@@ -401,7 +401,6 @@ async fn run_once(
             slot,
             &publication,
             config.replicator.catchup_chunk_changes,
-            catchup,
             start,
         )
         .await

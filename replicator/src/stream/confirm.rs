@@ -9,7 +9,9 @@
 //! - **Idle tables do not pin WAL.** Streaming from the walsender with no
 //!   transaction open and nothing in flight, everything it sent is durable,
 //!   so its WAL end (from keepalives) is confirmed. Reading a backlog, the WAL
-//!   end is only where the backlog ends, not what was read: never confirmed.
+//!   end is only where the backlog ends, not what was read: never confirmed;
+//!   after its last call, with everything acknowledged, where the calls'
+//!   reading ended is (the same rule: everything before it was sent).
 
 use crate::publish::Mark;
 use crate::replication::Lsn;
@@ -74,6 +76,13 @@ impl Confirmation {
         if streaming && !busy {
             self.confirmed = self.confirmed.max(self.server_wal_end);
         }
+    }
+
+    /// The backlog's last call is read and everything it returned is
+    /// acknowledged: the calls read the WAL up to `read_to`, so nothing of
+    /// the publication before it is left to send.
+    pub(super) fn backlog_done(&mut self, read_to: Lsn) {
+        self.confirmed = self.confirmed.max(read_to);
     }
 
     /// A backlog chunk was read and the WAL now ends at `wal_end`; returns
@@ -153,6 +162,17 @@ mod tests {
         c.confirm_idle(true, false);
         assert_eq!(c.confirmed(), Lsn(100));
         assert_eq!(c.slot_lag_bytes(), 900);
+    }
+
+    #[test]
+    fn where_the_backlog_calls_read_is_confirmed_never_backwards() {
+        let mut c = Confirmation::new(Lsn(100));
+        c.release([commit(300, 1)]);
+        c.backlog_done(Lsn(450));
+        assert_eq!(c.confirmed(), Lsn(450));
+        // A copy without a confirmed LSN (0) or behind moves nothing back.
+        c.backlog_done(Lsn(0));
+        assert_eq!(c.confirmed(), Lsn(450));
     }
 
     #[test]

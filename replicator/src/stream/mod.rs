@@ -142,7 +142,7 @@ pub enum Source {
 enum Input {
     Change { lsn: Lsn, data: bytes::Bytes },
     Keepalive { wal_end: Lsn, reply_requested: bool },
-    ChunkEnd { last: bool },
+    ChunkEnd { last: bool, read_to: Lsn },
     Ended,
 }
 
@@ -169,7 +169,9 @@ impl Source {
             },
             Source::Backlog(backlog) => match backlog.next().await? {
                 Some(BacklogEvent::Change { lsn, data }) => Input::Change { lsn, data },
-                Some(BacklogEvent::ChunkEnd { last, .. }) => Input::ChunkEnd { last },
+                Some(BacklogEvent::ChunkEnd { last, read_to, .. }) => {
+                    Input::ChunkEnd { last, read_to }
+                }
                 None => Input::Ended,
             },
         })
@@ -355,7 +357,7 @@ impl Loop<'_> {
                 }
                 Ok(())
             }
-            Input::ChunkEnd { last } => self.chunk_end(source, last).await,
+            Input::ChunkEnd { last, read_to } => self.chunk_end(source, last, read_to).await,
             Input::Ended => Err(StreamError::Ended),
         }
     }
@@ -384,8 +386,15 @@ impl Loop<'_> {
     /// A backlog call is read. Unless it was the last, the next one is
     /// already being read: the slot starts moving (in the background) to
     /// what is acknowledged so far. After the last, once everything is
-    /// acknowledged, the loop switches to the walsender at the confirmed LSN.
-    async fn chunk_end(&mut self, source: &mut Source, last: bool) -> Result<(), StreamError> {
+    /// acknowledged, the confirmed LSN moves to where the calls read
+    /// (`read_to`: nothing of the publication before it is left), the slot
+    /// is moved there, and the loop switches to the walsender.
+    async fn chunk_end(
+        &mut self,
+        source: &mut Source,
+        last: bool,
+        read_to: Lsn,
+    ) -> Result<(), StreamError> {
         let Source::Backlog(backlog) = source else {
             return Ok(());
         };
@@ -402,17 +411,24 @@ impl Loop<'_> {
         }
         let marks = self.publisher.flush().await?;
         self.release(marks);
+        // Calls end after a COMMIT: nothing is open once all is flushed.
+        if !self.busy() {
+            self.confirm.backlog_done(read_to);
+        }
         let behind = self.confirm.backlog_read(wal_end);
         let confirmed = self.confirm.confirmed();
-        // The walsender cannot take the slot while it is being moved.
-        backlog.settle().await;
+        // Past the restart point logged at the backlog's end, so the
+        // walsender does not decode the backlog again; it cannot take the
+        // slot while it is being moved.
+        let restart = backlog.finish(confirmed).await;
         let client =
             ReplicationClient::connect_with_tls(&self.repl_config, &self.settings.tls).await?;
         // The walsender starts at the later of this LSN and the slot's
         // confirmed one, which was not moved past what was acknowledged.
         let (replication, decoder) = start_walsender(client, self.config, confirmed).await?;
         self.decoder = decoder;
-        tracing::info!(confirmed = %confirmed, behind_bytes = behind, "backlog read; streaming from the walsender");
+        let restart = restart.map_or_else(|| "unknown".to_owned(), |lsn| lsn.to_string());
+        tracing::info!(confirmed = %confirmed, restart_lsn = %restart, behind_bytes = behind, "backlog read; streaming from the walsender");
         // Dropping the backlog ends its session and the slot's copy.
         *source = Source::Streaming(replication);
         gauge!(m::CATCHING_UP).set(0.0);
