@@ -446,20 +446,22 @@ const MAX_GROWTH: i32 = 16;
 /// Every call decodes the WAL from the copy's restart point, which Postgres
 /// moves only at its running-transactions records (every 15 s, at
 /// checkpoints, and the one [`mark_restart_point`] logs at the start). When
-/// a call did not move it (a backlog written in a few seconds), the next
-/// call decodes everything before it again; so the next call takes twice as
-/// many messages (up to [`MAX_GROWTH`] times the configured number), and the
-/// work stays proportional to the backlog instead of growing with its
-/// square. Memory does not grow with it: the channel holds what it held, and
-/// the rest waits in the server.
+/// a call leaves it far behind (a backlog written in a few seconds has no
+/// such record), the next call decodes everything before it again; so the
+/// next call takes twice as many messages (up to [`MAX_GROWTH`] times the
+/// configured number), and the work stays proportional to the backlog
+/// instead of growing with its square. Memory does not grow with it: the
+/// channel holds what it held, and the rest waits in the server.
 async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
     let mut limit = reading.limit;
-    let mut restart = None;
+    // Where the last call's reading ended.
+    let mut end = None;
     loop {
         let step = async {
-            if restart.is_none() {
-                restart = Some(position(&reading).await?.restart);
-            }
+            let from = match end {
+                Some(lsn) => lsn,
+                None => position(&reading).await?.confirmed,
+            };
             let Some((messages, mut batch)) = read_call(&reading, limit, &tx).await? else {
                 return Ok(false);
             };
@@ -475,11 +477,17 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
             if tx.send(Ok(batch)).await.is_err() || last {
                 return Ok(false);
             }
-            let next = next_limit(reading.limit, limit, Some(now.restart) > restart);
+            let again = now.confirmed.0.saturating_sub(now.restart.0);
+            let next = next_limit(
+                reading.limit,
+                limit,
+                again,
+                now.confirmed.0.saturating_sub(from.0),
+            );
             if next > limit {
-                tracing::info!(restart_lsn = %now.restart, messages = next, "the slot's restart point did not move: the next backlog call is larger");
+                tracing::info!(restart_lsn = %now.restart, messages = next, "the slot's restart point is far behind: the next backlog call is larger");
             }
-            restart = Some(now.restart);
+            end = Some(now.confirmed);
             limit = next;
             Ok(true)
         };
@@ -495,11 +503,13 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
     }
 }
 
-/// The size of the next call after a full call of `limit` messages: back to
-/// `base` when the call moved the restart point, else twice `limit`, up to
-/// [`MAX_GROWTH`] times `base`.
-fn next_limit(base: i32, limit: i32, restart_moved: bool) -> i32 {
-    if restart_moved {
+/// The size of the next call after a full call of `limit` messages that
+/// read `read` bytes of WAL, when the next would decode `again` bytes of
+/// WAL again (from the restart point to where this call ended): twice
+/// `limit` (up to [`MAX_GROWTH`] times `base`) when that is at least half
+/// of what the call read, else `base`.
+fn next_limit(base: i32, limit: i32, again: u64, read: u64) -> i32 {
+    if again.saturating_mul(2) < read {
         base
     } else {
         limit
@@ -586,15 +596,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_call_that_left_the_restart_point_doubles_the_next_up_to_sixteen_times() {
+    fn a_call_that_leaves_the_restart_point_far_behind_doubles_the_next_up_to_sixteen_times() {
         let mut limit = 500;
         let mut sizes = Vec::new();
         for _ in 0..6 {
-            limit = next_limit(500, limit, false);
+            // Every call decodes its own 1,000 bytes and all before again.
+            limit = next_limit(500, limit, 1_000 * (sizes.len() as u64 + 1), 1_000);
             sizes.push(limit);
         }
         assert_eq!(sizes, [1000, 2000, 4000, 8000, 8000, 8000]);
-        assert_eq!(next_limit(500, 8000, true), 500);
-        assert_eq!(next_limit(i32::MAX, i32::MAX, false), i32::MAX);
+        // Half of the call again still doubles; less goes back to the base.
+        assert_eq!(next_limit(500, 8000, 500, 1_000), 8000);
+        assert_eq!(next_limit(500, 2000, 500, 1_000), 4000);
+        assert_eq!(next_limit(500, 8000, 499, 1_000), 500);
+        assert_eq!(next_limit(i32::MAX, i32::MAX, 1, 1), i32::MAX);
     }
 }
