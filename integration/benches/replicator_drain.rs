@@ -18,7 +18,12 @@
 //! `SLUICE_BENCH_CONFIG=replicator.catchup_min_lag_bytes=0` measures the
 //! walsender alone.
 //!
-//! Prints rows/s of both and the ratio replicator / pg_recvlogical.
+//! Prints rows/s of both and the ratio replicator / pg_recvlogical. Then one
+//! row is inserted and the time until the slot confirms it is printed: how
+//! soon a change written after a catch-up flows (status updates every 100 ms
+//! in this run). The walsender starts decoding at the slot's restart point,
+//! which a backlog written in seconds leaves before it unless the replicator
+//! moved it past.
 //!
 //! ```text
 //! set -a; . /tmp/sdev/stack/env; set +a
@@ -124,11 +129,34 @@ async fn run(
     ensure!(status.success(), "pg_recvlogical --start: {status}");
 
     // (b) the replicator, from its confirmed LSN to the end LSN.
+    p.set_config("replicator", "status_interval", "\"100ms\"")?;
     let started = Instant::now();
     p.spawn_replicator()?;
     p.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
         .await?;
     let sluice = started.elapsed();
+
+    // (c) one change after the backlog, until the slot confirms it.
+    let started = Instant::now();
+    pg.execute(
+        &format!("INSERT INTO {TABLE} (id, v, s) VALUES ($1, 0, 'after')"),
+        &[&(rows as i64 + 1)],
+    )
+    .await?;
+    let after_lsn: String = pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    p.wait_slot_confirmed(&after_lsn, Duration::from_secs(600))
+        .await?;
+    let after = started.elapsed();
+    let restart: String = pg
+        .query_one(
+            "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await?
+        .get(0);
     p.stop_replicator().await?;
 
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
@@ -147,6 +175,10 @@ async fn run(
     println!(
         "ratio replicator / pg_recvlogical: {ratio:.2} (target >= 0.70: {})",
         if ratio >= 0.7 { "met" } else { "MISSED" }
+    );
+    println!(
+        "a change written after the backlog, confirmed {:.2} s later (the slot's restart point then {restart}, the backlog's end {end_lsn})",
+        after.as_secs_f64()
     );
     Ok(())
 }
