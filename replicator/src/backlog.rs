@@ -32,8 +32,8 @@
 //!   that follows it would decode all of it again (1.7 s for 1M changes on
 //!   this machine, a system call per WAL record). So the catch-up starts by
 //!   creating and dropping a temporary logical slot, which logs such a
-//!   record at the WAL's end (what `pg_log_standby_snapshot()` does on 16+,
-//!   with the REPLICATION privilege the replicator has). After the last,
+//!   record at the WAL's end (as `pg_log_standby_snapshot()` would on 16+,
+//!   which needs more than the REPLICATION privilege this needs). After the last,
 //!   short call, whose end every message before was returned, and once all
 //!   of it is acknowledged, the slot is moved to that end: past the record,
 //!   so its restart point follows.
@@ -294,11 +294,11 @@ impl Backlog {
         if confirmed > self.advanced && moved(move_slot(&self.mover, &self.slot, confirmed).await) {
             self.advanced = confirmed;
         }
-        let restart = slot_restart_lsn(&self.mover, &self.slot).await.ok()?;
+        let restart = slot_position(&self.mover, &self.slot).await.ok()?.restart;
         match self.mark {
             Some(mark) if restart < mark && mark <= self.advanced => {
                 if moved(move_slot(&self.mover, &self.slot, self.advanced).await) {
-                    slot_restart_lsn(&self.mover, &self.slot).await.ok()
+                    Some(slot_position(&self.mover, &self.slot).await.ok()?.restart)
                 } else {
                     Some(restart)
                 }
@@ -395,21 +395,6 @@ async fn mark_restart_point(conn: &SqlConn, slot: &str) -> Option<Lsn> {
     }
 }
 
-/// The slot's restart point (0 when it has none).
-async fn slot_restart_lsn(conn: &SqlConn, slot: &str) -> Result<Lsn, PgError> {
-    let row = conn
-        .client
-        .query_one(
-            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(PgError::sql(format!(
-            "cannot read the restart point of slot {slot}"
-        )))?;
-    Ok(Lsn(row.get::<_, Option<PgLsn>>(0).map_or(0, u64::from)))
-}
-
 /// `pg_replication_slot_advance(slot, to)`: decodes the WAL up to `to`
 /// without output (fast-forward) and holds the slot meanwhile.
 async fn move_slot(conn: &SqlConn, slot: &str, to: Lsn) -> Result<(), PgError> {
@@ -460,12 +445,12 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
         let step = async {
             let from = match end {
                 Some(lsn) => lsn,
-                None => position(&reading).await?.confirmed,
+                None => slot_position(&reading.conn, &reading.copy).await?.confirmed,
             };
             let Some((messages, mut batch)) = read_call(&reading, limit, &tx).await? else {
                 return Ok(false);
             };
-            let now = position(&reading).await?;
+            let now = slot_position(&reading.conn, &reading.copy).await?;
             // Short: the call reached the end of the WAL flushed when it
             // started.
             let last = messages < limit as u64;
@@ -519,32 +504,25 @@ fn next_limit(base: i32, limit: i32, again: u64, read: u64) -> i32 {
     }
 }
 
-/// Where the copy stands (0 for what Postgres has none of).
-struct Position {
-    /// Where decoding restarts.
-    restart: Lsn,
-    /// Where the last call's reading ended.
-    confirmed: Lsn,
+/// Where `slot` stands: its restart point and its confirmed LSN (for the
+/// copy: where the last call's reading ended); zeros for what it lacks.
+async fn slot_position(conn: &SqlConn, slot: &str) -> Result<Position, PgError> {
+    let state = crate::pg::slot_state(&conn.client, slot).await?;
+    Ok(state.map_or(
+        Position {
+            restart: Lsn(0),
+            confirmed: Lsn(0),
+        },
+        |state| Position {
+            restart: state.restart,
+            confirmed: state.confirmed_flush,
+        },
+    ))
 }
 
-async fn position(reading: &Reading) -> Result<Position, PgError> {
-    let row = reading
-        .conn
-        .client
-        .query_one(
-            "SELECT restart_lsn, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
-            &[&reading.copy],
-        )
-        .await
-        .map_err(PgError::sql(format!(
-            "cannot read where slot {} stands",
-            reading.copy
-        )))?;
-    let lsn = |i: usize| Lsn(row.get::<_, Option<PgLsn>>(i).map_or(0, u64::from));
-    Ok(Position {
-        restart: lsn(0),
-        confirmed: lsn(1),
-    })
+struct Position {
+    restart: Lsn,
+    confirmed: Lsn,
 }
 
 /// One call of up to `limit` messages: how many it returned, and the batch

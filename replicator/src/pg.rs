@@ -18,6 +18,8 @@ pub struct SlotState {
     pub plugin: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush: Lsn,
+    /// Where decoding restarts (0 when it has none).
+    pub restart: Lsn,
     /// `lost` when `max_slot_wal_keep_size` invalidated the slot.
     pub wal_status: Option<String>,
 }
@@ -29,19 +31,22 @@ pub async fn slot_state(
 ) -> Result<Option<SlotState>, PgError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status
+            "SELECT plugin::text, active_pid, confirmed_flush_lsn::text, wal_status, restart_lsn::text
                FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[&slot],
         )
         .await
         .map_err(PgError::sql("cannot read pg_replication_slots"))?;
+    let lsn = |row: &tokio_postgres::Row, i: usize| {
+        row.get::<_, Option<String>>(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(Lsn(0))
+    };
     Ok(row.map(|row| SlotState {
         plugin: row.get(0),
         active_pid: row.get(1),
-        confirmed_flush: row
-            .get::<_, Option<String>>(2)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(Lsn(0)),
+        confirmed_flush: lsn(&row, 2),
+        restart: lsn(&row, 4),
         wal_status: row.get(3),
     }))
 }

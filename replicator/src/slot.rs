@@ -213,6 +213,7 @@ mod tests {
             plugin: Some(plugin.to_owned()),
             active_pid,
             confirmed_flush: Lsn(0x100),
+            restart: Lsn(0x80),
             wal_status: Some(wal_status.to_owned()),
         }
     }
