@@ -787,6 +787,33 @@ ack_wait = "30s"
             .collect()
     }
 
+    /// Waits until the logs of `which` (all its runs) hold at least `count`
+    /// lines containing `needle`, and returns them; fails with the log's
+    /// tail at `timeout`, or when a process exited.
+    pub async fn wait_for_log_lines(
+        &mut self,
+        which: &str,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines_containing(which, needle);
+            if lines.len() >= count {
+                return Ok(lines);
+            }
+            self.check_alive()?;
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{which} logged {} of {count} lines with {needle:?} within {timeout:?}:\n{}",
+                lines.len(),
+                self.log_tail(which, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The tails of the newest replicator and loader logs (those that ran),
     /// for a benchmark or test that failed.
     pub fn log_tails(&self) -> String {

@@ -175,19 +175,8 @@ async fn a_dead_letter_is_terminated_only_after_its_stream_has_the_copy() -> any
         .await
         .context("the stream did not take the poison message")?;
     // The loader tries, fails to store the copy, and keeps the batch.
-    let deadline = Instant::now() + CONVERGE;
-    while p
-        .log_lines_containing("loader", "cannot publish a dead letter")
-        .is_empty()
-    {
-        p.check_alive()?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the loader never tried the dead letter:\n{}",
-            p.log_tail("loader", 20)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    p.wait_for_log_lines("loader", "cannot publish a dead letter", 1, CONVERGE)
+        .await?;
     let metrics = p.loader_metrics().await?;
     assert_eq!(
         pipeline::metric(&metrics, "sluice_dead_letters_total{reason=\"decode\"}"),

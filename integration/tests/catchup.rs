@@ -124,20 +124,13 @@ async fn the_walsender_after_a_backlog_starts_decoding_past_it() -> anyhow::Resu
         .log_lines_containing("replicator", "streaming from the walsender")
         .len();
     p.spawn_replicator()?;
-    let deadline = std::time::Instant::now() + CONVERGE;
-    while p
-        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
-        .len()
-        <= switches_before
-    {
-        p.check_alive()?;
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the replicator did not switch to the walsender:\n{}",
-            p.log_tail("replicator", 30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.wait_for_log_lines(
+        "replicator",
+        "backlog read; streaming from the walsender",
+        switches_before + 1,
+        CONVERGE,
+    )
+    .await?;
     let row = pg
         .query_one(
             "SELECT restart_lsn::text, restart_lsn >= $1::text::pg_lsn \
@@ -208,19 +201,13 @@ async fn a_replicator_stopped_while_reading_the_backlog_confirms_what_was_acknow
     p.spawn_replicator()?;
     // Stop once the first chunks are acknowledged (the log says so), in the
     // middle of the backlog.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while p
-        .log_lines_containing("replicator", "backlog chunk read")
-        .len()
-        < 2
-    {
-        p.check_alive()?;
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no backlog chunk read"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.wait_for_log_lines(
+        "replicator",
+        "backlog chunk read",
+        2,
+        Duration::from_secs(120),
+    )
+    .await?;
     p.stop_replicator().await?;
     // The stop moved the slot past what was acknowledged and released it at
     // once (the chunk in progress was cancelled, not waited for).

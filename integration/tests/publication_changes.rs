@@ -5,7 +5,7 @@
 //! removed from the publication stops being applied, keeps its ClickHouse
 //! table, and `status` says so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice_integration::pipeline::{Pipeline, json_field, json_object_with, metric};
 
@@ -132,18 +132,13 @@ async fn a_table_removed_from_the_publication_is_kept_and_no_longer_applied() ->
     assert_eq!(clickhouse_count(&p, "gone", "v = 'before'").await?, 10);
     assert_eq!(clickhouse_count(&p, "gone", "v = 'after'").await?, 0);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while p
-        .log_lines_containing("replicator", "table removed from the publication")
-        .is_empty()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the replicator never logged the removal:\n{}",
-            p.log_tail("replicator", 30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    p.wait_for_log_lines(
+        "replicator",
+        "table removed from the publication",
+        1,
+        Duration::from_secs(30),
+    )
+    .await?;
     let (stdout, _) = p.cli("replicator", &["status", "--json"])?;
     let gone = json_object_with(&stdout, "\"table\": \"public.gone\"")
         .ok_or_else(|| anyhow::anyhow!("public.gone missing from status:\n{stdout}"))?;
