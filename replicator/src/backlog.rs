@@ -171,6 +171,7 @@ impl Backlog {
                 copy,
                 publication_names: publication_names.to_owned(),
                 limit,
+                start,
             },
             tx,
         ));
@@ -280,30 +281,33 @@ impl Backlog {
     /// slot's confirmed LSN, gets there. A move that fails is logged: the
     /// walsender then decodes more again, which costs only time.
     pub async fn finish(&mut self, confirmed: Lsn) -> Option<Lsn> {
+        const FAILED: &str =
+            "cannot advance the slot past the backlog; the walsender decodes it again";
         self.settle().await;
-        let moved = |result: Result<(), PgError>| match result {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(
-                    error = %sluice_broker::error_chain(&error),
-                    "cannot advance the slot past the backlog; the walsender decodes it again"
-                );
-                false
-            }
-        };
-        if confirmed > self.advanced && moved(move_slot(&self.mover, &self.slot, confirmed).await) {
-            self.advanced = confirmed;
+        if confirmed > self.advanced {
+            self.move_now(confirmed, FAILED).await;
         }
         let restart = slot_position(&self.mover, &self.slot).await.ok()?.restart;
-        match self.mark {
-            Some(mark) if restart < mark && mark <= self.advanced => {
-                if moved(move_slot(&self.mover, &self.slot, self.advanced).await) {
-                    Some(slot_position(&self.mover, &self.slot).await.ok()?.restart)
-                } else {
-                    Some(restart)
-                }
+        let short = matches!(self.mark, Some(mark) if restart < mark && mark <= self.advanced);
+        if short && self.move_now(self.advanced, FAILED).await {
+            return Some(slot_position(&self.mover, &self.slot).await.ok()?.restart);
+        }
+        Some(restart)
+    }
+
+    /// Moves the slot to `to` now, on the moving session (no move may be in
+    /// progress); whether it moved. A failure is logged with `failure`: the
+    /// slot stays where it was.
+    async fn move_now(&mut self, to: Lsn, failure: &str) -> bool {
+        match move_slot(&self.mover, &self.slot, to).await {
+            Ok(()) => {
+                self.advanced = self.advanced.max(to);
+                true
             }
-            _ => Some(restart),
+            Err(error) => {
+                tracing::warn!(error = %sluice_broker::error_chain(&error), "{failure}");
+                false
+            }
         }
     }
 
@@ -320,12 +324,11 @@ impl Backlog {
         self.reader.abort();
         self.settle().await;
         if confirmed > self.advanced {
-            match move_slot(&self.mover, &self.slot, confirmed).await {
-                Ok(()) => self.advanced = confirmed,
-                Err(error) => {
-                    tracing::warn!(error = %sluice_broker::error_chain(&error), "cannot advance the slot at shutdown; the next start re-reads from its confirmed LSN")
-                }
-            }
+            self.move_now(
+                confirmed,
+                "cannot advance the slot at shutdown; the next start re-reads from its confirmed LSN",
+            )
+            .await;
         }
     }
 }
@@ -418,6 +421,8 @@ struct Reading {
     publication_names: String,
     /// Messages per call (`catchup_chunk_changes`), at first.
     limit: i32,
+    /// The slot's confirmed LSN, which the copy starts from.
+    start: Lsn,
 }
 
 /// A call grows to at most this many times `catchup_chunk_changes`.
@@ -440,13 +445,9 @@ const MAX_GROWTH: i32 = 16;
 async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
     let mut limit = reading.limit;
     // Where the last call's reading ended.
-    let mut end = None;
+    let mut end = reading.start;
     loop {
         let step = async {
-            let from = match end {
-                Some(lsn) => lsn,
-                None => slot_position(&reading.conn, &reading.copy).await?.confirmed,
-            };
             let Some((messages, mut batch)) = read_call(&reading, limit, &tx).await? else {
                 return Ok(false);
             };
@@ -457,22 +458,22 @@ async fn read(reading: Reading, tx: mpsc::Sender<Batch>) {
             batch.push(BacklogEvent::ChunkEnd {
                 messages,
                 last,
-                read_to: now.confirmed,
+                read_to: now.confirmed_flush,
             });
             if tx.send(Ok(batch)).await.is_err() || last {
                 return Ok(false);
             }
-            let again = now.confirmed.0.saturating_sub(now.restart.0);
+            let again = now.confirmed_flush.0.saturating_sub(now.restart.0);
             let next = next_limit(
                 reading.limit,
                 limit,
                 again,
-                now.confirmed.0.saturating_sub(from.0),
+                now.confirmed_flush.0.saturating_sub(end.0),
             );
             if next > limit {
                 tracing::info!(restart_lsn = %now.restart, messages = next, "the slot's restart point is far behind: the next backlog call is larger");
             }
-            end = Some(now.confirmed);
+            end = now.confirmed_flush;
             limit = next;
             Ok(true)
         };
@@ -506,23 +507,10 @@ fn next_limit(base: i32, limit: i32, again: u64, read: u64) -> i32 {
 
 /// Where `slot` stands: its restart point and its confirmed LSN (for the
 /// copy: where the last call's reading ended); zeros for what it lacks.
-async fn slot_position(conn: &SqlConn, slot: &str) -> Result<Position, PgError> {
-    let state = crate::pg::slot_state(&conn.client, slot).await?;
-    Ok(state.map_or(
-        Position {
-            restart: Lsn(0),
-            confirmed: Lsn(0),
-        },
-        |state| Position {
-            restart: state.restart,
-            confirmed: state.confirmed_flush,
-        },
-    ))
-}
-
-struct Position {
-    restart: Lsn,
-    confirmed: Lsn,
+async fn slot_position(conn: &SqlConn, slot: &str) -> Result<crate::pg::SlotState, PgError> {
+    Ok(crate::pg::slot_state(&conn.client, slot)
+        .await?
+        .unwrap_or_default())
 }
 
 /// One call of up to `limit` messages: how many it returned, and the batch

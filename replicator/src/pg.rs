@@ -13,7 +13,7 @@ use crate::replication::Lsn;
 pub const OUTPUT_STYLES: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c timezone=UTC";
 
 /// A row of `pg_replication_slots`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SlotState {
     pub plugin: Option<String>,
     pub active_pid: Option<i32>,
