@@ -174,6 +174,23 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
             wall.as_secs_f64()
         );
     }
+    // What 2x would take: sluice's whole pipeline within half of
+    // MaterializedPostgreSQL's time, and how much of that CPU the two
+    // servers sluice cannot do without (Postgres decoding, ClickHouse
+    // inserting and merging) used on their own.
+    let allowed = theirs.as_secs_f64() / 2.0 * cores as f64;
+    let used: f64 = sluice_cpu.iter().map(|(_, s)| s).sum();
+    let servers: f64 = sluice_cpu
+        .iter()
+        .filter(|(stage, _)| matches!(*stage, "postgres" | "clickhouse"))
+        .map(|(_, s)| s)
+        .sum();
+    println!(
+        "CPU at 2x MaterializedPostgreSQL: sluice would have {:.2} s, {allowed:.2} s of CPU on {cores} cores; it used {:.0} % of that, Postgres and ClickHouse alone {:.0} %",
+        theirs.as_secs_f64() / 2.0,
+        used / allowed * 100.0,
+        servers / allowed * 100.0
+    );
     let speedup = theirs.as_secs_f64() / sluice.as_secs_f64();
     println!(
         "sluice is {speedup:.2}x as fast as MaterializedPostgreSQL (target >= 2, median of three runs: {})",
