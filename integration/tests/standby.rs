@@ -1,6 +1,7 @@
 //! Replicating from a physical standby (Postgres 16+): the replicator's slot,
 //! snapshot and resyncs live on the standby while the primary takes every
-//! write, and ClickHouse ends equal to the primary. And a failover: the
+//! write, and ClickHouse ends equal to the primary; a backlog read through
+//! SQL on the standby. And a failover: the
 //! primary crashes, the standby is promoted, and the replicator goes on from
 //! its failover slot (17+) or resyncs (16).
 //!
@@ -125,6 +126,83 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
     let reports = p.wait_until_equal(CONVERGE).await?;
     eprintln!("{writes} more changes after a kill -9; {}", reports[0]);
     p.check_chains_have_no_duplicates().await?;
+
+    p.stop_replicator().await?;
+    p.stop_loader().await?;
+    snapshots.abort();
+    Ok(())
+}
+
+/// A replicator that starts far behind on a standby reads the backlog
+/// through SQL there (a copy of the standby's slot), moves the slot past it
+/// and streams: ClickHouse ends equal to the primary, every chain without
+/// repeats. No restart point can be logged at the backlog's end on a standby
+/// (`pg_current_wal_insert_lsn()` is refused there); the session that moves
+/// the slot must come out of that attempt as it went in: its moves here take
+/// 1.5 s (a failpoint), longer than the 1 s the attempt allows itself.
+#[tokio::test]
+async fn a_backlog_on_a_standby_is_read_through_sql() -> anyhow::Result<()> {
+    let pair = PgPair::start(VERSION).await?;
+    let (mut p, pg, db) = published_items(&pair, "standby_backlog").await?;
+    let primary = pair.primary(&db).await?;
+    let snapshots = tokio::spawn(async move {
+        loop {
+            if primary
+                .execute("SELECT pg_log_standby_snapshot()", &[])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
+    p.verify_against(&pair.primary_url(&db));
+    p.set_config("replicator", "catchup_min_lag_bytes", "1")?;
+    p.set_config("replicator", "catchup_chunk_changes", "2000")?;
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_replicator_ready(CONVERGE).await?;
+    p.stop_replicator().await?;
+
+    // The backlog, written on the primary while no replicator runs.
+    let mut writes = run_workload(&pg, "items", 100, 200, Rng::from_clock()).await?;
+    pair.wait_replayed(CONVERGE).await?;
+    let switches = p
+        .log_lines_containing("replicator", "streaming from the walsender")
+        .len();
+    let behind = p
+        .log_lines_containing("replicator", "far behind: reading the backlog through SQL")
+        .len();
+    p.set_failpoints(Some("replicator::backlog::slow_advance=return(1500)"));
+    p.spawn_replicator()?;
+    p.wait_for_log_lines(
+        "replicator",
+        "backlog read; streaming from the walsender",
+        switches + 1,
+        CONVERGE,
+    )
+    .await?;
+    writes += run_workload(&pg, "items", 20, 100, Rng::from_clock()).await?;
+    let reports = p.wait_until_equal(CONVERGE).await?;
+    eprintln!(
+        "{writes} changes on the primary, most as a backlog; {}",
+        reports[0]
+    );
+    p.check_chains_have_no_duplicates().await?;
+    assert_eq!(
+        p.log_lines_containing("replicator", "far behind: reading the backlog through SQL")
+            .len(),
+        behind + 1,
+        "the backlog was not read through SQL:\n{}",
+        p.log_tail("replicator", 30)
+    );
+    let failed = p.log_lines_containing("replicator", "cannot advance the slot");
+    assert!(
+        failed.is_empty(),
+        "the slot was not moved past the backlog on the standby: {failed:#?}"
+    );
 
     p.stop_replicator().await?;
     p.stop_loader().await?;

@@ -338,61 +338,79 @@ impl Backlog {
 /// logs one for the new slot before it waits for a consistent point) and
 /// dropping it. The wait is cut at a second: the record is written by then,
 /// and a transaction still running only holds the restart point before its
-/// start. Anything refused (no free slot, a standby) is logged: it costs the
-/// walsender a second decoding of the backlog, nothing else. `conn` holds
-/// no other temporary slot (an error drops all of a session's).
+/// start. Anything refused (no free slot) is logged: it costs the walsender
+/// a second decoding of the backlog, nothing else. A standby cannot log such
+/// a record (its restart points come from the primary's), so nothing is tried
+/// there. Whatever happens, `conn` leaves with no statement timeout: it moves
+/// the slot next, and a move of a long backlog takes longer than a second.
+/// `conn` holds no other temporary slot (an error drops all of a session's).
 async fn mark_restart_point(conn: &SqlConn, slot: &str) -> Option<Lsn> {
+    let refused = |error: &tokio_postgres::Error| {
+        tracing::info!(
+            error = %sluice_broker::error_chain(error),
+            "cannot log a restart point at the backlog's end (through a temporary slot); the walsender decodes the backlog again after it"
+        );
+    };
+    let position = conn
+        .client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END",
+            &[],
+        )
+        .await;
+    let before = match position {
+        Ok(row) if row.get::<_, bool>(0) => {
+            tracing::info!(
+                "reading a standby: no restart point can be logged at the backlog's end (the primary logs them, every 15 s); the walsender decodes the backlog again after it"
+            );
+            return None;
+        }
+        Ok(row) => Lsn(u64::from(row.get::<_, PgLsn>(1))),
+        Err(error) => {
+            refused(&error);
+            return None;
+        }
+    };
     let mark = crate::slot::temporary_slot_name(
         slot,
         &format!("_mark_{}", crate::publish::unique_now_us()),
     );
-    let mut before = None;
-    let result = async {
+    let attempt = async {
         conn.client
             .batch_execute("SET statement_timeout = '1s'")
             .await?;
-        let lsn: PgLsn = conn
-            .client
-            .query_one("SELECT pg_current_wal_insert_lsn()", &[])
-            .await?
-            .get(0);
-        before = Some(Lsn(u64::from(lsn)));
-        let created = conn
-            .client
+        conn.client
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput', true)",
                 &[&mark],
             )
-            .await;
-        let dropped = match created {
-            Ok(_) => conn
-                .client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&mark])
-                .await
-                .map(|_| ()),
-            Err(error) => Err(error),
-        };
-        conn.client
-            .batch_execute("SET statement_timeout = 0")
             .await?;
-        dropped
+        conn.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&mark])
+            .await
+            .map(|_| ())
     }
     .await;
-    match result {
+    // Whatever came of the attempt.
+    if let Err(error) = conn.client.batch_execute("SET statement_timeout = 0").await {
+        tracing::warn!(
+            error = %sluice_broker::error_chain(&error),
+            "cannot clear the statement timeout of the session that moves the slot; a long move may be cut short (the slot then stays behind, which costs only re-reading)"
+        );
+    }
+    match attempt {
         Ok(()) => {
             tracing::debug!(slot = %mark, "logged a restart point for decoding at the backlog's end");
-            before
+            Some(before)
         }
         // A timeout comes after the record was written.
         Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
             tracing::debug!(slot = %mark, "logged a restart point for decoding at the backlog's end (transactions still running)");
-            before
+            Some(before)
         }
         Err(error) => {
-            tracing::info!(
-                error = %sluice_broker::error_chain(&error),
-                "cannot log a restart point at the backlog's end (through a temporary slot); the walsender decodes the backlog again after it"
-            );
+            refused(&error);
             None
         }
     }
@@ -401,6 +419,17 @@ async fn mark_restart_point(conn: &SqlConn, slot: &str) -> Option<Lsn> {
 /// `pg_replication_slot_advance(slot, to)`: decodes the WAL up to `to`
 /// without output (fast-forward) and holds the slot meanwhile.
 async fn move_slot(conn: &SqlConn, slot: &str, to: Lsn) -> Result<(), PgError> {
+    // `return(MS)`: every move first waits MS ms on its session, as a move
+    // of a long backlog would take that long.
+    #[cfg(feature = "failpoints")]
+    if let Some(Some(ms)) = fail::eval("replicator::backlog::slow_advance", |arg| {
+        arg.and_then(|ms| ms.parse::<u64>().ok())
+    }) {
+        conn.client
+            .execute("SELECT pg_sleep($1)", &[&(ms as f64 / 1000.0)])
+            .await
+            .map_err(PgError::sql(format!("cannot advance slot {slot} to {to}")))?;
+    }
     conn.client
         .execute(
             "SELECT pg_replication_slot_advance($1, $2)",
