@@ -22,22 +22,7 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
          INSERT INTO staff SELECT g, 'ssn ' || g FROM generate_series(1, 5) g;",
     )
     .await?;
-    let role = unique_name("sluice_role");
-    let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/postgres/setup.sql");
-    let output = Command::new("psql")
-        .arg("-X")
-        .arg("-q")
-        .args(["-d", &p.pg_url, "-f", setup])
-        .args(["-v", "tables=public.orders", "-v", &format!("role={role}")])
-        .args(["-v", "password=not-used-with-trust"])
-        .output()
-        .context("running psql (Postgres client tools)")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "setup.sql failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let role = role_from_setup_sql(&p.pg_url, "public.orders")?;
 
     let can_read = |table: &'static str| {
         let pg = &pg;
@@ -66,11 +51,12 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
         .get(0);
     assert!(!is_superuser);
 
-    // The whole pipeline as that role (the stack trusts loopback, so no password is sent).
-    let mut url = url::Url::parse(&p.pg_url)?;
-    url.set_username(&role)
-        .map_err(|()| anyhow::anyhow!("cannot set user"))?;
-    p.set_config("postgres", "url", &format!("\"{url}\""))?;
+    // The whole pipeline as that role.
+    run_as(&mut p, &role)?;
+    // Any start behind reads its backlog through SQL: the functions of that
+    // path (a copy of the slot, `pg_logical_slot_get_binary_changes`, the
+    // slot's moves, the restart point's temporary slot) as that role too.
+    p.set_config("replicator", "catchup_min_lag_bytes", "1")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     pg.batch_execute(
@@ -82,6 +68,133 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
     let reports = p.wait_until_equal(Duration::from_secs(90)).await?;
     let tables: Vec<String> = reports.iter().map(|r| r.table.to_string()).collect();
     assert_eq!(tables.len(), 1, "only the published table: {tables:?}");
+
+    // A backlog written while the replicator was down.
+    p.stop_replicator().await?;
+    let switches = p
+        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
+        .len();
+    pg.batch_execute(
+        "INSERT INTO orders SELECT g, 'backlog ' || g FROM generate_series(1000, 3000) g;
+         UPDATE orders SET note = 'again' WHERE id BETWEEN 1000 AND 1500;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.wait_for_log_lines(
+        "replicator",
+        "backlog read; streaming from the walsender",
+        switches + 1,
+        Duration::from_secs(90),
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    for refused in [
+        "cannot read the backlog through SQL",
+        "cannot log a restart point",
+        "cannot advance the slot",
+    ] {
+        let lines = p.log_lines_containing("replicator", refused);
+        assert!(lines.is_empty(), "as {role}: {lines:#?}");
+    }
+    Ok(())
+}
+
+/// Runs `sql/postgres/setup.sql` on the database of `pg_url` for `tables`
+/// and returns the role it created.
+fn role_from_setup_sql(pg_url: &str, tables: &str) -> anyhow::Result<String> {
+    let role = unique_name("sluice_role");
+    let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/postgres/setup.sql");
+    let output = Command::new("psql")
+        .arg("-X")
+        .arg("-q")
+        .args(["-d", pg_url, "-f", setup])
+        .args([
+            "-v",
+            &format!("tables={tables}"),
+            "-v",
+            &format!("role={role}"),
+        ])
+        .args(["-v", "password=not-used-with-trust"])
+        .output()
+        .context("running psql (Postgres client tools)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "setup.sql failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(role)
+}
+
+/// Points `p`'s binaries at its database as `role` (the stack trusts
+/// loopback, so no password is sent).
+fn run_as(p: &mut Pipeline, role: &str) -> anyhow::Result<()> {
+    let mut url = url::Url::parse(&p.pg_url)?;
+    url.set_username(role)
+        .map_err(|()| anyhow::anyhow!("cannot set user"))?;
+    p.set_config("postgres", "url", &format!("\"{url}\""))
+}
+
+/// A DBA's limits on the role, set the way they are for application roles
+/// (`ALTER ROLE … SET`): 50 ms per statement and 200 ms idle in a
+/// transaction. The replication connection that exported the snapshot waits
+/// idle in its transaction while the readers copy the table (about a second
+/// here: a failpoint slows each snapshot package by 25 ms), and `verify`'s
+/// checksum queries take longer than 50 ms. sluice turns both limits off for
+/// its own sessions, as `pg_dump` does. Without that, the exporting
+/// connection was closed at the end of every attempt and the replicator
+/// began the snapshot again, for ever, and `verify` was cancelled.
+#[tokio::test]
+async fn the_roles_timeouts_stop_neither_the_snapshot_nor_a_backlog() -> anyhow::Result<()> {
+    let mut p = Pipeline::start("role_timeouts").await?;
+    let pg = p.pg().await?;
+    pg.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, note text);
+         INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 20000) g;",
+    )
+    .await?;
+    let role = role_from_setup_sql(&p.pg_url, "public.orders")?;
+    pg.batch_execute(&format!(
+        "ALTER ROLE \"{role}\" SET statement_timeout = '50ms';
+         ALTER ROLE \"{role}\" SET idle_in_transaction_session_timeout = '200ms';"
+    ))
+    .await?;
+    run_as(&mut p, &role)?;
+    p.set_config("replicator", "catchup_min_lag_bytes", "1")?;
+    p.set_failpoints(Some("replicator::snapshot::package=return(25)"));
+    p.spawn_replicator()?;
+    p.spawn_loader()?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+
+    // A backlog, read through SQL by the next start.
+    p.stop_replicator().await?;
+    let switches = p
+        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
+        .len();
+    pg.batch_execute(
+        "INSERT INTO orders SELECT g, 'backlog ' || g FROM generate_series(30000, 40000) g;
+         UPDATE orders SET note = 'again' WHERE id % 7 = 0;",
+    )
+    .await?;
+    p.spawn_replicator()?;
+    p.wait_for_log_lines(
+        "replicator",
+        "backlog read; streaming from the walsender",
+        switches + 1,
+        Duration::from_secs(90),
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    let snapshots = p.log_lines_containing("replicator", "created slot; snapshotting");
+    assert_eq!(
+        snapshots.len(),
+        1,
+        "the snapshot began again: {snapshots:#?}"
+    );
+    for cut in ["statement timeout", "idle-in-transaction timeout"] {
+        let lines = p.log_lines_containing("replicator", cut);
+        assert!(lines.is_empty(), "as {role}: {lines:#?}");
+    }
     Ok(())
 }
 

@@ -232,6 +232,10 @@ async fn loader_killed_mid_resync_never_swaps_in_a_partial_table() -> anyhow::Re
         "INSERT INTO items SELECT g, g, md5(g::text) FROM generate_series(1, 40000) g",
     )
     .await?;
+    // Every snapshot package 25 ms apart (80 of 500 rows): the resync's shadow
+    // table exists for seconds, not for the blink a 40,000-row resync takes
+    // otherwise, which polling could miss (it did once, on a busy machine).
+    p.set_failpoints(Some("replicator::snapshot::package=return(25)"));
     p.spawn_replicator()?;
     p.spawn_loader()?;
     p.wait_until_equal(CONVERGE).await?;

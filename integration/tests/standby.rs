@@ -136,10 +136,10 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
 /// A replicator that starts far behind on a standby reads the backlog
 /// through SQL there (a copy of the standby's slot), moves the slot past it
 /// and streams: ClickHouse ends equal to the primary, every chain without
-/// repeats. No restart point can be logged at the backlog's end on a standby
-/// (`pg_current_wal_insert_lsn()` is refused there); the session that moves
-/// the slot must come out of that attempt as it went in: its moves here take
-/// 1.5 s (a failpoint), longer than the 1 s the attempt allows itself.
+/// repeats. No restart point can be logged at the backlog's end on a
+/// standby; whatever the replicator does about it must leave the session
+/// that moves the slot without a time limit: its moves here take 1.5 s (a
+/// failpoint), longer than the 1 s a restart-point attempt allows itself.
 #[tokio::test]
 async fn a_backlog_on_a_standby_is_read_through_sql() -> anyhow::Result<()> {
     let pair = PgPair::start(VERSION).await?;

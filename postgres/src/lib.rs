@@ -70,6 +70,28 @@ impl PgError {
     }
 }
 
+/// What every session of sluice sets for itself, whatever the role's or the
+/// database's defaults say (`ALTER ROLE … SET`, as DBAs do for application
+/// roles), as `pg_dump` does: a snapshot's `COPY` of a chunk or a backlog's
+/// call runs as long as the data takes, and a snapshot's transactions (and
+/// the replication connection that exported their snapshot) wait idle while
+/// the stream is slow. A shorter limit would cancel them, and the retry would
+/// meet the same limit again. `lock_timeout` is left as it is: a lock wait
+/// cut short is retried and gets through once the lock is gone.
+pub const SESSION_TIMEOUTS: &str =
+    "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0";
+
+/// Appends `more` (`-c name=value …`) to the startup options `config` has
+/// (from `postgres.url`'s `options`, which are kept); a later `-c` of the
+/// same setting wins.
+pub fn add_options(config: &mut tokio_postgres::Config, more: &str) {
+    let options = match config.get_options() {
+        Some(options) if !options.trim().is_empty() => format!("{options} {more}"),
+        _ => more.to_owned(),
+    };
+    config.options(&options);
+}
+
 /// Connection settings derived from `[postgres]`.
 #[derive(Clone)]
 pub struct PgSettings {
@@ -88,6 +110,7 @@ impl PgSettings {
             config.password(password.expose_secret().as_bytes());
         }
         config.application_name("sluice");
+        add_options(&mut config, SESSION_TIMEOUTS);
         let cert = pg.ssl_cert.clone().or(url.cert);
         let key = pg.ssl_key.clone().or(url.key);
         Ok(PgSettings {

@@ -122,10 +122,9 @@ impl Backlog {
         start: Lsn,
     ) -> Result<Self, PgError> {
         let mut settings = settings.clone();
-        settings
-            .config
-            // No statement timeout: a call of a big backlog may take minutes.
-            .options(format!("{} -c statement_timeout=0", crate::pg::OUTPUT_STYLES).as_str());
+        // No statement timeout (`SESSION_TIMEOUTS`, in every session): a
+        // call of a big backlog may take minutes.
+        sluice_postgres::add_options(&mut settings.config, crate::pg::OUTPUT_STYLES);
         let reading = settings.connect("reading the backlog").await?;
         let mover = settings.connect("moving the slot past the backlog").await?;
         // Before the copy: both take a slot of `max_replication_slots`.

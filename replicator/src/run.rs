@@ -163,7 +163,7 @@ async fn run_once(
     let shape = catalog::PublicationShape::read(&sql.client, &config.postgres.publication).await?;
 
     let mut repl_config = settings.config.clone();
-    repl_config.options(pg::OUTPUT_STYLES);
+    sluice_postgres::add_options(&mut repl_config, pg::OUTPUT_STYLES);
     let state = pg::slot_state(&sql.client, slot).await?;
     slot::check_usable(slot, state.as_ref())?;
     if state.is_none()
