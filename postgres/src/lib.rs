@@ -81,6 +81,15 @@ impl PgError {
 pub const SESSION_TIMEOUTS: &str =
     "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0";
 
+/// [`SESSION_TIMEOUTS`]' third, for Postgres 17+, where `transaction_timeout`
+/// cuts any transaction, a single statement's too, that lasts longer: a
+/// snapshot's transaction lasts as long as its table takes. Not a startup
+/// option, which an older server refuses as an unknown setting: every
+/// session runs this first, and it sets nothing where there is no such
+/// setting.
+pub const TRANSACTION_TIMEOUT_OFF: &str = "SELECT set_config('transaction_timeout', '0', false) \
+     FROM pg_settings WHERE name = 'transaction_timeout'";
+
 /// Appends `more` (`-c name=value …`) to the startup options `config` has
 /// (from `postgres.url`'s `options`, which are kept); a later `-c` of the
 /// same setting wins.
@@ -148,6 +157,12 @@ impl PgSettings {
                 (client, tokio::spawn(drive(connection)))
             }
         };
+        client
+            .batch_execute(TRANSACTION_TIMEOUT_OFF)
+            .await
+            .map_err(PgError::sql(format!(
+                "cannot turn transaction_timeout off for {what}"
+            )))?;
         Ok(SqlConn { client, task })
     }
 }
@@ -219,9 +234,15 @@ impl TlsUrl {
         out.rest = if kept.is_empty() {
             base.to_owned()
         } else {
+            // A space as `%20`: the form encoding's `+` is no space to
+            // tokio-postgres, which decodes percent escapes only (`options=
+            // -c%20search_path%3Dapp` came out as `-c+search_path=app`, which
+            // the server refuses). A `+` of the value itself is `%2B` here,
+            // so every `+` is a space.
             let query = url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(kept)
-                .finish();
+                .finish()
+                .replace('+', "%20");
             format!("{base}?{query}")
         };
         out
@@ -231,6 +252,34 @@ impl TlsUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_timeouts_come_after_the_urls_own_options() {
+        let pg = |url: &str| PostgresConfig {
+            url: url.to_owned(),
+            ..PostgresConfig::default()
+        };
+        let settings =
+            PgSettings::from_config(&pg("postgres://u@h/db?options=-c%20search_path%3Dapp"))
+                .unwrap();
+        assert_eq!(
+            settings.config.get_options(),
+            Some(format!("-c search_path=app {SESSION_TIMEOUTS}").as_str())
+        );
+        // A `+` of the value stays one.
+        assert_eq!(
+            TlsUrl::split("postgres://u@h/db?options=-c%20x%3Da%2Bb&sslmode=require").rest,
+            "postgres://u@h/db?options=-c%20x%3Da%2Bb"
+        );
+        let settings = PgSettings::from_config(&pg("postgres://u@h/db")).unwrap();
+        assert_eq!(settings.config.get_options(), Some(SESSION_TIMEOUTS));
+        let mut config = settings.config.clone();
+        add_options(&mut config, "-c datestyle=ISO");
+        assert_eq!(
+            config.get_options(),
+            Some(format!("{SESSION_TIMEOUTS} -c datestyle=ISO").as_str())
+        );
+    }
 
     #[test]
     fn tls_parameters_are_read_and_removed_from_the_url() {

@@ -134,6 +134,9 @@ impl ReplicationClient {
                         });
                         continue;
                     }
+                    client
+                        .simple_query(sluice_postgres::TRANSACTION_TIMEOUT_OFF)
+                        .await?;
                     return Ok(client);
                 }
                 // Only a failure to reach the host moves on to the next one;
