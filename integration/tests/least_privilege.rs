@@ -69,25 +69,13 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
     let tables: Vec<String> = reports.iter().map(|r| r.table.to_string()).collect();
     assert_eq!(tables.len(), 1, "only the published table: {tables:?}");
 
-    // A backlog written while the replicator was down.
-    p.stop_replicator().await?;
-    let switches = p
-        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
-        .len();
-    pg.batch_execute(
+    catch_up(
+        &mut p,
+        &pg,
         "INSERT INTO orders SELECT g, 'backlog ' || g FROM generate_series(1000, 3000) g;
          UPDATE orders SET note = 'again' WHERE id BETWEEN 1000 AND 1500;",
     )
     .await?;
-    p.spawn_replicator()?;
-    p.wait_for_log_lines(
-        "replicator",
-        "backlog read; streaming from the walsender",
-        switches + 1,
-        Duration::from_secs(90),
-    )
-    .await?;
-    p.wait_until_equal(Duration::from_secs(90)).await?;
     for refused in [
         "cannot read the backlog through SQL",
         "cannot log a restart point",
@@ -124,6 +112,31 @@ fn role_from_setup_sql(pg_url: &str, tables: &str) -> anyhow::Result<String> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(role)
+}
+
+/// Stops the replicator, runs `backlog` (SQL) on `pg`, starts the
+/// replicator again and waits until it read that backlog through SQL (its
+/// `catchup_min_lag_bytes` must be low enough), switched to the walsender
+/// and ClickHouse is equal to Postgres.
+async fn catch_up(
+    p: &mut Pipeline,
+    pg: &tokio_postgres::Client,
+    backlog: &str,
+) -> anyhow::Result<()> {
+    const SWITCHED: &str = "backlog read; streaming from the walsender";
+    p.stop_replicator().await?;
+    let switches = p.log_lines_containing("replicator", SWITCHED).len();
+    pg.batch_execute(backlog).await?;
+    p.spawn_replicator()?;
+    p.wait_for_log_lines(
+        "replicator",
+        SWITCHED,
+        switches + 1,
+        Duration::from_secs(90),
+    )
+    .await?;
+    p.wait_until_equal(Duration::from_secs(90)).await?;
+    Ok(())
 }
 
 /// Points `p`'s binaries at its database as `role` (the stack trusts
@@ -177,25 +190,13 @@ async fn the_roles_timeouts_stop_neither_the_snapshot_nor_a_backlog() -> anyhow:
     p.spawn_loader()?;
     p.wait_until_equal(Duration::from_secs(90)).await?;
 
-    // A backlog, read through SQL by the next start.
-    p.stop_replicator().await?;
-    let switches = p
-        .log_lines_containing("replicator", "backlog read; streaming from the walsender")
-        .len();
-    pg.batch_execute(
+    catch_up(
+        &mut p,
+        &pg,
         "INSERT INTO orders SELECT g, 'backlog ' || g FROM generate_series(30000, 40000) g;
          UPDATE orders SET note = 'again' WHERE id % 7 = 0;",
     )
     .await?;
-    p.spawn_replicator()?;
-    p.wait_for_log_lines(
-        "replicator",
-        "backlog read; streaming from the walsender",
-        switches + 1,
-        Duration::from_secs(90),
-    )
-    .await?;
-    p.wait_until_equal(Duration::from_secs(90)).await?;
     // Nothing was cut short: no restart, no snapshot continued.
     for cut in [
         "transient failure",

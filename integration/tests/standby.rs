@@ -46,6 +46,22 @@ async fn published_items(
     Ok((p, pg, db))
 }
 
+/// Logs a running-transactions record on the primary every half second
+/// (`pg_log_standby_snapshot()`), until the task is aborted: a slot on a
+/// standby becomes consistent at one, and a busy primary writes one only
+/// every 15 s.
+fn log_standby_snapshots(primary: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while primary
+            .execute("SELECT pg_log_standby_snapshot()", &[])
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 #[tokio::test]
 async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> anyhow::Result<()> {
     let pair = PgPair::start(VERSION).await?;
@@ -54,19 +70,7 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
     // A slot on a standby becomes consistent at a running-transactions
     // record from the primary; a busy primary writes one every 15 s, this
     // test asks for one every half second.
-    let primary = pair.primary(&db).await?;
-    let snapshots = tokio::spawn(async move {
-        loop {
-            if primary
-                .execute("SELECT pg_log_standby_snapshot()", &[])
-                .await
-                .is_err()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
+    let snapshots = log_standby_snapshots(pair.primary(&db).await?);
 
     // The binaries read the standby; verify compares with the primary.
     p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
@@ -144,19 +148,7 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
 async fn a_backlog_on_a_standby_is_read_through_sql() -> anyhow::Result<()> {
     let pair = PgPair::start(VERSION).await?;
     let (mut p, pg, db) = published_items(&pair, "standby_backlog").await?;
-    let primary = pair.primary(&db).await?;
-    let snapshots = tokio::spawn(async move {
-        loop {
-            if primary
-                .execute("SELECT pg_log_standby_snapshot()", &[])
-                .await
-                .is_err()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
+    let snapshots = log_standby_snapshots(pair.primary(&db).await?);
     p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
     p.verify_against(&pair.primary_url(&db));
     p.set_config("replicator", "catchup_min_lag_bytes", "1")?;
