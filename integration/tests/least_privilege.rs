@@ -126,6 +126,10 @@ async fn catch_up(
     const SWITCHED: &str = "backlog read; streaming from the walsender";
     p.stop_replicator().await?;
     let switches = p.log_lines_containing("replicator", SWITCHED).len();
+    // Committed to disk before the replicator starts: the test servers
+    // commit asynchronously, and a replicator that looks at the WAL before
+    // the WAL writer wrote the backlog sees nothing behind and streams it.
+    pg.batch_execute("SET synchronous_commit = on").await?;
     pg.batch_execute(backlog).await?;
     p.spawn_replicator()?;
     p.wait_for_log_lines(
