@@ -157,7 +157,7 @@ fn run_as(p: &mut Pipeline, role: &str) -> anyhow::Result<()> {
 
 /// A DBA's limits on the role, set the way they are for application roles
 /// (`ALTER ROLE … SET`): 50 ms per statement, 200 ms idle in a
-/// transaction, and on Postgres 17+ 500 ms per transaction. The
+/// transaction, on 14+ 300 ms idle, and on 17+ 500 ms per transaction. The
 /// replication connection that exported the snapshot waits
 /// idle in its transaction while the readers copy the table (about a second
 /// here: a failpoint slows each snapshot package by 25 ms), and `verify`'s
@@ -181,6 +181,12 @@ async fn the_roles_timeouts_stop_neither_the_snapshot_nor_a_backlog() -> anyhow:
     ))
     .await?;
     let version = sluice_postgres::version::server_version_num(&pg).await?;
+    if version >= 140000 {
+        pg.batch_execute(&format!(
+            "ALTER ROLE \"{role}\" SET idle_session_timeout = '300ms'"
+        ))
+        .await?;
+    }
     if version >= 170000 {
         pg.batch_execute(&format!(
             "ALTER ROLE \"{role}\" SET transaction_timeout = '500ms'"
@@ -208,6 +214,7 @@ async fn the_roles_timeouts_stop_neither_the_snapshot_nor_a_backlog() -> anyhow:
         "statement timeout",
         "idle-in-transaction timeout",
         "transaction timeout",
+        "idle-session timeout",
     ] {
         let lines = p.log_lines_containing("replicator", cut);
         assert!(lines.is_empty(), "as {role}: {lines:#?}");

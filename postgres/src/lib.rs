@@ -81,14 +81,17 @@ impl PgError {
 pub const SESSION_TIMEOUTS: &str =
     "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0";
 
-/// [`SESSION_TIMEOUTS`]' third, for Postgres 17+, where `transaction_timeout`
-/// cuts any transaction, a single statement's too, that lasts longer: a
-/// snapshot's transaction lasts as long as its table takes. Not a startup
-/// option, which an older server refuses as an unknown setting: every
-/// session runs this first, and it sets nothing where there is no such
-/// setting.
-pub const TRANSACTION_TIMEOUT_OFF: &str = "SELECT set_config('transaction_timeout', '0', false) \
-     FROM pg_settings WHERE name = 'transaction_timeout'";
+/// The rest of [`SESSION_TIMEOUTS`], for settings younger than Postgres 13:
+/// `transaction_timeout` (17+) cuts any transaction, a single statement's
+/// too, that lasts longer, and a snapshot's transaction lasts as long as its
+/// table takes; `idle_session_timeout` (14+) closes a session idle for
+/// longer, and the catalog session waits up to `publication_check_interval`
+/// between two queries, the session that moves a catching-up slot up to
+/// 10 s. Not startup options, which an older server refuses as unknown
+/// settings: every session runs this first, and it sets nothing the server
+/// does not have.
+pub const TRANSACTION_TIMEOUT_OFF: &str = "SELECT set_config(name, '0', false) \
+     FROM pg_settings WHERE name IN ('transaction_timeout', 'idle_session_timeout')";
 
 /// Appends `more` (`-c name=value …`) to the startup options `config` has
 /// (from `postgres.url`'s `options`, which are kept); a later `-c` of the
