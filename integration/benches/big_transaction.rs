@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use sluice_integration::pipeline::{self, Pipeline};
+use sluice_integration::wal_insert_lsn;
 
 const TABLE: &str = "bench_rows";
 const DEFAULT_ROWS: u64 = 5_000_000;
@@ -107,10 +108,7 @@ async fn one_transaction(
     .context("inserting the transaction")?;
     let committed = Instant::now();
     let insert = committed - started;
-    let target: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let target = wal_insert_lsn(&pg).await?;
     p.wait_slot_confirmed(&target, PATIENCE).await?;
     let acknowledged = committed.elapsed();
     let count_sql = format!("SELECT count() FROM `{}`.{TABLE}", p.name);

@@ -35,8 +35,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use sluice_integration::Servers;
 use sluice_integration::pipeline::Pipeline;
+use sluice_integration::{Servers, wal_insert_lsn};
 
 const TABLE: &str = "bench_rows";
 /// Rows per inserting transaction.
@@ -95,13 +95,7 @@ async fn run(
 
     let started = Instant::now();
     sluice_integration::pipeline::insert_bench_rows(&pg, TABLE, rows, ROWS_PER_TRANSACTION).await?;
-    let end_lsn: String = pg
-        // The insert position: at or past the end of the last commit record.
-        // (pg_current_wal_lsn() is the write position, which can lag behind
-        // it and would end both sides before the last transaction.)
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end_lsn = wal_insert_lsn(&pg).await?;
     let wal_bytes: i64 = pg
         .query_one(
             "SELECT ($1::text::pg_lsn - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $2",
@@ -143,10 +137,7 @@ async fn run(
         &[&(rows as i64 + 1)],
     )
     .await?;
-    let after_lsn: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let after_lsn = wal_insert_lsn(&pg).await?;
     p.wait_slot_confirmed(&after_lsn, Duration::from_secs(600))
         .await?;
     let after = started.elapsed();

@@ -286,6 +286,18 @@ impl Servers {
     }
 }
 
+/// Postgres' WAL insert position (`pg_current_wal_insert_lsn()`, as text):
+/// at or past the end of every commit record written so far.
+/// `pg_current_wal_lsn()` is the write position, which lags behind it while
+/// the test servers commit asynchronously: a wait for a slot to confirm it
+/// would end before the last transaction.
+pub async fn wal_insert_lsn(pg: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
 /// Runs one SQL statement with `client` (which may be bound to a database) and returns its
 /// output as TabSeparated text.
 pub async fn clickhouse_sql(client: &clickhouse::Client, sql: &str) -> anyhow::Result<String> {

@@ -575,13 +575,7 @@ ack_wait = "30s"
         for table in tables {
             insert_bench_rows(&pg, table, rows, per_transaction).await?;
         }
-        let end_lsn: String = pg
-            // The insert position: at or past the end of the last commit record.
-            // (pg_current_wal_lsn() is the write position, which can lag behind
-            // it and would end the wait before the last transaction.)
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await?
-            .get(0);
+        let end_lsn = crate::wal_insert_lsn(&pg).await?;
         self.wait_slot_confirmed(&end_lsn, Duration::from_secs(3600))
             .await?;
         self.stop_replicator().await?;

@@ -141,10 +141,7 @@ impl PgPair {
     pub async fn wait_replayed(&self, timeout: Duration) -> anyhow::Result<()> {
         let primary = self.primary("postgres").await?;
         let standby = self.standby("postgres").await?;
-        let target: String = primary
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await?
-            .get(0);
+        let target = crate::wal_insert_lsn(&primary).await?;
         let deadline = Instant::now() + timeout;
         loop {
             let done: Option<bool> = standby

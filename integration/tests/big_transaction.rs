@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sluice_integration::pipeline::{self, Pipeline};
+use sluice_integration::wal_insert_lsn;
 
 const ROWS: i64 = 1_000_000;
 const MAX_RSS_KB: u64 = 300 * 1024;
@@ -32,10 +33,7 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     // slot legitimately confirms up to the commit record's start while the
     // transaction is still being decoded, since Postgres re-sends every
     // transaction whose commit starts at or after the confirmed LSN.)
-    let target: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let target = wal_insert_lsn(&pg).await?;
     let started = Instant::now();
     p.wait_slot_confirmed(&target, Duration::from_secs(600))
         .await?;

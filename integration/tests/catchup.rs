@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use sluice_integration::pipeline::{Pipeline, Rng, run_workload};
+use sluice_integration::wal_insert_lsn;
 
 const CONVERGE: Duration = Duration::from_secs(180);
 
@@ -73,10 +74,7 @@ async fn a_backlog_read_through_sql_then_streamed_arrives_once() -> anyhow::Resu
     let packages = p.check_chains_have_no_duplicates().await?;
     eprintln!("{packages} data packages, each chain 1..N without repeats");
     // The slot followed: everything written is confirmed.
-    let end: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end = wal_insert_lsn(&pg).await?;
     run_workload(&pg, "events", 1, 10, Rng::new(rng.next_u64())).await?;
     p.wait_slot_confirmed(&end, Duration::from_secs(60)).await?;
     Ok(())
@@ -94,10 +92,7 @@ async fn the_walsender_after_a_backlog_starts_decoding_past_it() -> anyhow::Resu
     let slot = p.config.postgres.slot.clone();
     let mut rng = Rng::from_clock();
     let changes = write_backlog(&pg, &mut rng).await?;
-    let end: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end = wal_insert_lsn(&pg).await?;
     // Decoding cannot restart after the start of a transaction still
     // running, and the server is shared with the other tests: wait until
     // every transaction that may have started before `end` has ended.

@@ -76,14 +76,15 @@ async fn the_setup_sql_role_replicates_its_tables_and_reads_nothing_else() -> an
          UPDATE orders SET note = 'again' WHERE id BETWEEN 1000 AND 1500;",
     )
     .await?;
-    for refused in [
-        "cannot read the backlog through SQL",
-        "cannot log a restart point",
-        "cannot advance the slot",
-    ] {
-        let lines = p.log_lines_containing("replicator", refused);
-        assert!(lines.is_empty(), "as {role}: {lines:#?}");
-    }
+    never_logged(
+        &p,
+        &role,
+        &[
+            "cannot read the backlog through SQL",
+            "cannot log a restart point",
+            "cannot advance the slot",
+        ],
+    );
     Ok(())
 }
 
@@ -141,6 +142,15 @@ async fn catch_up(
     .await?;
     p.wait_until_equal(Duration::from_secs(90)).await?;
     Ok(())
+}
+
+/// Asserts that no replicator log of `p`, running as `role`, has a line
+/// containing any of `needles`.
+fn never_logged(p: &Pipeline, role: &str, needles: &[&str]) {
+    for needle in needles {
+        let lines = p.log_lines_containing("replicator", needle);
+        assert!(lines.is_empty(), "as {role}: {lines:#?}");
+    }
 }
 
 /// Points `p`'s binaries at its database as `role` (the stack trusts
@@ -208,17 +218,18 @@ async fn the_roles_timeouts_stop_neither_the_snapshot_nor_a_backlog() -> anyhow:
     )
     .await?;
     // Nothing was cut short: no restart, no snapshot continued.
-    for cut in [
-        "transient failure",
-        "continuing the initial snapshot",
-        "statement timeout",
-        "idle-in-transaction timeout",
-        "transaction timeout",
-        "idle-session timeout",
-    ] {
-        let lines = p.log_lines_containing("replicator", cut);
-        assert!(lines.is_empty(), "as {role}: {lines:#?}");
-    }
+    never_logged(
+        &p,
+        &role,
+        &[
+            "transient failure",
+            "continuing the initial snapshot",
+            "statement timeout",
+            "idle-in-transaction timeout",
+            "transaction timeout",
+            "idle-session timeout",
+        ],
+    );
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sluice_integration::pipeline::{self, Nats, Pipeline, Rng, run_workload, workload_table_sql};
+use sluice_integration::wal_insert_lsn;
 use sluice_loader::verify::TableReport;
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -322,10 +323,7 @@ async fn unchanged_toast_values_are_filled_from_the_newest_version() -> anyhow::
     ] {
         pg.batch_execute(sql).await?;
     }
-    let end: String = pg
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end = wal_insert_lsn(&pg).await?;
     p.wait_slot_confirmed(&end, CONVERGE).await?;
     p.spawn_loader()?;
     let reports = p.wait_until_equal(CONVERGE).await?;

@@ -46,12 +46,20 @@ async fn published_items(
     Ok((p, pg, db))
 }
 
-/// Logs a running-transactions record on the primary every half second
-/// (`pg_log_standby_snapshot()`), until the task is aborted: a slot on a
-/// standby becomes consistent at one, and a busy primary writes one only
-/// every 15 s.
-fn log_standby_snapshots(primary: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Points `p`'s binaries at the standby of `pair` (database `db`) and its
+/// `verify` at the primary, and logs a running-transactions record on the
+/// primary every half second (`pg_log_standby_snapshot()`) until the task
+/// returned is aborted: a slot on a standby becomes consistent at one, and a
+/// busy primary writes one only every 15 s.
+async fn read_the_standby(
+    p: &mut Pipeline,
+    pair: &PgPair,
+    db: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(db)))?;
+    p.verify_against(&pair.primary_url(db));
+    let primary = pair.primary(db).await?;
+    Ok(tokio::spawn(async move {
         while primary
             .execute("SELECT pg_log_standby_snapshot()", &[])
             .await
@@ -59,7 +67,7 @@ fn log_standby_snapshots(primary: tokio_postgres::Client) -> tokio::task::JoinHa
         {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    })
+    }))
 }
 
 #[tokio::test]
@@ -67,14 +75,7 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
     let pair = PgPair::start(VERSION).await?;
     let (mut p, pg, db) = published_items(&pair, "standby").await?;
 
-    // A slot on a standby becomes consistent at a running-transactions
-    // record from the primary; a busy primary writes one every 15 s, this
-    // test asks for one every half second.
-    let snapshots = log_standby_snapshots(pair.primary(&db).await?);
-
-    // The binaries read the standby; verify compares with the primary.
-    p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
-    p.verify_against(&pair.primary_url(&db));
+    let snapshots = read_the_standby(&mut p, &pair, &db).await?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     p.wait_replicator_ready(CONVERGE).await?;
@@ -148,9 +149,7 @@ async fn the_replicator_reads_a_standby_while_the_primary_takes_the_writes() -> 
 async fn a_backlog_on_a_standby_is_read_through_sql() -> anyhow::Result<()> {
     let pair = PgPair::start(VERSION).await?;
     let (mut p, pg, db) = published_items(&pair, "standby_backlog").await?;
-    let snapshots = log_standby_snapshots(pair.primary(&db).await?);
-    p.set_config("postgres", "url", &format!("\"{}\"", pair.standby_url(&db)))?;
-    p.verify_against(&pair.primary_url(&db));
+    let snapshots = read_the_standby(&mut p, &pair, &db).await?;
     p.set_config("replicator", "catchup_min_lag_bytes", "1")?;
     p.set_config("replicator", "catchup_chunk_changes", "2000")?;
     p.spawn_replicator()?;

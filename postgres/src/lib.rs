@@ -90,7 +90,7 @@ pub const SESSION_TIMEOUTS: &str =
 /// 10 s. Not startup options, which an older server refuses as unknown
 /// settings: every session runs this first, and it sets nothing the server
 /// does not have.
-pub const TRANSACTION_TIMEOUT_OFF: &str = "SELECT set_config(name, '0', false) \
+pub const NEWER_TIMEOUTS_OFF: &str = "SELECT set_config(name, '0', false) \
      FROM pg_settings WHERE name IN ('transaction_timeout', 'idle_session_timeout')";
 
 /// Appends `more` (`-c name=value …`) to the startup options `config` has
@@ -161,10 +161,10 @@ impl PgSettings {
             }
         };
         client
-            .batch_execute(TRANSACTION_TIMEOUT_OFF)
+            .batch_execute(NEWER_TIMEOUTS_OFF)
             .await
             .map_err(PgError::sql(format!(
-                "cannot turn transaction_timeout off for {what}"
+                "cannot turn transaction_timeout and idle_session_timeout off for {what}"
             )))?;
         Ok(SqlConn { client, task })
     }

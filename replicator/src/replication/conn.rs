@@ -135,7 +135,7 @@ impl ReplicationClient {
                         continue;
                     }
                     client
-                        .simple_query(sluice_postgres::TRANSACTION_TIMEOUT_OFF)
+                        .simple_query(sluice_postgres::NEWER_TIMEOUTS_OFF)
                         .await?;
                     return Ok(client);
                 }
