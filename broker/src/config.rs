@@ -302,7 +302,8 @@ pub struct ReplicatorConfig {
     /// files, gone when the process ends); the system's temporary directory
     /// when unset.
     pub spill_dir: Option<std::path::PathBuf>,
-    /// Threads of the replicator's async runtime; `0`: one per CPU core.
+    /// Threads of the replicator's async runtime; `0`: one where the process
+    /// may use two CPUs or fewer, one per CPU above (`sluice_replicator::run::runtime_threads`).
     pub worker_threads: usize,
     /// How the replicator compresses the packages of changes (and control
     /// packages); snapshot packages follow `snapshot_compression`.

@@ -89,6 +89,7 @@ async fn run(p: &mut Pipeline, other: &Other, rows: u64) -> anyhow::Result<()> {
         rows.div_ceil(ROWS_PER_TRANSACTION),
         started.elapsed()
     );
+    println!("{}", cpu::memory_line());
 
     // CPU seconds of the servers: Postgres (every backend), NATS, ClickHouse.
     let servers = p.servers();

@@ -105,6 +105,7 @@ async fn run(p: &mut Pipeline, rows: u64) -> anyhow::Result<()> {
         "table: {rows} rows, {size}, inserted in {:.1?}",
         started.elapsed()
     );
+    println!("{}", cpu::memory_line());
 
     // CPU time of the Postgres server (every backend), NATS and the
     // replicator, in seconds.

@@ -83,6 +83,30 @@ impl StageCpu {
     }
 }
 
+/// The machine's free memory and dirty page cache, from `/proc/meminfo`, as
+/// a line for a benchmark's output. Once free memory runs out, every page
+/// NATS writes to its stream's files must first be reclaimed from the page
+/// cache: on one stack after a day of benchmarks (19 GiB cached, 2 GiB
+/// dirty) NATS took 180–500 ns per snapshot row instead of about 100.
+pub fn memory_line() -> String {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    match (kib("MemFree"), kib("Cached"), kib("Dirty")) {
+        (Some(free), Some(cached), Some(dirty)) => format!(
+            "memory: {:.1} GiB free, {:.1} GiB page cache, {} MiB dirty (a full page cache slows NATS' writes: compare runs on a fresh stack, see BENCHMARKS.md)",
+            free as f64 / 1048576.0,
+            cached as f64 / 1048576.0,
+            dirty / 1024
+        ),
+        _ => "memory: /proc/meminfo unreadable".to_owned(),
+    }
+}
+
 /// User plus system CPU ticks of `pid` (`/proc/PID/stat` fields 14 and 15).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = Stat::of(pid)?;

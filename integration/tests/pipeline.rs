@@ -141,6 +141,20 @@ async fn mixed_types_and_workload_arrive_equal() -> anyhow::Result<()> {
             "{series} on Postgres {version}"
         );
     }
+    // `worker_threads = 0` (the default): one thread on a machine with two CPUs or fewer,
+    // one per CPU above.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = if cpus <= 2 { 1 } else { cpus };
+    let started = p.log_lines_containing("replicator", "metrics endpoint listening");
+    let logged = started.first().and_then(|line| {
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("worker_threads="))
+    });
+    assert_eq!(
+        logged,
+        Some(threads.to_string().as_str()),
+        "{cpus} CPUs: {started:?}"
+    );
     p.stop_loader().await?;
     p.stop_replicator().await?;
     Ok(())
@@ -164,10 +178,11 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     open.batch_execute("BEGIN; INSERT INTO snap VALUES (-1, 'open during start'); UPDATE other SET w = -w WHERE id <= 100;")
         .await?;
     // The other tests load with LZ4 and store zstd packages (the defaults); this one both
-    // uncompressed. And the replicator runs on one worker thread.
+    // uncompressed. And the replicator runs on two worker threads (on a 2-core machine the
+    // others run on one).
     p.set_config("clickhouse", "compression", "\"none\"")?;
     p.set_config("replicator", "compression", "\"none\"")?;
-    p.set_config("replicator", "worker_threads", "1")?;
+    p.set_config("replicator", "worker_threads", "2")?;
     p.spawn_replicator()?;
     p.spawn_loader()?;
     let writer = {
@@ -199,7 +214,7 @@ async fn initial_snapshot_and_concurrent_transactions_arrive() -> anyhow::Result
     );
     let started = p.log_lines_containing("replicator", "metrics endpoint listening");
     assert!(
-        started.len() == 1 && started[0].contains("worker_threads=1"),
+        started.len() == 1 && started[0].contains("worker_threads=2"),
         "{started:?}"
     );
     // Every table package is stored as plain protobuf, and says so.

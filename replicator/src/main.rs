@@ -107,8 +107,12 @@ fn main() -> ExitCode {
         },
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.replicator.worker_threads > 0 {
-        builder.worker_threads(config.replicator.worker_threads);
+    if let Some(threads) = sluice_replicator::run::runtime_threads(
+        config.replicator.worker_threads,
+        std::thread::available_parallelism().ok().map(usize::from),
+        std::env::var_os("TOKIO_WORKER_THREADS").is_some(),
+    ) {
+        builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
