@@ -107,6 +107,14 @@ pub fn memory_line() -> String {
     }
 }
 
+/// Writes every dirty page out (`sync`), so that a benchmark's setup does
+/// not leave the kernel writing back while the timed part runs.
+pub fn sync_disks() -> anyhow::Result<()> {
+    let status = std::process::Command::new("sync").status()?;
+    anyhow::ensure!(status.success(), "sync failed: {status}");
+    Ok(())
+}
+
 /// User plus system CPU ticks of `pid` (`/proc/PID/stat` fields 14 and 15).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = Stat::of(pid)?;
