@@ -46,16 +46,15 @@ use crate::slot::{self, SlotError, Start};
 use crate::snapshot;
 use crate::stream::{self, Source};
 
-/// Runs until SIGINT/SIGTERM or a definite error.
 /// The async runtime's worker threads for `replicator.worker_threads`:
 /// `None` leaves the choice to tokio (`TOKIO_WORKER_THREADS`, which
 /// `tokio_env` says is set, or one per CPU). `0` means chosen by the CPUs
 /// the process may use (`cpus`, from `available_parallelism`, which counts
 /// a cgroup's CPU quota): one thread on two or fewer, where the replicator
 /// shares them with Postgres and NATS and a second thread only adds
-/// cross-thread wake-ups (on the 2-core test machine a 5M-row snapshot took
-/// 5 % less time and the replicator 18 % less CPU per row, and at 150,000
-/// changes/s its CPU per row fell 7 %); one per CPU above that.
+/// cross-thread wake-ups (on the 2-core test machine the replicator's CPU
+/// per row fell 10-18 % in a 5M-row snapshot, whose time stayed the same or
+/// fell, and 7 % at 150,000 changes/s); one per CPU above that.
 pub fn runtime_threads(configured: usize, cpus: Option<usize>, tokio_env: bool) -> Option<usize> {
     match configured {
         0 if tokio_env => None,
@@ -67,6 +66,7 @@ pub fn runtime_threads(configured: usize, cpus: Option<usize>, tokio_env: bool) 
     }
 }
 
+/// Runs until SIGINT/SIGTERM or a definite error.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown, signals) = telemetry::shutdown_on_signals();
     let handle = telemetry::install_metrics(&config.source)?;
